@@ -1,0 +1,44 @@
+"""mcsmoe-deploy: merge, then compress sparse mixture-of-experts models, and ship them.
+
+The public API, stage by stage:
+    models      load_model, adapter_for_config            (find routers and experts)
+    compress    compress_model, CompressionRecipe, ...     (statistics -> plan -> merged, compressed experts)
+    checkpoint  save_compressed, load_compressed           (the compressed checkpoint directory)
+    measure     perplexity, size_report
+"""
+
+from .checkpoint import is_compressed_checkpoint, load_compressed, save_compressed
+from .compress import *  # noqa: F403 - the compress stage's public API
+from .compress import __all__ as _compress_all
+from .corpus import builtin_corpus, calibration_text, read_text, token_blocks
+from .errors import UserError
+from .evaluate import perplexity
+from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec
+from .models import ExpertLayout, FamilyAdapter, MoELayer, SUPPORTED_FAMILIES, adapter_for_config, load_model
+from .report import SizeReport, size_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    *_compress_all,
+    "ExpertLayout",
+    "FamilyAdapter",
+    "GroupedLowRankExperts",
+    "GroupedProjection",
+    "MoELayer",
+    "ProjectionSpec",
+    "SUPPORTED_FAMILIES",
+    "SizeReport",
+    "UserError",
+    "adapter_for_config",
+    "builtin_corpus",
+    "calibration_text",
+    "is_compressed_checkpoint",
+    "load_compressed",
+    "load_model",
+    "perplexity",
+    "read_text",
+    "save_compressed",
+    "size_report",
+    "token_blocks",
+]

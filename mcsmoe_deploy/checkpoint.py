@@ -1,0 +1,147 @@
+"""The compressed checkpoint: an ordinary Hugging Face directory with G experts per layer.
+
+    config.json        the model's own config plus an "mcsmoe" section (format, family,
+                       per layer: G, expert_to_group, dominant experts, frequencies and
+                       per-projection rank / sparse rows; the recipe; calibration facts)
+    model.safetensors  every tensor, experts as `<layer>.experts.projections.<name>.{weight|left|right|
+                       sparse_rows|sparse_values}` and `<layer>.experts.expert_to_group`
+    tokenizer files    copied from the source model
+
+Writing goes to a temporary folder beside the target, renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from .errors import UserError
+from .grouped_experts import GroupedLowRankExperts, ProjectionSpec
+from .models import FamilyAdapter, adapter_for_config, check_weights, read_config_dict
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+# files of a source model directory that describe weights we rewrite, so they are not copied
+_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".onnx.data")
+
+
+def prepare_output_dir(out_dir: str | Path, force: bool = False) -> Path:
+    """Check that `out_dir` may be written: its parent exists, it does not exist unless `force`."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise UserError(f"output {out_dir} already exists (use --force to replace it)")
+    if not out_dir.parent.exists():
+        raise UserError(f"parent folder of the output does not exist: {out_dir.parent}")
+    return out_dir
+
+
+def save_compressed(
+    model: nn.Module,
+    mcsmoe_section: dict,
+    out_dir: str | Path,
+    source_dir: str | Path | None = None,
+    force: bool = False,
+) -> Path:
+    """Write `model` (with GroupedLowRankExperts installed) as a compressed checkpoint directory.
+
+    `mcsmoe_section` goes into config.json under "mcsmoe". Tokenizer and other
+    small files of `source_dir` are copied. Returns the written directory.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = prepare_output_dir(out_dir, force)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if source_dir is not None:
+            for item in Path(source_dir).iterdir():
+                if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(_NOT_COPIED_SUFFIXES):
+                    shutil.copy2(item, staging / item.name)
+        config = model.config.to_dict()
+        config["mcsmoe"] = {"format_version": FORMAT_VERSION, **mcsmoe_section}
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(weights_to_save(model), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def weights_to_save(model: nn.Module) -> dict:
+    """The state dict without tied copies (lm_head tied to the embeddings, say): their sources are kept."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name not in tied}
+
+
+def load_compressed(model_dir: str | Path, device: str = "cpu") -> nn.Module:
+    """Load a compressed checkpoint as a torch model whose MoE blocks compute the compressed semantics.
+
+    The router of each layer is the original one (E experts); its experts module
+    is a GroupedLowRankExperts with the layer's G merged experts. This model is
+    the reference every exported graph is checked against.
+    """
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config_dict = read_config_dict(model_dir)
+    section = config_dict.get("mcsmoe")
+    if section is None:
+        raise UserError(f"{model_dir} is not a compressed checkpoint (config.json has no 'mcsmoe' section)")
+    if section.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{model_dir} was written by a newer mcsmoe-deploy (format {section['format_version']})")
+    adapter = adapter_for_config(config_dict)
+    check_weights(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    auto_class = AutoModelForSeq2SeqLM if adapter.encoder_decoder else AutoModelForCausalLM
+    # parameters on the meta device (no memory); buffers such as rotary tables built for real
+    with init_empty_weights(include_buffers=False):
+        model = auto_class.from_config(config)
+    install_compressed_experts(model, adapter, section)
+    state = load_file(str(Path(model_dir) / WEIGHTS_NAME))
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise UserError(f"{model_dir}/{WEIGHTS_NAME} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    return model.to(device).eval()
+
+
+def install_compressed_experts(model: nn.Module, adapter: FamilyAdapter, section: dict) -> None:
+    """Give every MoE block of `model` an empty GroupedLowRankExperts shaped as `section` describes."""
+    layout = adapter.expert_layout(model.config)
+    layers = section["layers"]
+    for layer in adapter.moe_layers(model):
+        if layer.name not in layers:
+            raise UserError(f"compressed checkpoint describes no layer {layer.name!r}")
+        described = layers[layer.name]
+        specs = {name: ProjectionSpec.from_dict(spec) for name, spec in described["projections"].items()}
+        module = GroupedLowRankExperts(layout, described["expert_to_group"], specs, adapter.one_hot_dispatch)
+        adapter.install_experts(layer.block, module)
+
+
+def is_compressed_checkpoint(model_dir: str | Path) -> bool:
+    """Whether `model_dir` holds a compressed checkpoint (config.json with an "mcsmoe" section)."""
+    return "mcsmoe" in read_config_dict(model_dir)
+
+
+def compressed_layers(model: nn.Module) -> list[GroupedLowRankExperts]:
+    """The GroupedLowRankExperts modules of `model`, in module order."""
+    return [m for m in model.modules() if isinstance(m, GroupedLowRankExperts)]
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "compressed_layers",
+    "is_compressed_checkpoint",
+    "load_compressed",
+    "prepare_output_dir",
+    "save_compressed",
+]

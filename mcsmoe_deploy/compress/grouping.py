@@ -1,0 +1,88 @@
+"""Dominant experts and their groups.
+
+In each layer the G most used experts are dominant; every other expert joins
+the dominant expert it is most similar to. With an adaptive budget, one global
+frequency threshold over all layers picks the dominant experts, so busy layers
+keep more groups; the total stays G x layers and every layer keeps at least one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+
+
+@dataclass
+class LayerGrouping:
+    """How one layer's E experts fold into G groups.
+
+    expert_to_group[e]: the group of expert e (-1: removed).
+    dominant_experts[g]: the expert that leads group g (its weights are the alignment reference).
+    """
+
+    expert_to_group: list[int]
+    dominant_experts: list[int]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.dominant_experts)
+
+    def members(self, group: int) -> list[int]:
+        """Experts of `group`, the dominant one first."""
+        lead = self.dominant_experts[group]
+        return [lead] + [e for e, g in enumerate(self.expert_to_group) if g == group and e != lead]
+
+
+def dominant_experts(frequency: torch.Tensor, num_groups: int) -> list[int]:
+    """The `num_groups` most used experts, ascending by index; ties go to the lower index."""
+    order = sorted(range(len(frequency)), key=lambda e: (-float(frequency[e]), e))
+    return sorted(order[:num_groups])
+
+
+def _group(frequency: torch.Tensor, num_groups: int, join: Callable[[int, list[int]], int]) -> LayerGrouping:
+    """Dominant experts lead groups; `join(expert, leads)` picks the group of every other expert."""
+    leads = dominant_experts(frequency, num_groups)
+    expert_to_group = [leads.index(e) if e in leads else join(e, leads) for e in range(len(frequency))]
+    return LayerGrouping(expert_to_group=expert_to_group, dominant_experts=leads)
+
+
+def group_by_similarity(frequency: torch.Tensor, similarity: torch.Tensor, num_groups: int) -> LayerGrouping:
+    """M-SMoE: dominant experts by frequency; each other expert joins its most similar dominant expert."""
+    return _group(frequency, num_groups, lambda e, leads: int(torch.argmax(similarity[e, leads])))
+
+
+def group_randomly(frequency: torch.Tensor, num_groups: int, generator: torch.Generator) -> LayerGrouping:
+    """Baseline: dominant experts by frequency, the others join groups at random."""
+    return _group(frequency, num_groups, lambda e, leads: int(torch.randint(len(leads), (1,), generator=generator)))
+
+
+def drop_least_used(frequency: torch.Tensor, num_groups: int) -> LayerGrouping:
+    """Baseline: keep the most used experts as they are and remove the others (group -1)."""
+    return _group(frequency, num_groups, lambda e, leads: -1)
+
+
+def groups_per_layer(frequencies: list[torch.Tensor], num_groups: int, adaptive: bool) -> list[int]:
+    """Number of groups of each layer: `num_groups` everywhere, or adaptive with the same total.
+
+    Adaptive: every layer first keeps its most used expert, then the remaining
+    budget goes to the most used (layer, expert) pairs over all layers, which is
+    one global frequency threshold.
+    """
+    num_experts = len(frequencies[0])
+    if not 1 <= num_groups <= num_experts:
+        raise UserError(f"--experts must be between 1 and the model's {num_experts} experts per layer, not {num_groups}")
+    if not adaptive:
+        return [num_groups] * len(frequencies)
+    counts = [1] * len(frequencies)
+    candidates = []
+    for layer, frequency in enumerate(frequencies):
+        ranked = sorted(frequency.tolist(), reverse=True)
+        candidates += [(value, layer, rank) for rank, value in enumerate(ranked) if rank > 0]
+    candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+    for _value, layer, _rank in candidates[: num_groups * len(frequencies) - len(frequencies)]:
+        counts[layer] += 1
+    return counts

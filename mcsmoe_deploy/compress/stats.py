@@ -1,0 +1,119 @@
+"""Routing statistics on calibration text, streamed.
+
+For each MoE layer: how often each expert is picked (share of all top-k
+assignments) and the E x E Gram matrix of router-logit columns summed over
+tokens, from which the cosine similarity of experts follows. Nothing grows
+with the number of tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models import FamilyAdapter
+
+SIMILARITIES = ("router-logits", "router-weights")
+
+
+@dataclass
+class LayerRoutingStats:
+    """Routing statistics of one MoE layer.
+
+    assignment_counts [E]: top-k picks of each expert (float64).
+    logit_gram [E, E]: sum over tokens of logits^T logits (float64).
+    router_weight [E, H]: the router's weight rows, for weight similarity.
+    """
+
+    name: str
+    assignment_counts: torch.Tensor
+    logit_gram: torch.Tensor
+    router_weight: torch.Tensor
+    tokens: int = 0
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """Activation frequency f_e [E]: share of the layer's top-k assignments (sums to 1)."""
+        total = self.assignment_counts.sum()
+        if total == 0:
+            return torch.zeros_like(self.assignment_counts)
+        return self.assignment_counts / total
+
+    def similarity(self, kind: str = "router-logits") -> torch.Tensor:
+        """Cosine similarity of experts [E, E] from router-logit columns or router weight rows."""
+        if kind == "router-logits":
+            gram = self.logit_gram
+        elif kind == "router-weights":
+            weight = self.router_weight.double()
+            gram = weight @ weight.T
+        else:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, not {kind!r}")
+        norms = gram.diagonal().clamp(min=1e-30).sqrt()
+        return gram / norms[:, None] / norms[None, :]
+
+
+@dataclass
+class RoutingStats:
+    """Routing statistics of every MoE layer, from one pass over `tokens` calibration tokens."""
+
+    layers: list[LayerRoutingStats]
+    tokens: int
+
+
+def forward_inputs(model: nn.Module, adapter: FamilyAdapter, batch: torch.Tensor) -> dict:
+    """Keyword inputs that run `model` on token blocks [B, S] (teacher-forced for encoder-decoders)."""
+    if adapter.encoder_decoder:
+        return {"input_ids": batch, "decoder_input_ids": model._shift_right(batch)}
+    return {"input_ids": batch}
+
+
+@torch.no_grad()
+def collect_routing_stats(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    blocks: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> RoutingStats:
+    """One pass over calibration blocks [N, S], recording every MoE layer's routing.
+
+    Hooks read each router's output, so what is counted is exactly what the
+    model routes (Switch Transformers' capacity drops included).
+    """
+    layers = adapter.moe_layers(model)
+    num_experts = adapter.num_experts(model.config)
+    stats = [
+        LayerRoutingStats(
+            name=layer.name,
+            assignment_counts=torch.zeros(num_experts, dtype=torch.float64),
+            logit_gram=torch.zeros(num_experts, num_experts, dtype=torch.float64),
+            router_weight=adapter.router_weight(layer.block).detach().float().cpu(),
+        )
+        for layer in layers
+    ]
+
+    def make_hook(layer_stats: LayerRoutingStats):
+        def hook(_module, _inputs, output):
+            logits, assigned = adapter.routing_from_router_output(output)
+            logits = logits.detach().double()
+            layer_stats.logit_gram += (logits.T @ logits).cpu()
+            picked = assigned[assigned >= 0].reshape(-1).cpu()
+            layer_stats.assignment_counts += torch.bincount(picked, minlength=num_experts).double()
+            layer_stats.tokens += logits.shape[0]
+
+        return hook
+
+    handles = [adapter.router(layer.block).register_forward_hook(make_hook(s)) for layer, s in zip(layers, stats)]
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        for start in tqdm(range(0, len(blocks), batch_size), desc="routing statistics", unit="batch", disable=not progress):
+            batch = blocks[start : start + batch_size].to(device)
+            model(**forward_inputs(model, adapter, batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return RoutingStats(layers=stats, tokens=int(blocks.numel()))

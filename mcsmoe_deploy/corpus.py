@@ -1,0 +1,79 @@
+"""Calibration and evaluation text: the built-in corpus, text/JSONL readers, token blocks.
+
+The built-in corpus is the Python documentation that ships with every CPython
+(`pydoc_data.topics`, about 465 KB of English prose and code), so nothing is
+downloaded. Topics are split deterministically: every tenth topic, in sorted
+order, is held out for evaluation and never used for calibration or training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+HELDOUT_EVERY = 10
+
+
+def builtin_corpus(split: str = "train") -> str:
+    """Return the built-in corpus text for `split` ("train" or "heldout")."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    chosen = [k for i, k in enumerate(keys) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == (split == "heldout")]
+    return "\n\n".join(topics[k] for k in chosen)
+
+
+def read_text(path: str | Path) -> str:
+    """Read calibration text from a plain text file or a JSONL file.
+
+    JSONL lines are objects with a "text" field (the convention of HF datasets
+    dumps); other lines are rejected with the line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"calibration file not found: {path}")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        texts = []
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UserError(f'{path}:{number}: expected an object with a "text" string')
+            texts.append(record["text"])
+        raw = "\n\n".join(texts)
+    if not raw.strip():
+        raise UserError(f"calibration file is empty: {path}")
+    return raw
+
+
+def calibration_text(source: str | Path | None) -> str:
+    """Text for calibration: a file path, or None / "builtin" for the built-in corpus."""
+    if source is None or str(source) == "builtin":
+        return builtin_corpus("train")
+    return read_text(source)
+
+
+def token_blocks(tokenizer, text: str, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Tokenise `text` and cut it into full blocks of `seq_len` tokens.
+
+    Returns a LongTensor [num_blocks, seq_len]. With `max_tokens`, at most that
+    many tokens (rounded down to whole blocks, at least one block) are kept.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[: max(seq_len, max_tokens)]
+    num_blocks = len(ids) // seq_len
+    if num_blocks == 0:
+        raise UserError(f"calibration text has {len(ids)} tokens, fewer than one block of {seq_len}")
+    return torch.tensor(ids[: num_blocks * seq_len], dtype=torch.long).view(num_blocks, seq_len)

@@ -1,0 +1,106 @@
+"""Architecture adapters: find a model's MoE layers and read or write its experts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .base import ExpertLayout, ExpertWeights, FamilyAdapter, MoELayer
+from .families import ADAPTERS
+
+SUPPORTED_FAMILIES = ", ".join(a.family for a in ADAPTERS)
+# config attributes that mark a mixture-of-experts model of a family we do not support
+_MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+
+
+def adapter_for_config(config) -> FamilyAdapter:
+    """The adapter for a transformers config (or a config.json dict); UserError if unsupported."""
+    as_dict = config if isinstance(config, dict) else config.to_dict()
+    model_type = as_dict.get("model_type", "")
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    if any(as_dict.get(key) for key in _MOE_CONFIG_KEYS):
+        raise UserError(f"unsupported mixture-of-experts model type {model_type!r}; supported families: {SUPPORTED_FAMILIES}")
+    raise UserError(f"not a mixture-of-experts model (model type {model_type!r}); supported families: {SUPPORTED_FAMILIES}")
+
+
+def read_config_dict(model_dir: str | Path) -> dict:
+    """config.json of a model directory, with clear errors for a missing or broken one."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model directory not found: {model_dir}")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"no config.json in {model_dir}: not a Hugging Face model directory")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def check_weights(model_dir: str | Path) -> None:
+    """Fail with one clear line if the safetensors weights are missing, truncated or corrupt.
+
+    Reads only each file's header: 8 bytes of header length, a JSON header,
+    then the tensor data, whose end must not lie past the end of the file.
+    """
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"no *.safetensors weights in {model_dir}")
+    for path in files:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if header_len < 0 or 8 + header_len > size:
+                raise UserError(f"weights file {path} is truncated or corrupt (bad header)")
+            try:
+                header = json.loads(handle.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UserError(f"weights file {path} is corrupt (unreadable header)") from None
+        data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + data_end > size:
+            raise UserError(f"weights file {path} is truncated ({size} of {8 + header_len + data_end} bytes)")
+
+
+def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = torch.float32):
+    """Load a supported MoE checkpoint directory with transformers.
+
+    device: "cpu", "cuda", "cuda:N", or "auto" (accelerate's device_map, for
+    models larger than one device). Returns (model in eval mode, adapter).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    adapter = adapter_for_config(read_config_dict(model_dir))
+    check_weights(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    auto_class = AutoModelForSeq2SeqLM if adapter.encoder_decoder else AutoModelForCausalLM
+    kwargs = {"dtype": dtype}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        model = auto_class.from_pretrained(model_dir, config=config, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"cannot load {model_dir}: {str(exc).splitlines()[0]}") from None
+    if device != "auto":
+        model.to(device)
+    return model.eval(), adapter
+
+
+__all__ = [
+    "ADAPTERS",
+    "SUPPORTED_FAMILIES",
+    "ExpertLayout",
+    "ExpertWeights",
+    "FamilyAdapter",
+    "MoELayer",
+    "adapter_for_config",
+    "check_weights",
+    "load_model",
+    "read_config_dict",
+]

@@ -1,0 +1,145 @@
+"""One adapter per supported family.
+
+transformers 5 stores the experts of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE
+stacked (`gate_up_proj [E, 2I, H]` with gate first, `down_proj [E, H, I]`) and
+routes with a `gate` module returning (logits, top-k weights, top-k indices).
+Switch Transformers keeps per-expert `wi`/`wo` Linear layers and a top-1
+router returning (one-hot dispatch mask with capacity applied, probability,
+logits). Qwen2-MoE's shared expert is not touched: it stays dense in the block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import ExpertLayout, ExpertWeights, FamilyAdapter
+
+
+class StackedExpertsAdapter(FamilyAdapter):
+    """Families whose experts are stacked `gate_up_proj` / `down_proj` tensors."""
+
+    block_class_suffix = "SparseMoeBlock"
+    intermediate_attr = "intermediate_size"
+
+    def num_experts(self, config) -> int:
+        return config.num_experts
+
+    def top_k(self, config) -> int:
+        return config.num_experts_per_tok
+
+    def expert_layout(self, config) -> ExpertLayout:
+        return ExpertLayout(
+            gated=True,
+            activation=config.hidden_act,
+            hidden_size=config.hidden_size,
+            intermediate_size=getattr(config, self.intermediate_attr),
+        )
+
+    def is_moe_block(self, module: nn.Module) -> bool:
+        return type(module).__name__.endswith(self.block_class_suffix) and hasattr(module, "gate")
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return block.gate
+
+    def router_weight(self, block: nn.Module) -> torch.Tensor:
+        return block.gate.weight
+
+    def routing_from_router_output(self, output) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, _, indices = output
+        return logits.reshape(-1, logits.shape[-1]), indices.reshape(-1, indices.shape[-1])
+
+    def read_experts(self, block: nn.Module) -> list[ExpertWeights]:
+        gate_up = block.experts.gate_up_proj.detach()
+        down = block.experts.down_proj.detach()
+        intermediate = gate_up.shape[1] // 2
+        return [
+            {
+                "gate": gate_up[e, :intermediate].float().clone(),
+                "up": gate_up[e, intermediate:].float().clone(),
+                "down": down[e].float().clone(),
+            }
+            for e in range(gate_up.shape[0])
+        ]
+
+
+class MixtralAdapter(StackedExpertsAdapter):
+    family = "mixtral"
+    model_types = ("mixtral",)
+
+    def num_experts(self, config) -> int:
+        return config.num_local_experts
+
+
+class Qwen2MoeAdapter(StackedExpertsAdapter):
+    family = "qwen2_moe"
+    model_types = ("qwen2_moe",)
+    intermediate_attr = "moe_intermediate_size"
+
+
+class Qwen3MoeAdapter(StackedExpertsAdapter):
+    family = "qwen3_moe"
+    model_types = ("qwen3_moe",)
+    intermediate_attr = "moe_intermediate_size"
+
+
+class OlmoeAdapter(StackedExpertsAdapter):
+    family = "olmoe"
+    model_types = ("olmoe",)
+
+
+class SwitchTransformersAdapter(FamilyAdapter):
+    family = "switch_transformers"
+    model_types = ("switch_transformers",)
+    encoder_decoder = True
+    one_hot_dispatch = True
+
+    def num_experts(self, config) -> int:
+        return config.num_experts
+
+    def top_k(self, config) -> int:
+        return 1
+
+    def expert_layout(self, config) -> ExpertLayout:
+        return ExpertLayout(
+            gated=False,
+            activation=config.dense_act_fn,
+            hidden_size=config.d_model,
+            intermediate_size=config.d_ff,
+        )
+
+    def is_moe_block(self, module: nn.Module) -> bool:
+        return type(module).__name__ == "SwitchTransformersSparseMLP"
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return block.router
+
+    def router_weight(self, block: nn.Module) -> torch.Tensor:
+        return block.router.classifier.weight
+
+    def routing_from_router_output(self, output) -> tuple[torch.Tensor, torch.Tensor]:
+        dispatch, _, logits = output
+        dispatch = dispatch.reshape(-1, dispatch.shape[-1])
+        assigned = dispatch.argmax(dim=-1, keepdim=True)
+        # tokens over an expert's capacity were dropped by the router: no expert
+        assigned = torch.where(dispatch.sum(dim=-1, keepdim=True) > 0, assigned, -1)
+        return logits.reshape(-1, logits.shape[-1]), assigned
+
+    def read_experts(self, block: nn.Module) -> list[ExpertWeights]:
+        experts = block.experts
+        return [
+            {
+                "wi": experts[f"expert_{e}"].wi.weight.detach().float().clone(),
+                "wo": experts[f"expert_{e}"].wo.weight.detach().float().clone(),
+            }
+            for e in range(experts.num_experts)
+        ]
+
+
+ADAPTERS: tuple[FamilyAdapter, ...] = (
+    MixtralAdapter(),
+    Qwen2MoeAdapter(),
+    Qwen3MoeAdapter(),
+    OlmoeAdapter(),
+    SwitchTransformersAdapter(),
+)

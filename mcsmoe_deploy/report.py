@@ -1,0 +1,60 @@
+"""Parameters and bytes of a model: total, experts, and per MoE layer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .models import FamilyAdapter
+
+
+@dataclass
+class LayerSize:
+    name: str
+    parameters: int
+    bytes: int
+
+
+@dataclass
+class SizeReport:
+    """Sizes of a model in numbers stored and bytes (parameters plus persistent buffers such as index maps)."""
+
+    total_parameters: int
+    total_bytes: int
+    expert_parameters: int
+    expert_bytes: int
+    layers: list[LayerSize] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _tensors(module: nn.Module):
+    seen = set()
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield tensor
+
+
+def _count(module: nn.Module) -> tuple[int, int]:
+    params = sum(t.numel() for t in module.parameters())
+    size = sum(t.numel() * t.element_size() for t in _tensors(module))
+    return params, size
+
+
+def size_report(model: nn.Module, adapter: FamilyAdapter) -> SizeReport:
+    """Parameters and bytes of `model`, its routed experts (shared experts excluded) and each MoE layer's experts."""
+    total_params, total_bytes = _count(model)
+    layers = []
+    for layer in adapter.moe_layers(model):
+        params, size = _count(layer.block.experts)
+        layers.append(LayerSize(layer.name, params, size))
+    return SizeReport(
+        total_parameters=total_params,
+        total_bytes=total_bytes,
+        expert_parameters=sum(layer.parameters for layer in layers),
+        expert_bytes=sum(layer.bytes for layer in layers),
+        layers=layers,
+    )
