@@ -91,6 +91,8 @@ def build_grouped_experts(
 ) -> GroupedLowRankExperts:
     """A GroupedLowRankExperts holding `merged` experts, each projection stored as `specs` says."""
     module = GroupedLowRankExperts(layout, expert_to_group, specs, one_hot_dispatch)
+    if len(merged) != module.num_groups:
+        raise ValueError(f"{len(merged)} merged experts for {module.num_groups} groups")
     with torch.no_grad():
         for name, spec in specs.items():
             target = module.projections[name]

@@ -1,0 +1,111 @@
+"""`mcsmoe demo`: compress the embedded model and measure what was gained and lost."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import prepare_output_dir, save_compressed
+from .compress.pipeline import calibration_blocks, compress_loaded, load_tokenizer, mcsmoe_section
+from .compress.plan import apply_plan
+from .compress.recipe import CompressionRecipe
+from .corpus import builtin_corpus, token_blocks
+from .errors import UserError
+from .evaluate import perplexity
+from .models import load_model
+from .report import size_report
+
+EMBEDDED_MODEL = Path(__file__).parent / "assets" / "tiny-mixtral"
+EVAL_SEQ_LEN = 128
+
+
+@dataclass
+class DemoRow:
+    """One model of the demo: sizes and held-out perplexity."""
+
+    name: str
+    parameters: int
+    bytes: int
+    expert_parameters: int
+    expert_bytes: int
+    perplexity: float
+
+
+@dataclass
+class DemoResult:
+    model_dir: str
+    recipe: dict
+    rows: list[DemoRow] = field(default_factory=list)
+    compress_seconds: float = 0.0
+    total_seconds: float = 0.0
+    out_dir: str | None = None
+
+
+def embedded_model_dir() -> Path:
+    """The small trained Mixtral-family model shipped in the package."""
+    if not (EMBEDDED_MODEL / "config.json").is_file():
+        raise UserError(f"the embedded model is missing from the installation ({EMBEDDED_MODEL})")
+    return EMBEDDED_MODEL
+
+
+def run_demo(
+    model_dir: str | Path | None = None,
+    experts: int = 4,
+    rank_ratio: float = 0.5,
+    sparse_keep: float = 0.05,
+    distill_steps: int = 0,
+    out_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> DemoResult:
+    """Dense vs merged (M-SMoE) vs merged and compressed (MC-SMoE), on held-out text of the built-in corpus.
+
+    One routing-statistics pass serves both recipes. With `out_dir`, the
+    compressed model is also written as a checkpoint.
+    """
+    start = time.perf_counter()
+    model_dir = Path(model_dir) if model_dir is not None else embedded_model_dir()
+    recipe = CompressionRecipe(experts=experts, rank_ratio=rank_ratio, sparse_keep=sparse_keep, distill_steps=distill_steps)
+    recipe.validate()
+    if out_dir is not None:
+        prepare_output_dir(out_dir, force)
+    torch.manual_seed(recipe.seed)
+    dense, adapter = load_model(model_dir)
+    if adapter.encoder_decoder:
+        raise UserError("the demo measures causal-LM perplexity; give it a decoder-only model")
+    if experts > adapter.num_experts(dense.config):
+        raise UserError(f"--experts {experts} is more than the model's {adapter.num_experts(dense.config)} experts per layer")
+    tokenizer = load_tokenizer(model_dir)
+    heldout = token_blocks(tokenizer, builtin_corpus("heldout"), EVAL_SEQ_LEN)
+    calib = calibration_blocks(tokenizer, recipe)
+
+    def row(name: str, model) -> DemoRow:
+        size = size_report(model, adapter)
+        return DemoRow(name, size.total_parameters, size.total_bytes, size.expert_parameters, size.expert_bytes,
+                       perplexity(model, heldout))
+
+    result = DemoResult(model_dir=str(model_dir), recipe=recipe.to_dict())
+    result.rows.append(row("dense", dense))
+    compress_start = time.perf_counter()
+    merged = copy.deepcopy(dense)
+    plan = compress_loaded(merged, adapter, calib, CompressionRecipe(experts=experts, rank_ratio=1.0), progress)
+    compressed = copy.deepcopy(dense)
+    apply_plan(compressed, adapter, plan, recipe, progress)
+    result.compress_seconds = time.perf_counter() - compress_start
+    result.rows.append(row(f"merged (M-SMoE, {experts} experts)", merged))
+    result.rows.append(row(f"compressed (MC-SMoE, rank {rank_ratio:g}, sparse {sparse_keep:g})", compressed))
+    distilled = None
+    if distill_steps:
+        from .compress.distill import distill
+
+        distilled = distill(compressed, dense, adapter, calib, distill_steps, lr=recipe.distill_lr, progress=progress)
+        result.rows.append(row(f"compressed + distillation ({distill_steps} steps)", compressed))
+    if out_dir is not None:
+        section = mcsmoe_section(plan, recipe, str(model_dir), distilled)
+        result.out_dir = str(save_compressed(compressed, section, out_dir, source_dir=model_dir, force=force))
+    result.total_seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,79 @@
+"""Plain-text tables for the terminal: what a compression run or the demo produced."""
+
+from __future__ import annotations
+
+from .compress.pipeline import CompressionResult
+from .demo import DemoResult
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(size) < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000
+    return f"{size:.2f} GB"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Columns left-aligned for the first, right-aligned for the rest."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _ratio(after: float, before: float) -> str:
+    return f"{after / before:.3f}x" if before else "-"
+
+
+def format_compression(result: CompressionResult) -> str:
+    """Per-layer groups and ranks, then sizes before and after."""
+    layer_rows = []
+    for plan, before, after in zip(result.plan.layers, result.before.layers, result.after.layers):
+        ranks = ", ".join(
+            f"{name}:{'dense' if spec.rank is None else spec.rank}{f'+{spec.sparse_rows}r' if spec.sparse_rows else ''}"
+            for name, spec in plan.projections.items()
+        )
+        layer_rows.append([plan.name, str(plan.grouping.num_groups), ranks, f"{before.parameters:,}",
+                           f"{after.parameters:,}", _ratio(after.parameters, before.parameters)])
+    b, a = result.before, result.after
+    size_rows = [
+        ["experts", f"{b.expert_parameters:,}", f"{a.expert_parameters:,}", _ratio(a.expert_parameters, b.expert_parameters),
+         human_bytes(b.expert_bytes), human_bytes(a.expert_bytes)],
+        ["total", f"{b.total_parameters:,}", f"{a.total_parameters:,}", _ratio(a.total_parameters, b.total_parameters),
+         human_bytes(b.total_bytes), human_bytes(a.total_bytes)],
+    ]
+    parts = [
+        table(["layer", "groups", "rank per projection (+sparse rows)", "params before", "params after", "ratio"], layer_rows),
+        "",
+        table(["", "params before", "params after", "ratio", "bytes before", "bytes after"], size_rows),
+        "",
+        f"calibration tokens: {result.plan.calibration_tokens:,}   time: {result.seconds:.1f} s",
+    ]
+    if result.distill is not None:
+        parts.append(f"distillation: {result.distill.steps} steps, loss {result.distill.first_loss:.3f} -> "
+                     f"{result.distill.last_loss:.3f}")
+    if result.out_dir is not None:
+        parts.append(f"wrote {result.out_dir}")
+    return "\n".join(parts)
+
+
+def format_demo(result: DemoResult) -> str:
+    dense = result.rows[0]
+    rows = [
+        [r.name, f"{r.parameters:,}", human_bytes(r.bytes), f"{r.expert_parameters:,}",
+         _ratio(r.expert_parameters, dense.expert_parameters), f"{r.perplexity:.2f}", _ratio(r.perplexity, dense.perplexity)]
+        for r in result.rows
+    ]
+    parts = [
+        f"model: {result.model_dir}",
+        "",
+        table(["model", "params", "bytes", "expert params", "vs dense", "held-out ppl", "vs dense"], rows),
+        "",
+        f"compression: {result.compress_seconds:.1f} s   total: {result.total_seconds:.1f} s",
+    ]
+    if result.out_dir:
+        parts.append(f"wrote {result.out_dir}")
+    return "\n".join(parts)
