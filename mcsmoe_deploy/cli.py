@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("model_dir", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
     compress.add_argument("out_dir", help="directory to write the compressed checkpoint to")
     _add_recipe_arguments(compress)
-    compress.add_argument("--device", default="cpu",
-                          help="cpu, cuda, cuda:N, or auto (spread a large model over devices) (default: cpu)")
+    compress.add_argument("--device", default=None,
+                          help="cpu, cuda, cuda:N, or auto (spread a model larger than one device over devices) "
+                               "(default: the GPU when there is one, else cpu)")
     compress.add_argument("--force", action="store_true", help="replace out_dir if it exists")
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
     compress.set_defaults(run=_cmd_compress)
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--experts", type=int, default=4, metavar="G", help="merged experts per layer (default: 4)")
     demo.add_argument("--rank-ratio", type=float, default=0.5, metavar="R", help="low-rank share (default: 0.5)")
     demo.add_argument("--sparse-keep", type=float, default=0.05, metavar="S", help="sparse rows share (default: 0.05)")
-    demo.add_argument("--distill-steps", type=int, default=0, metavar="N", help="distillation steps (default: 0)")
+    demo.add_argument("--distill-steps", type=int, default=100, metavar="N",
+                      help="distillation steps after compression, shown as a fourth row; 0 to skip (default: 100)")
     demo.add_argument("--out", default=None, metavar="DIR", help="also write the compressed checkpoint here")
     demo.add_argument("--force", action="store_true", help="replace --out if it exists")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")

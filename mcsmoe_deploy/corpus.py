@@ -70,7 +70,8 @@ def token_blocks(tokenizer, text: str, seq_len: int, max_tokens: int | None = No
     Returns a LongTensor [num_blocks, seq_len]. With `max_tokens`, at most that
     many tokens (rounded down to whole blocks, at least one block) are kept.
     """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # verbose=False: the text is longer than the model maximum on purpose, it is cut into blocks below
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if max_tokens is not None:
         ids = ids[: max(seq_len, max_tokens)]
     num_blocks = len(ids) // seq_len

@@ -57,7 +57,7 @@ def run_demo(
     experts: int = 4,
     rank_ratio: float = 0.5,
     sparse_keep: float = 0.05,
-    distill_steps: int = 0,
+    distill_steps: int = 100,
     out_dir: str | Path | None = None,
     force: bool = False,
     progress: bool = True,

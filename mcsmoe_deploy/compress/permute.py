@@ -20,15 +20,16 @@ from ..models import ExpertLayout, ExpertWeights
 
 def alignment_permutation(reference: ExpertWeights, member: ExpertWeights, layout: ExpertLayout) -> torch.Tensor:
     """Permutation [I] such that `member`'s neuron perm[i] is matched to `reference`'s neuron i."""
-    cost = torch.zeros(layout.intermediate_size, layout.intermediate_size, dtype=torch.float64)
+    device = reference[layout.input_projections[0]].device
+    cost = torch.zeros(layout.intermediate_size, layout.intermediate_size, dtype=torch.float64, device=device)
     for name in layout.input_projections:
         cost += reference[name].double() @ member[name].double().T
     for name in layout.output_projections:
         cost += reference[name].double().T @ member[name].double()
-    rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
+    rows, cols = linear_sum_assignment(cost.cpu().numpy(), maximize=True)
     permutation = torch.empty(layout.intermediate_size, dtype=torch.long)
     permutation[torch.as_tensor(rows)] = torch.as_tensor(cols)
-    return permutation
+    return permutation.to(device)
 
 
 def permute_expert(expert: ExpertWeights, permutation: torch.Tensor, layout: ExpertLayout) -> ExpertWeights:

@@ -77,14 +77,15 @@ def compress_model(
     model_dir: str | Path,
     out_dir: str | Path | None,
     recipe: CompressionRecipe | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> CompressionResult:
     """Compress the MoE checkpoint in `model_dir` into `out_dir` (None: compress in memory only).
 
-    Everything the user can get wrong (paths, options, model type, weights) is
-    checked before the long work starts.
+    device: None picks the GPU when there is one; "auto" spreads the model over
+    devices with accelerate. Everything the user can get wrong (paths, options,
+    model type, weights) is checked before the long work starts.
     """
     recipe = recipe or CompressionRecipe()
     recipe.validate()

@@ -68,12 +68,19 @@ def check_weights(model_dir: str | Path) -> None:
             raise UserError(f"weights file {path} is truncated ({size} of {8 + header_len + data_end} bytes)")
 
 
-def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = torch.float32):
+def default_device() -> str:
+    """"cuda" when a GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = torch.float32):
     """Load a supported MoE checkpoint directory with transformers.
 
-    device: "cpu", "cuda", "cuda:N", or "auto" (accelerate's device_map, for
-    models larger than one device). Returns (model in eval mode, adapter).
+    device: "cpu", "cuda", "cuda:N", "auto" (accelerate's device_map, for a
+    model larger than one device), or None for the GPU when there is one.
+    Returns (model in eval mode, adapter).
     """
+    device = device or default_device()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     adapter = adapter_for_config(read_config_dict(model_dir))
@@ -101,6 +108,7 @@ __all__ = [
     "MoELayer",
     "adapter_for_config",
     "check_weights",
+    "default_device",
     "load_model",
     "read_config_dict",
 ]
