@@ -21,6 +21,7 @@ from torch import nn
 
 from .errors import UserError
 from .grouped_experts import GroupedLowRankExperts, ProjectionSpec
+from .memory import read_weights_without_mmap, return_large_frees_to_os
 from .models import FamilyAdapter, adapter_for_config, check_weights, read_config_dict
 
 FORMAT_VERSION = 1
@@ -88,7 +89,6 @@ def load_compressed(model_dir: str | Path, device: str = "cpu") -> nn.Module:
     the reference every exported graph is checked against.
     """
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     config_dict = read_config_dict(model_dir)
@@ -105,8 +105,10 @@ def load_compressed(model_dir: str | Path, device: str = "cpu") -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(config)
     install_compressed_experts(model, adapter, section)
-    state = load_file(str(Path(model_dir) / WEIGHTS_NAME))
+    return_large_frees_to_os()
+    state = {name: tensor_slice[:] for name, tensor_slice in read_weights_without_mmap(model_dir).items()}
     model.load_state_dict(state, strict=False, assign=True)
+    del state
     model.tie_weights()
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..memory import read_weights_without_mmap, return_large_frees_to_os
 from .base import ExpertLayout, ExpertWeights, FamilyAdapter, MoELayer
 from .families import ADAPTERS
 
@@ -82,16 +83,22 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dt
     """
     device = device or default_device()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
 
     adapter = adapter_for_config(read_config_dict(model_dir))
     check_weights(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    auto_class = AutoModelForSeq2SeqLM if adapter.encoder_decoder else AutoModelForCausalLM
-    kwargs = {"dtype": dtype}
-    if device == "auto":
-        kwargs["device_map"] = "auto"
+    return_large_frees_to_os()
     try:
-        model = auto_class.from_pretrained(model_dir, config=config, **kwargs)
+        if device == "auto":
+            auto_class = AutoModelForSeq2SeqLM if adapter.encoder_decoder else AutoModelForCausalLM
+            model = auto_class.from_pretrained(model_dir, config=config, dtype=dtype, device_map="auto")
+        else:
+            # our own pread-backed state dict: one copy of the weights in memory, not two (see memory.py)
+            mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if adapter.encoder_decoder else MODEL_FOR_CAUSAL_LM_MAPPING
+            weights = read_weights_without_mmap(model_dir)
+            model = mapping[type(config)].from_pretrained(None, config=config, state_dict=weights, dtype=dtype)
+            del weights
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot load {model_dir}: {str(exc).splitlines()[0]}") from None
     if device != "auto":
