@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import prepare_output_dir, save_compressed
-from .compress.pipeline import calibration_blocks, compress_loaded, load_tokenizer, mcsmoe_section
+from .compress.pipeline import calibration_blocks, check_experts, compress_loaded, load_tokenizer, mcsmoe_section
 from .compress.plan import apply_plan
 from .compress.recipe import CompressionRecipe
 from .corpus import builtin_corpus, token_blocks
@@ -74,11 +74,10 @@ def run_demo(
     if out_dir is not None:
         prepare_output_dir(out_dir, force)
     torch.manual_seed(recipe.seed)
+    check_experts(model_dir, recipe)
     dense, adapter = load_model(model_dir)
     if adapter.encoder_decoder:
         raise UserError("the demo measures causal-LM perplexity; give it a decoder-only model")
-    if experts > adapter.num_experts(dense.config):
-        raise UserError(f"--experts {experts} is more than the model's {adapter.num_experts(dense.config)} experts per layer")
     tokenizer = load_tokenizer(model_dir)
     heldout = token_blocks(tokenizer, builtin_corpus("heldout"), EVAL_SEQ_LEN)
     calib = calibration_blocks(tokenizer, recipe)

@@ -12,7 +12,7 @@ from torch import nn
 from ..checkpoint import prepare_output_dir, save_compressed
 from ..corpus import calibration_text, token_blocks
 from ..errors import UserError
-from ..models import FamilyAdapter, load_model
+from ..models import FamilyAdapter, adapter_for_config, load_model, read_config_dict
 from ..report import SizeReport, size_report
 from .distill import DistillReport, distill
 from .plan import CompressionPlan, apply_plan, plan_compression
@@ -40,6 +40,16 @@ def load_tokenizer(model_dir: str | Path):
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"no usable tokenizer in {model_dir} (calibration needs one): {str(exc).splitlines()[0]}") from None
+
+
+def check_experts(model_dir: str | Path, recipe: CompressionRecipe) -> None:
+    """UserError if the model is not a supported MoE or has fewer experts than the recipe asks for."""
+    from transformers import AutoConfig
+
+    adapter = adapter_for_config(read_config_dict(model_dir))
+    num_experts = adapter.num_experts(AutoConfig.from_pretrained(model_dir))
+    if recipe.experts is not None and recipe.experts > num_experts:
+        raise UserError(f"--experts {recipe.experts} is more than the model's {num_experts} experts per layer")
 
 
 def calibration_blocks(tokenizer, recipe: CompressionRecipe) -> torch.Tensor:
@@ -93,11 +103,9 @@ def compress_model(
         prepare_output_dir(out_dir, force)
     torch.manual_seed(recipe.seed)
     start = time.perf_counter()
-    model, adapter = load_model(model_dir, device=device)
-    num_experts = adapter.num_experts(model.config)
-    if recipe.experts is not None and recipe.experts > num_experts:
-        raise UserError(f"--experts {recipe.experts} is more than the model's {num_experts} experts per layer")
+    check_experts(model_dir, recipe)
     blocks = calibration_blocks(load_tokenizer(model_dir), recipe)
+    model, adapter = load_model(model_dir, device=device)
     before = size_report(model, adapter)
     plan = compress_loaded(model, adapter, blocks, recipe, progress)
     distilled = None
