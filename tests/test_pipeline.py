@@ -9,8 +9,10 @@ import torch
 from conftest import EXPERTS, FAMILIES, byte_tokenizer, model_inputs, tiny_model
 from mcsmoe_deploy import (
     CompressionRecipe,
+    ProjectionSpec,
     adapter_for_config,
     apply_plan,
+    build_grouped_experts,
     builtin_corpus,
     calibration_blocks,
     compress_loaded,
@@ -75,27 +77,22 @@ def test_adaptive_budget_keeps_total_and_one_per_layer():
 def test_full_rank_compression_reproduces_merged_model(family):
     model = tiny_model(family)
     adapter = adapter_for_config(model.config)
-    blocks = calibration()
-    stats = collect_routing_stats(model, adapter, blocks, progress=False)
-    plan = plan_compression(stats, EXPERTS, CompressionRecipe(experts=4), adapter.family)
-    merged, full_rank = copy.deepcopy(model), copy.deepcopy(model)
-    apply_plan(merged, adapter, plan, CompressionRecipe(experts=4, rank_ratio=1.0), progress=False)
-    # energy 1.0 keeps every singular value; the factors then hold more numbers than the dense
-    # weight, so force them through the low-rank path with the layer specs below
-    apply_plan(full_rank, adapter, plan, CompressionRecipe(experts=4, rank_energy=1.0), progress=False)
-    from mcsmoe_deploy.compress.plan import build_grouped_experts
-
+    stats = collect_routing_stats(model, adapter, calibration(), progress=False)
+    recipe = CompressionRecipe(experts=4)  # merge only
+    apply_plan(model, adapter, plan_compression(stats, EXPERTS, recipe, adapter.family), recipe, progress=False)
+    full_rank = copy.deepcopy(model)
     layout = adapter.expert_layout(model.config)
-    for merged_layer, layer in zip(adapter.moe_layers(merged), adapter.moe_layers(full_rank)):
-        dense = merged_layer.block.experts
-        experts = [{n: dense.projections[n].weight[g] for n in layout.projections} for g in range(dense.num_groups)]
-        specs = {n: type(dense.projections[n].spec)(*layout.projection_shape(n), rank=min(layout.projection_shape(n)))
+    for layer in adapter.moe_layers(full_rank):
+        merged = layer.block.experts
+        experts = [{n: merged.projections[n].weight[g] for n in layout.projections} for g in range(merged.num_groups)]
+        # rank min(out, in) with no sparse rows: the factors hold the whole weight
+        specs = {n: ProjectionSpec(*layout.projection_shape(n), rank=min(layout.projection_shape(n)))
                  for n in layout.projections}
-        module = build_grouped_experts(experts, dense.expert_to_group.tolist(), specs, layout, adapter.one_hot_dispatch)
+        module = build_grouped_experts(experts, merged.expert_to_group.tolist(), specs, layout, adapter.one_hot_dispatch)
         adapter.install_experts(layer.block, module)
     inputs = model_inputs(family)
     with torch.no_grad():
-        reference, compressed = merged(**inputs).logits, full_rank(**inputs).logits
+        reference, compressed = model(**inputs).logits, full_rank(**inputs).logits
     assert float((compressed - reference).abs().max() / reference.abs().max()) < 1e-4
 
 
