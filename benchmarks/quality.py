@@ -52,7 +52,7 @@ def lm_rows(
     heldout = mc.token_blocks(tokenizer, mc.builtin_corpus("heldout"), EVAL_SEQ_LEN)
     base_recipe = mc.CompressionRecipe()
     calib = mc.calibration_blocks(tokenizer, base_recipe)
-    stats = mc.collect_routing_stats(dense, adapter, calib, progress=False)
+    stats = mc.collect_routing_stats(dense, adapter, calib, progress=False, keep_inputs=base_recipe.activation_samples)
     dense_size = mc.size_report(dense, adapter)
 
     def row(method: str, model, experts: int, rank_ratio: float, steps: int) -> dict:
@@ -66,6 +66,8 @@ def lm_rows(
     rows = [row("dense", dense, adapter.num_experts(dense.config), 1.0, 0)]
     runs = [(name, overrides, 1.0) for name, overrides in BASELINES.items()]
     runs += [("mcsmoe", {"rank_ratio": r, "sparse_keep": sparse_keep}, r) for r in rank_ratios]
+    runs += [("mcsmoe-activation-aware", {"rank_ratio": r, "sparse_keep": sparse_keep, "activation_aware": True}, r)
+             for r in rank_ratios]
     runs = [run for run in runs if methods is None or run[0] in methods]
     for experts in experts_list:
         for method, overrides, rank_ratio in runs:

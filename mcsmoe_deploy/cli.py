@@ -32,6 +32,9 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sparse-keep", type=float, default=defaults.sparse_keep, metavar="S",
                        help="share of rows of the low-rank residual kept as structured-sparse rows, in [0, 1] "
                             f"(default: {defaults.sparse_keep})")
+    group.add_argument("--activation-aware", action="store_true",
+                       help="fit the factors of gate/up (wi) to the calibration activations, minimising the "
+                            "error of their outputs rather than of their weights (not in the paper)")
     group = parser.add_argument_group("calibration and recovery")
     group.add_argument("--calib", default=None, metavar="FILE",
                        help="calibration text: a .txt file, or .jsonl with a 'text' field per line "
@@ -54,6 +57,7 @@ def _recipe_from(args: argparse.Namespace):
         rank_ratio=args.rank_ratio,
         rank_energy=args.rank_energy,
         sparse_keep=args.sparse_keep,
+        activation_aware=args.activation_aware,
         calib=args.calib,
         max_calib_tokens=args.max_calib_tokens,
         distill_steps=args.distill_steps,

@@ -111,3 +111,17 @@ def test_rank_choices():
     assert sparse_row_count(100, 0.05) == 5 and sparse_row_count(100, 0.0) == 0
     low_rank = torch.randn(32, 4) @ torch.randn(4, 32)
     assert rank_for_energy([low_rank], 0.999999) == 4
+
+
+def test_activation_aware_factors_fit_the_inputs_seen():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 16, generator=generator)
+    basis = torch.linalg.qr(torch.randn(16, 4, generator=generator)).Q  # inputs live in 4 of 16 dimensions
+    x = torch.randn(512, 4, generator=generator) @ basis.T + 1e-4 * torch.randn(512, 16, generator=generator)
+    moment = x.double().T @ x.double() / len(x)
+    plain = low_rank_sparse(weight, rank=4, sparse_rows=0)
+    aware = low_rank_sparse(weight, rank=4, sparse_rows=0, input_second_moment=moment)
+    reference = x @ weight.T
+    plain_error = float((x @ plain.dense().T - reference).norm() / reference.norm())
+    aware_error = float((x @ aware.dense().T - reference).norm() / reference.norm())
+    assert plain_error > 0.1 and aware_error < 1e-3, (plain_error, aware_error)

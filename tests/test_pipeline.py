@@ -137,3 +137,23 @@ def test_distillation_lowers_the_loss():
     report = distill(student, teacher, adapter, blocks, steps=30, lr=3e-3, batch_size=4, progress=False)
     assert report.last_loss < report.first_loss
     assert torch.equal(adapter.moe_layers(student)[0].block.gate.weight, router_before)
+
+
+def test_activation_aware_compression_is_closer_to_the_merged_model():
+    model = tiny_model("mixtral")
+    adapter = adapter_for_config(model.config)
+    stats = collect_routing_stats(model, adapter, calibration(tokens=2048), progress=False, keep_inputs=2048)
+    assert stats.layers[0].samples()[0].shape == (2048, model.config.hidden_size)
+    outputs = {}
+    for name, recipe in {
+        "merged": CompressionRecipe(experts=4),
+        "plain": CompressionRecipe(experts=4, rank_ratio=0.4),
+        "aware": CompressionRecipe(experts=4, rank_ratio=0.4, activation_aware=True),
+    }.items():
+        compressed = copy.deepcopy(model)
+        apply_plan(compressed, adapter, plan_compression(stats, EXPERTS, recipe, adapter.family), recipe, progress=False)
+        with torch.no_grad():
+            outputs[name] = compressed(input_ids=calibration(tokens=256)).logits
+    plain_error = (outputs["plain"] - outputs["merged"]).norm()
+    aware_error = (outputs["aware"] - outputs["merged"]).norm()
+    assert aware_error < 0.8 * plain_error, (float(aware_error), float(plain_error))

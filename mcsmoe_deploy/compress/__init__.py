@@ -1,5 +1,6 @@
 """Merge, then compress: routing statistics, grouping, alignment, merging, low-rank + sparse, distillation."""
 
+from .activation_aware import projection_input_moments, second_moment
 from .distill import DistillReport, distill, distillation_loss
 from .grouping import LayerGrouping, drop_least_used, group_by_similarity, group_randomly, groups_per_layer
 from .lowrank import LowRankSparse, low_rank_sparse, rank_for_energy, rank_for_ratio, sparse_row_count
@@ -40,7 +41,9 @@ __all__ = [
     "merge_layer",
     "permute_expert",
     "plan_compression",
+    "projection_input_moments",
     "rank_for_energy",
     "rank_for_ratio",
+    "second_moment",
     "sparse_row_count",
 ]

@@ -67,17 +67,36 @@ def sparse_row_count(out_features: int, sparse_keep: float) -> int:
     return math.ceil(sparse_keep * out_features) if sparse_keep > 0 else 0
 
 
-def low_rank_sparse(weight: torch.Tensor, rank: int, sparse_rows: int) -> LowRankSparse:
-    """Rank-`rank` SVD factors of `weight` [out, in] plus its residual's `sparse_rows` largest rows (L2 norm)."""
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    left = u[:, :rank] * root
-    right = root[:, None] * vh[:rank]
-    residual = weight.double() - left @ right
-    rows = torch.topk(residual.norm(dim=1), sparse_rows).indices.sort().values if sparse_rows else torch.zeros(0, dtype=torch.long)
+def low_rank_sparse(
+    weight: torch.Tensor, rank: int, sparse_rows: int, input_second_moment: torch.Tensor | None = None
+) -> LowRankSparse:
+    """Rank-`rank` SVD factors of `weight` [out, in] plus its residual's `sparse_rows` largest rows.
+
+    Plain (the paper): the factors minimise ||W - L R||_F and rows are ranked by L2 norm.
+    With `input_second_moment` C = E[x x^T] [in, in] (activation-aware): the factors
+    minimise the expected output error E||(W - L R) x||^2, by factoring W C^(1/2)
+    and mapping back, and rows are ranked by their output error.
+    """
+    w = weight.double()
+    root = inverse_root = None
+    if input_second_moment is not None:
+        values, vectors = torch.linalg.eigh(input_second_moment.double().to(w.device))
+        # a floor keeps the square root invertible where calibration saw no variance
+        values = values.clamp(min=float(values.max()) * 1e-6)
+        root = (vectors * values.sqrt()) @ vectors.T
+        inverse_root = (vectors / values.sqrt()) @ vectors.T
+    u, s, vh = torch.linalg.svd(w if root is None else w @ root, full_matrices=False)
+    scale = s[:rank].sqrt()
+    left = u[:, :rank] * scale
+    right = scale[:, None] * vh[:rank]
+    if inverse_root is not None:
+        right = right @ inverse_root
+    residual = w - left @ right
+    scores = (residual if root is None else residual @ root).norm(dim=1)
+    rows = torch.topk(scores, sparse_rows).indices.sort().values if sparse_rows else torch.zeros(0, dtype=torch.long)
     return LowRankSparse(
         left=left.to(weight.dtype),
         right=right.to(weight.dtype),
-        sparse_rows=rows,
+        sparse_rows=rows.to(weight.device),
         sparse_values=residual[rows].to(weight.dtype),
     )

@@ -77,7 +77,8 @@ def compress_loaded(
     progress: bool = True,
 ) -> CompressionPlan:
     """Routing statistics on `blocks`, a plan, and the plan applied to `model` in place."""
-    stats = collect_routing_stats(model, adapter, blocks, progress=progress)
+    keep = recipe.activation_samples if recipe.activation_aware else 0
+    stats = collect_routing_stats(model, adapter, blocks, progress=progress, keep_inputs=keep)
     plan = plan_compression(stats, adapter.num_experts(model.config), recipe, adapter.family)
     apply_plan(model, adapter, plan, recipe, progress=progress)
     return plan

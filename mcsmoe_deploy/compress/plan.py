@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..grouped_experts import GroupedLowRankExperts, ProjectionSpec
 from ..models import ExpertLayout, ExpertWeights, FamilyAdapter
+from .activation_aware import projection_input_moments
 from .grouping import LayerGrouping, drop_least_used, group_by_similarity, group_randomly, groups_per_layer
 from .lowrank import low_rank_sparse, rank_for_energy, rank_for_ratio, sparse_row_count
 from .merge import merge_layer
@@ -30,6 +31,8 @@ class LayerPlan:
     frequency: list[float]
     grouping: LayerGrouping
     projections: dict[str, ProjectionSpec] = field(default_factory=dict)
+    # sampled block inputs and their routing, for activation-aware compression (not saved)
+    calibration_samples: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {
@@ -64,7 +67,9 @@ def plan_compression(stats: RoutingStats, num_experts: int, recipe: CompressionR
             grouping = drop_least_used(frequency, num_groups)
         else:
             grouping = group_by_similarity(frequency, layer_stats.similarity(recipe.similarity), num_groups)
-        layers.append(LayerPlan(layer_stats.name, frequency.tolist(), grouping))
+        layers.append(
+            LayerPlan(layer_stats.name, frequency.tolist(), grouping, calibration_samples=layer_stats.samples())
+        )
     return CompressionPlan(family=family, layers=layers, calibration_tokens=stats.tokens)
 
 
@@ -88,8 +93,13 @@ def build_grouped_experts(
     specs: dict[str, ProjectionSpec],
     layout: ExpertLayout,
     one_hot_dispatch: bool = False,
+    input_moments: list[dict[str, torch.Tensor]] | None = None,
 ) -> GroupedLowRankExperts:
-    """A GroupedLowRankExperts holding `merged` experts, each projection stored as `specs` says."""
+    """A GroupedLowRankExperts holding `merged` experts, each projection stored as `specs` says.
+
+    With `input_moments` (per merged expert, {projection: E[x x^T] of its input}),
+    low-rank factors are fitted activation-aware (see low_rank_sparse).
+    """
     module = GroupedLowRankExperts(layout, expert_to_group, specs, one_hot_dispatch)
     if len(merged) != module.num_groups:
         raise ValueError(f"{len(merged)} merged experts for {module.num_groups} groups")
@@ -100,7 +110,8 @@ def build_grouped_experts(
                 if spec.dense:
                     target.weight[group] = expert[name]
                     continue
-                factors = low_rank_sparse(expert[name], spec.rank, spec.sparse_rows)
+                moment = input_moments[group][name] if input_moments is not None else None
+                factors = low_rank_sparse(expert[name], spec.rank, spec.sparse_rows, moment)
                 target.left[group] = factors.left
                 target.right[group] = factors.right
                 if spec.sparse_rows:
@@ -133,7 +144,14 @@ def apply_plan(
         )
         del experts
         specs = {name: projection_spec(name, merged, layout, recipe) for name in layout.projections}
-        module = build_grouped_experts(merged, layer_plan.grouping.expert_to_group, specs, layout, adapter.one_hot_dispatch)
+        moments = None
+        if recipe.activation_aware and not recipe.merge_only:
+            if layer_plan.calibration_samples is None:
+                raise ValueError("activation-aware compression needs routing statistics collected with keep_inputs > 0")
+            moments = projection_input_moments(merged, layer_plan.calibration_samples, layer_plan.grouping, layout)
+        module = build_grouped_experts(
+            merged, layer_plan.grouping.expert_to_group, specs, layout, adapter.one_hot_dispatch, moments
+        )
         device = adapter.router_weight(layer.block).device
         adapter.install_experts(layer.block, module.to(device))
         layer_plan.projections = specs

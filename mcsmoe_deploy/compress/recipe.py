@@ -25,6 +25,9 @@ class CompressionRecipe:
     rank_ratio: share of a dense projection's parameters kept by its low-rank factors; 1 = merge only.
     rank_energy: if set, pick each layer's rank to keep this share of squared singular values instead.
     sparse_keep: share of rows of the low-rank residual kept as structured-sparse rows.
+    activation_aware: fit the input projections' factors to calibration activations
+        (minimise the output error rather than the weight error; not in the paper),
+        from the first `activation_samples` calibration tokens of each layer.
     calib: calibration text file (.txt or .jsonl) or None for the built-in corpus.
     max_calib_tokens, calib_seq_len: calibration budget in tokens and block length.
     distill_steps: knowledge-distillation steps from the original model (0: none).
@@ -39,6 +42,8 @@ class CompressionRecipe:
     rank_ratio: float = 1.0
     rank_energy: float | None = None
     sparse_keep: float = 0.0
+    activation_aware: bool = False
+    activation_samples: int = 4096
     calib: str | None = None
     max_calib_tokens: int = 32768
     calib_seq_len: int = 128

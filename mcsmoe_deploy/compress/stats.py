@@ -8,7 +8,7 @@ with the number of tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,13 +26,24 @@ class LayerRoutingStats:
     assignment_counts [E]: top-k picks of each expert (float64).
     logit_gram [E, E]: sum over tokens of logits^T logits (float64).
     router_weight [E, H]: the router's weight rows, for weight similarity.
+    sample_inputs [n, H], sample_assigned [n, k]: the block's inputs and the experts
+        they were routed to, for the first n calibration tokens (n = 0 unless asked for);
+        activation-aware compression fits each merged expert to them.
     """
 
     name: str
     assignment_counts: torch.Tensor
     logit_gram: torch.Tensor
     router_weight: torch.Tensor
+    sample_inputs: list[torch.Tensor] = field(default_factory=list, repr=False)
+    sample_assigned: list[torch.Tensor] = field(default_factory=list, repr=False)
     tokens: int = 0
+
+    def samples(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(inputs [n, H], assigned experts [n, k]) kept during the pass, or None."""
+        if not self.sample_inputs:
+            return None
+        return torch.cat(self.sample_inputs), torch.cat(self.sample_assigned)
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -77,14 +88,20 @@ def collect_routing_stats(
     blocks: torch.Tensor,
     batch_size: int = 8,
     progress: bool = True,
+    keep_inputs: int = 0,
 ) -> RoutingStats:
     """One pass over calibration blocks [N, S], recording every MoE layer's routing.
 
-    Hooks read each router's output, so what is counted is exactly what the
-    model routes (Switch Transformers' capacity drops included).
+    keep_inputs: also keep each layer's first `keep_inputs` input vectors and
+    their routing (for activation-aware compression); 0 keeps none.
+
+    Hooks read each router's input and output, so what is counted is exactly
+    what the model routes (Switch Transformers' capacity drops included); the
+    router's input is also the input of every expert of the block.
     """
     layers = adapter.moe_layers(model)
     num_experts = adapter.num_experts(model.config)
+    hidden = adapter.expert_layout(model.config).hidden_size
     stats = [
         LayerRoutingStats(
             name=layer.name,
@@ -96,8 +113,12 @@ def collect_routing_stats(
     ]
 
     def make_hook(layer_stats: LayerRoutingStats):
-        def hook(_module, _inputs, output):
+        def hook(_module, inputs, output):
             logits, assigned = adapter.routing_from_router_output(output)
+            wanted = keep_inputs - sum(len(x) for x in layer_stats.sample_inputs)
+            if wanted > 0:
+                layer_stats.sample_inputs.append(inputs[0].detach().reshape(-1, hidden)[:wanted].float().cpu())
+                layer_stats.sample_assigned.append(assigned[:wanted].cpu())
             logits = logits.detach().double()
             layer_stats.logit_gram += (logits.T @ logits).cpu()
             picked = assigned[assigned >= 0].reshape(-1).cpu()
