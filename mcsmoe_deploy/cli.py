@@ -33,8 +33,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                        help="share of rows of the low-rank residual kept as structured-sparse rows, in [0, 1] "
                             f"(default: {defaults.sparse_keep})")
     group.add_argument("--activation-aware", action="store_true",
-                       help="fit the factors of gate/up (wi) to the calibration activations, minimising the "
-                            "error of their outputs rather than of their weights (not in the paper)")
+                       help="fit each merged projection's factors to the calibration inputs it sees, minimising "
+                            "the error of its outputs rather than of its weights (beyond the paper)")
     group = parser.add_argument_group("calibration and recovery")
     group.add_argument("--calib", default=None, metavar="FILE",
                        help="calibration text: a .txt file, or .jsonl with a 'text' field per line "
@@ -83,7 +83,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     result = run_demo(
         model_dir=args.model, experts=args.experts, rank_ratio=args.rank_ratio, sparse_keep=args.sparse_keep,
-        distill_steps=args.distill_steps, out_dir=args.out, force=args.force, progress=not args.quiet,
+        distill_steps=args.distill_steps, activation_aware=args.activation_aware, out_dir=args.out,
+        force=args.force, progress=not args.quiet,
     )
     print(format_demo(result))
     return 0
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sparse-keep", type=float, default=0.05, metavar="S", help="sparse rows share (default: 0.05)")
     demo.add_argument("--distill-steps", type=int, default=100, metavar="N",
                       help="distillation steps after compression, shown as a fourth row; 0 to skip (default: 100)")
+    demo.add_argument("--activation-aware", action="store_true",
+                      help="fit the low-rank factors to calibration activations (beyond the paper)")
     demo.add_argument("--out", default=None, metavar="DIR", help="also write the compressed checkpoint here")
     demo.add_argument("--force", action="store_true", help="replace --out if it exists")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -58,6 +58,7 @@ def run_demo(
     rank_ratio: float = 0.5,
     sparse_keep: float = 0.05,
     distill_steps: int = 100,
+    activation_aware: bool = False,
     out_dir: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
@@ -69,7 +70,10 @@ def run_demo(
     """
     start = time.perf_counter()
     model_dir = Path(model_dir) if model_dir is not None else embedded_model_dir()
-    recipe = CompressionRecipe(experts=experts, rank_ratio=rank_ratio, sparse_keep=sparse_keep, distill_steps=distill_steps)
+    recipe = CompressionRecipe(
+        experts=experts, rank_ratio=rank_ratio, sparse_keep=sparse_keep, distill_steps=distill_steps,
+        activation_aware=activation_aware,
+    )
     recipe.validate()
     if out_dir is not None:
         prepare_output_dir(out_dir, force)
@@ -91,12 +95,14 @@ def run_demo(
     result.rows.append(row("dense", dense))
     compress_start = time.perf_counter()
     merged = copy.deepcopy(dense)
-    plan = compress_loaded(merged, adapter, calib, CompressionRecipe(experts=experts, rank_ratio=1.0), progress)
+    # one statistics pass and one plan serve both the merge-only and the compressed model
+    plan = compress_loaded(merged, adapter, calib, replace(recipe, rank_ratio=1.0), progress)
     compressed = copy.deepcopy(dense)
     apply_plan(compressed, adapter, plan, recipe, progress)
     result.compress_seconds = time.perf_counter() - compress_start
     result.rows.append(row(f"merged (M-SMoE, {experts} experts)", merged))
-    result.rows.append(row(f"compressed (MC-SMoE, rank {rank_ratio:g}, sparse {sparse_keep:g})", compressed))
+    aware = ", activation-aware" if activation_aware else ""
+    result.rows.append(row(f"compressed (MC-SMoE, rank {rank_ratio:g}, sparse {sparse_keep:g}{aware})", compressed))
     distilled = None
     if distill_steps:
         from .compress.distill import distill
