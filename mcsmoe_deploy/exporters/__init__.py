@@ -1,0 +1,27 @@
+"""ONNX export of compressed MoE models.
+
+moe_op: the custom op `ai.mcsmoe::GroupedLowRankMoE` (one node per MoE block) and
+its semantics as a model-local ONNX function made of standard ops (see docs/ops.md).
+"""
+
+from .moe_op import (
+    DOMAIN,
+    OP_TYPE,
+    OP_VERSION,
+    MoEOpSpec,
+    grouped_moe_function,
+    make_moe_node,
+    register_op_schema,
+    standalone_model,
+)
+
+__all__ = [
+    "DOMAIN",
+    "OP_TYPE",
+    "OP_VERSION",
+    "MoEOpSpec",
+    "grouped_moe_function",
+    "make_moe_node",
+    "register_op_schema",
+    "standalone_model",
+]

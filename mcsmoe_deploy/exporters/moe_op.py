@@ -1,0 +1,362 @@
+"""The custom op `ai.mcsmoe::GroupedLowRankMoE` (version 1) and its semantics as an ONNX function.
+
+One node stands for a whole compressed MoE block's experts: routing from the
+unchanged router logits, the expert -> group map, and G merged experts whose
+projections are dense or low-rank plus structured-sparse rows (the torch
+reference is `mcsmoe_deploy.grouped_experts.GroupedLowRankExperts`; the op spec
+is docs/ops.md).
+
+The semantics ship inside the model as a model-local FunctionProto made of
+standard ops, so a runtime with no kernel for the op inlines the body.
+Bodies differ with the structure of a block (gated or not, activation, top-k,
+normalisation, which projections are dense / low-rank / have sparse rows), so
+each structure gets its own function under the same (domain, name) told apart
+by the `overload` field (ONNX IR version >= 10); the node names the same
+overload. Bodies are shape-generic (E, G, H, I, ranks and row counts are read
+from the inputs), so blocks that differ only in sizes share one function.
+
+Decomposition (simple, correct, not fast; details in docs/ops.md): routing
+weights [T, E] -> group weights [T, G] through a 0/1 membership matrix, then every
+group's expert on every token with MatMuls batched over G, weighted, summed over G.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..grouped_experts import GroupedLowRankExperts, ProjectionSpec
+from ..models.base import ExpertLayout
+
+DOMAIN = "ai.mcsmoe"
+OP_TYPE = "GroupedLowRankMoE"
+OP_VERSION = 1
+ROUTINGS = ("softmax_topk", "softmax_topk_norm")
+# Hugging Face activation names -> the op's canonical `activation` attribute
+ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+}
+NODE_ATTRIBUTES = ("top_k", "activation", "gated", "normalize_topk")
+
+
+@dataclass(frozen=True)
+class MoEOpSpec:
+    """Everything that fixes one GroupedLowRankMoE node's inputs and semantics.
+
+    projections: (name, ProjectionSpec) in layout order (gate, up, down or wi, wo);
+    a ProjectionSpec with rank None is dense, else rank r plus `sparse_rows` rows.
+    """
+
+    num_experts: int
+    num_groups: int
+    hidden_size: int
+    intermediate_size: int
+    top_k: int
+    gated: bool
+    activation: str
+    routing: str
+    projections: tuple[tuple[str, ProjectionSpec], ...]
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} not supported; one of {sorted(ACTIVATIONS)}")
+        # store the canonical name so equal semantics give equal specs
+        object.__setattr__(self, "activation", ACTIVATIONS[self.activation])
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing {self.routing!r} not supported; one of {ROUTINGS}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k {self.top_k} outside 1..{self.num_experts}")
+        layout = self.layout
+        names = tuple(name for name, _ in self.projections)
+        if names != layout.projections:
+            raise ValueError(f"projections {names} != layout order {layout.projections}")
+        for name, proj in self.projections:
+            shape = (proj.out_features, proj.in_features)
+            if shape != layout.projection_shape(name):
+                raise ValueError(f"projection {name}: [out, in] {shape} != {layout.projection_shape(name)}")
+
+    @property
+    def layout(self) -> ExpertLayout:
+        return ExpertLayout(self.gated, self.activation, self.hidden_size, self.intermediate_size)
+
+    @property
+    def normalize_topk(self) -> bool:
+        return self.routing == "softmax_topk_norm"
+
+    @classmethod
+    def from_experts(cls, experts: GroupedLowRankExperts, top_k: int, routing: str) -> MoEOpSpec:
+        """The spec of a reference module (routing comes from the family's config)."""
+        layout = experts.layout
+        return cls(
+            num_experts=experts.num_experts,
+            num_groups=experts.num_groups,
+            hidden_size=layout.hidden_size,
+            intermediate_size=layout.intermediate_size,
+            top_k=top_k,
+            gated=layout.gated,
+            activation=layout.activation,
+            routing=routing,
+            projections=tuple((name, experts.projections[name].spec) for name in layout.projections),
+        )
+
+    def projection_inputs(self, name: str) -> tuple[str, ...]:
+        """Input names of projection `name`, in node order."""
+        proj = dict(self.projections)[name]
+        if proj.dense:
+            return (f"{name}_weight",)
+        sparse = (f"{name}_sparse_rows", f"{name}_sparse_values") if proj.sparse_rows else ()
+        return (f"{name}_left", f"{name}_right") + sparse
+
+    def input_names(self) -> tuple[str, ...]:
+        """All node inputs in order (the function's formal input names)."""
+        names = ("hidden", "router_logits", "expert_to_group")
+        for name, _ in self.projections:
+            names += self.projection_inputs(name)
+        return names
+
+    def input_shapes(self) -> dict[str, list[int | str]]:
+        """Shape of every input, with "T" the token count."""
+        shapes: dict[str, list[int | str]] = {
+            "hidden": ["T", self.hidden_size],
+            "router_logits": ["T", self.num_experts],
+            "expert_to_group": [self.num_experts],
+        }
+        g = self.num_groups
+        for name, p in self.projections:
+            out_f, in_f = p.out_features, p.in_features
+            if p.dense:
+                shapes[f"{name}_weight"] = [g, out_f, in_f]
+                continue
+            shapes[f"{name}_left"] = [g, out_f, p.rank]
+            shapes[f"{name}_right"] = [g, p.rank, in_f]
+            if p.sparse_rows:
+                shapes[f"{name}_sparse_rows"] = [g, p.sparse_rows]
+                shapes[f"{name}_sparse_values"] = [g, p.sparse_rows, in_f]
+        return shapes
+
+    @property
+    def overload(self) -> str:
+        """Names the function body: only what changes the graph, not the sizes."""
+        kinds = []
+        for name, p in self.projections:
+            kinds.append(f"{name}-dense" if p.dense else f"{name}-lowrank" + ("-sparse" if p.sparse_rows else ""))
+        norm = "norm" if self.normalize_topk else "raw"
+        family = "gated" if self.gated else "plain"
+        return "_".join([family, self.activation, f"k{self.top_k}", norm] + kinds)
+
+
+class _Body:
+    """Appends nodes to a function body, naming intermediate values t0, t1, ..."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self._count = 0
+
+    def __call__(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
+        names = [f"t{self._count + i}" for i in range(outputs)]
+        self._count += outputs
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def ints(self, values: list[int]) -> str:
+        return self("Constant", value=numpy_helper.from_array(np.array(values, dtype=np.int64)))
+
+    def scalar_int(self, value: int) -> str:
+        return self("Constant", value=numpy_helper.from_array(np.array(value, dtype=np.int64)))
+
+    def float_like(self, value: float, like: str) -> str:
+        # constants follow the data's dtype (float, float16, bfloat16)
+        return self("CastLike", self("Constant", value_float=value), like)
+
+
+def _activation(b: _Body, kind: str, a: str) -> str:
+    """act(a), elementwise, matching transformers' ACT2FN."""
+    if kind == "relu":
+        return b("Relu", a)
+    if kind == "silu":
+        return b("Mul", a, b("Sigmoid", a))
+    half_a = b("Mul", a, b.float_like(0.5, a))
+    if kind == "gelu":  # exact: 0.5 a (1 + erf(a / sqrt 2))
+        inner = b("Erf", b("Mul", a, b.float_like(float(1 / np.sqrt(2)), a)))
+    else:  # gelu_tanh: 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))
+        cube = b("Mul", b("Mul", a, a), a)
+        poly = b("Add", a, b("Mul", cube, b.float_like(0.044715, a)))
+        inner = b("Tanh", b("Mul", poly, b.float_like(float(np.sqrt(2 / np.pi)), a)))
+    return b("Mul", half_a, b("Add", inner, b.float_like(1.0, a)))
+
+
+def _project(b: _Body, spec: MoEOpSpec, name: str, h: str) -> str:
+    """Projection `name` of every group: h [T, in] or [G, T, in] -> [G, T, out]."""
+    proj = dict(spec.projections)[name]
+    inputs = spec.projection_inputs(name)
+    perm = [0, 2, 1]
+    if proj.dense:
+        return b("MatMul", h, b("Transpose", inputs[0], perm=perm))
+    left, right = inputs[:2]
+    y = b("MatMul", b("MatMul", h, b("Transpose", right, perm=perm)), b("Transpose", left, perm=perm))
+    if proj.sparse_rows:
+        rows, values = inputs[2:]
+        extra = b("MatMul", h, b("Transpose", values, perm=perm))  # [G, T, n]
+        index = b("Expand", b("Unsqueeze", rows, b.ints([1])), b("Shape", extra))  # [G, T, n]
+        # reduction add: repeated row indices accumulate, like torch index_add
+        y = b("ScatterElements", y, index, extra, axis=2, reduction="add")
+    return y
+
+
+def grouped_moe_function(spec: MoEOpSpec, opset: int = 18) -> onnx.FunctionProto:
+    """The semantics of a GroupedLowRankMoE node with structure `spec`, from standard ops.
+
+    `opset` must equal the model's default-domain opset (18 or newer): the body
+    imports it and runtimes reject a function whose imports disagree with the model.
+    Inputs as `spec.input_names()`, output "output" [T, H].
+    """
+    if opset < 18:
+        raise ValueError("the function body needs opset >= 18 (ScatterElements reduction, ReduceSum axes input)")
+    b = _Body()
+    # routing weights of the top-k picks, [T, k]
+    probs = b("Softmax", "router_logits", axis=-1)
+    top_w, top_i = b("TopK", probs, b.ints([spec.top_k]), axis=-1, largest=1, sorted=1, outputs=2)
+    if spec.normalize_topk:
+        top_w = b("Div", top_w, b("ReduceSum", top_w, b.ints([-1]), keepdims=1))
+    # dense per-expert weights [T, E]; top-k indices are distinct, so no reduction is needed
+    zeros = b("CastLike", b("ConstantOfShape", b("Shape", probs)), probs)
+    per_expert = b("ScatterElements", zeros, top_i, top_w, axis=1)
+    # membership [E, G]: 1 where expert_to_group[e] == g; a removed expert (-1) matches nothing
+    first_weight = spec.projection_inputs(spec.projections[0][0])[0]
+    num_groups = b("Squeeze", b("Shape", first_weight, start=0, end=1), b.ints([0]))
+    groups = b("Range", b.scalar_int(0), num_groups, b.scalar_int(1))
+    member = b("Equal", b("Unsqueeze", "expert_to_group", b.ints([1])), groups)
+    member = b("CastLike", b("Cast", member, to=TensorProto.FLOAT), probs)
+    # picks landing in one group add up here
+    per_group = b("MatMul", per_expert, member)  # [T, G]
+    weights = b("CastLike", b("Unsqueeze", b("Transpose", per_group, perm=[1, 0]), b.ints([2])), "hidden")
+
+    # every group's expert on every token, [G, T, H]
+    x = "hidden"
+    if spec.gated:
+        inner = b("Mul", _activation(b, spec.activation, _project(b, spec, "gate", x)), _project(b, spec, "up", x))
+        expert_out = _project(b, spec, "down", inner)
+    else:
+        expert_out = _project(b, spec, "wo", _activation(b, spec.activation, _project(b, spec, "wi", x)))
+    b.nodes.append(helper.make_node("ReduceSum", [b("Mul", expert_out, weights), b.ints([0])], ["output"], keepdims=0))
+
+    function = helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        inputs=list(spec.input_names()),
+        outputs=["output"],
+        nodes=b.nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        # declared so the node may carry them; the body is specialised, not driven by them
+        attributes=list(NODE_ATTRIBUTES),
+        doc_string=f"{DOMAIN}::{OP_TYPE} v{OP_VERSION} reference body ({spec.overload}); see docs/ops.md",
+    )
+    function.overload = spec.overload
+    return function
+
+
+def make_moe_node(spec: MoEOpSpec, input_names: list[str], output_name: str, name: str) -> onnx.NodeProto:
+    """The GroupedLowRankMoE node of one MoE block; `input_names` in `spec.input_names()` order."""
+    expected = spec.input_names()
+    if len(input_names) != len(expected):
+        raise ValueError(f"{len(input_names)} inputs given, the op takes {len(expected)}: {expected}")
+    node = helper.make_node(
+        OP_TYPE,
+        list(input_names),
+        [output_name],
+        name=name,
+        domain=DOMAIN,
+        top_k=spec.top_k,
+        activation=spec.activation,
+        gated=int(spec.gated),
+        normalize_topk=int(spec.normalize_topk),
+    )
+    node.overload = spec.overload  # selects the function body of this structure
+    return node
+
+
+def _infer_output(ctx) -> None:
+    # output [T, H]: same type and shape as `hidden`
+    ctx.set_output_type(0, ctx.get_input_type(0))
+
+
+def register_op_schema() -> bool:
+    """Register the op's OpSchema with onnx (checker, shape inference); idempotent.
+
+    Returns True when the schema is (now or already) registered, False when the
+    running onnx cannot register schemas from Python.
+    """
+    if not hasattr(onnx.defs, "register_schema"):
+        return False
+    if onnx.defs.has(OP_TYPE, OP_VERSION, DOMAIN):
+        return True
+    schema_cls = onnx.defs.OpSchema
+    param, attr = schema_cls.FormalParameter, schema_cls.Attribute
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    schema = schema_cls(
+        OP_TYPE,
+        DOMAIN,
+        OP_VERSION,
+        "Grouped, merged, low-rank MoE experts with routing (docs/ops.md).",
+        inputs=[
+            param("hidden", "T", "[T, H]"),
+            param("router_logits", "T", "[T, E]"),
+            param("expert_to_group", "tensor(int64)", "[E], -1 = removed"),
+            # per projection: weight, or left, right[, sparse_rows (int64), sparse_values]
+            param(
+                "projection_tensors",
+                "V",
+                "per projection in layout order: weight | left, right[, sparse_rows, sparse_values]",
+                param_option=schema_cls.FormalParameterOption.Variadic,
+                is_homogeneous=False,
+                min_arity=2,
+            ),
+        ],
+        outputs=[param("output", "T", "[T, H]")],
+        type_constraints=[
+            ("T", floats, "activations and weights"),
+            ("V", floats + ["tensor(int64)"], "projection tensors (sparse row indices are int64)"),
+        ],
+        attributes=[
+            attr("top_k", schema_cls.AttrType.INT, "experts picked per token"),
+            attr("activation", schema_cls.AttrType.STRING, "silu | relu | gelu | gelu_tanh"),
+            attr("gated", schema_cls.AttrType.INT, "1: down(act(gate(x)) * up(x)); 0: wo(act(wi(x)))"),
+            attr("normalize_topk", schema_cls.AttrType.INT, "1: divide the k weights by their sum"),
+        ],
+    )
+    schema.set_type_and_shape_inference_function(_infer_output)
+    onnx.defs.register_schema(schema)
+    return True
+
+
+def standalone_model(spec: MoEOpSpec, opset: int = 18, elem_type: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """A one-node model whose graph inputs are the op's inputs (tests, benchmarks of a kernel)."""
+    shapes = spec.input_shapes()
+
+    def info(name: str) -> onnx.ValueInfoProto:
+        dtype = TensorProto.INT64 if name == "expert_to_group" or name.endswith("_sparse_rows") else elem_type
+        return helper.make_tensor_value_info(name, dtype, shapes[name])
+
+    names = list(spec.input_names())
+    graph = helper.make_graph(
+        [make_moe_node(spec, names, "output", "moe")],
+        "grouped_lowrank_moe",
+        [info(n) for n in names],
+        [helper.make_tensor_value_info("output", elem_type, ["T", spec.hidden_size])],
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, OP_VERSION)],
+        functions=[grouped_moe_function(spec, opset)],
+        # IR 10: function overloads
+        ir_version=10,
+    )
