@@ -4,6 +4,7 @@ The public API, stage by stage:
     models      load_model, adapter_for_config            (find routers and experts)
     compress    compress_model, CompressionRecipe, ...     (statistics -> plan -> merged, compressed experts)
     checkpoint  save_compressed, load_compressed           (the compressed checkpoint directory)
+    exporters   export_compressed, grouped_moe_function    (ONNX with one GroupedLowRankMoE node per block)
     measure     perplexity, size_report
 """
 
@@ -13,6 +14,7 @@ from .compress import __all__ as _compress_all
 from .corpus import builtin_corpus, calibration_text, read_text, token_blocks
 from .errors import UserError
 from .evaluate import perplexity
+from .exporters import MoEOpSpec, export_compressed, grouped_moe_function
 from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec
 from .models import ExpertLayout, FamilyAdapter, MoELayer, SUPPORTED_FAMILIES, adapter_for_config, load_model
 from .report import SizeReport, size_report
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     *_compress_all,
     "ExpertLayout",
+    "MoEOpSpec",
     "FamilyAdapter",
     "GroupedLowRankExperts",
     "GroupedProjection",
@@ -33,6 +36,8 @@ __all__ = [
     "adapter_for_config",
     "builtin_corpus",
     "calibration_text",
+    "export_compressed",
+    "grouped_moe_function",
     "is_compressed_checkpoint",
     "load_compressed",
     "load_model",

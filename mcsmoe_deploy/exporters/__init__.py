@@ -2,6 +2,7 @@
 
 moe_op: the custom op `ai.mcsmoe::GroupedLowRankMoE` (one node per MoE block) and
 its semantics as a model-local ONNX function made of standard ops (see docs/ops.md).
+torch_export: a compressed decoder-only model -> one logits graph (torch.onnx, dynamo).
 """
 
 from .moe_op import (
@@ -14,12 +15,14 @@ from .moe_op import (
     register_op_schema,
     standalone_model,
 )
+from .torch_export import export_compressed
 
 __all__ = [
     "DOMAIN",
     "OP_TYPE",
     "OP_VERSION",
     "MoEOpSpec",
+    "export_compressed",
     "grouped_moe_function",
     "make_moe_node",
     "register_op_schema",
