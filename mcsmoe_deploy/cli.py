@@ -90,6 +90,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .exporters.pipeline import export_model
+    from .summary import format_export
+
+    # torch.onnx explains its dynamic-shape renaming in UserWarnings that say nothing to a user
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+    report = export_model(args.model_dir, args.out, with_past=not args.no_past, validate=not args.no_validate,
+                          force=args.force)
+    print(format_export(report))
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser(
+        "export",
+        help="export a compressed checkpoint to ONNX (also: mcsmoe-export)",
+        description="Export a compressed checkpoint to ONNX: each MoE block becomes one "
+                    "ai.mcsmoe::GroupedLowRankMoE node whose semantics ship in the file as an ONNX function "
+                    "(docs/ops.md), so onnxruntime runs it as it is. The file is checked with onnx.checker and "
+                    "its logits compared with the torch reference in onnxruntime. In progress: today only "
+                    "compressed decoder-only checkpoints and --no-past logits graphs.",
+    )
+    export.add_argument("model_dir", help="compressed checkpoint directory (from mcsmoe compress)")
+    export.add_argument("out", help="ONNX file to write, e.g. model.onnx")
+    export.add_argument("--no-past", action="store_true", help="a plain logits graph without KV cache")
+    export.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
+    export.add_argument("--force", action="store_true", help="replace the output if it exists")
+    export.set_defaults(run=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcsmoe",
@@ -115,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--force", action="store_true", help="replace out_dir if it exists")
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
     compress.set_defaults(run=_cmd_compress)
+
+    _add_export_parser(sub)
 
     demo = sub.add_parser(
         "demo",
@@ -152,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mcsmoe: interrupted", file=sys.stderr)
         return 130
+
+
+def main_export(argv: list[str] | None = None) -> int:
+    """`mcsmoe-export ...`, the same as `mcsmoe export ...`."""
+    return main(["export", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

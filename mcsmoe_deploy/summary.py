@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .compress.pipeline import CompressionResult
 from .demo import DemoResult
+from .exporters.validate import ExportReport
 
 
 def human_bytes(size: float) -> str:
@@ -77,3 +78,17 @@ def format_demo(result: DemoResult) -> str:
     if result.out_dir:
         parts.append(f"wrote {result.out_dir}")
     return "\n".join(parts)
+
+
+def format_export(report: ExportReport) -> str:
+    """What was written and how closely onnxruntime follows torch."""
+    lines = [
+        f"wrote {report.path} ({human_bytes(report.file_bytes)})",
+        f"nodes: {report.nodes}   GroupedLowRankMoE nodes: {report.custom_nodes}   functions: {report.functions}",
+    ]
+    if report.max_abs_error is not None:
+        shapes = ", ".join(f"{b}x{s}" for b, s in report.shapes_checked)
+        lines.append(f"onnxruntime vs torch on {shapes}: max abs error {report.max_abs_error:.2e}, "
+                     f"relative {report.max_rel_error:.2e}")
+    lines.append(f"time: {report.seconds:.1f} s")
+    return "\n".join(lines)
