@@ -48,3 +48,27 @@ def test_export_refuses_with_one_line(case, extra, message, compressed_dir, tiny
         assert out.read_text() == "keep me"
     else:
         assert not out.exists()
+
+
+def test_exported_graph_handles_left_padding_and_single_tokens(compressed_dir, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from mcsmoe_deploy import export_model, load_compressed
+
+    out = tmp_path / "model.onnx"
+    export_model(compressed_dir, out, validate=False)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    model = load_compressed(compressed_dir)
+    generator = torch.Generator().manual_seed(3)
+    padded = torch.randint(1, 256, (2, 7), generator=generator)
+    mask = torch.ones_like(padded)
+    mask[0, :3] = 0
+    single = torch.randint(1, 256, (3, 1), generator=generator)
+    for ids, attention in [(padded, mask), (single, torch.ones_like(single))]:
+        with torch.no_grad():
+            expected = model(input_ids=ids, attention_mask=attention).logits.numpy()
+        (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": attention.numpy()})
+        valid = attention.numpy().astype(bool)  # padded positions' logits are not defined
+        assert np.abs(got[valid] - expected[valid]).max() < 1e-4 * np.abs(expected[valid]).max()
