@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .models.base import ExpertLayout
+from .models.base import ExpertLayout, dispatch_to_index
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,7 @@ class GroupedLowRankExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.one_hot_dispatch:
-            dispatch = top_k_index.reshape(top_k_index.shape[0], -1)
-            routed = dispatch.sum(dim=-1, keepdim=True) > 0
-            top_k_index = torch.where(routed, dispatch.argmax(dim=-1, keepdim=True), -1)
+            top_k_index = dispatch_to_index(top_k_index)
             top_k_weights = top_k_weights.reshape(-1, 1)
         weights, routed_mask = self.group_weights(top_k_index, top_k_weights)
         output = torch.zeros_like(hidden_states)

@@ -15,6 +15,16 @@ from torch import nn
 ExpertWeights = dict[str, torch.Tensor]
 
 
+def dispatch_to_index(dispatch: torch.Tensor) -> torch.Tensor:
+    """A one-hot dispatch mask [..., E] (Switch Transformers) -> the assigned expert [T, 1], -1 where none.
+
+    The router zeroes the mask of tokens over an expert's capacity: those get no expert.
+    """
+    dispatch = dispatch.reshape(-1, dispatch.shape[-1])
+    assigned = dispatch.argmax(dim=-1, keepdim=True)
+    return torch.where(dispatch.sum(dim=-1, keepdim=True) > 0, assigned, -1)
+
+
 @dataclass(frozen=True)
 class ExpertLayout:
     """The shape of one expert's feed-forward network.

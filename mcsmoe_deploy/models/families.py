@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ExpertLayout, ExpertWeights, FamilyAdapter
+from .base import ExpertLayout, ExpertWeights, FamilyAdapter, dispatch_to_index
 
 
 class StackedExpertsAdapter(FamilyAdapter):
@@ -119,11 +119,7 @@ class SwitchTransformersAdapter(FamilyAdapter):
 
     def routing_from_router_output(self, output) -> tuple[torch.Tensor, torch.Tensor]:
         dispatch, _, logits = output
-        dispatch = dispatch.reshape(-1, dispatch.shape[-1])
-        assigned = dispatch.argmax(dim=-1, keepdim=True)
-        # tokens over an expert's capacity were dropped by the router: no expert
-        assigned = torch.where(dispatch.sum(dim=-1, keepdim=True) > 0, assigned, -1)
-        return logits.reshape(-1, logits.shape[-1]), assigned
+        return logits.reshape(-1, logits.shape[-1]), dispatch_to_index(dispatch)
 
     def read_experts(self, block: nn.Module) -> list[ExpertWeights]:
         experts = block.experts
