@@ -14,7 +14,15 @@ from .compress import __all__ as _compress_all
 from .corpus import builtin_corpus, calibration_text, read_text, token_blocks
 from .errors import UserError
 from .evaluate import perplexity
-from .exporters import ExportReport, MoEOpSpec, export_compressed, export_model, grouped_moe_function
+from .exporters import (
+    ExportReport,
+    MoEOpSpec,
+    export_compressed,
+    export_compressed_with_past,
+    export_model,
+    greedy_generate_onnx,
+    grouped_moe_function,
+)
 from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec
 from .models import ExpertLayout, FamilyAdapter, MoELayer, SUPPORTED_FAMILIES, adapter_for_config, load_model
 from .report import SizeReport, size_report
@@ -38,7 +46,9 @@ __all__ = [
     "builtin_corpus",
     "calibration_text",
     "export_compressed",
+    "export_compressed_with_past",
     "export_model",
+    "greedy_generate_onnx",
     "grouped_moe_function",
     "is_compressed_checkpoint",
     "load_compressed",

@@ -295,31 +295,44 @@ def export_compressed(
     `ai.mcsmoe::GroupedLowRankMoE` node; returns the saved ModelProto (checked with
     onnx.checker full_check).
     """
-    if adapter.encoder_decoder or adapter.family not in _SUPPORTED:
-        raise NotImplementedError(f"ONNX export of family {adapter.family!r} is not implemented yet")
-    if opset < 18:
-        raise ValueError("opset must be >= 18 (the op's function body needs it)")
-    if not register_op_schema():
-        raise RuntimeError("this onnx cannot register op schemas from Python; upgrade onnx")
-    out_path = Path(out_path)
-    was_training = model.training
-    model.eval()
+    check_exportable(adapter, opset)
     wrapper = _LogitsWrapper(model).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 8), dtype=torch.long)
     mask = torch.ones_like(ids)
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=2, max=max(16, getattr(model.config, "max_position_embeddings", 4096)))
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    return export_with_custom_moe(
+        model, adapter, wrapper, (ids, mask), ["input_ids", "attention_mask"], ["logits"], dynamic, out_path, opset
+    )
+
+
+def check_exportable(adapter: FamilyAdapter, opset: int) -> None:
+    if adapter.encoder_decoder or adapter.family not in _SUPPORTED:
+        raise NotImplementedError(f"ONNX export of family {adapter.family!r} is not implemented yet")
+    if opset < 18:
+        raise ValueError("opset must be >= 18 (the op's function body needs it)")
+    if not register_op_schema():
+        raise RuntimeError("this onnx cannot register op schemas from Python; upgrade onnx")
+
+
+def export_with_custom_moe(
+    model, adapter, wrapper, args, input_names, output_names, dynamic_shapes, out_path, opset
+) -> onnx.ModelProto:
+    """torch.onnx.export `wrapper(*args)` with MoE blocks as custom nodes; finish, check, save."""
+    out_path = Path(out_path)
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad(), moe_blocks_as_custom_op(model, adapter) as specs:
             program = torch.onnx.export(
                 wrapper,
-                (ids, mask),
+                tuple(args),
                 dynamo=True,
                 opset_version=opset,
-                input_names=["input_ids", "attention_mask"],
-                output_names=["logits"],
-                dynamic_shapes=dynamic,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_shapes=dynamic_shapes,
                 custom_translation_table={torch.ops.mcsmoe.grouped_low_rank_moe.default: _translate},
                 optimize=True,
                 verbose=False,

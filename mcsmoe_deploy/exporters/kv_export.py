@@ -1,0 +1,148 @@
+"""Export a compressed decoder-only model to one ONNX graph with KV-cache inputs and outputs.
+
+The same graph serves prefill (past length P = 0) and decode (P > 0): inputs
+`input_ids` [B, S], `attention_mask` [B, P+S], `position_ids` [B, S] (int64) and per layer
+`past_key_values.{i}.key` / `.value` [B, kv_heads, P, head_dim]; outputs `logits` [B, S, V]
+and `present.{i}.key` / `.value` [B, kv_heads, P+S, head_dim]. Inside the traced forward a
+transformers DynamicCache is built from the explicit past tensors (`cache.update` appends
+them to empty layers), so attention is the real transformers code; every MoE block is one
+`ai.mcsmoe::GroupedLowRankMoE` node as in `export_compressed`.
+
+P = 0: the past dimension is exported as a dynamic Dim with min=0 from a P = 5 example, so the
+graph has no specialisation on P; onnxruntime concatenates the empty past with the new keys.
+A prefill therefore feeds zero-length pasts (see `empty_past`); no separate prefill graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from ..models.base import FamilyAdapter
+from .torch_export import check_exportable, export_with_custom_moe
+
+
+def kv_geometry(config) -> tuple[int, int, int]:
+    """(num_layers, kv_heads, head_dim) of a decoder-only config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+class _PastWrapper(torch.nn.Module):
+    """(ids, mask, positions, [k0, v0, k1, v1, ...]) -> (logits, k0', v0', ...)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(len(past) // 2):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        presents = []
+        for layer in out.past_key_values.layers:
+            presents += [layer.keys, layer.values]
+        return (out.logits, *presents)
+
+
+def export_compressed_with_past(
+    model: torch.nn.Module, adapter: FamilyAdapter, out_path: str | Path, opset: int = 18
+) -> onnx.ModelProto:
+    """Export a compressed decoder-only model to one prefill + decode graph with KV cache.
+
+    See the module docstring for the inputs and outputs; batch, sequence and past length
+    (including 0) are dynamic. Returns the saved ModelProto (checked with full_check).
+    """
+    check_exportable(adapter, opset)
+    num_layers, kv_heads, head_dim = kv_geometry(model.config)
+    batch_size, past_len, seq_len = 2, 5, 3
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), dtype=torch.long)
+    mask = torch.ones(batch_size, past_len + seq_len, dtype=torch.long)
+    positions = torch.arange(past_len, past_len + seq_len, dtype=torch.long)[None].expand(batch_size, -1).clone()
+    dtype = next(model.parameters()).dtype
+    past = [torch.randn(batch_size, kv_heads, past_len, head_dim, dtype=dtype) for _ in range(2 * num_layers)]
+    limit = max(16, getattr(model.config, "max_position_embeddings", 4096))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=1, max=limit)
+    past_dim = torch.export.Dim("past", min=0, max=limit)
+    total = torch.export.Dim("total", min=1, max=2 * limit)
+    dynamic = (
+        {0: batch, 1: seq},
+        {0: batch, 1: total},
+        {0: batch, 1: seq},
+        [{0: batch, 2: past_dim} for _ in past],
+    )
+    return export_with_custom_moe(
+        model,
+        adapter,
+        _PastWrapper(model).eval(),
+        (ids, mask, positions, past),
+        ["input_ids", "attention_mask", "position_ids", *past_names(num_layers)],
+        ["logits", *present_names(num_layers)],
+        dynamic,
+        out_path,
+        opset,
+    )
+
+
+def empty_past(num_layers: int, kv_heads: int, head_dim: int, batch: int = 1, dtype=np.float32) -> dict:
+    """Zero-length past feeds for a prefill."""
+    empty = np.zeros((batch, kv_heads, 0, head_dim), dtype=dtype)
+    return {name: empty for name in past_names(num_layers)}
+
+
+def greedy_generate_onnx(session, input_ids, max_new_tokens: int, num_layers: int, kv_heads: int, head_dim: int) -> list[int]:
+    """Greedy decoding (batch 1) with a graph from `export_compressed_with_past`; the new token ids.
+
+    Prefills the prompt with zero-length pasts, then feeds one token at a time with the
+    previous step's presents as pasts.
+    """
+    ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+    prompt = ids.shape[1]
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones((1, prompt), dtype=np.int64),
+        "position_ids": np.arange(prompt, dtype=np.int64)[None],
+        **empty_past(num_layers, kv_heads, head_dim),
+    }
+    outputs = ["logits", *present_names(num_layers)]
+    tokens: list[int] = []
+    for step in range(max_new_tokens):
+        logits, *presents = session.run(outputs, feeds)
+        token = int(logits[0, -1].argmax())
+        tokens.append(token)
+        if step + 1 == max_new_tokens:
+            break
+        length = prompt + step + 1  # tokens in the cache after this step's token is fed
+        feeds = {
+            "input_ids": np.array([[token]], dtype=np.int64),
+            "attention_mask": np.ones((1, length), dtype=np.int64),
+            "position_ids": np.array([[length - 1]], dtype=np.int64),
+            **dict(zip(past_names(num_layers), presents)),
+        }
+    return tokens
+
+
+__all__ = ["export_compressed_with_past", "greedy_generate_onnx", "kv_geometry", "empty_past"]
