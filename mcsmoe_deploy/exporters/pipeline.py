@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from ..checkpoint import is_compressed_checkpoint, load_compressed
+from ..checkpoint import is_compressed_checkpoint, load_compressed, prepare_output_dir
 from ..errors import UserError
 from ..models import adapter_for_config, check_weights, read_config_dict
 from .torch_export import export_compressed
@@ -14,17 +14,12 @@ from .validate import ExportReport, compare_logits, describe
 
 
 def check_output_file(out_path: str | Path, force: bool) -> Path:
-    """UserError unless `out_path` may be written: parent folder exists and is writable, no file unless `force`."""
-    out_path = Path(out_path)
-    if out_path.exists() and not force:
-        raise UserError(f"output {out_path} already exists (use --force to replace it)")
+    """UserError unless `out_path` may be written: the shared output rules, plus a writable parent, not a folder."""
+    out_path = prepare_output_dir(out_path, force)
     if out_path.is_dir():
         raise UserError(f"output {out_path} is a directory; give a file name such as model.onnx")
-    parent = out_path.parent
-    if not parent.is_dir():
-        raise UserError(f"parent folder of the output does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write to {parent}")
+    if not os.access(out_path.parent, os.W_OK):
+        raise UserError(f"cannot write to {out_path.parent}")
     return out_path
 
 
