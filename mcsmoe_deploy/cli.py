@@ -91,15 +91,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import logging
     import warnings
 
     from .exporters.pipeline import export_model
     from .summary import format_export
 
-    # torch.onnx explains its dynamic-shape renaming in UserWarnings that say nothing to a user
+    # torch.onnx explains its dynamic-shape renaming in UserWarnings, and lists the torchvision
+    # ops it skips, in terms that say nothing to a user of this command
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
-    report = export_model(args.model_dir, args.out, with_past=not args.no_past, validate=not args.no_validate,
-                          force=args.force)
+    warnings.filterwarnings("ignore", message=r".*treespec", category=FutureWarning)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    report = export_model(
+        args.model_dir, args.out, with_past=not args.no_past, target=args.target, validate=not args.no_validate,
+        inline=args.inline, external_data=True if args.external_data else None, force=args.force,
+    )
     print(format_export(report))
     return 0
 
@@ -107,16 +113,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _add_export_parser(sub) -> None:
     export = sub.add_parser(
         "export",
-        help="export a compressed checkpoint to ONNX (also: mcsmoe-export)",
-        description="Export a compressed checkpoint to ONNX: each MoE block becomes one "
-                    "ai.mcsmoe::GroupedLowRankMoE node whose semantics ship in the file as an ONNX function "
-                    "(docs/ops.md), so onnxruntime runs it as it is. The file is checked with onnx.checker and "
-                    "its logits compared with the torch reference in onnxruntime. In progress: today only "
-                    "compressed decoder-only checkpoints and --no-past logits graphs.",
+        help="export a dense or compressed MoE checkpoint to ONNX (also: mcsmoe-export)",
+        description="Export a Hugging Face MoE checkpoint, dense or compressed by `mcsmoe compress`, to ONNX. "
+                    "Each MoE block becomes one ai.mcsmoe::GroupedLowRankMoE node whose semantics ship in the "
+                    "file as an ONNX function (docs/ops.md), so onnxruntime runs it as it is; everything else is "
+                    "traced from the transformers model. By default one graph serves prefill and decode "
+                    "(inputs input_ids, attention_mask, position_ids, past_key_values.N.key/value; outputs "
+                    "logits, present.N.key/value). The file passes onnx.checker's full check and its logits are "
+                    "compared with the torch reference in onnxruntime. Families: mixtral, qwen2_moe, qwen3_moe, "
+                    "olmoe.",
     )
-    export.add_argument("model_dir", help="compressed checkpoint directory (from mcsmoe compress)")
+    export.add_argument("model_dir", help="checkpoint directory (a Hugging Face MoE model, or from mcsmoe compress)")
     export.add_argument("out", help="ONNX file to write, e.g. model.onnx")
     export.add_argument("--no-past", action="store_true", help="a plain logits graph without KV cache")
+    export.add_argument("--target", choices=("mcsmoe", "ort-fused"), default="mcsmoe",
+                        help="mcsmoe: the GroupedLowRankMoE op (default); ort-fused: dense SwiGLU experts as "
+                             "onnxruntime's com.microsoft.MoE, a baseline for comparison (dense checkpoints only)")
+    export.add_argument("--inline", action="store_true",
+                        help="also write OUT.inlined.onnx with every function inlined (standard ops only), "
+                             "for runtimes that reject custom domains")
+    export.add_argument("--external-data", action="store_true",
+                        help="store the weights in OUT.onnx.data (automatic beyond about 1.8 GB)")
     export.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
     export.add_argument("--force", action="store_true", help="replace the output if it exists")
     export.set_defaults(run=_cmd_export)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .models.base import ExpertLayout, dispatch_to_index
+from .models.base import ExpertLayout, ExpertWeights, dispatch_to_index
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,19 @@ class GroupedLowRankExperts(nn.Module):
             {name: GroupedProjection(self.num_groups, projections[name], dtype) for name in layout.projections}
         )
         self.act_fn = ACT2FN[layout.activation]
+
+    @classmethod
+    def from_dense(
+        cls, layout: ExpertLayout, experts: list[ExpertWeights], one_hot_dispatch: bool = False, dtype=torch.float32
+    ) -> GroupedLowRankExperts:
+        """E unmerged experts as G = E dense groups with identity grouping: the same function, stored our way."""
+        specs = {name: ProjectionSpec(*layout.projection_shape(name)) for name in layout.projections}
+        module = cls(layout, list(range(len(experts))), specs, one_hot_dispatch, dtype)
+        with torch.no_grad():
+            for name in layout.projections:
+                for group, expert in enumerate(experts):
+                    module.projections[name].weight[group] = expert[name]
+        return module
 
     def expert_forward(self, x: torch.Tensor, group: int) -> torch.Tensor:
         """Merged expert `group` on x [n, H] -> [n, H]."""

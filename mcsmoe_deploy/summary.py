@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .compress.pipeline import CompressionResult
 from .demo import DemoResult
 from .exporters.validate import ExportReport
@@ -82,13 +84,18 @@ def format_demo(result: DemoResult) -> str:
 
 def format_export(report: ExportReport) -> str:
     """What was written and how closely onnxruntime follows torch."""
+    kind = "KV-cache graph (prefill + decode)" if report.with_past else "logits graph (no KV cache)"
+    source = "compressed" if report.compressed else "dense"
+    custom = ", ".join(f"{op} x{count}" for op, count in report.custom_nodes.items()) or "none"
     lines = [
-        f"wrote {report.path} ({human_bytes(report.file_bytes)})",
-        f"nodes: {report.nodes}   GroupedLowRankMoE nodes: {report.custom_nodes}   functions: {report.functions}",
+        f"wrote {report.path} ({human_bytes(report.file_bytes)}): {kind} of a {source} model, target {report.target}",
+        f"nodes: {report.nodes}   custom nodes: {custom}   functions: {report.functions}",
     ]
-    if report.max_abs_error is not None:
-        shapes = ", ".join(f"{b}x{s}" for b, s in report.shapes_checked)
-        lines.append(f"onnxruntime vs torch on {shapes}: max abs error {report.max_abs_error:.2e}, "
-                     f"relative {report.max_rel_error:.2e}")
-    lines.append(f"time: {report.seconds:.1f} s")
+    if report.inlined_path:
+        lines.append(f"wrote {report.inlined_path}: the same graph with functions inlined (standard ops)")
+    for check in report.parity:
+        runs = ", ".join(f"{b}x{s}" for b, s in check.shapes) + (" + 1 decode step each" if check.with_past else "")
+        lines.append(f"onnxruntime vs torch, {Path(check.path).name} on {runs}: "
+                     f"max abs error {check.max_abs_error:.2e}, relative {check.max_rel_error:.2e}")
+    lines.append(f"time: {report.seconds:.1f} s   peak RSS: {human_bytes(report.peak_rss_bytes)}")
     return "\n".join(lines)

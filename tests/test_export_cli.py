@@ -2,6 +2,9 @@
 
 import re
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from mcsmoe_deploy import CompressionRecipe, compress_model
@@ -16,28 +19,69 @@ def compressed_dir(tiny_dirs, tmp_path_factory):
     return out
 
 
-def test_export_writes_a_validated_graph(compressed_dir, tmp_path, capsys):
+def _relative_errors(printed: str) -> list[float]:
+    return [float(x) for x in re.findall(r"relative ([0-9.e+-]+)", printed)]
+
+
+@pytest.mark.parametrize("extra", [["--no-past"], []], ids=["no-past", "with-past"])
+def test_export_writes_a_validated_graph(extra, compressed_dir, tmp_path, capsys):
     out = tmp_path / "model.onnx"
-    assert main_export([str(compressed_dir), str(out), "--no-past"]) == 0
+    assert main_export([str(compressed_dir), str(out), *extra]) == 0
     printed = capsys.readouterr().out
-    assert out.is_file() and not list(tmp_path.glob("*.tmp*"))
-    assert "GroupedLowRankMoE nodes: 2" in printed
-    relative = float(re.search(r"relative ([0-9.e+-]+)", printed).group(1))
-    assert relative < 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no staging leftovers
+    assert "ai.mcsmoe::GroupedLowRankMoE x2" in printed
+    assert ("KV-cache graph" in printed) == (not extra)
+    errors = _relative_errors(printed)
+    assert len(errors) == 1 and errors[0] < 1e-4
+    inputs = [i.name for i in onnx.load(out, load_external_data=False).graph.input]
+    assert inputs[:2] == ["input_ids", "attention_mask"] and ("past_key_values.0.key" in inputs) == (not extra)
+
+
+def test_dense_export_with_inlined_copy_and_external_data(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "dense.onnx"
+    assert main(["export", str(tiny_dirs["mixtral"]), str(out), "--inline", "--external-data"]) == 0
+    printed = capsys.readouterr().out
+    inlined = tmp_path / "dense.inlined.onnx"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.inlined.onnx", "dense.onnx", "dense.onnx.data"]
+    # the weights live once, in the data file both graphs refer to: no tensor over 1 KiB stays inline
+    for path in (out, inlined):
+        stored = onnx.load(path, load_external_data=False).graph.initializer
+        assert max(len(t.raw_data) for t in stored) <= 1024
+        assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in stored) >= 6  # gate/up/down x 2 layers
+    expert_bytes = 2 * 8 * 3 * 32 * 48 * 4  # layers x experts x projections x H x I x fp32
+    assert (tmp_path / "dense.onnx.data").stat().st_size > expert_bytes
+    errors = _relative_errors(printed)
+    assert len(errors) == 2 and max(errors) < 1e-4, printed  # the graph and its inlined copy
+    graph, flat = onnx.load(out), onnx.load(inlined)
+    assert sum(n.domain == "ai.mcsmoe" for n in graph.graph.node) == 2 and len(graph.functions) >= 1
+    assert not flat.functions and {n.domain for n in flat.graph.node} <= {"", "ai.onnx"}
+    assert {o.domain for o in flat.opset_import} <= {"", "ai.onnx"}
+    # the two files compute the same thing
+    feeds = {i.name: np.zeros([d.dim_value or 1 for d in i.type.tensor_type.shape.dim],
+                              dtype=np.int64 if i.type.tensor_type.elem_type == onnx.TensorProto.INT64 else np.float32)
+             for i in graph.graph.input}
+    for name in feeds:
+        if name.startswith("past_key_values"):
+            feeds[name] = feeds[name][:, :, :0]
+    feeds["input_ids"] = np.array([[5, 17, 99]], dtype=np.int64)
+    feeds["attention_mask"] = np.ones((1, 3), dtype=np.int64)
+    feeds["position_ids"] = np.arange(3, dtype=np.int64)[None]
+    run = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0] for p in (out, inlined)]
+    np.testing.assert_allclose(run[0], run[1], rtol=1e-5, atol=1e-5 * np.abs(run[0]).max())
 
 
 @pytest.mark.parametrize(
     "case, extra, message",
     [
-        ("with-past", [], "KV-cache"),
-        ("dense", ["--no-past"], "dense checkpoint"),
+        ("fused-compressed", ["--target", "ort-fused"], "is a compressed checkpoint"),
+        ("switch", [], "switch_transformers is not implemented yet"),
         ("exists", ["--no-past"], "already exists"),
         ("no-parent", ["--no-past"], "parent folder of the output does not exist"),
         ("missing", ["--no-past"], "model directory not found"),
     ],
 )
 def test_export_refuses_with_one_line(case, extra, message, compressed_dir, tiny_dirs, tmp_path, capsys):
-    model = {"dense": tiny_dirs["mixtral"], "missing": tmp_path / "nope"}.get(case, compressed_dir)
+    model = {"switch": tiny_dirs["switch_transformers"], "missing": tmp_path / "nope"}.get(case, compressed_dir)
     out = tmp_path / ("absent" if case == "no-parent" else "") / "model.onnx"
     if case == "exists":
         out.write_text("keep me")
@@ -58,7 +102,7 @@ def test_exported_graph_handles_left_padding_and_single_tokens(compressed_dir, t
     from mcsmoe_deploy import export_model, load_compressed
 
     out = tmp_path / "model.onnx"
-    export_model(compressed_dir, out, validate=False)
+    export_model(compressed_dir, out, with_past=False, validate=False)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     model = load_compressed(compressed_dir)
     generator = torch.Generator().manual_seed(3)

@@ -1,4 +1,8 @@
-"""export_compressed_with_past: one prefill + decode graph with KV cache; greedy generation in onnxruntime."""
+"""export_compressed_with_past: one prefill + decode graph with KV cache; greedy generation in onnxruntime.
+
+Every decoder-only family, compressed (reference: load_compressed) and dense (reference:
+transformers' own model; the exported copy goes through group_dense_experts).
+"""
 
 from __future__ import annotations
 
@@ -25,14 +29,22 @@ DECODER_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 RECIPE = dict(experts=3, rank_ratio=0.5, sparse_keep=0.1, max_calib_tokens=1024, calib_seq_len=32)
 
 
-@pytest.fixture(scope="module", params=DECODER_FAMILIES)
+@pytest.fixture(scope="module", params=[(f, k) for f in DECODER_FAMILIES for k in ("compressed", "dense")],
+                ids=lambda p: "-".join(p))
 def exported(request, tiny_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"kv_{request.param}")
-    m.compress_model(tiny_dirs[request.param], root / "c", m.CompressionRecipe(**RECIPE), progress=False)
-    model = m.load_compressed(root / "c")
+    family, kind = request.param
+    root = tmp_path_factory.mktemp(f"kv_{family}_{kind}")
+    if kind == "compressed":
+        m.compress_model(tiny_dirs[family], root / "c", m.CompressionRecipe(**RECIPE), progress=False)
+        model = m.load_compressed(root / "c")
+        exported_model = model
+    else:
+        model, adapter = m.load_model(tiny_dirs[family], device="cpu")
+        exported_model, _ = m.load_model(tiny_dirs[family], device="cpu")
+        assert m.group_dense_experts(exported_model, adapter) == 2
     adapter = adapter_for_config(model.config.to_dict())
     path = root / "kv.onnx"
-    export_compressed_with_past(model, adapter, path)
+    export_compressed_with_past(exported_model, adapter, path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return model, adapter, path, session
 
@@ -52,6 +64,7 @@ def test_graph_structure(exported):
     assert [o.name for o in saved.graph.output] == ["logits", *present_names(num_layers)]
     nodes = [n for n in saved.graph.node if (n.domain, n.op_type) == (DOMAIN, OP_TYPE)]
     assert len(nodes) == len(adapter.moe_layers(model))
+    assert {n.overload for n in nodes} <= {f.overload for f in saved.functions if f.domain == DOMAIN}
     past = saved.graph.input[3].type.tensor_type.shape.dim
     assert past[1].dim_value == kv_heads and past[3].dim_value == head_dim and past[2].dim_param
 

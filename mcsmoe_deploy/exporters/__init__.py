@@ -4,6 +4,8 @@ moe_op: the custom op `ai.mcsmoe::GroupedLowRankMoE` (one node per MoE block) an
 its semantics as a model-local ONNX function made of standard ops (see docs/ops.md).
 torch_export: a compressed decoder-only model -> one logits graph (torch.onnx, dynamo).
 kv_export: the same with past_key_values in and present out (prefill and decode in one graph).
+dense: dense checkpoints through the same op (G = E, identity grouping).
+onnx_file: checked, atomic saving with external data; the functions-inlined copy.
 validate, pipeline: `mcsmoe export`: write, check against the torch reference, describe.
 """
 
@@ -17,14 +19,23 @@ from .moe_op import (
     register_op_schema,
     standalone_model,
 )
+from .dense import group_dense_experts
 from .kv_export import export_compressed_with_past, greedy_generate_onnx
-from .pipeline import export_model
+from .onnx_file import save_checked, write_inlined_copy
+from .pipeline import TARGETS, export_model
 from .torch_export import export_compressed
-from .validate import ExportReport, compare_logits
+from .validate import ExportReport, ParityCheck, check_parity, compare_logits, compare_logits_with_past
 
 __all__ = [
     "DOMAIN",
     "ExportReport",
+    "ParityCheck",
+    "TARGETS",
+    "check_parity",
+    "compare_logits_with_past",
+    "group_dense_experts",
+    "save_checked",
+    "write_inlined_copy",
     "OP_TYPE",
     "OP_VERSION",
     "MoEOpSpec",

@@ -15,6 +15,7 @@ A prefill therefore feeds zero-length pasts (see `empty_past`); no separate pref
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import onnx
 import torch
 
 from ..models.base import FamilyAdapter
-from .torch_export import check_exportable, export_with_custom_moe
+from .torch_export import GraphPass, check_exportable, export_with_custom_moe
 
 
 def kv_geometry(config) -> tuple[int, int, int]:
@@ -68,12 +69,18 @@ class _PastWrapper(torch.nn.Module):
 
 
 def export_compressed_with_past(
-    model: torch.nn.Module, adapter: FamilyAdapter, out_path: str | Path, opset: int = 18
+    model: torch.nn.Module,
+    adapter: FamilyAdapter,
+    out_path: str | Path,
+    opset: int = 18,
+    passes: Sequence[GraphPass] = (),
+    external_data: bool | None = None,
 ) -> onnx.ModelProto:
     """Export a compressed decoder-only model to one prefill + decode graph with KV cache.
 
     See the module docstring for the inputs and outputs; batch, sequence and past length
-    (including 0) are dynamic. Returns the saved ModelProto (checked with full_check).
+    (including 0) are dynamic. `passes` and `external_data` as in `export_compressed`.
+    Returns the saved ModelProto (checked with full_check).
     """
     check_exportable(adapter, opset)
     num_layers, kv_heads, head_dim = kv_geometry(model.config)
@@ -104,6 +111,8 @@ def export_compressed_with_past(
         dynamic,
         out_path,
         opset,
+        passes,
+        external_data,
     )
 
 

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import resource
+import sys
 import time
 from pathlib import Path
 
 from ..checkpoint import is_compressed_checkpoint, load_compressed, prepare_output_dir
 from ..errors import UserError
-from ..models import adapter_for_config, check_weights, read_config_dict
+from ..models import adapter_for_config, check_weights, load_model, read_config_dict
+from .dense import group_dense_experts
+from .kv_export import export_compressed_with_past
+from .onnx_file import external_data_path, inlined_path, write_inlined_copy
 from .torch_export import export_compressed
-from .validate import ExportReport, compare_logits, describe
+from .validate import ExportReport, check_parity, describe
+
+TARGETS = ("mcsmoe", "ort-fused")
 
 
 def check_output_file(out_path: str | Path, force: bool) -> Path:
@@ -23,40 +31,84 @@ def check_output_file(out_path: str | Path, force: bool) -> Path:
     return out_path
 
 
+def _load_reference(model_dir: str | Path, compressed: bool):
+    # the torch model users know: transformers' own for dense, load_compressed for compressed
+    return load_compressed(model_dir) if compressed else load_model(model_dir, device="cpu")[0]
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
 def export_model(
     model_dir: str | Path,
     out_path: str | Path,
-    with_past: bool = False,
+    with_past: bool = True,
+    target: str = "mcsmoe",
     validate: bool = True,
+    inline: bool = False,
+    external_data: bool | None = None,
     force: bool = False,
 ) -> ExportReport:
-    """Export a compressed checkpoint directory to ONNX, validate it, and describe what was written.
+    """Export a dense or compressed checkpoint directory to ONNX, validate it, and describe what was written.
 
-    Today: compressed decoder-only checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe) to
-    a logits graph without KV cache. Dense checkpoints, KV-cache graphs and Switch
-    Transformers are refused with a clear message.
+    with_past: one graph for prefill and decode with `past_key_values.N.*` inputs and
+        `present.N.*` outputs (see kv_export); False writes a plain logits graph.
+    target: "mcsmoe" (every MoE block one ai.mcsmoe::GroupedLowRankMoE node), or
+        "ort-fused" (dense SwiGLU checkpoints only: onnxruntime's com.microsoft.MoE).
+    validate: compare onnxruntime with the torch reference (transformers' model for a
+        dense checkpoint, `load_compressed` for a compressed one) on random tokens.
+    inline: also write `inlined_path(out_path)`, every function inlined (standard ops).
+    external_data: weights in `OUT.onnx.data`: True, False, or None for "when over ~1.8 GB".
+    Decoder-only families (mixtral, qwen2_moe, qwen3_moe, olmoe).
     """
     start = time.perf_counter()
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
     config = read_config_dict(model_dir)
     adapter = adapter_for_config(config)
     check_weights(model_dir)
-    if with_past:
-        raise UserError("KV-cache (prefill + decode) graphs are not implemented yet; pass --no-past for a logits graph")
     if adapter.encoder_decoder:
         raise UserError(f"ONNX export of {adapter.family} is not implemented yet")
-    if not is_compressed_checkpoint(model_dir):
-        raise UserError(
-            f"{model_dir} is a dense checkpoint; exporting dense models is not implemented yet "
-            "(compress it first: `mcsmoe compress --rank-ratio 1` merges without low-rank compression)"
-        )
+    compressed = is_compressed_checkpoint(model_dir)
+    if target == "ort-fused" and compressed:
+        raise UserError("--target ort-fused maps dense experts to com.microsoft.MoE; "
+                        f"{model_dir} is a compressed checkpoint (export it with the default target)")
     out_path = check_output_file(out_path, force)
-    model = load_compressed(model_dir)
-    model_proto = export_compressed(model, adapter, out_path)
+    if inline:
+        check_output_file(inlined_path(out_path), force)
+
+    passes = []
+    if target == "ort-fused":
+        from .ort_fused import fuse_moe_for_ort
+
+        passes.append(fuse_moe_for_ort)
+    model = _load_reference(model_dir, compressed)
+    layout = adapter.expert_layout(model.config)
+    if target == "ort-fused" and not (layout.gated and layout.activation in ("silu", "swish")):
+        raise UserError(f"--target ort-fused needs SwiGLU experts; {adapter.family} experts are "
+                        f"{'gated' if layout.gated else 'plain'} {layout.activation}")
+    if not compressed:
+        group_dense_experts(model, adapter)
+    exporter = export_compressed_with_past if with_past else export_compressed
+    model_proto = exporter(model, adapter, out_path, passes=passes, external_data=external_data)
     report = describe(model_proto, out_path)
+    report.target, report.with_past, report.compressed = target, with_past, compressed
+    del model_proto
+    files = [out_path]
+    if inline:
+        files.append(write_inlined_copy(out_path))
+        report.inlined_path = str(files[-1])
     if validate:
-        report.shapes_checked = [(1, 5), (2, 9)]
-        report.max_abs_error, report.max_rel_error = compare_logits(
-            out_path, model, model.config.vocab_size, tuple(report.shapes_checked)
-        )
+        if not compressed:  # validate against transformers' own model, not our regrouping of it
+            del model
+            gc.collect()
+            model = _load_reference(model_dir, compressed)
+        report.parity = [check_parity(path, model, with_past) for path in files]
     report.seconds = time.perf_counter() - start
+    report.peak_rss_bytes = _peak_rss_bytes()
     return report
+
+
+__all__ = ["TARGETS", "check_output_file", "export_model", "external_data_path", "inlined_path"]

@@ -17,10 +17,9 @@ turned into the node's `overload` after export.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import threading
 import types
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import onnx
@@ -30,11 +29,15 @@ from onnx import helper
 
 from ..grouped_experts import GroupedLowRankExperts
 from ..models.base import FamilyAdapter
+from .onnx_file import save_checked
 from .moe_op import ACTIVATIONS, DOMAIN, OP_TYPE, OP_VERSION, MoEOpSpec, grouped_moe_function, register_op_schema
 
 TORCH_OP = "mcsmoe::grouped_low_rank_moe"
 _KEY_SEP = "@"  # activation attribute "silu@<spec key>" between translation and _finish
 _SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+# a rewrite of a finished graph, applied before it is checked and saved
+GraphPass = Callable[[onnx.ModelProto], onnx.ModelProto]
 
 _registry_lock = threading.Lock()
 _SPECS: list[MoEOpSpec] = []
@@ -180,6 +183,10 @@ def _projection_tensors(experts: GroupedLowRankExperts, spec: MoEOpSpec) -> list
     return tensors
 
 
+# builds the forward an MoE block runs during export: (adapter, spec key) -> forward(self, hidden_states)
+ForwardFactory = Callable[[FamilyAdapter, int], Callable[..., torch.Tensor]]
+
+
 def _patched_forward(adapter: FamilyAdapter, key: int):
     spec = spec_for_key(key)
 
@@ -198,8 +205,14 @@ def _patched_forward(adapter: FamilyAdapter, key: int):
 
 
 @contextlib.contextmanager
-def moe_blocks_as_custom_op(model: torch.nn.Module, adapter: FamilyAdapter):
-    """Within the block, every MoE block calls the custom op; yields {layer name: MoEOpSpec}."""
+def moe_blocks_as_custom_op(
+    model: torch.nn.Module, adapter: FamilyAdapter, make_forward: ForwardFactory = _patched_forward
+):
+    """Within the block, every MoE block calls the custom op; yields {layer name: MoEOpSpec}.
+
+    `make_forward` builds each block's forward (default: flat tokens, router logits, the op;
+    Switch Transformers passes its own to add expert capacity, see switch_export).
+    """
     routing = routing_for(adapter, model.config)
     top_k = adapter.top_k(model.config)
     patched, specs = [], {}
@@ -212,7 +225,7 @@ def moe_blocks_as_custom_op(model: torch.nn.Module, adapter: FamilyAdapter):
             specs[layer.name] = spec
             had_own = "forward" in vars(layer.block)
             old = vars(layer.block).get("forward")
-            layer.block.forward = types.MethodType(_patched_forward(adapter, spec_key(spec)), layer.block)
+            layer.block.forward = types.MethodType(make_forward(adapter, spec_key(spec)), layer.block)
             patched.append((layer.block, had_own, old))
         yield specs
     finally:
@@ -266,34 +279,21 @@ def _finish(model_proto: onnx.ModelProto, specs: list[MoEOpSpec]) -> onnx.ModelP
     return model_proto
 
 
-def _save_atomic(model_proto: onnx.ModelProto, out_path: Path) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    large = model_proto.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
-        if large:
-            onnx.save_model(
-                model_proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                location=out_path.name + ".data", size_threshold=1024,
-            )
-        else:
-            onnx.save_model(model_proto, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def export_compressed(
-    model: torch.nn.Module, adapter: FamilyAdapter, out_path: str | Path, opset: int = 18
+    model: torch.nn.Module,
+    adapter: FamilyAdapter,
+    out_path: str | Path,
+    opset: int = 18,
+    passes: Sequence[GraphPass] = (),
+    external_data: bool | None = None,
 ) -> onnx.ModelProto:
     """Export a compressed decoder-only model (from `load_compressed`) to a logits graph.
 
     Inputs `input_ids`, `attention_mask` [B, S] int64, output `logits` [B, S, V], batch and
     sequence dynamic, no KV cache. Every MoE block's experts become one
-    `ai.mcsmoe::GroupedLowRankMoE` node; returns the saved ModelProto (checked with
-    onnx.checker full_check).
+    `ai.mcsmoe::GroupedLowRankMoE` node. `passes` rewrite the finished graph before it
+    is saved (e.g. `fuse_moe_for_ort`); `external_data` as in `save_checked`. Returns the
+    saved ModelProto (checked with onnx.checker full_check).
     """
     check_exportable(adapter, opset)
     wrapper = _LogitsWrapper(model).eval()
@@ -303,7 +303,8 @@ def export_compressed(
     seq = torch.export.Dim("seq", min=2, max=max(16, getattr(model.config, "max_position_embeddings", 4096)))
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
     return export_with_custom_moe(
-        model, adapter, wrapper, (ids, mask), ["input_ids", "attention_mask"], ["logits"], dynamic, out_path, opset
+        model, adapter, wrapper, (ids, mask), ["input_ids", "attention_mask"], ["logits"], dynamic, out_path, opset,
+        passes, external_data,
     )
 
 
@@ -317,14 +318,16 @@ def check_exportable(adapter: FamilyAdapter, opset: int) -> None:
 
 
 def export_with_custom_moe(
-    model, adapter, wrapper, args, input_names, output_names, dynamic_shapes, out_path, opset
+    model, adapter, wrapper, args, input_names, output_names, dynamic_shapes, out_path, opset,
+    passes: Sequence[GraphPass] = (), external_data: bool | None = None,
+    make_forward: ForwardFactory = _patched_forward,
 ) -> onnx.ModelProto:
-    """torch.onnx.export `wrapper(*args)` with MoE blocks as custom nodes; finish, check, save."""
+    """torch.onnx.export `wrapper(*args)` with MoE blocks as custom nodes; finish, apply `passes`, check, save."""
     out_path = Path(out_path)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), moe_blocks_as_custom_op(model, adapter) as specs:
+        with torch.no_grad(), moe_blocks_as_custom_op(model, adapter, make_forward) as specs:
             program = torch.onnx.export(
                 wrapper,
                 tuple(args),
@@ -340,8 +343,10 @@ def export_with_custom_moe(
     finally:
         model.train(was_training)
     model_proto = _finish(program.model_proto, list(specs.values()))
-    onnx.checker.check_model(model_proto, full_check=True)
-    _save_atomic(model_proto, out_path)
+    del program  # its IR model holds a second copy of the weights
+    for graph_pass in passes:
+        model_proto = graph_pass(model_proto)
+    save_checked(model_proto, out_path, external_data)
     return model_proto
 
 

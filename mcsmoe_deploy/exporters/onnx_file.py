@@ -1,0 +1,109 @@
+"""Writing ONNX files: checked, with optional external data, never half-written; and the inlined copy.
+
+A model is saved into a staging folder beside the target, checked there with
+onnx.checker (full_check, by path so external data works past protobuf's 2 GB), and
+only then renamed into place: the data file first, the graph last. A failure leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx.inliner
+
+# protobuf cannot serialise a message of 2 GiB or more; leave room for the graph itself
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def external_data_path(out_path: str | Path) -> Path:
+    """Where the weights of `out_path` go when stored as external data: `OUT.onnx.data` beside it."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".data")
+
+
+def inlined_path(out_path: str | Path) -> Path:
+    """The name of the functions-inlined copy: `model.onnx` -> `model.inlined.onnx`."""
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.stem}.inlined{out_path.suffix or '.onnx'}")
+
+
+def save_checked(model_proto: onnx.ModelProto, out_path: str | Path, external_data: bool | None = None) -> Path:
+    """Save `model_proto` to `out_path` after onnx.checker full_check passes on the saved file.
+
+    external_data: True stores every tensor over 1 KiB in `OUT.onnx.data`; None does so
+    only when the model would not fit in one protobuf (about 1.8 GB). With external data
+    onnx moves the tensors out of `model_proto` while writing, so the caller's proto no
+    longer holds the weights afterwards (that is what keeps peak memory at one copy).
+    """
+    out_path = Path(out_path)
+    if external_data is None:
+        # summed per tensor: ByteSize() of the whole message overflows past 2 GB
+        external_data = sum(t.ByteSize() for t in model_proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".staging", dir=out_path.parent))
+    try:
+        staged = staging / out_path.name
+        if external_data:
+            onnx.save_model(
+                model_proto, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+                location=external_data_path(out_path).name, size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model_proto, staged)
+        onnx.checker.check_model(str(staged), full_check=True)
+        staged_data = external_data_path(staged)
+        if staged_data.exists():
+            os.replace(staged_data, external_data_path(out_path))
+        elif external_data_path(out_path).exists():
+            external_data_path(out_path).unlink()  # a stale data file from an earlier --force run
+        os.replace(staged, out_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_path
+
+
+def write_inlined_copy(path: str | Path, out_path: str | Path | None = None) -> Path:
+    """Write a copy of the model at `path` with every local function inlined (standard ops only).
+
+    For runtimes that reject custom domains. The copy refers to the same external data
+    file as the original when there is one (inlining moves no tensors), so the weights
+    are not duplicated on disk. Returns the copy's path (default: `inlined_path(path)`).
+    """
+    path = Path(path)
+    out_path = Path(out_path) if out_path is not None else inlined_path(path)
+    if external_data_path(path).exists() and out_path.parent != path.parent:
+        raise ValueError("an inlined copy of a model with external data must sit in the same folder")
+    model = onnx.load_model(path, load_external_data=False)
+    inlined = onnx.inliner.inline_local_functions(model)
+    # the custom domain's import is now unused; runtimes without the domain may reject it
+    used = {n.domain for n in inlined.graph.node}
+    keep = [o for o in inlined.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+    del inlined.opset_import[:]
+    inlined.opset_import.extend(keep)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".staging", dir=out_path.parent))
+    try:
+        staged = staging / out_path.name
+        onnx.save_model(inlined, staged)
+        if external_data_path(path).exists():
+            # the checker resolves external data relative to the model: check the staged
+            # copy beside the real data file
+            os.replace(staged, out_path)
+            try:
+                onnx.checker.check_model(str(out_path), full_check=True)
+            except Exception:
+                out_path.unlink()
+                raise
+        else:
+            onnx.checker.check_model(str(staged), full_check=True)
+            os.replace(staged, out_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_path
+
+
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "external_data_path", "inlined_path", "save_checked", "write_inlined_copy"]
