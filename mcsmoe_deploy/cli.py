@@ -105,6 +105,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     report = export_model(
         args.model_dir, args.out, with_past=not args.no_past, target=args.target, validate=not args.no_validate,
         inline=args.inline, external_data=True if args.external_data else None, force=args.force,
+        progress=not args.quiet,
     )
     print(format_export(report))
     return 0
@@ -136,6 +137,7 @@ def _add_export_parser(sub) -> None:
                         help="store the weights in OUT.onnx.data (automatic beyond about 1.8 GB)")
     export.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
     export.add_argument("--force", action="store_true", help="replace the output if it exists")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(run=_cmd_export)
 
 

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from ..checkpoint import is_compressed_checkpoint, load_compressed, prepare_output_dir
 from ..errors import UserError
 from ..models import adapter_for_config, check_weights, load_model, read_config_dict
@@ -41,6 +43,11 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
+def _next_stage(stages: tqdm, name: str) -> None:
+    stages.update(1)
+    stages.set_description(name)
+
+
 def export_model(
     model_dir: str | Path,
     out_path: str | Path,
@@ -50,6 +57,7 @@ def export_model(
     inline: bool = False,
     external_data: bool | None = None,
     force: bool = False,
+    progress: bool = False,
 ) -> ExportReport:
     """Export a dense or compressed checkpoint directory to ONNX, validate it, and describe what was written.
 
@@ -61,6 +69,7 @@ def export_model(
         dense checkpoint, `load_compressed` for a compressed one) on random tokens.
     inline: also write `inlined_path(out_path)`, every function inlined (standard ops).
     external_data: weights in `OUT.onnx.data`: True, False, or None for "when over ~1.8 GB".
+    progress: a bar over the stages (load, trace and save, inline, validate) on stderr.
     Decoder-only families (mixtral, qwen2_moe, qwen3_moe, olmoe).
     """
     start = time.perf_counter()
@@ -79,6 +88,8 @@ def export_model(
     if inline:
         check_output_file(inlined_path(out_path), force)
 
+    stages = tqdm(total=2 + inline + validate, desc="loading", unit="stage", disable=not progress,
+                  bar_format="{desc:<28} {n_fmt}/{total_fmt} stages [{elapsed}]")
     passes = []
     if target == "ort-fused":
         from .ort_fused import fuse_moe_for_ort
@@ -92,20 +103,25 @@ def export_model(
     if not compressed:
         group_dense_experts(model, adapter)
     exporter = export_compressed_with_past if with_past else export_compressed
+    _next_stage(stages, "tracing and saving")
     model_proto = exporter(model, adapter, out_path, passes=passes, external_data=external_data)
     report = describe(model_proto, out_path)
     report.target, report.with_past, report.compressed = target, with_past, compressed
     del model_proto
     files = [out_path]
     if inline:
+        _next_stage(stages, "writing the inlined copy")
         files.append(write_inlined_copy(out_path))
         report.inlined_path = str(files[-1])
     if validate:
+        _next_stage(stages, "validating in onnxruntime")
         if not compressed:  # validate against transformers' own model, not our regrouping of it
             del model
             gc.collect()
             model = _load_reference(model_dir, compressed)
         report.parity = [check_parity(path, model, with_past) for path in files]
+    _next_stage(stages, "done")
+    stages.close()
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = _peak_rss_bytes()
     return report
