@@ -4,7 +4,8 @@ The public API, stage by stage:
     models      load_model, adapter_for_config            (find routers and experts)
     compress    compress_model, CompressionRecipe, ...     (statistics -> plan -> merged, compressed experts)
     checkpoint  save_compressed, load_compressed           (the compressed checkpoint directory)
-    exporters   export_compressed, grouped_moe_function    (ONNX with one GroupedLowRankMoE node per block)
+    exporters   export_model, grouped_moe_function         (ONNX with one GroupedLowRankMoE node per block)
+    runtime     open_session, generate, generate_text      (serve a graph or checkpoint: ort, trt, torch)
     measure     perplexity, size_report
 """
 
@@ -30,12 +31,18 @@ from .exporters import (
 from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec
 from .models import ExpertLayout, FamilyAdapter, MoELayer, SUPPORTED_FAMILIES, adapter_for_config, load_model
 from .report import SizeReport, size_report
+from .runtime import DecoderSession, GenerationConfig, GenerationResult, generate, open_session
+from .runtime.text import TextGeneration, generate_text
 
 __version__ = "0.1.0"
 
 __all__ = [
     *_compress_all,
+    "DecoderSession",
     "ExpertLayout",
+    "GenerationConfig",
+    "GenerationResult",
+    "TextGeneration",
     "ExportReport",
     "MoEOpSpec",
     "FamilyAdapter",
@@ -54,12 +61,15 @@ __all__ = [
     "export_compressed",
     "export_compressed_with_past",
     "export_model",
+    "generate",
+    "generate_text",
     "greedy_generate_onnx",
     "group_dense_experts",
     "grouped_moe_function",
     "is_compressed_checkpoint",
     "load_compressed",
     "load_model",
+    "open_session",
     "perplexity",
     "read_text",
     "save_compressed",

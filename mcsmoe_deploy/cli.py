@@ -141,6 +141,48 @@ def _add_export_parser(sub) -> None:
     export.set_defaults(run=_cmd_export)
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runtime.generation import GenerationConfig
+    from .runtime.text import generate_text
+    from .summary import format_generation
+
+    try:
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  seed=args.seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    options = {"threads": args.threads}
+    if args.backend == "ort":
+        options["provider"] = args.provider
+    text = generate_text(args.model, args.prompt, args.backend, config, args.tokenizer, **options)
+    print(format_generation(text))
+    return 0
+
+
+def _add_run_parser(sub) -> None:
+    run = sub.add_parser(
+        "run",
+        help="generate text with an exported graph or a checkpoint",
+        description="Generate a continuation of each prompt. MODEL is an ONNX file from `mcsmoe export` (backends "
+                    "ort, trt) or a checkpoint directory, dense or compressed (backend torch). The tokenizer comes "
+                    "from the checkpoint the graph was exported from, or --tokenizer.",
+    )
+    run.add_argument("model", help="ONNX file (KV-cache graph) or checkpoint directory")
+    run.add_argument("--prompt", action="append", required=True,
+                     help="text to continue; repeat for a batch (left-padded)")
+    run.add_argument("--backend", choices=("ort", "trt", "torch"), default="ort",
+                     help="ort: onnxruntime (default); trt: TensorRT (unverified); torch: eager PyTorch")
+    run.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="default: 32")
+    run.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); > 0 samples")
+    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: 1)")
+    run.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    run.add_argument("--tokenizer", default=None, metavar="DIR", help="directory with the tokenizer files")
+    run.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="onnxruntime provider (default: CUDA when present, else CPU)")
+    run.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
+    run.set_defaults(run=_cmd_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcsmoe",
@@ -168,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.set_defaults(run=_cmd_compress)
 
     _add_export_parser(sub)
+    _add_run_parser(sub)
 
     demo = sub.add_parser(
         "demo",

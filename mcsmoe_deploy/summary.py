@@ -7,6 +7,7 @@ from pathlib import Path
 from .compress.pipeline import CompressionResult
 from .demo import DemoResult
 from .exporters.validate import ExportReport
+from .runtime.text import TextGeneration
 
 
 def human_bytes(size: float) -> str:
@@ -99,3 +100,16 @@ def format_export(report: ExportReport) -> str:
                      f"max abs error {check.max_abs_error:.2e}, relative {check.max_rel_error:.2e}")
     lines.append(f"time: {report.seconds:.1f} s   peak RSS: {human_bytes(report.peak_rss_bytes)}")
     return "\n".join(lines)
+
+
+def format_generation(text: TextGeneration) -> str:
+    """Each prompt with its continuation, then the timings."""
+    parts = []
+    for prompt, completion in zip(text.prompts, text.completions):
+        parts += [f"> {prompt}", f"{prompt}{completion}", ""]
+    result = text.result
+    steps = result.decode_seconds
+    per_token = f"{1000 * sum(steps) / len(steps):.2f} ms per decode step" if steps else "no decode steps"
+    where = ", ".join(f"{k}={v}" for k, v in text.session.items() if k != "path")
+    parts.append(f"{result.generated} tokens; prefill {1000 * result.prefill_seconds:.1f} ms, {per_token} ({where})")
+    return "\n".join(parts)

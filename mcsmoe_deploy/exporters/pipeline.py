@@ -43,6 +43,28 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
+def source_metadata(model_dir: str | Path, compressed: bool, target: str):
+    """A graph pass recording where the graph came from in `metadata_props` (`mcsmoe.*` keys).
+
+    `mcsmoe.source_model` (absolute path) is where `mcsmoe run` looks for the tokenizer.
+    """
+    from .. import __version__
+
+    props = {"mcsmoe.source_model": str(Path(model_dir).resolve()), "mcsmoe.compressed": str(int(compressed)),
+             "mcsmoe.target": target, "mcsmoe.version": __version__}
+
+    def add_metadata(model_proto):
+        kept = [p for p in model_proto.metadata_props if p.key not in props]
+        del model_proto.metadata_props[:]
+        model_proto.metadata_props.extend(kept)
+        for key, value in props.items():
+            entry = model_proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        return model_proto
+
+    return add_metadata
+
+
 def _next_stage(stages: tqdm, name: str) -> None:
     stages.update(1)
     stages.set_description(name)
@@ -90,7 +112,7 @@ def export_model(
 
     stages = tqdm(total=2 + inline + validate, desc="loading", unit="stage", disable=not progress,
                   bar_format="{desc:<28} {n_fmt}/{total_fmt} stages [{elapsed}]")
-    passes = []
+    passes = [source_metadata(model_dir, compressed, target)]
     if target == "ort-fused":
         from .ort_fused import fuse_moe_for_ort
 

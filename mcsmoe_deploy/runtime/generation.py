@@ -1,0 +1,117 @@
+"""Text generation over any DecoderSession: greedy or sampled, KV cache, stop tokens, padded batches.
+
+Prompts of different lengths are left-padded into one batch: padding has attention mask 0
+and position ids count only real tokens (the convention of transformers' `generate`), so a
+padded row produces the same tokens as that prompt alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .session import DecoderSession
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to pick tokens.
+
+    temperature 0 is greedy (argmax); otherwise logits / temperature, then nucleus
+    (top-p) sampling with numpy's generator seeded by `seed`. Generation of a row stops
+    at any of `stop_token_ids` (the stop token is kept) or after `max_new_tokens`.
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+@dataclass
+class GenerationResult:
+    """New tokens per prompt, and how long the steps took (seconds, wall clock)."""
+
+    tokens: list[list[int]]
+    prefill_seconds: float
+    decode_seconds: list[float] = field(default_factory=list)  # one per decode step (batch-wide)
+
+    @property
+    def generated(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, position_ids), each [B, L], for prompts left-padded to the longest, L."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    length = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), length), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), length), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt):] = prompt
+        mask[row, length - len(prompt):] = 1
+    positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
+    return ids, mask, positions
+
+
+def pick_tokens(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+    """Next token per row from last-position logits [B, V]."""
+    if config.temperature == 0:
+        return logits.argmax(axis=-1)
+    scaled = logits.astype(np.float64) / config.temperature
+    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    picks = np.empty(len(probs), dtype=np.int64)
+    for row, p in enumerate(probs):
+        order = np.argsort(-p, kind="stable")
+        cumulative = np.cumsum(p[order])
+        # the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = order[: int(np.searchsorted(cumulative, config.top_p)) + 1]
+        picks[row] = rng.choice(keep, p=p[keep] / p[keep].sum())
+    return picks
+
+
+def generate(session: DecoderSession, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> GenerationResult:
+    """Generate up to `config.max_new_tokens` tokens after each prompt (token ids) with `session`."""
+    rng = np.random.default_rng(config.seed)
+    ids, mask, positions = left_pad(prompts, config.pad_token_id)
+    batch = len(prompts)
+    stop = np.array(config.stop_token_ids, dtype=np.int64)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    done = np.zeros(batch, dtype=bool)
+
+    start = time.perf_counter()
+    out = session.step(ids, mask, positions, session.empty_past(batch))
+    result = GenerationResult(tokens, prefill_seconds=time.perf_counter() - start)
+    next_position = positions[:, -1:] + 1
+    for step in range(config.max_new_tokens):
+        picked = pick_tokens(out.logits[:, -1], config, rng)
+        picked = np.where(done, config.pad_token_id, picked)
+        for row in np.flatnonzero(~done):
+            tokens[row].append(int(picked[row]))
+        done |= np.isin(picked, stop)
+        if done.all() or step + 1 == config.max_new_tokens:
+            break
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        start = time.perf_counter()
+        out = session.step(picked[:, None], mask, next_position, out.past)
+        result.decode_seconds.append(time.perf_counter() - start)
+        next_position = next_position + 1
+    return result
+
+
+__all__ = ["GenerationConfig", "GenerationResult", "generate", "left_pad", "pick_tokens"]

@@ -1,0 +1,91 @@
+"""One interface over the backends that serve a decoder: a step from tokens and a KV cache to logits.
+
+A step takes new tokens `input_ids` [B, S], `attention_mask` [B, P + S] (1 = real token,
+0 = padding; covers the past too) and `position_ids` [B, S], plus the cache of the P tokens
+before, and returns the logits [B, S, V] (float32, on the host) and the cache of P + S
+tokens. What a cache is belongs to the backend (numpy arrays or device buffers for
+onnxruntime, a transformers DynamicCache for torch); callers pass it back unopened.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+BACKENDS = ("ort", "trt", "torch")
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """The KV cache's shape: per layer a key and a value [B, kv_heads, P, head_dim]."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class StepOutput:
+    logits: np.ndarray  # [B, S, V] float32
+    past: Any  # backend-owned cache of all tokens so far
+
+
+class DecoderSession(ABC):
+    """A loaded decoder that runs prefill and decode steps (see the module docstring)."""
+
+    backend: str = ""
+    vocab_size: int = 0
+    geometry: KVGeometry
+
+    @abstractmethod
+    def empty_past(self, batch: int) -> Any:
+        """The cache before the first token (past length 0)."""
+
+    @abstractmethod
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Any) -> StepOutput:
+        """Run S new tokens after the cached ones."""
+
+    def describe(self) -> dict:
+        """Backend facts for reports: provider, threads, precision, ..."""
+        return {"backend": self.backend}
+
+    def close(self) -> None:
+        """Release what the backend holds; the session is unusable afterwards."""
+
+
+def open_session(model: str | Path, backend: str = "ort", **options) -> DecoderSession:
+    """Open `model` with `backend`.
+
+    ort / trt: an ONNX file from `mcsmoe export` (the KV-cache graph); torch: a checkpoint
+    directory, dense (transformers) or compressed (`load_compressed`). `options` go to the
+    backend's session class (see OrtDecoderSession, TrtDecoderSession, TorchDecoderSession).
+    """
+    path = Path(model)
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    if not path.exists():
+        raise UserError(f"model not found: {path}")
+    if backend == "torch":
+        if not path.is_dir():
+            raise UserError(f"the torch backend loads a checkpoint directory, not {path.name}")
+        from .torch_session import TorchDecoderSession
+
+        return TorchDecoderSession(path, **options)
+    if path.is_dir():
+        raise UserError(f"the {backend} backend runs an ONNX file from `mcsmoe export`; {path} is a directory")
+    if backend == "ort":
+        from .ort_session import OrtDecoderSession
+
+        return OrtDecoderSession(path, **options)
+    from .trt_session import TrtDecoderSession
+
+    return TrtDecoderSession(path, **options)
+
+
+__all__ = ["BACKENDS", "DecoderSession", "KVGeometry", "StepOutput", "open_session"]

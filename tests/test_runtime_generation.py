@@ -1,0 +1,111 @@
+"""Sessions and generation: onnxruntime and torch produce the same tokens; padding, stops and sampling behave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mcsmoe_deploy as m
+from mcsmoe_deploy.runtime import GenerationConfig, generate, open_session, pick_tokens
+from mcsmoe_deploy.runtime.generation import left_pad
+
+RECIPE = dict(experts=3, rank_ratio=0.5, sparse_keep=0.1, max_calib_tokens=1024, calib_seq_len=32)
+PROMPTS = [[5, 17, 99, 3, 250, 41], [7, 8, 9]]
+
+
+@pytest.fixture(scope="module", params=["dense", "compressed"])
+def model_pair(request, tiny_dirs, tmp_path_factory):
+    """(checkpoint dir, exported KV-cache graph) of the tiny Mixtral, dense or compressed."""
+    root = tmp_path_factory.mktemp(f"runtime_{request.param}")
+    model_dir = tiny_dirs["mixtral"]
+    if request.param == "compressed":
+        model_dir = root / "compressed"
+        m.compress_model(tiny_dirs["mixtral"], model_dir, m.CompressionRecipe(**RECIPE), progress=False)
+    graph = root / "model.onnx"
+    m.export_model(model_dir, graph, validate=False)
+    return model_dir, graph
+
+
+def test_ort_greedy_equals_torch_greedy_with_padding(model_pair):
+    model_dir, graph = model_pair
+    config = GenerationConfig(max_new_tokens=12)
+    ort_session = open_session(graph, "ort", threads=1)
+    torch_session = open_session(model_dir, "torch")
+    assert ort_session.geometry == torch_session.geometry and ort_session.vocab_size == torch_session.vocab_size
+    batched = generate(ort_session, PROMPTS, config).tokens
+    assert batched == generate(torch_session, PROMPTS, config).tokens
+    # each padded row equals its prompt alone
+    assert batched == [generate(ort_session, [p], config).tokens[0] for p in PROMPTS]
+    assert all(len(t) == 12 for t in batched)
+
+
+def test_torch_session_matches_transformers_generate(tiny_dirs):
+    session = open_session(tiny_dirs["mixtral"], "torch")
+    model, _ = m.load_model(tiny_dirs["mixtral"], device="cpu")
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
+                                  do_sample=False)[0, ids.shape[1]:].tolist()
+    assert generate(session, [PROMPTS[0]], GenerationConfig(max_new_tokens=16)).tokens[0] == expected
+
+
+def test_stop_tokens_end_a_row_and_pad_it(model_pair):
+    _, graph = model_pair
+    session = open_session(graph, "ort", threads=1)
+    free = generate(session, PROMPTS, GenerationConfig(max_new_tokens=8)).tokens
+    stop = free[0][2]  # row 0 stops at its third token; row 1 only if it meets the same token
+    stopped = generate(session, PROMPTS, GenerationConfig(max_new_tokens=8, stop_token_ids=(stop,))).tokens
+    assert stopped[0] == free[0][: free[0].index(stop) + 1]
+    expected_1 = free[1][: free[1].index(stop) + 1] if stop in free[1] else free[1]
+    assert stopped[1] == expected_1
+
+
+def test_sampling_is_seeded_and_greedy_at_tiny_top_p(model_pair):
+    _, graph = model_pair
+    session = open_session(graph, "ort", threads=1)
+    sampled = GenerationConfig(max_new_tokens=10, temperature=1.5, seed=3)
+    assert generate(session, PROMPTS, sampled).tokens == generate(session, PROMPTS, sampled).tokens
+    nucleus_of_one = GenerationConfig(max_new_tokens=10, temperature=1.5, top_p=1e-9, seed=3)
+    greedy = GenerationConfig(max_new_tokens=10)
+    assert generate(session, PROMPTS, nucleus_of_one).tokens == generate(session, PROMPTS, greedy).tokens
+
+
+def test_top_p_sampling_frequencies():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps the first two, renormalised to 5/8 and 3/8
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    rng = np.random.default_rng(0)
+    picks = pick_tokens(logits, GenerationConfig(temperature=1.0, top_p=0.7), rng)
+    counts = np.bincount(picks, minlength=4)
+    assert counts[2] == counts[3] == 0
+    assert abs(counts[0] / 4000 - 5 / 8) < 0.03  # about 4 standard deviations
+    full = np.bincount(pick_tokens(logits, GenerationConfig(temperature=1.0), rng), minlength=4) / 4000
+    np.testing.assert_allclose(full, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def test_left_pad_positions_count_real_tokens():
+    ids, mask, positions = left_pad([[4, 5, 6], [9]], pad_token_id=0)
+    np.testing.assert_array_equal(ids, [[4, 5, 6], [0, 0, 9]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1]])
+    np.testing.assert_array_equal(positions, [[0, 1, 2], [0, 0, 0]])
+
+
+@pytest.mark.parametrize(
+    "backend, target, message",
+    [
+        ("onnx-magic", "graph", "unknown backend"),
+        ("ort", "missing", "model not found"),
+        ("ort", "dir", "runs an ONNX file"),
+        ("torch", "graph", "loads a checkpoint directory"),
+        ("ort", "no-past", "not a KV-cache graph"),
+    ],
+)
+def test_open_session_refuses_with_a_clear_message(backend, target, message, model_pair, tmp_path):
+    model_dir, graph = model_pair
+    if target == "no-past":
+        path = tmp_path / "plain.onnx"
+        m.export_model(model_dir, path, with_past=False, validate=False)
+    else:
+        path = {"graph": graph, "missing": tmp_path / "nope.onnx", "dir": model_dir}[target]
+    with pytest.raises(m.UserError, match=message):
+        open_session(path, backend)
