@@ -116,3 +116,18 @@ def test_exported_graph_handles_left_padding_and_single_tokens(compressed_dir, t
         (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": attention.numpy()})
         valid = attention.numpy().astype(bool)  # padded positions' logits are not defined
         assert np.abs(got[valid] - expected[valid]).max() < 1e-4 * np.abs(expected[valid]).max()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])  # renormalised and raw top-k routing
+def test_ort_fused_target_maps_dense_blocks_to_onnxruntime_moe(family, tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "fused.onnx"
+    assert main(["export", str(tiny_dirs[family]), str(out), "--target", "ort-fused", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "com.microsoft::MoE x2" in printed and "GroupedLowRankMoE" not in printed
+    errors = _relative_errors(printed)
+    assert len(errors) == 1 and errors[0] < 1e-4
+    graph = onnx.load(out)
+    assert not graph.functions and "ai.mcsmoe" not in {o.domain for o in graph.opset_import}
+    moe = [n for n in graph.graph.node if n.op_type == "MoE"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in moe[0].attribute}
+    assert attrs["swiglu_fusion"] == 1 and attrs["k"] == 2
