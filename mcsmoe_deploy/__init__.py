@@ -25,7 +25,9 @@ from .exporters import (
     export_compressed,
     export_compressed_with_past,
     export_model,
+    export_switch,
     greedy_generate_onnx,
+    greedy_generate_switch_onnx,
     grouped_moe_function,
 )
 from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec
@@ -61,9 +63,11 @@ __all__ = [
     "export_compressed",
     "export_compressed_with_past",
     "export_model",
+    "export_switch",
     "generate",
     "generate_text",
     "greedy_generate_onnx",
+    "greedy_generate_switch_onnx",
     "group_dense_experts",
     "grouped_moe_function",
     "is_compressed_checkpoint",

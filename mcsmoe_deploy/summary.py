@@ -86,6 +86,8 @@ def format_demo(result: DemoResult) -> str:
 def format_export(report: ExportReport) -> str:
     """What was written and how closely onnxruntime follows torch."""
     kind = "KV-cache graph (prefill + decode)" if report.with_past else "logits graph (no KV cache)"
+    if Path(report.path).is_dir():
+        kind = "encoder.onnx + decoder.onnx (decoder with KV cache)"
     source = "compressed" if report.compressed else "dense"
     custom = ", ".join(f"{op} x{count}" for op, count in report.custom_nodes.items()) or "none"
     lines = [
@@ -96,7 +98,8 @@ def format_export(report: ExportReport) -> str:
         lines.append(f"wrote {report.inlined_path}: the same graph with functions inlined (standard ops)")
     for check in report.parity:
         runs = ", ".join(f"{b}x{s}" for b, s in check.shapes) + (" + 1 decode step each" if check.with_past else "")
-        lines.append(f"onnxruntime vs torch, {Path(check.path).name} on {runs}: "
+        names = " + ".join(Path(p).name for p in check.path.split(" + "))
+        lines.append(f"onnxruntime vs torch, {names} on {runs}: "
                      f"max abs error {check.max_abs_error:.2e}, relative {check.max_rel_error:.2e}")
     lines.append(f"time: {report.seconds:.1f} s   peak RSS: {human_bytes(report.peak_rss_bytes)}")
     return "\n".join(lines)

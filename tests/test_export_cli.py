@@ -74,7 +74,7 @@ def test_dense_export_with_inlined_copy_and_external_data(tiny_dirs, tmp_path, c
     "case, extra, message",
     [
         ("fused-compressed", ["--target", "ort-fused"], "is a compressed checkpoint"),
-        ("switch", [], "switch_transformers is not implemented yet"),
+        ("switch", [], "exports two graphs (encoder.onnx, decoder.onnx) into a folder"),
         ("exists", ["--no-past"], "already exists"),
         ("no-parent", ["--no-past"], "parent folder of the output does not exist"),
         ("missing", ["--no-past"], "model directory not found"),
@@ -131,3 +131,14 @@ def test_ort_fused_target_maps_dense_blocks_to_onnxruntime_moe(family, tiny_dirs
     moe = [n for n in graph.graph.node if n.op_type == "MoE"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in moe[0].attribute}
     assert attrs["swiglu_fusion"] == 1 and attrs["k"] == 2
+
+
+def test_switch_exports_an_encoder_and_a_decoder_folder(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "switch"
+    assert main(["export", str(tiny_dirs["switch_transformers"]), str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx"]
+    assert [p.name for p in tmp_path.iterdir()] == ["switch"]  # no staging folder left
+    assert "ai.mcsmoe::GroupedLowRankMoE x4" in printed  # 2 encoder + 2 decoder MoE blocks
+    errors = _relative_errors(printed)
+    assert len(errors) == 1 and errors[0] < 1e-4

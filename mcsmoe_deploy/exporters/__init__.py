@@ -4,6 +4,8 @@ moe_op: the custom op `ai.mcsmoe::GroupedLowRankMoE` (one node per MoE block) an
 its semantics as a model-local ONNX function made of standard ops (see docs/ops.md).
 torch_export: a compressed decoder-only model -> one logits graph (torch.onnx, dynamo).
 kv_export: the same with past_key_values in and present out (prefill and decode in one graph).
+switch_export: Switch Transformers -> encoder.onnx + decoder.onnx (with KV cache), expert capacity kept.
+ort_fused: a graph pass mapping dense SwiGLU blocks to onnxruntime's com.microsoft.MoE (a baseline).
 dense: dense checkpoints through the same op (G = E, identity grouping).
 onnx_file: checked, atomic saving with external data; the functions-inlined copy.
 validate, pipeline: `mcsmoe export`: write, check against the torch reference, describe.
@@ -23,6 +25,7 @@ from .dense import group_dense_experts
 from .kv_export import export_compressed_with_past, greedy_generate_onnx
 from .onnx_file import save_checked, write_inlined_copy
 from .pipeline import TARGETS, export_model
+from .switch_export import export_switch, greedy_generate_switch_onnx
 from .torch_export import export_compressed
 from .validate import ExportReport, ParityCheck, check_parity, compare_logits, compare_logits_with_past
 
@@ -43,7 +46,9 @@ __all__ = [
     "export_compressed",
     "export_compressed_with_past",
     "export_model",
+    "export_switch",
     "greedy_generate_onnx",
+    "greedy_generate_switch_onnx",
     "grouped_moe_function",
     "make_moe_node",
     "register_op_schema",

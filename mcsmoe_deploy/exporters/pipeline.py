@@ -5,9 +5,13 @@ from __future__ import annotations
 import gc
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import onnx
 
 from tqdm.auto import tqdm
 
@@ -17,8 +21,9 @@ from ..models import adapter_for_config, check_weights, load_model, read_config_
 from .dense import group_dense_experts
 from .kv_export import export_compressed_with_past
 from .onnx_file import external_data_path, inlined_path, write_inlined_copy
+from .switch_export import DECODER_FILE, ENCODER_FILE, export_switch
 from .torch_export import export_compressed
-from .validate import ExportReport, check_parity, describe
+from .validate import ExportReport, check_parity, describe, describe_files
 
 TARGETS = ("mcsmoe", "ort-fused")
 
@@ -65,6 +70,43 @@ def source_metadata(model_dir: str | Path, compressed: bool, target: str):
     return add_metadata
 
 
+def _check_output_folder(out_path: str | Path, family: str, with_past: bool, force: bool) -> Path:
+    out_path = Path(out_path)
+    if not with_past:
+        raise UserError(f"{family} exports an encoder graph and a decoder graph with KV cache; "
+                        "--no-past is for decoder-only models")
+    if out_path.suffix == ".onnx":
+        raise UserError(f"{family} exports two graphs ({ENCODER_FILE}, {DECODER_FILE}) into a folder; "
+                        f"give a folder name, not {out_path.name}")
+    out_path = prepare_output_dir(out_path, force)
+    if not os.access(out_path.parent, os.W_OK):
+        raise UserError(f"cannot write to {out_path.parent}")
+    return out_path
+
+
+def _export_encoder_decoder(model, adapter, out_dir: Path, passes, external_data, inline):
+    """Switch: both graphs into a staging folder beside `out_dir`, renamed into place when all are written."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".staging", dir=out_dir.parent))
+    try:
+        written = export_switch(model, adapter, staging, passes=passes, external_data=external_data)
+        graphs = [written.encoder, written.decoder]
+        report = describe_files([onnx.load(str(p), load_external_data=False) for p in graphs], graphs, out_dir)
+        pairs = [(ENCODER_FILE, DECODER_FILE)]
+        if inline:
+            pairs.append(tuple(write_inlined_copy(p).name for p in graphs))
+        if out_dir.exists():  # --force: checked by _check_output_folder
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    files = [(out_dir / encoder, out_dir / decoder) for encoder, decoder in pairs]
+    report.file_bytes = sum(p.stat().st_size for p in out_dir.iterdir())
+    if inline:
+        report.inlined_path = " + ".join(str(p) for p in files[1])
+    return report, files
+
+
 def _next_stage(stages: tqdm, name: str) -> None:
     stages.update(1)
     stages.set_description(name)
@@ -92,7 +134,9 @@ def export_model(
     inline: also write `inlined_path(out_path)`, every function inlined (standard ops).
     external_data: weights in `OUT.onnx.data`: True, False, or None for "when over ~1.8 GB".
     progress: a bar over the stages (load, trace and save, inline, validate) on stderr.
-    Decoder-only families (mixtral, qwen2_moe, qwen3_moe, olmoe).
+    Decoder-only families (mixtral, qwen2_moe, qwen3_moe, olmoe) write one file;
+    Switch Transformers writes `out_path/encoder.onnx` and `out_path/decoder.onnx` (a
+    folder; layout in switch_export).
     """
     start = time.perf_counter()
     if target not in TARGETS:
@@ -100,17 +144,18 @@ def export_model(
     config = read_config_dict(model_dir)
     adapter = adapter_for_config(config)
     check_weights(model_dir)
-    if adapter.encoder_decoder:
-        raise UserError(f"ONNX export of {adapter.family} is not implemented yet")
     compressed = is_compressed_checkpoint(model_dir)
     if target == "ort-fused" and compressed:
         raise UserError("--target ort-fused maps dense experts to com.microsoft.MoE; "
                         f"{model_dir} is a compressed checkpoint (export it with the default target)")
-    out_path = check_output_file(out_path, force)
-    if inline:
-        check_output_file(inlined_path(out_path), force)
+    if adapter.encoder_decoder:
+        out_path = _check_output_folder(out_path, adapter.family, with_past, force)
+    else:
+        out_path = check_output_file(out_path, force)
+        if inline:
+            check_output_file(inlined_path(out_path), force)
 
-    stages = tqdm(total=2 + inline + validate, desc="loading", unit="stage", disable=not progress,
+    stages = tqdm(total=2 + (inline and not adapter.encoder_decoder) + validate, desc="loading", unit="stage", disable=not progress,
                   bar_format="{desc:<28} {n_fmt}/{total_fmt} stages [{elapsed}]")
     passes = [source_metadata(model_dir, compressed, target)]
     if target == "ort-fused":
@@ -124,17 +169,20 @@ def export_model(
                         f"{'gated' if layout.gated else 'plain'} {layout.activation}")
     if not compressed:
         group_dense_experts(model, adapter)
-    exporter = export_compressed_with_past if with_past else export_compressed
     _next_stage(stages, "tracing and saving")
-    model_proto = exporter(model, adapter, out_path, passes=passes, external_data=external_data)
-    report = describe(model_proto, out_path)
+    if adapter.encoder_decoder:
+        report, files = _export_encoder_decoder(model, adapter, out_path, passes, external_data, inline)
+    else:
+        exporter = export_compressed_with_past if with_past else export_compressed
+        model_proto = exporter(model, adapter, out_path, passes=passes, external_data=external_data)
+        report = describe(model_proto, out_path)
+        del model_proto
+        files = [out_path]
+        if inline:
+            _next_stage(stages, "writing the inlined copy")
+            files.append(write_inlined_copy(out_path))
+            report.inlined_path = str(files[-1])
     report.target, report.with_past, report.compressed = target, with_past, compressed
-    del model_proto
-    files = [out_path]
-    if inline:
-        _next_stage(stages, "writing the inlined copy")
-        files.append(write_inlined_copy(out_path))
-        report.inlined_path = str(files[-1])
     if validate:
         _next_stage(stages, "validating in onnxruntime")
         if not compressed:  # validate against transformers' own model, not our regrouping of it

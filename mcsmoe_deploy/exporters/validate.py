@@ -83,6 +83,24 @@ def describe(model_proto: onnx.ModelProto, path: str | Path) -> ExportReport:
     )
 
 
+def describe_files(model_protos: list[onnx.ModelProto], paths: list[Path], root: str | Path) -> ExportReport:
+    """One report over several graphs written together (Switch's encoder and decoder): counts and bytes summed."""
+    parts = [describe(proto, path) for proto, path in zip(model_protos, paths)]
+    custom: Counter = Counter()
+    ops: Counter = Counter()
+    for part in parts:
+        custom.update(part.custom_nodes)
+        ops.update(part.op_types)
+    return ExportReport(
+        path=str(root),
+        file_bytes=sum(p.file_bytes for p in parts),
+        nodes=sum(p.nodes for p in parts),
+        custom_nodes=dict(custom),
+        functions=sum(p.functions for p in parts),
+        op_types=dict(ops.most_common()),
+    )
+
+
 def _session(path: str | Path):
     import onnxruntime as ort
 
@@ -162,12 +180,77 @@ def compare_logits_with_past(
 
 
 def check_parity(
-    path: str | Path, reference: torch.nn.Module, with_past: bool, shapes: tuple[tuple[int, int], ...] = ((1, 5), (2, 9))
+    path: str | Path | tuple[Path, Path],
+    reference: torch.nn.Module,
+    with_past: bool,
+    shapes: tuple[tuple[int, int], ...] = ((1, 5), (2, 9)),
 ) -> ParityCheck:
-    """The parity of one file against `reference` (see `compare_logits` / `compare_logits_with_past`)."""
+    """The parity of one file against `reference` (see `compare_logits` / `compare_logits_with_past`);
+    for an encoder-decoder, `path` is the (encoder, decoder) pair (see `compare_switch`)."""
+    if isinstance(path, tuple):
+        max_abs, max_rel = compare_switch(*path, reference, shapes)
+        return ParityCheck(" + ".join(str(p) for p in path), True, [tuple(s) for s in shapes], max_abs, max_rel)
     compare = compare_logits_with_past if with_past else compare_logits
     max_abs, max_rel = compare(path, reference, reference.config.vocab_size, shapes)
     return ParityCheck(str(path), with_past, [tuple(s) for s in shapes], max_abs, max_rel)
 
 
-__all__ = ["ExportReport", "ParityCheck", "check_parity", "compare_logits", "compare_logits_with_past", "describe"]
+
+
+@torch.no_grad()
+def compare_switch(
+    encoder_path: str | Path,
+    decoder_path: str | Path,
+    reference: torch.nn.Module,
+    shapes: tuple[tuple[int, int], ...] = ((1, 5), (2, 9)),
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Run Switch's encoder and decoder graphs (see switch_export) against `reference`.
+
+    Per (batch, encoder length): the encoder's hidden states, then two decoder steps (the
+    start token and one more, from an empty self-attention past; then a third token with
+    the presents) against the reference's full forward. Returns (max abs, max relative) error.
+    """
+    from .switch_export import decoder_present_names, past_name
+
+    encoder, decoder = _session(encoder_path), _session(decoder_path)
+    config = reference.config
+    layers, heads, head_dim = config.num_decoder_layers, config.num_heads, config.d_kv
+    presents = decoder_present_names(layers)
+    generator = torch.Generator().manual_seed(seed)
+    worst_abs, worst_rel = 0.0, 0.0
+    for batch, length in shapes:
+        ids = torch.randint(0, config.vocab_size, (batch, length), generator=generator)
+        mask = torch.ones_like(ids)
+        start = torch.full((batch, 1), config.decoder_start_token_id, dtype=torch.long)
+        decoder_ids = torch.cat([start, torch.randint(0, config.vocab_size, (batch, 2), generator=generator)], dim=1)
+        expected = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+        names = [o.name for o in encoder.get_outputs()]
+        encoded = dict(zip(names, encoder.run(names, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})))
+        checks = [(encoded["encoder_hidden_states"], expected.encoder_last_hidden_state.float().numpy())]
+        cross = {past_name(n): v for n, v in encoded.items() if n.startswith("present.")}
+        dtype = next(iter(cross.values())).dtype
+        past = {past_name(n): np.zeros((batch, heads, 0, head_dim), dtype=dtype) for n in presents}
+        logits = expected.logits.float().numpy()
+        for begin, end in ((0, 2), (2, 3)):
+            feeds = {"input_ids": decoder_ids[:, begin:end].numpy(), "encoder_attention_mask": mask.numpy(),
+                     **past, **cross}
+            got, *new = decoder.run(["logits", *presents], feeds)
+            checks.append((got, logits[:, begin:end]))
+            past = {past_name(n): p for n, p in zip(presents, new)}
+        for got, want in checks:
+            error, rel = _error(got, want)
+            worst_abs, worst_rel = max(worst_abs, error), max(worst_rel, rel)
+    return worst_abs, worst_rel
+
+
+__all__ = [
+    "ExportReport",
+    "ParityCheck",
+    "check_parity",
+    "compare_logits",
+    "compare_logits_with_past",
+    "compare_switch",
+    "describe",
+    "describe_files",
+]
