@@ -6,6 +6,7 @@ The public API, stage by stage:
     checkpoint  save_compressed, load_compressed           (the compressed checkpoint directory)
     exporters   export_model, grouped_moe_function         (ONNX with one GroupedLowRankMoE node per block)
     runtime     open_session, generate, generate_text      (serve a graph or checkpoint: ort, trt, torch)
+                run_bench, compare_reports                 (measure in one run; catch regressions)
     measure     perplexity, size_report
 """
 
@@ -33,13 +34,27 @@ from .exporters import (
 from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec
 from .models import ExpertLayout, FamilyAdapter, MoELayer, SUPPORTED_FAMILIES, adapter_for_config, load_model
 from .report import SizeReport, size_report
-from .runtime import DecoderSession, GenerationConfig, GenerationResult, generate, open_session
+from .runtime import (
+    BenchConfig,
+    BenchReport,
+    Contestant,
+    DecoderSession,
+    GenerationConfig,
+    GenerationResult,
+    compare_reports,
+    generate,
+    open_session,
+    run_bench,
+)
 from .runtime.text import TextGeneration, generate_text
 
 __version__ = "0.1.0"
 
 __all__ = [
     *_compress_all,
+    "BenchConfig",
+    "BenchReport",
+    "Contestant",
     "DecoderSession",
     "ExpertLayout",
     "GenerationConfig",
@@ -60,6 +75,7 @@ __all__ = [
     "builtin_corpus",
     "calibration_text",
     "check_parity",
+    "compare_reports",
     "export_compressed",
     "export_compressed_with_past",
     "export_model",
@@ -76,6 +92,7 @@ __all__ = [
     "open_session",
     "perplexity",
     "read_text",
+    "run_bench",
     "save_compressed",
     "size_report",
     "token_blocks",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -183,6 +184,98 @@ def _add_run_parser(sub) -> None:
     run.set_defaults(run=_cmd_run)
 
 
+def _contestants(models: list[str], backends: list[str] | None, provider: str | None):
+    from pathlib import Path
+
+    from .runtime.bench import Contestant
+
+    contestants = []
+    for model in models:
+        kinds = ("torch",) if Path(model).is_dir() else ("ort", "trt")
+        chosen = [b for b in (backends or kinds[:1]) if b in kinds]
+        if not chosen:
+            raise UserError(f"{model}: none of the backends {', '.join(backends)} runs a "
+                            f"{'checkpoint directory' if kinds == ('torch',) else 'graph file'}")
+        for backend in chosen:
+            options = {"provider": provider} if backend == "ort" and provider else {}
+            contestants.append(Contestant(model, backend, options=options))
+    return contestants
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .runtime.bench import BenchConfig
+    from .runtime.bench_report import run_bench
+    from .summary import format_bench
+
+    config = BenchConfig(batch=args.batch, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
+                         warmup=args.warmup, iterations=args.iterations, threads=args.threads, seed=args.seed)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"parent folder of {args.json} does not exist")
+    report = run_bench(_contestants(args.models, args.backend, args.provider), config, progress=not args.quiet)
+    print(format_bench(report))
+    if args.json:
+        report.save(args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .runtime.bench_report import BenchReport
+    from .runtime.compare import compare_reports, parse_threshold
+    from .summary import format_comparison
+
+    reports = []
+    for path in (args.base, args.new):
+        try:
+            reports.append(BenchReport.load(path))
+        except FileNotFoundError:
+            raise UserError(f"no such file: {path}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{path} is not a report from `mcsmoe bench --json`: {exc}") from None
+    comparison = compare_reports(*reports, parse_threshold(args.max_regression), ratios_only=args.ratios_only)
+    print(format_comparison(comparison))
+    return 1 if comparison.failed else 0
+
+
+def _add_bench_parsers(sub) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="measure latency, throughput and memory of models on backends",
+        description="Time prefill and per-token decode of each model on each backend, all in one run (each "
+                    "contestant in its own process, so peak RSS is its own), and report ratios to the first. "
+                    "Graph files run on ort (or trt), checkpoint directories on torch. The decode floor is "
+                    "active weight bytes per token / memory bandwidth measured in the same run.",
+    )
+    bench.add_argument("models", nargs="+", help="ONNX files (KV-cache graphs) and/or checkpoint directories")
+    bench.add_argument("--backend", nargs="+", choices=("ort", "trt", "torch"), default=None,
+                       help="backends to run each model on (default: ort for graphs, torch for directories)")
+    bench.add_argument("--batch", type=int, default=1, help="default: 1")
+    bench.add_argument("--prompt-len", type=int, default=128, metavar="N", help="prefill tokens (default: 128)")
+    bench.add_argument("--decode-tokens", type=int, default=32, metavar="N", help="decode steps (default: 32)")
+    bench.add_argument("--warmup", type=int, default=1, help="unrecorded iterations first (default: 1)")
+    bench.add_argument("--iterations", type=int, default=5, help="recorded iterations (default: 5)")
+    bench.add_argument("--threads", type=int, default=None, help="intra-op threads for every backend")
+    bench.add_argument("--provider", choices=("auto", "cpu", "cuda"), default=None, help="onnxruntime provider")
+    bench.add_argument("--seed", type=int, default=0, help="prompt token seed (default: 0)")
+    bench.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON (schema "
+                       "mcsmoe-bench/1, see mcsmoe_deploy/runtime/bench_report.py)")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(run=_cmd_bench)
+
+    compare = sub.add_parser(
+        "compare",
+        help="compare two bench reports; exit 1 on a regression",
+        description="Compare every metric of two `mcsmoe bench --json` reports, absolute and as in-run ratios "
+                    "to each run's first model, and exit 1 when any is worse than --max-regression. Absolute "
+                    "times move between machines and runs; --ratios-only gates on in-run ratios alone (CI).",
+    )
+    compare.add_argument("base", help="the reference report (JSON)")
+    compare.add_argument("new", help="the report to check (JSON)")
+    compare.add_argument("--max-regression", default="10%", help="allowed worsening, e.g. 10%% or 0.1 (default: 10%%)")
+    compare.add_argument("--ratios-only", action="store_true", help="check in-run ratios only, not absolute values")
+    compare.set_defaults(run=_cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcsmoe",
@@ -211,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_export_parser(sub)
     _add_run_parser(sub)
+    _add_bench_parsers(sub)
 
     demo = sub.add_parser(
         "demo",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import resource
 import sys
 from pathlib import Path
 
@@ -52,3 +53,20 @@ def read_weights_without_mmap(model_dir: str | Path) -> dict:
             handle = safe_open(str(path), framework="pt", device="cpu")
         slices.update({key: handle.get_slice(key) for key in handle.keys()})
     return slices
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    Linux: VmHWM of /proc/self/status. Not ru_maxrss: a spawned child's ru_maxrss starts
+    from its parent's size at fork (exec keeps the old memory's high-water mark), VmHWM
+    belongs to the new program's memory alone.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -7,6 +7,8 @@ from pathlib import Path
 from .compress.pipeline import CompressionResult
 from .demo import DemoResult
 from .exporters.validate import ExportReport
+from .runtime.bench_report import BenchReport
+from .runtime.compare import Comparison
 from .runtime.text import TextGeneration
 
 
@@ -116,3 +118,44 @@ def format_generation(text: TextGeneration) -> str:
     where = ", ".join(f"{k}={v}" for k, v in text.session.items() if k != "path")
     parts.append(f"{result.generated} tokens; prefill {1000 * result.prefill_seconds:.1f} ms, {per_token} ({where})")
     return "\n".join(parts)
+
+
+def format_bench(report: BenchReport) -> str:
+    """One row per contestant, then ratios to the first (same run)."""
+    cfg = report.config
+    rows = [
+        [r.name, f"{r.load_seconds:.2f}", f"{r.prefill.p50_ms:.1f}", f"{r.prefill.p90_ms:.1f}", f"{r.prefill.p99_ms:.1f}",
+         f"{r.decode.p50_ms:.2f}", f"{r.decode.p90_ms:.2f}", f"{r.decode.p99_ms:.2f}", f"{r.decode_tokens_per_second:.1f}",
+         human_bytes(r.peak_rss_bytes), human_bytes(r.bytes_on_disk), f"{r.decode_floor_ms:.2f}", f"{r.decode_vs_floor:.2f}x"]
+        for r in report.results
+    ]
+    ratios = report.ratios()
+    ratio_rows = [[name, *(f"{value:.3f}x" for value in metrics.values())] for name, metrics in ratios.items()]
+    gpu = report.machine.get("gpu")
+    return "\n".join([
+        f"batch {cfg.batch}, prompt {cfg.prompt_len} tokens, {cfg.decode_tokens} decode steps, "
+        f"{cfg.iterations} iterations after {cfg.warmup} warm-up, threads {cfg.threads or 'default'}; "
+        f"memory bandwidth {report.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s" + (f"; GPU {gpu}" if gpu else ""),
+        "",
+        table(["model", "load s", "prefill p50 ms", "p90", "p99", "decode p50 ms", "p90", "p99", "tok/s", "peak RSS",
+               "on disk", "floor ms", "vs floor"], rows),
+        "",
+        f"ratios to {report.baseline} (same run):",
+        table(["model", *next(iter(ratios.values())).keys()], ratio_rows),
+    ])
+
+
+def format_comparison(comparison: Comparison) -> str:
+    """Every checked metric, then the verdict."""
+    rows = [
+        [c.result, c.kind, c.metric, f"{c.base:.4g}", f"{c.new:.4g}", _ratio(c.new, c.base),
+         f"REGRESSED +{100 * c.worse_by:.1f}%" if c.regressed else "ok"]
+        for c in comparison.changes
+    ]
+    lines = [table(["result", "kind", "metric", "base", "new", "new/base", "verdict"], rows)]
+    lines += [f"{name}: in the base run, missing from the new one" for name in comparison.missing]
+    regressed = sum(c.regressed for c in comparison.changes)
+    lines.append(f"{'FAIL' if comparison.failed else 'PASS'}: {regressed} of {len(comparison.changes)} metrics worse by "
+                 f"more than {100 * comparison.max_regression:g}%"
+                 + (f", {len(comparison.missing)} results missing" if comparison.missing else ""))
+    return "\n".join(lines)

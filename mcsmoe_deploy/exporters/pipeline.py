@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import is_compressed_checkpoint, load_compressed, prepare_output_dir
 from ..errors import UserError
+from ..memory import peak_rss_bytes
 from ..models import adapter_for_config, check_weights, load_model, read_config_dict
 from .dense import group_dense_experts
 from .kv_export import export_compressed_with_past
@@ -41,11 +40,6 @@ def check_output_file(out_path: str | Path, force: bool) -> Path:
 def _load_reference(model_dir: str | Path, compressed: bool):
     # the torch model users know: transformers' own for dense, load_compressed for compressed
     return load_compressed(model_dir) if compressed else load_model(model_dir, device="cpu")[0]
-
-
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
 def source_metadata(model_dir: str | Path, compressed: bool, target: str):
@@ -193,7 +187,7 @@ def export_model(
     _next_stage(stages, "done")
     stages.close()
     report.seconds = time.perf_counter() - start
-    report.peak_rss_bytes = _peak_rss_bytes()
+    report.peak_rss_bytes = peak_rss_bytes()
     return report
 
 

@@ -110,11 +110,17 @@ class OrtDecoderSession(DecoderSession):
         return feeds
 
     def step(self, input_ids, attention_mask, position_ids, past: Any) -> StepOutput:
+        import onnxruntime as ort
+
         feeds = self._feeds(input_ids, attention_mask, position_ids)
         if self.on_device:
             return self._step_bound(feeds, past)
-        logits, *presents = self.session.run(["logits", *self.present_names], {**feeds, **dict(zip(self.past_names, past))})
-        return StepOutput(logits.astype(np.float32, copy=False), presents)
+        # the cache stays in onnxruntime's OrtValues from one step to the next: no copy of it per step
+        values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feeds.items()}
+        for name, value in zip(self.past_names, past):
+            values[name] = value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
+        logits, *presents = self.session.run_with_ort_values(["logits", *self.present_names], values)
+        return StepOutput(logits.numpy().astype(np.float32, copy=False), presents)
 
     def _step_bound(self, feeds: dict[str, np.ndarray], past: list) -> StepOutput:
         # I/O binding: pasts and presents stay on the GPU (OrtValues); unverified, see module docstring

@@ -48,7 +48,7 @@ class TorchDecoderSession(DecoderSession):
     @torch.inference_mode()
     def step(self, input_ids, attention_mask, position_ids, past: Any) -> StepOutput:
         def tensor(array):
-            return torch.as_tensor(np.asarray(array, dtype=np.int64), device=self.device)
+            return torch.tensor(np.asarray(array, dtype=np.int64), device=self.device)  # a copy: inputs may be read-only views
 
         out = self.model(
             input_ids=tensor(input_ids),

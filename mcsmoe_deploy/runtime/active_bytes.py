@@ -1,0 +1,113 @@
+"""Weight bytes a model reads to decode one token at batch 1: the numerator of the decode floor.
+
+Counted from the files, without loading weights. A tensor counts in full, except:
+- expert weights: the share of experts one token uses, min(k, G) / G (k picks, G groups or
+  experts; two picks in one merged group read it once, so this is an upper bound);
+- an embedding table read by lookup (ONNX Gather, or `embed_tokens` in a checkpoint): one
+  row, unless the same table is also the output projection (tied), which reads it all.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..exporters.moe_op import DOMAIN, OP_TYPE
+
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                         "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def bytes_on_disk(model: str | Path) -> int:
+    """Bytes of an ONNX file with its external data, or of every file in a checkpoint directory."""
+    path = Path(model)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def active_weight_bytes(model: str | Path, backend: str) -> int:
+    """Weight bytes read per decoded token (batch 1) of an ONNX graph (ort, trt) or a checkpoint (torch)."""
+    return _checkpoint_active_bytes(Path(model)) if backend == "torch" else _onnx_active_bytes(Path(model))
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _onnx_active_bytes(path: Path) -> int:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    sizes = {t.name: _tensor_bytes(t) for t in graph.initializer}
+    rows = {t.name: max(t.dims[0], 1) if t.dims else 1 for t in graph.initializer}
+    share: dict[str, float] = {}
+
+    def use(name: str, fraction: float) -> None:
+        if name in sizes:
+            share[name] = max(share.get(name, 0.0), fraction)
+
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.domain, node.op_type) == (DOMAIN, OP_TYPE):
+            for name in node.input[3:]:
+                use(name, min(attrs["top_k"], rows.get(name, 1)) / rows.get(name, 1))
+            for name in node.input[:3]:
+                use(name, 1.0)
+        elif (node.domain, node.op_type) == ("com.microsoft", "MoE"):
+            experts = rows.get(node.input[2], 1)
+            for index, name in enumerate(node.input):
+                use(name, min(attrs.get("k", 1), experts) / experts if index >= 2 else 1.0)
+        elif node.op_type == "Gather" and node.input[0] in sizes:
+            use(node.input[0], 1 / rows[node.input[0]])
+            for name in node.input[1:]:
+                use(name, 1.0)
+        else:
+            for name in node.input:
+                use(name, 1.0)
+    # initializers only a function body or nothing reads still sit in memory; count them in full
+    return int(sum(size * share.get(name, 1.0) for name, size in sizes.items()))
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _checkpoint_active_bytes(model_dir: Path) -> int:
+    config = json.loads((model_dir / "config.json").read_text())
+    top_k = config.get("num_experts_per_tok", 1)
+    tied = config.get("tie_word_embeddings", False)
+    total = 0.0
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        for name, info in _safetensors_header(weights).items():
+            shape = info["shape"]
+            size = int(np.prod(shape, dtype=np.int64)) * _SAFETENSORS_ITEMSIZE.get(info["dtype"], 4)
+            if ".experts." in name:
+                experts = _experts_of(name, shape, config)
+                size *= min(top_k, experts) / experts
+            elif "embed_tokens" in name and not tied:
+                size /= max(shape[0], 1)
+            total += size
+    return int(total)
+
+
+def _experts_of(name: str, shape: list[int], config: dict) -> int:
+    """Experts (or merged groups) a stored expert tensor is shared among."""
+    if ".projections." in name:  # compressed: every tensor stacked over the G groups
+        return max(shape[0], 1)
+    for key in ("num_local_experts", "num_experts"):
+        if key in config:
+            return config[key]
+    return 1
+
+
+__all__ = ["active_weight_bytes", "bytes_on_disk"]
