@@ -82,27 +82,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .summary import format_demo
 
+    _quiet_torch_onnx()
     result = run_demo(
         model_dir=args.model, experts=args.experts, rank_ratio=args.rank_ratio, sparse_keep=args.sparse_keep,
         distill_steps=args.distill_steps, activation_aware=args.activation_aware, out_dir=args.out,
-        force=args.force, progress=not args.quiet,
+        force=args.force, progress=not args.quiet, serve=not args.no_serve,
     )
     print(format_demo(result))
     return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def _quiet_torch_onnx() -> None:
     import logging
     import warnings
 
-    from .exporters.pipeline import export_model
-    from .summary import format_export
-
     # torch.onnx explains its dynamic-shape renaming in UserWarnings, and lists the torchvision
-    # ops it skips, in terms that say nothing to a user of this command
+    # ops it skips, in terms that say nothing to a user of these commands
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
     warnings.filterwarnings("ignore", message=r".*treespec", category=FutureWarning)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .exporters.pipeline import export_model
+    from .summary import format_export
+
+    _quiet_torch_onnx()
     report = export_model(
         args.model_dir, args.out, with_past=not args.no_past, target=args.target, validate=not args.no_validate,
         inline=args.inline, external_data=True if args.external_data else None, force=args.force,
@@ -310,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="compress the embedded model and compare quality and size",
         description="Compress the small trained Mixtral-family model that ships in the package (8 experts, top-2) "
-                    "and print parameters, bytes and held-out perplexity of the dense, merged and compressed models.",
+                    "and print parameters, bytes and held-out perplexity of the dense, merged and compressed models; "
+                    "then export the dense and the compressed model to ONNX, serve both with onnxruntime, and "
+                    "print their latency, memory and a short generated text.",
     )
     demo.add_argument("--model", default=None, help="a different causal-LM MoE checkpoint directory to demonstrate on")
     demo.add_argument("--experts", type=int, default=4, metavar="G", help="merged experts per layer (default: 4)")
@@ -321,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--activation-aware", action="store_true",
                       help="fit the low-rank factors to calibration activations (beyond the paper)")
     demo.add_argument("--out", default=None, metavar="DIR", help="also write the compressed checkpoint here")
+    demo.add_argument("--no-serve", action="store_true",
+                      help="skip exporting both models to ONNX and serving them with onnxruntime")
     demo.add_argument("--force", action="store_true", help="replace --out if it exists")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_cmd_demo)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,15 @@ class DemoRow:
 
 
 @dataclass
+class ServingResult:
+    """Both models exported, served with onnxruntime (CPU) and measured in one run, and a sample of each."""
+
+    exports: list  # ExportReport per model, dense first
+    bench: object  # BenchReport, dense first
+    samples: list[tuple[str, str, str]] = field(default_factory=list)  # (model, prompt, completion)
+
+
+@dataclass
 class DemoResult:
     model_dir: str
     recipe: dict
@@ -43,6 +53,7 @@ class DemoResult:
     compress_seconds: float = 0.0
     total_seconds: float = 0.0
     out_dir: str | None = None
+    serving: ServingResult | None = None
 
 
 def embedded_model_dir() -> Path:
@@ -62,11 +73,14 @@ def run_demo(
     out_dir: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    serve: bool = True,
 ) -> DemoResult:
     """Dense vs merged (M-SMoE) vs merged and compressed (MC-SMoE), on held-out text of the built-in corpus.
 
     One routing-statistics pass serves both recipes. With `out_dir`, the
-    compressed model is also written as a checkpoint.
+    compressed model is also written as a checkpoint. With `serve`, the dense and the final
+    compressed model are exported to ONNX, served with onnxruntime and measured (see
+    `serve_both`).
     """
     start = time.perf_counter()
     model_dir = Path(model_dir) if model_dir is not None else embedded_model_dir()
@@ -109,8 +123,37 @@ def run_demo(
 
         distilled = distill(compressed, dense, adapter, calib, distill_steps, lr=recipe.distill_lr, progress=progress)
         result.rows.append(row(f"compressed + distillation ({distill_steps} steps)", compressed))
+    section = mcsmoe_section(plan, recipe, str(model_dir), distilled)
     if out_dir is not None:
-        section = mcsmoe_section(plan, recipe, str(model_dir), distilled)
         result.out_dir = str(save_compressed(compressed, section, out_dir, source_dir=model_dir, force=force))
+    if serve:
+        with tempfile.TemporaryDirectory(prefix="mcsmoe-demo-") as work:
+            compressed_dir = Path(result.out_dir) if result.out_dir else \
+                save_compressed(compressed, section, Path(work) / "compressed", source_dir=model_dir)
+            del dense, merged, compressed
+            result.serving = serve_both(model_dir, compressed_dir, Path(work), progress)
     result.total_seconds = time.perf_counter() - start
     return result
+
+
+DEMO_PROMPT = "The def statement"
+
+
+def serve_both(dense_dir: Path, compressed_dir: Path, work_dir: Path, progress: bool = True) -> ServingResult:
+    """Export both checkpoints (KV-cache graphs, validated), bench them with onnxruntime in one run
+    (batch 1, 64-token prompt, 32 decode steps), and continue DEMO_PROMPT with each."""
+    from .exporters.pipeline import export_model
+    from .runtime.bench import BenchConfig, Contestant
+    from .runtime.bench_report import run_bench
+    from .runtime.generation import GenerationConfig
+    from .runtime.text import generate_text
+
+    graphs = {"dense": work_dir / "dense.onnx", "compressed": work_dir / "compressed.onnx"}
+    exports = [export_model(source, graphs[name]) for name, source in (("dense", dense_dir), ("compressed", compressed_dir))]
+    contestants = [Contestant(str(path), "ort", label=f"{name} (onnxruntime)") for name, path in graphs.items()]
+    bench = run_bench(contestants, BenchConfig(prompt_len=64, decode_tokens=32, warmup=2, iterations=5), progress)
+    samples = []
+    for name, path in graphs.items():
+        text = generate_text(path, [DEMO_PROMPT], "ort", GenerationConfig(max_new_tokens=24))
+        samples.append((name, DEMO_PROMPT, text.completions[0]))
+    return ServingResult(exports, bench, samples)

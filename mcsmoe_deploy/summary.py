@@ -82,6 +82,32 @@ def format_demo(result: DemoResult) -> str:
     ]
     if result.out_dir:
         parts.append(f"wrote {result.out_dir}")
+    if result.serving is not None:
+        parts += ["", _format_serving(result.serving)]
+    return "\n".join(parts)
+
+
+def _format_serving(serving) -> str:
+    """The demo's second half: exported graphs, onnxruntime latency and memory, a sample of each."""
+    bench = serving.bench
+    dense = bench.results[0]
+    rows = []
+    for export, r in zip(serving.exports, bench.results):
+        rows.append([r.name, human_bytes(export.file_bytes), f"{export.max_rel_error:.1e}",
+                     f"{r.prefill.p50_ms:.2f}", f"{r.decode.p50_ms:.2f}", _ratio(r.decode.p50_ms, dense.decode.p50_ms),
+                     f"{r.decode_tokens_per_second:.0f}", human_bytes(r.peak_rss_bytes),
+                     _ratio(r.peak_rss_bytes, dense.peak_rss_bytes)])
+    cfg = bench.config
+    parts = [
+        f"served with onnxruntime (CPU), batch {cfg.batch}, {cfg.prompt_len}-token prompt, p50 of "
+        f"{cfg.iterations} x {cfg.decode_tokens} decode steps:",
+        table(["model", "ONNX", "vs torch", "prefill ms", "decode ms/token", "vs dense", "tok/s", "peak RSS",
+               "vs dense"], rows),
+        "",
+    ]
+    for name, prompt, completion in serving.samples:
+        text = " ".join(f"{prompt}{completion}".split())  # one line: newlines and runs of spaces collapsed
+        parts.append(f"{name + ':':<12} {text[:160]}")
     return "\n".join(parts)
 
 

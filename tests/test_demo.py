@@ -1,5 +1,7 @@
 """The embedded model is a trained MoE, and the demo compresses it and measures the result."""
 
+import re
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -22,7 +24,7 @@ def test_embedded_model_is_small_trained_and_mixtral():
 
 
 def test_demo_reports_sizes_and_quality():
-    result = run_demo(experts=4, rank_ratio=0.5, sparse_keep=0.05, distill_steps=0, progress=False)
+    result = run_demo(experts=4, rank_ratio=0.5, sparse_keep=0.05, distill_steps=0, progress=False, serve=False)
     dense, merged, compressed = result.rows
     assert merged.expert_parameters * 2 == dense.expert_parameters
     assert compressed.expert_parameters < 0.3 * dense.expert_parameters
@@ -38,3 +40,9 @@ def test_demo_command_prints_the_table(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "held-out ppl" in out and "merged (M-SMoE, 2 experts)" in out and "distillation (5 steps)" in out
     assert (tmp_path / "small" / "config.json").is_file()
+    # the serving half: both models exported, validated, timed in onnxruntime, and sampled
+    assert "served with onnxruntime" in out and "decode ms/token" in out
+    parity = [float(x) for x in re.findall(r"\(onnxruntime\)\s+\S+ \S+\s+([0-9.e+-]+)", out)]
+    assert len(parity) == 2 and max(parity) < 1e-4, out
+    samples = [line for line in out.splitlines() if line.startswith(("dense:", "compressed:"))]
+    assert len(samples) == 2 and all("The def statement" in line and len(line) > 40 for line in samples)
