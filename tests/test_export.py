@@ -10,7 +10,7 @@ import torch
 
 import mcsmoe_deploy as m
 from mcsmoe_deploy.exporters import DOMAIN, OP_TYPE, export_compressed
-from mcsmoe_deploy.exporters.torch_export import moe_blocks_as_custom_op
+from mcsmoe_deploy.exporters.custom_op import moe_blocks_as_custom_op
 from mcsmoe_deploy.models import adapter_for_config
 
 DECODER_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")

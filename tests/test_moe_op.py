@@ -18,6 +18,7 @@ from mcsmoe_deploy.exporters import (
     register_op_schema,
     standalone_model,
 )
+from mcsmoe_deploy.exporters.moe_body import DEFAULT_STRATEGY, STRATEGIES, build_body
 from mcsmoe_deploy.grouped_experts import GroupedLowRankExperts, ProjectionSpec
 from mcsmoe_deploy.models.base import ExpertLayout
 
@@ -64,10 +65,11 @@ def _feeds(module: GroupedLowRankExperts, spec: MoEOpSpec, hidden: torch.Tensor,
     return {k: v.detach().numpy() for k, v in tensors.items()}
 
 
-def _assert_close(got: np.ndarray, reference: np.ndarray) -> None:
-    """max abs diff / max abs reference < 1e-5 (written without division: an all-zero reference must be met exactly)."""
+def _assert_close(got: np.ndarray, reference: np.ndarray, rtol: float = 1e-5) -> None:
+    """max abs diff / max abs reference < rtol (written without division: an all-zero reference must be met exactly)."""
     assert got.shape == reference.shape
-    assert np.abs(got - reference).max() <= 1e-5 * np.abs(reference).max()
+    if reference.size:  # no tokens: the shape is all there is to compare
+        assert np.abs(got.astype(np.float32) - reference).max() <= rtol * np.abs(reference).max()
 
 
 def _run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
@@ -75,9 +77,18 @@ def _run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
     return session.run(None, feeds)[0]
 
 
-def _check_against_reference(module, top_k, routing, hidden, logits) -> None:
+def _model(spec: MoEOpSpec, strategy: str = DEFAULT_STRATEGY, elem_type: int = onnx.TensorProto.FLOAT):
+    """The one-node model, its function body built with `strategy` (same signature and overload)."""
+    model = standalone_model(spec, elem_type=elem_type)
+    if strategy != DEFAULT_STRATEGY:
+        del model.functions[0].node[:]
+        model.functions[0].node.extend(build_body(spec, strategy))
+    return model
+
+
+def _check_against_reference(module, top_k, routing, hidden, logits, strategy: str = DEFAULT_STRATEGY) -> None:
     spec = MoEOpSpec.from_experts(module, top_k, routing)
-    model = standalone_model(spec)
+    model = _model(spec, strategy)
     onnx.checker.check_model(model, full_check=True)
     index, weights = _route(logits, top_k, spec.normalize_topk)
     with torch.no_grad():
@@ -143,10 +154,61 @@ def test_removed_expert_contributes_nothing(tokens):
     assert np.all(got[0] == 0)
 
 
-def _spec(ranks: dict, gated: bool = True, top_k: int = 2, hidden: int = H) -> MoEOpSpec:
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("tokens", [0, 1, 17])
+def test_every_body_strategy_matches_reference(strategy, tokens):
+    """The bodies the benchmark compares compute the op: picks in one group, removed experts, repeated rows."""
+    shared = _experts(True, "silu", [0, 0, 1, 2, 3, 1], GATED_LOWRANK_SPARSE, seed=11)
+    hidden, logits = _inputs(tokens, 6, seed=12)
+    if tokens:
+        logits[0, :2] = torch.tensor([5.0, 4.5])  # token 0 picks experts 0 and 1, both in group 0
+    _check_against_reference(shared, 2, "softmax_topk_norm", hidden, logits, strategy)
+    removed = _experts(False, "gelu", [0, -1, 1, 2, 1, -1], PLAIN_MIXED, seed=13)
+    if tokens:
+        logits[0, 1] = 8.0  # token 0's first pick is removed
+    _check_against_reference(removed, 2, "softmax_topk", hidden, logits, strategy)
+
+
+def test_groups_without_tokens():
+    """Routing that never reaches some groups (0-row MatMuls), and a group no expert maps to."""
+    module = _experts(True, "silu", [0, 0, 3, 3, 1, 1, 3, -1], GATED_LOWRANK_SPARSE, seed=14)  # group 2: no experts
+    hidden, logits = _inputs(9, 8, seed=15)
+    logits[:, 4:] -= 20.0  # only experts 0..3 are picked: groups 0 and 3 run, 1 and 2 get no tokens
+    index, _ = _route(logits, 2, True)
+    assert set(module.expert_to_group[index].flatten().tolist()) == {0, 3}
+    _check_against_reference(module, 2, "softmax_topk_norm", hidden, logits)
+
+
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_single_group(tokens):
+    module = _experts(True, "silu", [0, 0, 0, -1], GATED_MIXED, seed=16)
+    hidden, logits = _inputs(tokens, 4, seed=17)
+    _check_against_reference(module, 2, "softmax_topk_norm", hidden, logits)
+
+
+def test_float16_body_runs_in_onnxruntime():
+    """float16 data (onnxruntime's CPU scatter kernels have no float16 reduction: the body adds in float32)."""
+    module = _experts(True, "silu", [0, 0, 1, 2, 3, 1], GATED_LOWRANK_SPARSE, seed=18)
+    spec = MoEOpSpec.from_experts(module, 2, "softmax_topk_norm")
+    hidden, logits = _inputs(7, 6, seed=19)
+    with torch.no_grad():
+        reference = module(hidden, *_route(logits, 2, True)).numpy()
+    feeds = _feeds(module, spec, hidden, logits)
+    feeds = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in feeds.items()}
+    got = _run(_model(spec, elem_type=onnx.TensorProto.FLOAT16), feeds)
+    assert got.dtype == np.float16
+    _assert_close(got, reference, rtol=1e-2)  # float16 rounding; a wrong body is off by O(1)
+
+
+def test_unknown_strategy():
+    with pytest.raises(ValueError, match="strategy"):
+        build_body(_spec(GATED_DENSE), "fastest")
+
+
+def _spec(ranks: dict, gated: bool = True, top_k: int = 2, hidden: int = H, groups: int = 4) -> MoEOpSpec:
     layout = ExpertLayout(gated, "silu", hidden, I)
     projections = tuple((n, ProjectionSpec(*layout.projection_shape(n), *ranks[n])) for n in layout.projections)
-    return MoEOpSpec(8, 4, hidden, I, top_k, gated, "silu", "softmax_topk_norm", projections)
+    return MoEOpSpec(8, groups, hidden, I, top_k, gated, "silu", "softmax_topk_norm", projections)
 
 
 def test_overload_names_structure_not_sizes():
@@ -156,6 +218,10 @@ def test_overload_names_structure_not_sizes():
     assert grouped_moe_function(base) == grouped_moe_function(resized)
     others = [_spec(GATED_DENSE), _spec(GATED_MIXED), _spec(GATED_LOWRANK_SPARSE, top_k=3)]
     assert len({base.overload} | {s.overload for s in others}) == 4
+    # the body is unrolled over groups: G is part of the name
+    regrouped = _spec(GATED_LOWRANK_SPARSE, groups=3)
+    assert regrouped.overload == base.overload.replace("_g4_", "_g3_") != base.overload
+    assert grouped_moe_function(regrouped).node != grouped_moe_function(base).node
 
 
 def test_two_structures_in_one_model():

@@ -23,7 +23,7 @@ import onnx
 import torch
 
 from ..models.base import FamilyAdapter
-from .torch_export import GraphPass, check_exportable, export_with_custom_moe
+from .torch_export import GraphPass, GraphSpec, check_exportable, finish_staged, stage_graph
 
 
 def kv_geometry(config) -> tuple[int, int, int]:
@@ -68,21 +68,8 @@ class _PastWrapper(torch.nn.Module):
         return (out.logits, *presents)
 
 
-def export_compressed_with_past(
-    model: torch.nn.Module,
-    adapter: FamilyAdapter,
-    out_path: str | Path,
-    opset: int = 18,
-    passes: Sequence[GraphPass] = (),
-    external_data: bool | None = None,
-) -> onnx.ModelProto:
-    """Export a compressed decoder-only model to one prefill + decode graph with KV cache.
-
-    See the module docstring for the inputs and outputs; batch, sequence and past length
-    (including 0) are dynamic. `passes` and `external_data` as in `export_compressed`.
-    Returns the saved ModelProto (checked with full_check).
-    """
-    check_exportable(adapter, opset)
+def past_graph_spec(model: torch.nn.Module) -> GraphSpec:
+    """The KV-cache graph of the module docstring; batch, sequence and past length (0 too) dynamic."""
     num_layers, kv_heads, head_dim = kv_geometry(model.config)
     batch_size, past_len, seq_len = 2, 5, 3
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), dtype=torch.long)
@@ -95,25 +82,33 @@ def export_compressed_with_past(
     seq = torch.export.Dim("seq", min=1, max=limit)
     past_dim = torch.export.Dim("past", min=0, max=limit)
     total = torch.export.Dim("total", min=1, max=2 * limit)
-    dynamic = (
-        {0: batch, 1: seq},
-        {0: batch, 1: total},
-        {0: batch, 1: seq},
-        [{0: batch, 2: past_dim} for _ in past],
-    )
-    return export_with_custom_moe(
-        model,
-        adapter,
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, [{0: batch, 2: past_dim} for _ in past])
+    return GraphSpec(
         _PastWrapper(model).eval(),
         (ids, mask, positions, past),
         ["input_ids", "attention_mask", "position_ids", *past_names(num_layers)],
         ["logits", *present_names(num_layers)],
         dynamic,
-        out_path,
-        opset,
-        passes,
-        external_data,
     )
+
+
+def export_compressed_with_past(
+    model: torch.nn.Module,
+    adapter: FamilyAdapter,
+    out_path: str | Path,
+    opset: int = 18,
+    passes: Sequence[GraphPass] = (),
+    external_data: bool | None = None,
+) -> onnx.ModelProto:
+    """Export a decoder-only model whose experts are GroupedLowRankExperts to one prefill + decode graph.
+
+    See the module docstring for the inputs and outputs; batch, sequence and past length
+    (including 0) are dynamic. `passes` and `external_data` as in `export_compressed`.
+    Returns the saved ModelProto (checked with full_check).
+    """
+    check_exportable(adapter, opset)
+    staged = stage_graph(model, adapter, past_graph_spec(model), out_path, opset)
+    return finish_staged(staged, out_path, passes, external_data)
 
 
 def empty_past(num_layers: int, kv_heads: int, head_dim: int, batch: int = 1, dtype=np.float32) -> dict:
@@ -154,4 +149,12 @@ def greedy_generate_onnx(session, input_ids, max_new_tokens: int, num_layers: in
     return tokens
 
 
-__all__ = ["export_compressed_with_past", "greedy_generate_onnx", "kv_geometry", "empty_past"]
+__all__ = [
+    "empty_past",
+    "export_compressed_with_past",
+    "greedy_generate_onnx",
+    "kv_geometry",
+    "past_graph_spec",
+    "past_names",
+    "present_names",
+]

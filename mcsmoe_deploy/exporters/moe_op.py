@@ -9,27 +9,30 @@ is docs/ops.md).
 The semantics ship inside the model as a model-local FunctionProto made of
 standard ops, so a runtime with no kernel for the op inlines the body.
 Bodies differ with the structure of a block (gated or not, activation, top-k,
-normalisation, which projections are dense / low-rank / have sparse rows), so
-each structure gets its own function under the same (domain, name) told apart
-by the `overload` field (ONNX IR version >= 10); the node names the same
-overload. Bodies are shape-generic (E, G, H, I, ranks and row counts are read
-from the inputs), so blocks that differ only in sizes share one function.
+normalisation, number of groups G, which projections are dense / low-rank / have
+sparse rows), so each structure gets its own function under the same (domain,
+name) told apart by the `overload` field (ONNX IR version >= 10); the node names
+the same overload. Other sizes (E, H, I, ranks, row counts) are read from the
+inputs, so blocks that differ only in those share one function.
 
-Decomposition (simple, correct, not fast; details in docs/ops.md): routing
-weights [T, E] -> group weights [T, G] through a 0/1 membership matrix, then every
-group's expert on every token with MatMuls batched over G, weighted, summed over G.
+Decomposition (built in moe_body.py; numbers in docs/ops.md): routing weights
+[T, E] -> group weights [T, G] through a 0/1 membership matrix; then, unrolled over
+the G groups, each group's routed tokens are gathered, run through that group's
+expert alone and scatter-added back, weighted. Work follows routing (a group
+without tokens runs 0-row MatMuls), and the per-group weight slices are constant
+slices of the initializers, which runtimes fold once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from ..grouped_experts import GroupedLowRankExperts, ProjectionSpec
 from ..models.base import ExpertLayout
+from .moe_body import DEFAULT_STRATEGY, build_body
 
 DOMAIN = "ai.mcsmoe"
 OP_TYPE = "GroupedLowRankMoE"
@@ -145,71 +148,14 @@ class MoEOpSpec:
 
     @property
     def overload(self) -> str:
-        """Names the function body: only what changes the graph, not the sizes."""
+        """Names the function body: what changes the graph (the structure, and G: the body is
+        unrolled over groups), not the sizes H, I, E, ranks or row counts."""
         kinds = []
         for name, p in self.projections:
             kinds.append(f"{name}-dense" if p.dense else f"{name}-lowrank" + ("-sparse" if p.sparse_rows else ""))
         norm = "norm" if self.normalize_topk else "raw"
         family = "gated" if self.gated else "plain"
-        return "_".join([family, self.activation, f"k{self.top_k}", norm] + kinds)
-
-
-class _Body:
-    """Appends nodes to a function body, naming intermediate values t0, t1, ..."""
-
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self._count = 0
-
-    def __call__(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
-        names = [f"t{self._count + i}" for i in range(outputs)]
-        self._count += outputs
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
-        return names[0] if outputs == 1 else names
-
-    def ints(self, values: list[int]) -> str:
-        return self("Constant", value=numpy_helper.from_array(np.array(values, dtype=np.int64)))
-
-    def scalar_int(self, value: int) -> str:
-        return self("Constant", value=numpy_helper.from_array(np.array(value, dtype=np.int64)))
-
-    def float_like(self, value: float, like: str) -> str:
-        # constants follow the data's dtype (float, float16, bfloat16)
-        return self("CastLike", self("Constant", value_float=value), like)
-
-
-def _activation(b: _Body, kind: str, a: str) -> str:
-    """act(a), elementwise, matching transformers' ACT2FN."""
-    if kind == "relu":
-        return b("Relu", a)
-    if kind == "silu":
-        return b("Mul", a, b("Sigmoid", a))
-    half_a = b("Mul", a, b.float_like(0.5, a))
-    if kind == "gelu":  # exact: 0.5 a (1 + erf(a / sqrt 2))
-        inner = b("Erf", b("Mul", a, b.float_like(float(1 / np.sqrt(2)), a)))
-    else:  # gelu_tanh: 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))
-        cube = b("Mul", b("Mul", a, a), a)
-        poly = b("Add", a, b("Mul", cube, b.float_like(0.044715, a)))
-        inner = b("Tanh", b("Mul", poly, b.float_like(float(np.sqrt(2 / np.pi)), a)))
-    return b("Mul", half_a, b("Add", inner, b.float_like(1.0, a)))
-
-
-def _project(b: _Body, spec: MoEOpSpec, name: str, h: str) -> str:
-    """Projection `name` of every group: h [T, in] or [G, T, in] -> [G, T, out]."""
-    proj = dict(spec.projections)[name]
-    inputs = spec.projection_inputs(name)
-    perm = [0, 2, 1]
-    if proj.dense:
-        return b("MatMul", h, b("Transpose", inputs[0], perm=perm))
-    left, right = inputs[:2]
-    y = b("MatMul", b("MatMul", h, b("Transpose", right, perm=perm)), b("Transpose", left, perm=perm))
-    if proj.sparse_rows:
-        rows, values = inputs[2:]
-        extra = b("MatMul", h, b("Transpose", values, perm=perm))  # [G, T, n]
-        index = b("Expand", b("Unsqueeze", rows, b.ints([1])), b("Shape", extra))  # [G, T, n]
-        # reduction add: repeated row indices accumulate, like torch index_add
-        y = b("ScatterElements", y, index, extra, axis=2, reduction="add")
-    return y
+        return "_".join([family, self.activation, f"k{self.top_k}", norm, f"g{self.num_groups}"] + kinds)
 
 
 def grouped_moe_function(spec: MoEOpSpec, opset: int = 18) -> onnx.FunctionProto:
@@ -217,44 +163,17 @@ def grouped_moe_function(spec: MoEOpSpec, opset: int = 18) -> onnx.FunctionProto
 
     `opset` must equal the model's default-domain opset (18 or newer): the body
     imports it and runtimes reject a function whose imports disagree with the model.
-    Inputs as `spec.input_names()`, output "output" [T, H].
+    Inputs as `spec.input_names()`, output "output" [T, H]. The body is
+    `moe_body.DEFAULT_STRATEGY` (see the module docstring).
     """
     if opset < 18:
-        raise ValueError("the function body needs opset >= 18 (ScatterElements reduction, ReduceSum axes input)")
-    b = _Body()
-    # routing weights of the top-k picks, [T, k]
-    probs = b("Softmax", "router_logits", axis=-1)
-    top_w, top_i = b("TopK", probs, b.ints([spec.top_k]), axis=-1, largest=1, sorted=1, outputs=2)
-    if spec.normalize_topk:
-        top_w = b("Div", top_w, b("ReduceSum", top_w, b.ints([-1]), keepdims=1))
-    # dense per-expert weights [T, E]; top-k indices are distinct, so no reduction is needed
-    zeros = b("CastLike", b("ConstantOfShape", b("Shape", probs)), probs)
-    per_expert = b("ScatterElements", zeros, top_i, top_w, axis=1)
-    # membership [E, G]: 1 where expert_to_group[e] == g; a removed expert (-1) matches nothing
-    first_weight = spec.projection_inputs(spec.projections[0][0])[0]
-    num_groups = b("Squeeze", b("Shape", first_weight, start=0, end=1), b.ints([0]))
-    groups = b("Range", b.scalar_int(0), num_groups, b.scalar_int(1))
-    member = b("Equal", b("Unsqueeze", "expert_to_group", b.ints([1])), groups)
-    member = b("CastLike", b("Cast", member, to=TensorProto.FLOAT), probs)
-    # picks landing in one group add up here
-    per_group = b("MatMul", per_expert, member)  # [T, G]
-    weights = b("CastLike", b("Unsqueeze", b("Transpose", per_group, perm=[1, 0]), b.ints([2])), "hidden")
-
-    # every group's expert on every token, [G, T, H]
-    x = "hidden"
-    if spec.gated:
-        inner = b("Mul", _activation(b, spec.activation, _project(b, spec, "gate", x)), _project(b, spec, "up", x))
-        expert_out = _project(b, spec, "down", inner)
-    else:
-        expert_out = _project(b, spec, "wo", _activation(b, spec.activation, _project(b, spec, "wi", x)))
-    b.nodes.append(helper.make_node("ReduceSum", [b("Mul", expert_out, weights), b.ints([0])], ["output"], keepdims=0))
-
+        raise ValueError("the function body needs opset >= 18 (ScatterElements/ScatterND reduction, ReduceSum axes)")
     function = helper.make_function(
         DOMAIN,
         OP_TYPE,
         inputs=list(spec.input_names()),
         outputs=["output"],
-        nodes=b.nodes,
+        nodes=build_body(spec, DEFAULT_STRATEGY),
         opset_imports=[helper.make_opsetid("", opset)],
         # declared so the node may carry them; the body is specialised, not driven by them
         attributes=list(NODE_ATTRIBUTES),

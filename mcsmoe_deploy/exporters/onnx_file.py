@@ -38,7 +38,7 @@ def save_checked(model_proto: onnx.ModelProto, out_path: str | Path, external_da
     external_data: True stores every tensor over 1 KiB in `OUT.onnx.data`; None does so
     only when the model would not fit in one protobuf (about 1.8 GB). With external data
     onnx moves the tensors out of `model_proto` while writing, so the caller's proto no
-    longer holds the weights afterwards (that is what keeps peak memory at one copy).
+    longer holds the weights afterwards.
     """
     out_path = Path(out_path)
     if external_data is None:
@@ -47,23 +47,34 @@ def save_checked(model_proto: onnx.ModelProto, out_path: str | Path, external_da
     out_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".staging", dir=out_path.parent))
     try:
-        staged = staging / out_path.name
-        if external_data:
-            onnx.save_model(
-                model_proto, staged, save_as_external_data=True, all_tensors_to_one_file=True,
-                location=external_data_path(out_path).name, size_threshold=1024,
-            )
-        else:
-            onnx.save_model(model_proto, staged)
-        onnx.checker.check_model(str(staged), full_check=True)
-        staged_data = external_data_path(staged)
-        if staged_data.exists():
-            os.replace(staged_data, external_data_path(out_path))
-        elif external_data_path(out_path).exists():
-            external_data_path(out_path).unlink()  # a stale data file from an earlier --force run
-        os.replace(staged, out_path)
+        write_staged(model_proto, staging / out_path.name, out_path, external_data)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return out_path
+
+
+def write_staged(model_proto: onnx.ModelProto, staged: Path, out_path: str | Path, external_data: bool) -> Path:
+    """Write `model_proto` to `staged` (in a staging folder beside `out_path`), check it, move it into place.
+
+    external_data: write the weights `model_proto` holds into `STAGED.data`. Tensors that
+    already refer to an external file keep referring to it; that file must already sit
+    beside `staged` under the output's data name (as `stage_graph` leaves it).
+    """
+    out_path = Path(out_path)
+    if external_data:
+        onnx.save_model(
+            model_proto, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+            location=external_data_path(out_path).name, size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model_proto, staged)
+    onnx.checker.check_model(str(staged), full_check=True)
+    staged_data = external_data_path(staged)
+    if staged_data.exists():
+        os.replace(staged_data, external_data_path(out_path))
+    elif external_data_path(out_path).exists():
+        external_data_path(out_path).unlink()  # a stale data file from an earlier --force run
+    os.replace(staged, out_path)
     return out_path
 
 
@@ -106,4 +117,11 @@ def write_inlined_copy(path: str | Path, out_path: str | Path | None = None) -> 
     return out_path
 
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "external_data_path", "inlined_path", "save_checked", "write_inlined_copy"]
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "external_data_path",
+    "inlined_path",
+    "save_checked",
+    "write_inlined_copy",
+    "write_staged",
+]

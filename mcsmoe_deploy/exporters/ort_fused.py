@@ -281,4 +281,7 @@ def fuse_moe_for_ort(model_proto: onnx.ModelProto) -> onnx.ModelProto:
     return model_proto
 
 
+fuse_moe_for_ort.needs_weights = True  # it reads gate and up values (see torch_export.GraphPass)
+
+
 __all__ = ["ORT_DOMAIN", "ORT_MOE", "MoEFusion", "fuse_moe_for_ort", "plan_ort_fusion"]

@@ -18,10 +18,10 @@ from ..errors import UserError
 from ..memory import peak_rss_bytes
 from ..models import adapter_for_config, check_weights, load_model, read_config_dict
 from .dense import group_dense_experts
-from .kv_export import export_compressed_with_past
+from .kv_export import past_graph_spec
 from .onnx_file import external_data_path, inlined_path, write_inlined_copy
 from .switch_export import DECODER_FILE, ENCODER_FILE, export_switch
-from .torch_export import export_compressed
+from .torch_export import check_exportable, finish_staged, logits_graph_spec, stage_graph
 from .validate import ExportReport, check_parity, describe, describe_files
 
 TARGETS = ("mcsmoe", "ort-fused")
@@ -167,8 +167,11 @@ def export_model(
     if adapter.encoder_decoder:
         report, files = _export_encoder_decoder(model, adapter, out_path, passes, external_data, inline)
     else:
-        exporter = export_compressed_with_past if with_past else export_compressed
-        model_proto = exporter(model, adapter, out_path, passes=passes, external_data=external_data)
+        check_exportable(adapter, 18)
+        staged = stage_graph(model, adapter, (past_graph_spec if with_past else logits_graph_spec)(model), out_path)
+        del model  # the staged file holds the weights now: free them before the graph is reloaded
+        gc.collect()
+        model_proto = finish_staged(staged, out_path, passes, external_data)
         report = describe(model_proto, out_path)
         del model_proto
         files = [out_path]
@@ -179,10 +182,10 @@ def export_model(
     report.target, report.with_past, report.compressed = target, with_past, compressed
     if validate:
         _next_stage(stages, "validating in onnxruntime")
-        if not compressed:  # validate against transformers' own model, not our regrouping of it
-            del model
-            gc.collect()
-            model = _load_reference(model_dir, compressed)
+        # reloaded: for a dense checkpoint, transformers' own model rather than our regrouping of it
+        model = None
+        gc.collect()
+        model = _load_reference(model_dir, compressed)
         report.parity = [check_parity(path, model, with_past) for path in files]
     _next_stage(stages, "done")
     stages.close()

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from ..models.base import FamilyAdapter
 from .moe_op import DOMAIN, OP_TYPE, register_op_schema
-from .torch_export import GraphPass, _projection_tensors, export_with_custom_moe, spec_for_key
+from .custom_op import projection_tensors, spec_for_key
+from .torch_export import GraphPass, export_with_custom_moe
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -117,7 +118,7 @@ def capacity_keep_mask(probs: torch.Tensor, capacity: int) -> torch.Tensor:
 
 
 def switch_moe_forward(adapter: FamilyAdapter, key: int):
-    """The forward of a SwitchTransformersSparseMLP during export (a torch_export ForwardFactory).
+    """The forward of a SwitchTransformersSparseMLP during export (a custom_op ForwardFactory).
 
     Router logits as transformers computes them (in `router_dtype`), the custom op on the
     flattened tokens, then zero for the tokens the capacity drops. It never calls the
@@ -140,7 +141,7 @@ def switch_moe_forward(adapter: FamilyAdapter, key: int):
             flat,
             logits.reshape(-1, logits.shape[-1]).to(hidden_states.dtype),
             self.experts.expert_to_group,
-            _projection_tensors(self.experts, spec),
+            projection_tensors(self.experts, spec),
             key,
         )
         out = out.reshape(batch, seq, hidden_dim)

@@ -1,0 +1,299 @@
+"""Function bodies of `ai.mcsmoe::GroupedLowRankMoE`: the op's semantics in standard ONNX ops.
+
+All bodies share the routing prelude (softmax, top-k, optional renormalisation,
+group weights [T, G]) and differ in how the G merged experts meet the tokens:
+
+- "gather_tokens" (shipped): per group, unrolled over G, the tokens routed to it
+  are gathered, run through that group's expert alone and scatter-added back.
+  Work is what routing asks for (a group with no tokens runs 0-row MatMuls), and
+  the per-group weight slices are constant, so runtimes fold them once.
+- "dense_all": every group's expert on every token, MatMuls batched over G, then a
+  weighted sum over G. Shape-generic in G, but G/k times the needed work.
+- "loop_tokens": gather_tokens as an ONNX Loop over groups: shape-generic in G,
+  but the weight slices are copied per call.
+- "gather_weights": the picked groups' factors are gathered per (token, pick) and
+  applied with one batched MatMul; copies k weight sets per token.
+
+All four are tested against the torch reference; benchmarks/op_decomposition.py
+times them on onnxruntime CPU, and gather_tokens is the fastest at every token
+count measured (numbers in docs/ops.md).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:
+    from .moe_op import MoEOpSpec
+
+STRATEGIES = ("dense_all", "gather_tokens", "loop_tokens", "gather_weights")
+DEFAULT_STRATEGY = "gather_tokens"
+
+
+class Body:
+    """Appends nodes to a function body, naming intermediate values t0, t1, ..."""
+
+    def __init__(self, prefix: str = "t") -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.prefix = prefix  # subgraphs need names distinct from their outer graph's
+        self._count = 0
+        self._constants: dict[tuple, str] = {}  # one node per distinct constant
+
+    def __call__(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
+        names = [f"{self.prefix}{self._count + i}" for i in range(outputs)]
+        self._count += outputs
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def _constant(self, key: tuple, make) -> str:
+        if key not in self._constants:
+            self._constants[key] = make()
+        return self._constants[key]
+
+    def ints(self, values: list[int]) -> str:
+        array = np.array(values, dtype=np.int64)
+        return self._constant(("ints", tuple(values)), lambda: self("Constant", value=numpy_helper.from_array(array)))
+
+    def scalar_int(self, value: int) -> str:
+        array = np.array(value, dtype=np.int64)
+        return self._constant(("int", value), lambda: self("Constant", value=numpy_helper.from_array(array)))
+
+    def float_like(self, value: float, like: str) -> str:
+        # constants follow the data's dtype (float, float16, bfloat16)
+        make = lambda: self("CastLike", self("Constant", value_float=value), like)  # noqa: E731
+        return self._constant(("float", value, like), make)
+
+    def scatter_add(self, op_type: str, data: str, index: str, updates: str, **attrs) -> str:
+        """ScatterElements / ScatterND with reduction "add", computed in float32: onnxruntime's
+        CPU kernels refuse float16 reductions; for float32 data the casts are no-ops."""
+        as_float = lambda v: self("Cast", v, to=TensorProto.FLOAT)  # noqa: E731
+        return self("CastLike", self(op_type, as_float(data), index, as_float(updates), reduction="add", **attrs), data)
+
+    def output(self, value: str, name: str = "output") -> None:
+        """Rename the final value to the body's formal output."""
+        self.nodes.append(helper.make_node("Identity", [value], [name]))
+
+
+def activation(b: Body, kind: str, a: str) -> str:
+    """act(a), elementwise, matching transformers' ACT2FN."""
+    if kind == "relu":
+        return b("Relu", a)
+    if kind == "silu":
+        return b("Mul", a, b("Sigmoid", a))
+    half_a = b("Mul", a, b.float_like(0.5, a))
+    if kind == "gelu":  # exact: 0.5 a (1 + erf(a / sqrt 2))
+        inner = b("Erf", b("Mul", a, b.float_like(float(1 / np.sqrt(2)), a)))
+    else:  # gelu_tanh: 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))
+        cube = b("Mul", b("Mul", a, a), a)
+        poly = b("Add", a, b("Mul", cube, b.float_like(0.044715, a)))
+        inner = b("Tanh", b("Mul", poly, b.float_like(float(np.sqrt(2 / np.pi)), a)))
+    return b("Mul", half_a, b("Add", inner, b.float_like(1.0, a)))
+
+
+def _expert(b: Body, spec: MoEOpSpec, x: str, project) -> str:
+    """One expert's feed-forward network, `project(name, h)` applying projection `name`."""
+    if spec.gated:
+        inner = b("Mul", activation(b, spec.activation, project("gate", x)), project("up", x))
+        return project("down", inner)
+    return project("wo", activation(b, spec.activation, project("wi", x)))
+
+
+def _routing(b: Body, spec: MoEOpSpec) -> tuple[str, str]:
+    """Top-k picks: weights [T, k] (router dtype) and expert indices [T, k]."""
+    probs = b("Softmax", "router_logits", axis=-1)
+    top_w, top_i = b("TopK", probs, b.ints([spec.top_k]), axis=-1, largest=1, sorted=1, outputs=2)
+    if spec.normalize_topk:
+        top_w = b("Div", top_w, b("ReduceSum", top_w, b.ints([-1]), keepdims=1))
+    return top_w, top_i
+
+
+def _group_weights(b: Body, spec: MoEOpSpec) -> str:
+    """a [T, G]: summed routing weight of each token's picks per group (router dtype)."""
+    top_w, top_i = _routing(b, spec)
+    # dense per-expert weights [T, E]; top-k indices are distinct, so no reduction is needed
+    zeros = b("CastLike", b("ConstantOfShape", b("Shape", "router_logits")), "router_logits")
+    per_expert = b("ScatterElements", zeros, top_i, top_w, axis=1)
+    # membership [E, G]: 1 where expert_to_group[e] == g; a removed expert (-1) matches nothing
+    first_weight = spec.projection_inputs(spec.projections[0][0])[0]
+    num_groups = b("Squeeze", b("Shape", first_weight, start=0, end=1), b.ints([0]))
+    groups = b("Range", b.scalar_int(0), num_groups, b.scalar_int(1))
+    member = b("CastLike", b("Equal", b("Unsqueeze", "expert_to_group", b.ints([1])), groups), per_expert)
+    return b("MatMul", per_expert, member)  # picks landing in one group add up here
+
+
+# ---------------------------------------------------------------------------------------------
+# dense_all
+
+
+def _project_all_groups(b: Body, spec: MoEOpSpec, name: str, h: str) -> str:
+    """Projection `name` of every group: h [T, in] or [G, T, in] -> [G, T, out]."""
+    proj = dict(spec.projections)[name]
+    inputs = spec.projection_inputs(name)
+    perm = [0, 2, 1]
+    if proj.dense:
+        return b("MatMul", h, b("Transpose", inputs[0], perm=perm))
+    left, right = inputs[:2]
+    y = b("MatMul", b("MatMul", h, b("Transpose", right, perm=perm)), b("Transpose", left, perm=perm))
+    if proj.sparse_rows:
+        rows, values = inputs[2:]
+        extra = b("MatMul", h, b("Transpose", values, perm=perm))  # [G, T, n]
+        index = b("Expand", b("Unsqueeze", rows, b.ints([1])), b("Shape", extra))  # [G, T, n]
+        # reduction add: repeated row indices accumulate, like torch index_add
+        y = b.scatter_add("ScatterElements", y, index, extra, axis=2)
+    return y
+
+
+def _dense_all(b: Body, spec: MoEOpSpec) -> str:
+    weights = b("CastLike", b("Unsqueeze", b("Transpose", _group_weights(b, spec), perm=[1, 0]), b.ints([2])), "hidden")
+    expert_out = _expert(b, spec, "hidden", lambda name, h: _project_all_groups(b, spec, name, h))  # [G, T, H]
+    return b("ReduceSum", b("Mul", expert_out, weights), b.ints([0]), keepdims=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# gather_tokens
+
+
+def project_group(b: Body, spec: MoEOpSpec, name: str, group: int | str, h: str) -> str:
+    """Projection `name` of one group alone: h [n, in] -> [n, out].
+
+    `group`: the group number, or the name of a scalar int64 value holding it. With a
+    number, the per-group slices (Gather, Transpose) of initializers are constant,
+    and runtimes fold them: they cost nothing per call.
+    """
+    proj = dict(spec.projections)[name]
+    inputs = spec.projection_inputs(name)
+    index = b.scalar_int(group) if isinstance(group, int) else group
+
+    def weight_t(tensor: str) -> str:  # [out, in] of this group, transposed to [in, out]
+        return b("Transpose", b("Gather", tensor, index, axis=0), perm=[1, 0])
+
+    if proj.dense:
+        return b("MatMul", h, weight_t(inputs[0]))
+    left, right = inputs[:2]
+    y = b("MatMul", b("MatMul", h, weight_t(right)), weight_t(left))
+    if proj.sparse_rows:
+        rows, values = inputs[2:]
+        extra = b("MatMul", h, weight_t(values))  # [tokens, sparse rows]
+        row_index = b("Expand", b("Unsqueeze", b("Gather", rows, index, axis=0), b.ints([0])), b("Shape", extra))
+        y = b.scatter_add("ScatterElements", y, row_index, extra, axis=1)
+    return y
+
+
+def group_expert(b: Body, spec: MoEOpSpec, group: int | str, x: str) -> str:
+    """One group's merged expert on x [n, H] -> [n, H] (`group` as in `project_group`)."""
+    return _expert(b, spec, x, lambda name, h: project_group(b, spec, name, group, h))
+
+
+def _gather_tokens(b: Body, spec: MoEOpSpec) -> str:
+    by_group = b("Transpose", _group_weights(b, spec), perm=[1, 0])  # [G, T]
+    routed = b("Greater", by_group, b.float_like(0.0, by_group))  # a zero weight contributes nothing: skip it
+    # (group, token) pairs in row-major order, i.e. sorted by group: N pairs, N <= T k
+    pairs = b("NonZero", routed)  # [2, N]
+    tokens = b("Gather", pairs, b.scalar_int(1), axis=0)  # [N]
+    pair_weight = b("Compress", b("Reshape", by_group, b.ints([-1])), b("Reshape", routed, b.ints([-1])))  # [N]
+    per_group = b("ReduceSum", b("Cast", routed, to=TensorProto.INT64), b.ints([1]), keepdims=0)  # [G]
+    chunks = b("Split", b("Gather", "hidden", tokens, axis=0), per_group, axis=0, outputs=spec.num_groups)
+    chunks = [chunks] if spec.num_groups == 1 else chunks
+    outs = [group_expert(b, spec, g, chunk) for g, chunk in enumerate(chunks)]
+    expert_out = outs[0] if len(outs) == 1 else b("Concat", *outs, axis=0)  # [N, H]
+    scaled = b("Mul", expert_out, b("CastLike", b("Unsqueeze", pair_weight, b.ints([1])), "hidden"))
+    zeros = b("CastLike", b("ConstantOfShape", b("Shape", "hidden")), "hidden")
+    # a token picked by several groups receives several rows: reduction add sums them
+    return b.scatter_add("ScatterND", zeros, b("Unsqueeze", tokens, b.ints([1])), scaled)
+
+
+def _loop_tokens(b: Body, spec: MoEOpSpec) -> str:
+    """gather_tokens as an ONNX Loop over groups: shape-generic in G, but the per-group weight
+    slices take a loop-variable index, so they are copied at run time instead of folded."""
+    by_group = b("Transpose", _group_weights(b, spec), perm=[1, 0])  # [G, T]
+    step = Body(prefix="loop")
+    column = step("Gather", by_group, "group", axis=0)  # [T]
+    tokens = step("Reshape", step("NonZero", step("Greater", column, step.float_like(0.0, column))), step.ints([-1]))
+    # a group without tokens skips its weight copies
+    run = Body(prefix="run")
+    y = group_expert(run, spec, "group", run("Gather", "hidden", tokens, axis=0))
+    scale = run("CastLike", run("Unsqueeze", run("Gather", column, tokens, axis=0), run.ints([1])), "hidden")
+    added = run.scatter_add("ScatterND", "acc_in", run("Unsqueeze", tokens, run.ints([1])), run("Mul", y, scale))
+    run.output(added, "run_out")
+    skip = Body(prefix="skip")
+    skip.output("acc_in", "skip_out")
+    branches = {
+        "then_branch": helper.make_graph(run.nodes, "run", [], [helper.make_empty_tensor_value_info("run_out")]),
+        "else_branch": helper.make_graph(skip.nodes, "skip", [], [helper.make_empty_tensor_value_info("skip_out")]),
+    }
+    has_tokens = step("Greater", step("Size", tokens), step.scalar_int(0))
+    step.output(step("If", has_tokens, **branches), "acc_out")
+    step.output("cond_in", "cond_out")
+    scalar = lambda name, dtype: helper.make_tensor_value_info(name, dtype, [])  # noqa: E731
+    graph = helper.make_graph(
+        step.nodes,
+        "group_step",
+        [scalar("group", TensorProto.INT64), scalar("cond_in", TensorProto.BOOL),
+         helper.make_empty_tensor_value_info("acc_in")],
+        [scalar("cond_out", TensorProto.BOOL), helper.make_empty_tensor_value_info("acc_out")],
+    )
+    trips = b("Squeeze", b("Shape", by_group, start=0, end=1), b.ints([0]))
+    zeros = b("CastLike", b("ConstantOfShape", b("Shape", "hidden")), "hidden")
+    return b("Loop", trips, "", zeros, body=graph)
+
+
+# ---------------------------------------------------------------------------------------------
+# gather_weights
+
+
+def _project_picked(b: Body, spec: MoEOpSpec, name: str, picked: str, h: str) -> str:
+    """Projection `name` of each pick's group: h [P, 1, in], picked [P] -> [P, 1, out]."""
+    proj = dict(spec.projections)[name]
+    inputs = spec.projection_inputs(name)
+
+    def weight_t(tensor: str) -> str:  # [P, in, out]; the transpose of an initializer folds away
+        return b("Gather", b("Transpose", tensor, perm=[0, 2, 1]), picked, axis=0)
+
+    if proj.dense:
+        return b("MatMul", h, weight_t(inputs[0]))
+    left, right = inputs[:2]
+    y = b("MatMul", b("MatMul", h, weight_t(right)), weight_t(left))
+    if proj.sparse_rows:
+        rows, values = inputs[2:]
+        extra = b("MatMul", h, weight_t(values))  # [P, 1, n]
+        row_index = b("Unsqueeze", b("Gather", rows, picked, axis=0), b.ints([1]))  # [P, 1, n]
+        y = b.scatter_add("ScatterElements", y, row_index, extra, axis=2)
+    return y
+
+
+def _gather_weights(b: Body, spec: MoEOpSpec) -> str:
+    top_w, top_i = _routing(b, spec)
+    group = b("Reshape", b("Gather", "expert_to_group", top_i, axis=0), b.ints([-1]))  # [P = T k]
+    kept = b("CastLike", b("GreaterOrEqual", group, b.scalar_int(0)), top_w)
+    # a removed expert's pick runs group 0 with weight 0 (cheaper than a dynamic filter)
+    picked = b("Max", group, b.scalar_int(0))
+    weight = b("Mul", b("Reshape", top_w, b.ints([-1])), kept)  # [P]
+    # sizes come from the inputs (blocks differing only in sizes share a body); 0 in Reshape keeps H
+    repeat = b("Concat", b("Shape", top_i), b.ints([1]), axis=0)  # [T, k, 1]
+    x = b("Reshape", b("Expand", b("Unsqueeze", "hidden", b.ints([1])), repeat), b.ints([-1, 1, 0]))  # [P, 1, H]
+    y = _expert(b, spec, x, lambda name, h: _project_picked(b, spec, name, picked, h))  # [P, 1, H]
+    y = b("Mul", y, b("CastLike", b("Reshape", weight, b.ints([-1, 1, 1])), "hidden"))
+    k_rows = b("Reshape", y, b.ints([-1, spec.top_k, 0]))  # [T, k, H]
+    return b("ReduceSum", k_rows, b.ints([1]), keepdims=0)
+
+
+_BUILDERS = {
+    "dense_all": _dense_all,
+    "gather_tokens": _gather_tokens,
+    "loop_tokens": _loop_tokens,
+    "gather_weights": _gather_weights,
+}
+
+
+def build_body(spec: MoEOpSpec, strategy: str = DEFAULT_STRATEGY) -> list[onnx.NodeProto]:
+    """Nodes computing "output" [T, H] from the formal inputs `spec.input_names()`."""
+    if strategy not in _BUILDERS:
+        raise ValueError(f"strategy {strategy!r} unknown; one of {STRATEGIES}")
+    b = Body()
+    b.output(_BUILDERS[strategy](b, spec))
+    return b.nodes
+
