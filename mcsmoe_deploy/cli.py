@@ -281,6 +281,38 @@ def _add_bench_parsers(sub) -> None:
     compare.set_defaults(run=_cmd_compare)
 
 
+def _cmd_triton(args: argparse.Namespace) -> int:
+    from .runtime.triton import write_triton_repository
+
+    repository = write_triton_repository(
+        args.model, args.repo_dir, name=args.name, max_batch_size=args.max_batch_size, backend=args.backend,
+        engine_path=args.engine, force=args.force,
+    )
+    print(repository.summary())
+    return 0
+
+
+def _add_triton_parser(sub) -> None:
+    triton = sub.add_parser(
+        "triton",
+        help="write a Triton Inference Server model repository for an exported graph",
+        description="Lay out REPO_DIR/NAME/config.pbtxt and REPO_DIR/NAME/1/model.onnx (model.plan for the "
+                    "tensorrt backend) with dynamic batching and every input's dims, so Triton serves the graph "
+                    "on many machines. The KV-cache graph is served stateless: the client sends the cache with "
+                    "each request and receives the grown cache back (see mcsmoe_deploy/runtime/triton.py).",
+    )
+    triton.add_argument("model", help="ONNX file from mcsmoe export")
+    triton.add_argument("repo_dir", help="model repository folder (created if missing)")
+    triton.add_argument("--name", default=None, help="model name in the repository (default: the file's stem)")
+    triton.add_argument("--max-batch-size", type=int, default=8, metavar="N",
+                        help="Triton's max_batch_size; 0 disables batching (default: 8)")
+    triton.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                        help="Triton backend (default: onnxruntime); tensorrt needs --engine")
+    triton.add_argument("--engine", default=None, metavar="PLAN", help="TensorRT engine for --backend tensorrt")
+    triton.add_argument("--force", action="store_true", help="replace the model folder if it exists")
+    triton.set_defaults(run=_cmd_triton)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcsmoe",
@@ -310,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     _add_run_parser(sub)
     _add_bench_parsers(sub)
+    _add_triton_parser(sub)
 
     demo = sub.add_parser(
         "demo",

@@ -317,3 +317,13 @@ def test_triton_tensorrt_repository_serves_the_engine(graph, tmp_path):
                          ({"max_batch_size": -1}, "max_batch_size must be >= 0")]:
         with pytest.raises(UserError, match=message):
             write_triton_repository(graph, tmp_path / "other", **bad)
+
+
+def test_triton_command(graph, tmp_path, capsys):
+    from mcsmoe_deploy.cli import main
+
+    assert main(["triton", str(graph), str(tmp_path / "repo"), "--name", "moe", "--max-batch-size", "2"]) == 0
+    assert "wrote Triton model 'moe' (onnxruntime, max_batch_size 2" in capsys.readouterr().out
+    assert parse_config(tmp_path / "repo" / "moe" / "config.pbtxt")[1].max_batch_size == 2
+    assert main(["triton", str(graph), str(tmp_path / "repo"), "--name", "moe"]) == 2
+    assert capsys.readouterr().err.strip().endswith("exists; pass --force to replace it")
