@@ -100,6 +100,8 @@ def stage_graph(
     """Trace `spec.wrapper(*spec.args)` with MoE blocks as custom nodes and stream it into a staging folder."""
     import onnx_ir as ir
 
+    if not register_op_schema():  # onnxscript only emits the bare node for an op it has a schema of
+        raise RuntimeError("this onnx cannot register op schemas from Python; upgrade onnx")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -128,6 +130,12 @@ def stage_graph(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        # onnxscript's rewriter keeps the last graph it matched alive (module-level pattern
+        # matchers hold its nodes), so detach the graph from the torch tensors: without this
+        # the weights outlive the caller's model and the export holds them twice
+        for value in program.model.graph.initializers.values():
+            value.const_value = None
     return StagedGraph(staged, list(specs.values()))
 
 

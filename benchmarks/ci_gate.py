@@ -1,0 +1,67 @@
+"""CI's performance gate: the embedded model, dense vs compressed, on onnxruntime CPU, against a kept baseline.
+
+Compresses the embedded model (4 of 8 experts, rank 0.5, sparse rows 0.05; no distillation:
+speed does not depend on it), exports both models, measures them in one `mcsmoe bench` run
+and compares the in-run ratios (compressed / dense: decode and prefill p50, peak RSS,
+tokens/s) with benchmarks/baselines/embedded-cpu.json. Absolute times are not gated: they
+move with the machine. Exit status: 0 pass, 1 regression (the table says which).
+
+    python benchmarks/ci_gate.py                    # the gate
+    python benchmarks/ci_gate.py --update-baseline  # after an intended change, on a quiet machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import mcsmoe_deploy as mc
+from mcsmoe_deploy.demo import embedded_model_dir
+from mcsmoe_deploy.runtime.compare import compare_reports
+from mcsmoe_deploy.summary import format_bench, format_comparison
+
+BASELINE = Path(__file__).parent / "baselines" / "embedded-cpu.json"
+CONFIG = mc.BenchConfig(batch=1, prompt_len=64, decode_tokens=32, warmup=2, iterations=10, threads=2)
+# sub-millisecond steps of a 9 MB model on shared 2-core runners: ratios move by up to about
+# 15% between quiet runs (measured), so the gate catches losses of a third or more
+MAX_REGRESSION = 0.35
+
+
+def measure(work: Path) -> mc.BenchReport:
+    dense_dir = embedded_model_dir()
+    recipe = mc.CompressionRecipe(experts=4, rank_ratio=0.5, sparse_keep=0.05)
+    mc.compress_model(dense_dir, work / "compressed", recipe, progress=False)
+    mc.export_model(dense_dir, work / "dense.onnx", validate=False)
+    mc.export_model(work / "compressed", work / "compressed.onnx", validate=False)
+    contestants = [mc.Contestant(str(work / "dense.onnx"), "ort", label="dense"),
+                   mc.Contestant(str(work / "compressed.onnx"), "ort", label="compressed")]
+    return mc.run_bench(contestants, CONFIG)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--update-baseline", action="store_true", help=f"write {BASELINE.name} from this run")
+    parser.add_argument("--json", default=None, metavar="OUT", help="also write this run's report here")
+    parser.add_argument("--max-regression", type=float, default=MAX_REGRESSION, help="default: %(default)s")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mcsmoe-ci-gate-") as work:
+        report = measure(Path(work))
+    print(format_bench(report))
+    if args.json:
+        report.save(args.json)
+    if args.update_baseline:
+        BASELINE.parent.mkdir(parents=True, exist_ok=True)
+        report.save(BASELINE)
+        print(f"wrote {BASELINE}")
+        return 0
+    comparison = compare_reports(mc.BenchReport.load(BASELINE), report, args.max_regression, ratios_only=True)
+    print()
+    print(f"against {BASELINE} (in-run ratios only):")
+    print(format_comparison(comparison))
+    return 1 if comparison.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
