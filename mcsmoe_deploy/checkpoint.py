@@ -13,6 +13,7 @@ Writing goes to a temporary folder beside the target, renamed into place at the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,6 +42,20 @@ def prepare_output_dir(out_dir: str | Path, force: bool = False) -> Path:
     return out_dir
 
 
+def with_default_permissions(path: str | Path) -> Path:
+    """Give `path` (and, for a folder, what it holds) the permissions a plain create would under the umask.
+
+    Outputs are staged with tempfile (0700 folders, 0600 files, private while half-written);
+    the finished output should be as readable as any file the user writes.
+    """
+    path = Path(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+    return path
+
+
 def save_compressed(
     model: nn.Module,
     mcsmoe_section: dict,
@@ -66,6 +81,7 @@ def save_compressed(
         config["mcsmoe"] = {"format_version": FORMAT_VERSION, **mcsmoe_section}
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(weights_to_save(model), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        with_default_permissions(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -1,6 +1,8 @@
 """`mcsmoe export` / `mcsmoe-export`: a validated ONNX file, or one clear line and nothing written."""
 
+import os
 import re
+import stat
 
 import numpy as np
 import onnx
@@ -48,6 +50,9 @@ def test_dense_export_with_inlined_copy_and_external_data(tiny_dirs, tmp_path, c
         stored = onnx.load(path, load_external_data=False).graph.initializer
         assert max(len(t.raw_data) for t in stored) <= 1024
         assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in stored) >= 6  # gate/up/down x 2 layers
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "dense.onnx.data").stat().st_mode) == 0o666 & ~umask
     expert_bytes = 2 * 8 * 3 * 32 * 48 * 4  # layers x experts x projections x H x I x fp32
     assert (tmp_path / "dense.onnx.data").stat().st_size > expert_bytes
     errors = _relative_errors(printed)
@@ -139,6 +144,11 @@ def test_switch_exports_an_encoder_and_a_decoder_folder(tiny_dirs, tmp_path, cap
     printed = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx"]
     assert [p.name for p in tmp_path.iterdir()] == ["switch"]  # no staging folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    # staged privately, published as a plain create would be
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((out / "decoder.onnx").stat().st_mode) == 0o666 & ~umask
     assert "ai.mcsmoe::GroupedLowRankMoE x4" in printed  # 2 encoder + 2 decoder MoE blocks
     errors = _relative_errors(printed)
     assert len(errors) == 1 and errors[0] < 1e-4

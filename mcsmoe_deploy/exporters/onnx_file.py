@@ -16,6 +16,8 @@ from pathlib import Path
 import onnx
 import onnx.inliner
 
+from ..checkpoint import with_default_permissions
+
 # protobuf cannot serialise a message of 2 GiB or more; leave room for the graph itself
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -70,6 +72,9 @@ def write_staged(model_proto: onnx.ModelProto, staged: Path, out_path: str | Pat
         onnx.save_model(model_proto, staged)
     onnx.checker.check_model(str(staged), full_check=True)
     staged_data = external_data_path(staged)
+    for item in (staged, staged_data):
+        if item.exists():
+            with_default_permissions(item)  # ir.save writes its data file through a private temp file
     if staged_data.exists():
         os.replace(staged_data, external_data_path(out_path))
     elif external_data_path(out_path).exists():

@@ -13,7 +13,7 @@ import onnx
 
 from tqdm.auto import tqdm
 
-from ..checkpoint import is_compressed_checkpoint, load_compressed, prepare_output_dir
+from ..checkpoint import is_compressed_checkpoint, load_compressed, prepare_output_dir, with_default_permissions
 from ..errors import UserError
 from ..memory import peak_rss_bytes
 from ..models import adapter_for_config, check_weights, load_model, read_config_dict
@@ -88,6 +88,7 @@ def _export_encoder_decoder(model, adapter, out_dir: Path, passes, external_data
         pairs = [(ENCODER_FILE, DECODER_FILE)]
         if inline:
             pairs.append(tuple(write_inlined_copy(p).name for p in graphs))
+        with_default_permissions(staging)
         if out_dir.exists():  # --force: checked by _check_output_folder
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..checkpoint import with_default_permissions
 from .bench import BackendResult, BenchConfig, Contestant, measure_in_child, memory_bandwidth
 
 SCHEMA = "mcsmoe-bench/1"
@@ -90,6 +91,7 @@ class BenchReport:
             with os.fdopen(fd, "w") as handle:
                 json.dump(self.to_dict(), handle, indent=2)
                 handle.write("\n")
+            with_default_permissions(tmp)  # mkstemp files are private
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
