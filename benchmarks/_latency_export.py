@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from _random_models import save_random_mixtral
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -59,33 +61,13 @@ MODEL_SIZES = {
 
 
 def build_model(path: Path, size: ModelSize, seed: int = 0) -> int:
-    """Save a seeded random Mixtral of `size` with the package's embedded tokenizer; returns its parameters.
-
-    The tokenizer (2,048 tokens) is only needed for calibration when compressing; its ids all fall
-    inside the model's vocabulary.
-    """
-    import torch
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    from mcsmoe_deploy.demo import embedded_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    if len(tokenizer) > size.vocab:
-        raise ValueError(f"vocabulary {size.vocab} is smaller than the tokenizer's {len(tokenizer)}")
-    config = MixtralConfig(
-        vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+    """Save a seeded random Mixtral of `size` with the package's embedded tokenizer; returns its parameters."""
+    return save_random_mixtral(
+        path, seed, vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
         num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
         num_local_experts=size.experts, num_experts_per_tok=size.top_k, max_position_embeddings=2048,
         tie_word_embeddings=False, initializer_range=size.initializer_range,
     )
-    torch.manual_seed(seed)
-    model = MixtralForCausalLM(config).eval()
-    staging = path.with_name(path.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(path)
-    return sum(p.numel() for p in model.parameters())
 
 
 def export_transformers(model_dir: Path, out_dir: Path) -> None:

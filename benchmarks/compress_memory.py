@@ -15,36 +15,23 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _random_models import save_random_mixtral
 
 CACHE = Path(__file__).parent / "cache"
 
 
 def build_model(path: Path, layers: int) -> int:
     """Save a random ~1B Mixtral (hidden 1024, 8 experts of 3072) with the embedded tokenizer; returns parameters."""
-    import torch
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    from mcsmoe_deploy.demo import embedded_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    config = MixtralConfig(
-        vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers,
-        num_attention_heads=16, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=1024, tie_word_embeddings=True,
+    return save_random_mixtral(
+        path, hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers, num_attention_heads=16,
+        num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
+        tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(config)
-    staging = path.with_name(path.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(path)
-    return sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:

@@ -171,15 +171,26 @@ def project_group(b: Body, spec: MoEOpSpec, name: str, group: int | str, h: str)
     def weight_t(tensor: str) -> str:  # [out, in] of this group, transposed to [in, out]
         return b("Transpose", b("Gather", tensor, index, axis=0), perm=[1, 0])
 
+    def add_rows(y: str, rows: str, extra: str) -> str:  # extra [tokens, sparse rows]
+        row_index = b("Expand", b("Unsqueeze", b("Gather", rows, index, axis=0), b.ints([0])), b("Shape", extra))
+        return b.scatter_add("ScatterElements", y, row_index, extra, axis=1)
+
+    return _apply_projection(b, proj, inputs, h, weight_t, add_rows)
+
+
+def _apply_projection(b: Body, proj, inputs: tuple[str, ...], h: str, weight_t, add_rows) -> str:
+    """h @ W^T for a dense or low-rank (+ sparse rows) projection.
+
+    `weight_t(tensor)` slices a stacked input and transposes it to [.., in, out];
+    `add_rows(y, sparse_rows, extra)` adds the sparse rows' outputs `extra` into y.
+    """
     if proj.dense:
         return b("MatMul", h, weight_t(inputs[0]))
     left, right = inputs[:2]
     y = b("MatMul", b("MatMul", h, weight_t(right)), weight_t(left))
     if proj.sparse_rows:
         rows, values = inputs[2:]
-        extra = b("MatMul", h, weight_t(values))  # [tokens, sparse rows]
-        row_index = b("Expand", b("Unsqueeze", b("Gather", rows, index, axis=0), b.ints([0])), b("Shape", extra))
-        y = b.scatter_add("ScatterElements", y, row_index, extra, axis=1)
+        y = add_rows(y, rows, b("MatMul", h, weight_t(values)))
     return y
 
 
@@ -253,16 +264,11 @@ def _project_picked(b: Body, spec: MoEOpSpec, name: str, picked: str, h: str) ->
     def weight_t(tensor: str) -> str:  # [P, in, out]; the transpose of an initializer folds away
         return b("Gather", b("Transpose", tensor, perm=[0, 2, 1]), picked, axis=0)
 
-    if proj.dense:
-        return b("MatMul", h, weight_t(inputs[0]))
-    left, right = inputs[:2]
-    y = b("MatMul", b("MatMul", h, weight_t(right)), weight_t(left))
-    if proj.sparse_rows:
-        rows, values = inputs[2:]
-        extra = b("MatMul", h, weight_t(values))  # [P, 1, n]
+    def add_rows(y: str, rows: str, extra: str) -> str:  # extra [P, 1, n]
         row_index = b("Unsqueeze", b("Gather", rows, picked, axis=0), b.ints([1]))  # [P, 1, n]
-        y = b.scatter_add("ScatterElements", y, row_index, extra, axis=2)
-    return y
+        return b.scatter_add("ScatterElements", y, row_index, extra, axis=2)
+
+    return _apply_projection(b, proj, inputs, h, weight_t, add_rows)
 
 
 def _gather_weights(b: Body, spec: MoEOpSpec) -> str:
