@@ -152,3 +152,33 @@ def test_switch_exports_an_encoder_and_a_decoder_folder(tiny_dirs, tmp_path, cap
     assert "ai.mcsmoe::GroupedLowRankMoE x4" in printed  # 2 encoder + 2 decoder MoE blocks
     errors = _relative_errors(printed)
     assert len(errors) == 1 and errors[0] < 1e-4
+
+
+def test_streamed_single_file_is_the_message_onnx_would_write(tmp_path):
+    from onnx import helper, numpy_helper
+
+    from mcsmoe_deploy.exporters.onnx_file import stream_one_file
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w1", (64, 32)), ("w2", (32, 16)), ("tiny", (2,)))]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y0"]),
+         helper.make_node("Add", ["y0", "tiny_b"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 16])],
+        initializer=[*weights[:2], numpy_helper.from_array(np.ones(16, np.float32), "tiny_b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save_model(model, tmp_path / "ref.onnx")
+    onnx.save_model(model, tmp_path / "ext.onnx", save_as_external_data=True, location="ext.onnx.data",
+                    size_threshold=1024)
+    referring = onnx.load(tmp_path / "ext.onnx", load_external_data=False)
+    assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in referring.graph.initializer) == 2
+    stream_one_file(referring, tmp_path, tmp_path / "streamed.onnx")
+    streamed, reference = onnx.load(tmp_path / "streamed.onnx"), onnx.load(tmp_path / "ref.onnx")
+    assert streamed == reference
+    feeds = {"x": rng.standard_normal((3, 64)).astype(np.float32)}
+    outputs = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+               for f in ("streamed.onnx", "ref.onnx")]
+    np.testing.assert_array_equal(*outputs)

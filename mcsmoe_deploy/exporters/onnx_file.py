@@ -55,12 +55,16 @@ def save_checked(model_proto: onnx.ModelProto, out_path: str | Path, external_da
     return out_path
 
 
-def write_staged(model_proto: onnx.ModelProto, staged: Path, out_path: str | Path, external_data: bool) -> Path:
+def write_staged(
+    model_proto: onnx.ModelProto, staged: Path, out_path: str | Path, external_data: bool, release_weights: bool = False
+) -> Path:
     """Write `model_proto` to `staged` (in a staging folder beside `out_path`), check it, move it into place.
 
     external_data: write the weights `model_proto` holds into `STAGED.data`. Tensors that
     already refer to an external file keep referring to it; that file must already sit
     beside `staged` under the output's data name (as `stage_graph` leaves it).
+    release_weights: drop the weight bytes from `model_proto` once written, before the
+    checker reads the file back, so the two never sit in memory together.
     """
     out_path = Path(out_path)
     if external_data:
@@ -70,6 +74,9 @@ def write_staged(model_proto: onnx.ModelProto, staged: Path, out_path: str | Pat
         )
     else:
         onnx.save_model(model_proto, staged)
+    if release_weights:
+        for tensor in model_proto.graph.initializer:
+            tensor.ClearField("raw_data")
     onnx.checker.check_model(str(staged), full_check=True)
     staged_data = external_data_path(staged)
     for item in (staged, staged_data):
@@ -81,6 +88,99 @@ def write_staged(model_proto: onnx.ModelProto, staged: Path, out_path: str | Pat
         external_data_path(out_path).unlink()  # a stale data file from an earlier --force run
     os.replace(staged, out_path)
     return out_path
+
+
+def write_staged_as_one_file(model_proto: onnx.ModelProto, staged: Path, out_path: str | Path) -> Path:
+    """Check `model_proto` in its external-data form, then write it to `out_path` as one file.
+
+    `model_proto` refers to its weights in `STAGED.data` (as `stage_graph` leaves them) and
+    holds no weight bytes itself. The checker reads only the small graph, and the single
+    file is streamed tensor by tensor (`stream_one_file`), so no step holds all weights in
+    memory: onnx.save_model of a loaded model would hold them three times over.
+    """
+    out_path = Path(out_path)
+    onnx.save_model(model_proto, staged)
+    onnx.checker.check_model(str(staged), full_check=True)
+    single = staged.with_name(staged.name + ".single")
+    stream_one_file(model_proto, staged.parent, single)
+    with_default_permissions(single)
+    if external_data_path(out_path).exists():
+        external_data_path(out_path).unlink()  # a stale data file from an earlier --force run
+    os.replace(single, out_path)
+    return out_path
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _tag(field: int) -> bytes:  # a length-delimited field's key
+    return _varint(field << 3 | 2)
+
+
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9  # field numbers in onnx.proto
+_CHUNK = 16 << 20
+
+
+def stream_one_file(model_proto: onnx.ModelProto, base_dir: Path, out_file: Path) -> None:
+    """Serialise `model_proto` with every external tensor's bytes inline, one tensor at a time.
+
+    Protobuf lets a message's fields come in any order and concatenates repeated fields, so
+    the file is: the model without its graph, then the graph field, whose body is the graph
+    without initializers followed by each initializer (its metadata, then its raw_data read
+    from `base_dir` in chunks). Parsers see the same message onnx.save_model would write.
+    """
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    head = onnx.ModelProto()
+    head.CopyFrom(model_proto)
+    head.ClearField("graph")
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model_proto.graph)
+    graph.ClearField("initializer")
+    records = []  # (metadata bytes, data file, offset, length) or (serialised tensor, None, 0, 0)
+    for tensor in model_proto.graph.initializer:
+        if not uses_external_data(tensor):
+            records.append((tensor.SerializeToString(), None, 0, 0))
+            continue
+        info = ExternalDataInfo(tensor)
+        meta = onnx.TensorProto()
+        meta.CopyFrom(tensor)
+        meta.ClearField("external_data")
+        meta.ClearField("data_location")  # absent, as in a tensor that was never external
+        path = base_dir / info.location
+        length = info.length if info.length is not None else path.stat().st_size - (info.offset or 0)
+        records.append((meta.SerializeToString(), path, info.offset or 0, length))
+
+    def tensor_size(meta: bytes, path, length: int) -> int:
+        return len(meta) + (len(_tag(_TENSOR_RAW_DATA)) + len(_varint(length)) + length if path else 0)
+
+    graph_bytes = graph.SerializeToString()
+    body = len(graph_bytes) + sum(
+        len(_tag(_GRAPH_INITIALIZER)) + len(_varint(tensor_size(m, p, n))) + tensor_size(m, p, n) for m, p, _, n in records
+    )
+    with open(out_file, "wb") as out:
+        out.write(head.SerializeToString())
+        out.write(_tag(_MODEL_GRAPH) + _varint(body) + graph_bytes)
+        for meta, path, offset, length in records:
+            out.write(_tag(_GRAPH_INITIALIZER) + _varint(tensor_size(meta, path, length)) + meta)
+            if path is None:
+                continue
+            out.write(_tag(_TENSOR_RAW_DATA) + _varint(length))
+            with open(path, "rb") as data:
+                data.seek(offset)
+                remaining = length
+                while remaining:
+                    chunk = data.read(min(_CHUNK, remaining))
+                    if not chunk:
+                        raise ValueError(f"{path} ends before tensor {offset}+{length}")
+                    out.write(chunk)
+                    remaining -= len(chunk)
 
 
 def write_inlined_copy(path: str | Path, out_path: str | Path | None = None) -> Path:
@@ -127,6 +227,8 @@ __all__ = [
     "external_data_path",
     "inlined_path",
     "save_checked",
+    "stream_one_file",
     "write_inlined_copy",
     "write_staged",
+    "write_staged_as_one_file",
 ]

@@ -28,7 +28,7 @@ import torch
 from ..models.base import FamilyAdapter
 from .custom_op import TORCH_OP, ForwardFactory, finish_custom_nodes, moe_blocks_as_custom_op, patched_forward, translate
 from .moe_op import MoEOpSpec, register_op_schema
-from .onnx_file import EXTERNAL_DATA_THRESHOLD, external_data_path, write_staged
+from .onnx_file import EXTERNAL_DATA_THRESHOLD, external_data_path, write_staged, write_staged_as_one_file
 
 # a rewrite of a finished graph, applied before it is checked and saved; a pass that reads
 # weight values sets the attribute `needs_weights = True`
@@ -145,21 +145,28 @@ def finish_staged(
     """Add the op's functions, apply `passes`, check (full_check) and move into `out_path`.
 
     external_data: True keeps the weights in `OUT.onnx.data`; False writes one file; None
-    keeps external data only past about 1.8 GB (protobuf's 2 GB limit). Returns the
-    final graph, without weight values when they stay external.
+    keeps external data only past about 1.8 GB (protobuf's 2 GB limit). The weights stay
+    on disk throughout (a single file is streamed from the staged data, see
+    `write_staged_as_one_file`) unless a pass needs their values. Returns the final graph
+    without weight values.
     """
     try:
         data = external_data_path(staged.path)
         data_bytes = data.stat().st_size if data.exists() else 0
         external = external_data if external_data is not None else data_bytes > EXTERNAL_DATA_THRESHOLD
-        load_weights = not external or any(getattr(p, "needs_weights", False) for p in passes)
+        # a pass that reads weight values (ort-fused) gets them in memory, at the cost of
+        # onnx.save_model's copies; every other export never loads them
+        load_weights = any(getattr(p, "needs_weights", False) for p in passes)
         model_proto = onnx.load(str(staged.path), load_external_data=load_weights)
         if load_weights and data.exists():
-            data.unlink()  # in memory now; rewritten below if the weights stay external
+            data.unlink()  # in memory now; rewritten below
         model_proto = finish_custom_nodes(model_proto, staged.specs)
         for graph_pass in passes:
             model_proto = graph_pass(model_proto)
-        write_staged(model_proto, staged.path, out_path, external and load_weights)
+        if load_weights or external:
+            write_staged(model_proto, staged.path, out_path, external and load_weights, release_weights=True)
+        else:
+            write_staged_as_one_file(model_proto, staged.path, out_path)
     finally:
         shutil.rmtree(staged.staging, ignore_errors=True)
     return model_proto
