@@ -109,3 +109,13 @@ def test_open_session_refuses_with_a_clear_message(backend, target, message, mod
         path = {"graph": graph, "missing": tmp_path / "nope.onnx", "dir": model_dir}[target]
     with pytest.raises(m.UserError, match=message):
         open_session(path, backend)
+
+
+def test_ort_session_saves_the_optimised_graph_and_it_generates_the_same(model_pair, tmp_path):
+    _, graph = model_pair
+    optimised = tmp_path / "optimised.onnx"
+    config = GenerationConfig(max_new_tokens=6)
+    reference = generate(open_session(graph, "ort", threads=1, opt_level="disable"), PROMPTS, config).tokens
+    assert generate(open_session(graph, "ort", threads=1, optimized_model_path=optimised), PROMPTS, config).tokens \
+        == reference
+    assert generate(open_session(optimised, "ort", threads=1), PROMPTS, config).tokens == reference

@@ -1,0 +1,133 @@
+"""`mcsmoe compress` and `mcsmoe demo`: argument parsing only; both call the public API."""
+
+from __future__ import annotations
+
+import argparse
+
+from .export import quiet_torch_onnx
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..compress.recipe import CompressionRecipe
+
+    defaults = CompressionRecipe()
+    group = parser.add_argument_group("merging (M-SMoE)")
+    group.add_argument("--experts", type=int, default=None, metavar="G",
+                       help="merged experts per MoE layer (default: half of the model's experts)")
+    group.add_argument("--adaptive", action="store_true",
+                       help="spread G x layers groups over layers by one global routing-frequency threshold")
+    group.add_argument("--similarity", choices=("router-logits", "router-weights"), default=defaults.similarity,
+                       help="how experts join a dominant expert: cosine of router-logit columns on calibration "
+                            "text (default) or of router weight rows")
+    group.add_argument("--no-permute", action="store_true", help="merge without neuron permutation alignment")
+    group = parser.add_argument_group("compression (MC-SMoE)")
+    group.add_argument("--rank-ratio", type=float, default=defaults.rank_ratio, metavar="R",
+                       help="share of each merged projection's parameters kept in its low-rank factors, in (0, 1]; "
+                            f"1 means merge only (default: {defaults.rank_ratio})")
+    group.add_argument("--rank-energy", type=float, default=None, metavar="E",
+                       help="instead of --rank-ratio: per layer, the smallest rank keeping this share of the "
+                            "squared singular values")
+    group.add_argument("--sparse-keep", type=float, default=defaults.sparse_keep, metavar="S",
+                       help="share of rows of the low-rank residual kept as structured-sparse rows, in [0, 1] "
+                            f"(default: {defaults.sparse_keep})")
+    group.add_argument("--activation-aware", action="store_true",
+                       help="fit each merged projection's factors to the calibration inputs it sees, minimising "
+                            "the error of its outputs rather than of its weights (beyond the paper)")
+    group = parser.add_argument_group("calibration and recovery")
+    group.add_argument("--calib", default=None, metavar="FILE",
+                       help="calibration text: a .txt file, or .jsonl with a 'text' field per line "
+                            "(default: the built-in corpus of Python documentation)")
+    group.add_argument("--max-calib-tokens", type=int, default=defaults.max_calib_tokens, metavar="N",
+                       help=f"calibration tokens to use (default: {defaults.max_calib_tokens})")
+    group.add_argument("--distill-steps", type=int, default=0, metavar="N",
+                       help="knowledge-distillation steps from the original model after compression (default: 0)")
+    group.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: 0)")
+
+
+def _recipe_from(args: argparse.Namespace):
+    from ..compress.recipe import CompressionRecipe
+
+    return CompressionRecipe(
+        experts=args.experts,
+        adaptive=args.adaptive,
+        similarity=args.similarity,
+        permute=not args.no_permute,
+        rank_ratio=args.rank_ratio,
+        rank_energy=args.rank_energy,
+        sparse_keep=args.sparse_keep,
+        activation_aware=args.activation_aware,
+        calib=args.calib,
+        max_calib_tokens=args.max_calib_tokens,
+        distill_steps=args.distill_steps,
+        seed=args.seed,
+    )
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from ..compress.pipeline import compress_model
+    from ..summary import format_compression
+
+    result = compress_model(
+        args.model_dir, args.out_dir, _recipe_from(args), device=args.device, force=args.force,
+        progress=not args.quiet,
+    )
+    print(format_compression(result))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+    from ..summary import format_demo
+
+    quiet_torch_onnx()
+    result = run_demo(
+        model_dir=args.model, experts=args.experts, rank_ratio=args.rank_ratio, sparse_keep=args.sparse_keep,
+        distill_steps=args.distill_steps, activation_aware=args.activation_aware, out_dir=args.out,
+        force=args.force, progress=not args.quiet, serve=not args.no_serve,
+    )
+    print(format_demo(result))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    compress = sub.add_parser(
+        "compress",
+        help="merge and compress a Hugging Face MoE checkpoint",
+        description="Group each layer's experts by routing statistics on calibration text, align and merge each "
+                    "group into one expert, then store merged projections as low-rank factors plus sparse rows. "
+                    "Writes an ordinary Hugging Face directory holding G experts per layer; "
+                    "load it with mcsmoe_deploy.load_compressed. Families: mixtral, qwen2_moe, qwen3_moe, olmoe, "
+                    "switch_transformers.",
+    )
+    compress.add_argument("model_dir", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
+    compress.add_argument("out_dir", help="directory to write the compressed checkpoint to")
+    _add_recipe_arguments(compress)
+    compress.add_argument("--device", default=None,
+                          help="cpu, cuda, cuda:N, or auto (spread a model larger than one device over devices) "
+                               "(default: the GPU when there is one, else cpu)")
+    compress.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    compress.add_argument("--quiet", action="store_true", help="no progress bars")
+    compress.set_defaults(run=_cmd_compress)
+
+    demo = sub.add_parser(
+        "demo",
+        help="compress the embedded model and compare quality and size",
+        description="Compress the small trained Mixtral-family model that ships in the package (8 experts, top-2) "
+                    "and print parameters, bytes and held-out perplexity of the dense, merged and compressed models; "
+                    "then export the dense and the compressed model to ONNX, serve both with onnxruntime, and "
+                    "print their latency, memory and a short generated text.",
+    )
+    demo.add_argument("--model", default=None, help="a different causal-LM MoE checkpoint directory to demonstrate on")
+    demo.add_argument("--experts", type=int, default=4, metavar="G", help="merged experts per layer (default: 4)")
+    demo.add_argument("--rank-ratio", type=float, default=0.5, metavar="R", help="low-rank share (default: 0.5)")
+    demo.add_argument("--sparse-keep", type=float, default=0.05, metavar="S", help="sparse rows share (default: 0.05)")
+    demo.add_argument("--distill-steps", type=int, default=100, metavar="N",
+                      help="distillation steps after compression, shown as a fourth row; 0 to skip (default: 100)")
+    demo.add_argument("--activation-aware", action="store_true",
+                      help="fit the low-rank factors to calibration activations (beyond the paper)")
+    demo.add_argument("--out", default=None, metavar="DIR", help="also write the compressed checkpoint here")
+    demo.add_argument("--no-serve", action="store_true",
+                      help="skip exporting both models to ONNX and serving them with onnxruntime")
+    demo.add_argument("--force", action="store_true", help="replace --out if it exists")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(run=_cmd_demo)
