@@ -50,6 +50,7 @@ def session_options(threads: int | None = None, opt_level: str = "all", optimize
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[opt_level])
     if threads:
         options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1  # nodes run one after another (sequential execution): no second pool
     options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's concern
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
