@@ -42,10 +42,10 @@ def add_parsers(sub) -> None:
                     "(inputs input_ids, attention_mask, position_ids, past_key_values.N.key/value; outputs "
                     "logits, present.N.key/value). The file passes onnx.checker's full check and its logits are "
                     "compared with the torch reference in onnxruntime. Families: mixtral, qwen2_moe, qwen3_moe, "
-                    "olmoe.",
+                    "olmoe; switch_transformers writes OUT/encoder.onnx and OUT/decoder.onnx (a folder).",
     )
     export.add_argument("model_dir", help="checkpoint directory (a Hugging Face MoE model, or from mcsmoe compress)")
-    export.add_argument("out", help="ONNX file to write, e.g. model.onnx")
+    export.add_argument("out", help="ONNX file to write, e.g. model.onnx (a folder for Switch Transformers)")
     export.add_argument("--no-past", action="store_true", help="a plain logits graph without KV cache")
     export.add_argument("--target", choices=("mcsmoe", "ort-fused"), default="mcsmoe",
                         help="mcsmoe: the GroupedLowRankMoE op (default); ort-fused: dense SwiGLU experts as "
