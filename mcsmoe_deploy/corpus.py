@@ -18,6 +18,16 @@ from .errors import UserError
 HELDOUT_EVERY = 10
 
 
+def load_tokenizer_from(directory: str | Path, why: str):
+    """The tokenizer in `directory`; one UserError line saying `why` one is needed when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"no usable tokenizer in {directory} ({why}): {str(exc).splitlines()[0]}") from None
+
+
 def builtin_corpus(split: str = "train") -> str:
     """Return the built-in corpus text for `split` ("train" or "heldout")."""
     if split not in ("train", "heldout"):

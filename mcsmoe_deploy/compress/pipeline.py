@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import prepare_output_dir, save_compressed
-from ..corpus import calibration_text, token_blocks
+from ..corpus import calibration_text, load_tokenizer_from, token_blocks
 from ..errors import UserError
 from ..models import FamilyAdapter, adapter_for_config, load_model, read_config_dict
 from ..report import SizeReport, size_report
@@ -33,13 +33,8 @@ class CompressionResult:
 
 
 def load_tokenizer(model_dir: str | Path):
-    """The model directory's tokenizer; UserError if it has none."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError) as exc:
-        raise UserError(f"no usable tokenizer in {model_dir} (calibration needs one): {str(exc).splitlines()[0]}") from None
+    """The model directory's tokenizer; UserError if it has none (calibration needs one)."""
+    return load_tokenizer_from(model_dir, "calibration needs one")
 
 
 def check_experts(model_dir: str | Path, recipe: CompressionRecipe) -> None:

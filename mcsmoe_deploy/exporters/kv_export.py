@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -26,12 +27,20 @@ from ..models.base import FamilyAdapter
 from .torch_export import GraphPass, GraphSpec, check_exportable, finish_staged, stage_graph
 
 
-def kv_geometry(config) -> tuple[int, int, int]:
-    """(num_layers, kv_heads, head_dim) of a decoder-only config."""
+class KVGeometry(NamedTuple):
+    """The KV cache's shape: per layer a key and a value [B, kv_heads, P, head_dim]."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+
+
+def kv_geometry(config) -> KVGeometry:
+    """The KV geometry of a decoder-only config."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, kv_heads, head_dim
+    return KVGeometry(config.num_hidden_layers, kv_heads, head_dim)
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -150,6 +159,7 @@ def greedy_generate_onnx(session, input_ids, max_new_tokens: int, num_layers: in
 
 
 __all__ = [
+    "KVGeometry",
     "empty_past",
     "export_compressed_with_past",
     "greedy_generate_onnx",

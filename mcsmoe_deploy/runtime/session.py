@@ -17,17 +17,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..exporters.kv_export import KVGeometry
 
 BACKENDS = ("ort", "trt", "torch")
-
-
-@dataclass(frozen=True)
-class KVGeometry:
-    """The KV cache's shape: per layer a key and a value [B, kv_heads, P, head_dim]."""
-
-    num_layers: int
-    kv_heads: int
-    head_dim: int
 
 
 @dataclass

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 
+from ..corpus import load_tokenizer_from
 from ..errors import UserError
 from .generation import GenerationConfig, GenerationResult, generate
 from .session import DecoderSession, open_session
@@ -23,15 +24,6 @@ def tokenizer_dir_for(model: str | Path, tokenizer: str | Path | None = None) ->
     props = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
     source = props.get("mcsmoe.source_model")
     return Path(source) if source and Path(source).is_dir() else model.parent
-
-
-def load_tokenizer(directory: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError, TypeError):
-        raise UserError(f"no tokenizer found in {directory}; pass --tokenizer DIR (the checkpoint directory)") from None
 
 
 @dataclass
@@ -58,7 +50,7 @@ def generate_text(
     Stop tokens default to the tokenizer's end-of-text token; padding uses its pad token
     (or end-of-text). Pass an open `session` to reuse it.
     """
-    tok = load_tokenizer(tokenizer_dir_for(model, tokenizer))
+    tok = load_tokenizer_from(tokenizer_dir_for(model, tokenizer), "pass --tokenizer DIR, the checkpoint directory")
     eos = tok.eos_token_id
     config = config or GenerationConfig()
     if not config.stop_token_ids and eos is not None:

@@ -11,7 +11,7 @@ import torch
 from ..checkpoint import is_compressed_checkpoint, load_compressed
 from ..errors import UserError
 from ..models import load_model
-from .session import DecoderSession, KVGeometry, StepOutput
+from .session import DecoderSession, StepOutput
 
 
 class TorchDecoderSession(DecoderSession):
@@ -36,7 +36,7 @@ class TorchDecoderSession(DecoderSession):
             if adapter.encoder_decoder:
                 raise UserError(f"{adapter.family} is an encoder-decoder model; the torch session runs decoder-only models")
         self.device = torch.device(device)
-        self.geometry = KVGeometry(*kv_geometry(self.model.config))
+        self.geometry = kv_geometry(self.model.config)
         self.vocab_size = self.model.config.vocab_size
         self.threads = torch.get_num_threads()
 
