@@ -111,3 +111,11 @@ def test_active_bytes_agree_between_graph_and_checkpoint(tiny_dirs, graphs):
     experts = 2 * 8 * 3 * 32 * 48 * 4
     total_dense = sum(p.stat().st_size for p in tiny_dirs["mixtral"].glob("*.safetensors"))
     assert checkpoint < total_dense - 0.75 * experts + 1e4
+
+
+def test_contestants_with_the_same_file_name_get_distinct_names(tmp_path):
+    from mcsmoe_deploy.runtime.bench_report import _distinct_names
+
+    named = _distinct_names([Contestant(str(tmp_path / "a" / "m.onnx"), "ort"), Contestant(str(tmp_path / "b" / "m.onnx"), "ort"),
+                             Contestant(str(tmp_path / "c.onnx"), "ort")])
+    assert [c.name for c in named] == ["a/m.onnx@ort", "b/m.onnx@ort", "c.onnx@ort"]

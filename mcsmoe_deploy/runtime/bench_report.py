@@ -22,7 +22,7 @@ import os
 import platform
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -139,8 +139,19 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _distinct_names(contestants: list[Contestant]) -> list[Contestant]:
+    """Label contestants whose default names collide (same file name in two folders) by their folder too."""
+    names = [c.name for c in contestants]
+    return [
+        c if names.count(c.name) == 1 or c.label
+        else replace(c, label=f"{Path(c.model).parent.name}/{Path(c.model).name}@{c.backend}")
+        for c in contestants
+    ]
+
+
 def run_bench(contestants: list[Contestant], config: BenchConfig, progress: bool = False) -> BenchReport:
     """Measure every contestant (each in its own process, one after the other) in one run."""
+    contestants = _distinct_names(contestants)
     bandwidth = memory_bandwidth(config.threads)
     results = [
         measure_in_child(c, config, bandwidth)
