@@ -116,6 +116,6 @@ def test_active_bytes_agree_between_graph_and_checkpoint(tiny_dirs, graphs):
 def test_contestants_with_the_same_file_name_get_distinct_names(tmp_path):
     from mcsmoe_deploy.runtime.bench_report import _distinct_names
 
-    named = _distinct_names([Contestant(str(tmp_path / "a" / "m.onnx"), "ort"), Contestant(str(tmp_path / "b" / "m.onnx"), "ort"),
-                             Contestant(str(tmp_path / "c.onnx"), "ort")])
+    paths = [tmp_path / "a" / "m.onnx", tmp_path / "b" / "m.onnx", tmp_path / "c.onnx"]
+    named = _distinct_names([Contestant(str(path), "ort") for path in paths])
     assert [c.name for c in named] == ["a/m.onnx@ort", "b/m.onnx@ort", "c.onnx@ort"]
