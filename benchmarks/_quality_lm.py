@@ -1,0 +1,105 @@
+"""The method sweep shared by every quality setting, and the embedded Mixtral-family LM setting.
+
+`sweep` applies each merging method to a fresh copy of a dense model, from one
+routing-statistics pass, and scores it with a setting-specific `score` function.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mcsmoe_deploy as mc
+from mcsmoe_deploy.demo import EVAL_SEQ_LEN, embedded_model_dir
+
+BASELINES = {
+    "msmoe": {},
+    "uniform": {"weighting": "uniform"},
+    "random": {"grouping": "random"},
+    "prune-frequency": {"grouping": "drop"},
+    "no-permute": {"permute": False},
+}
+METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware")
+
+
+def sweep(
+    setting: str,
+    metric: str,
+    score: Callable[[nn.Module], float],
+    dense: nn.Module,
+    adapter: mc.FamilyAdapter,
+    calib: torch.Tensor,
+    experts_list: list[int],
+    rank_ratios: list[float],
+    distill_steps_list: list[int],
+    sparse_keep: float,
+    distill_lr: float = mc.CompressionRecipe.distill_lr,
+    methods: list[str] | None = None,
+) -> list[dict]:
+    """One row per (method, G, rank ratio, distillation steps), plus the dense row first.
+
+    calib: token blocks [N, S] used for routing statistics and for distillation
+    (encoder-decoders are teacher-forced on the same blocks, see compress/stats.py).
+    Rows: {"setting", "method", "experts", "rank_ratio", "distill_steps", "expert_memory_ratio", "metric", "value"}.
+    """
+    recipe = mc.CompressionRecipe()
+    stats = mc.collect_routing_stats(dense, adapter, calib, progress=False, keep_inputs=recipe.activation_samples)
+    dense_bytes = mc.size_report(dense, adapter).expert_bytes
+    num_experts = adapter.num_experts(dense.config)
+
+    def row(method: str, model: nn.Module, experts: int, rank_ratio: float, steps: int) -> dict:
+        return {
+            "setting": setting, "method": method, "experts": experts, "rank_ratio": rank_ratio,
+            "distill_steps": steps,
+            "expert_memory_ratio": round(mc.size_report(model, adapter).expert_bytes / dense_bytes, 4),
+            "metric": metric, "value": round(score(model), 4),
+        }
+
+    rows = [row("dense", dense, num_experts, 1.0, 0)]
+    print(f"[{setting}] dense {metric}={rows[0]['value']:.4f}", flush=True)
+    runs = [(name, overrides, 1.0) for name, overrides in BASELINES.items()]
+    runs += [("mcsmoe", {"rank_ratio": r, "sparse_keep": sparse_keep}, r) for r in rank_ratios]
+    runs += [("mcsmoe-activation-aware", {"rank_ratio": r, "sparse_keep": sparse_keep, "activation_aware": True}, r)
+             for r in rank_ratios]
+    runs = [run for run in runs if methods is None or run[0] in methods]
+    for experts in experts_list:
+        for method, overrides, rank_ratio in runs:
+            recipe = mc.CompressionRecipe(experts=experts, **overrides)
+            plan = mc.plan_compression(stats, num_experts, recipe, adapter.family)
+            for steps in distill_steps_list:
+                start = time.perf_counter()
+                model = copy.deepcopy(dense)
+                mc.apply_plan(model, adapter, plan, recipe, progress=False)
+                if steps:
+                    mc.distill(model, dense, adapter, calib, steps, lr=distill_lr, progress=False)
+                rows.append(row(method, model, experts, rank_ratio, steps))
+                print(f"[{setting}] {method:24s} G={experts} r={rank_ratio:<5g} distill={steps:<4d} "
+                      f"{metric}={rows[-1]['value']:8.4f} mem={rows[-1]['expert_memory_ratio']:.3f}  "
+                      f"({time.perf_counter() - start:.1f} s)", flush=True)
+    return rows
+
+
+def lm_rows(
+    experts_list: list[int],
+    rank_ratios: list[float],
+    distill_steps_list: list[int],
+    sparse_keep: float,
+    model_dir: str | Path | None = None,
+    distill_lr: float = mc.CompressionRecipe.distill_lr,
+    methods: list[str] | None = None,
+) -> list[dict]:
+    """The "lm" setting: held-out perplexity of the embedded Mixtral-family model (or `model_dir`)."""
+    model_dir = model_dir or embedded_model_dir()
+    dense, adapter = mc.load_model(model_dir)
+    tokenizer = mc.load_tokenizer(model_dir)
+    heldout = mc.token_blocks(tokenizer, mc.builtin_corpus("heldout"), EVAL_SEQ_LEN)
+    calib = mc.calibration_blocks(tokenizer, mc.CompressionRecipe())
+    return sweep(
+        "lm", "perplexity", lambda model: mc.perplexity(model, heldout), dense, adapter, calib,
+        experts_list, rank_ratios, distill_steps_list, sparse_keep, distill_lr, methods,
+    )

