@@ -98,11 +98,15 @@ def test_left_pad_positions_count_real_tokens():
         ("ort", "dir", "runs an ONNX file"),
         ("torch", "graph", "loads a checkpoint directory"),
         ("ort", "no-past", "not a KV-cache graph"),
+        ("ort", "corrupt", "is not a readable ONNX file"),
     ],
 )
 def test_open_session_refuses_with_a_clear_message(backend, target, message, model_pair, tmp_path):
     model_dir, graph = model_pair
-    if target == "no-past":
+    if target == "corrupt":
+        path = tmp_path / "corrupt.onnx"
+        path.write_bytes(b"not a protobuf at all")
+    elif target == "no-past":
         path = tmp_path / "plain.onnx"
         m.export_model(model_dir, path, with_past=False, validate=False)
     else:
@@ -119,3 +123,10 @@ def test_ort_session_saves_the_optimised_graph_and_it_generates_the_same(model_p
     assert generate(open_session(graph, "ort", threads=1, optimized_model_path=optimised), PROMPTS, config).tokens \
         == reference
     assert generate(open_session(optimised, "ort", threads=1), PROMPTS, config).tokens == reference
+
+
+def test_run_command_on_a_missing_graph_is_one_line(tmp_path, capsys):
+    from mcsmoe_deploy.cli import main
+
+    assert main(["run", str(tmp_path / "nope.onnx"), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err.strip() == f"mcsmoe: error: ONNX file not found: {tmp_path / 'nope.onnx'}"

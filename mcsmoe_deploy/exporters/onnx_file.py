@@ -17,9 +17,21 @@ import onnx
 import onnx.inliner
 
 from ..checkpoint import with_default_permissions
+from ..errors import UserError
 
 # protobuf cannot serialise a message of 2 GiB or more; leave room for the graph itself
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def read_graph(path: str | Path) -> onnx.ModelProto:
+    """A user's ONNX file without its weights (graph, I/O, metadata); one UserError line when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ONNX file not found: {path}" if not path.exists() else f"{path} is not a file")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and onnx's own errors
+        raise UserError(f"{path} is not a readable ONNX file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def external_data_path(out_path: str | Path) -> Path:
@@ -226,6 +238,7 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "external_data_path",
     "inlined_path",
+    "read_graph",
     "save_checked",
     "stream_one_file",
     "write_inlined_copy",

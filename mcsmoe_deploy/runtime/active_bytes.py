@@ -18,6 +18,7 @@ import onnx
 from onnx import helper
 
 from ..exporters.moe_op import DOMAIN, OP_TYPE
+from ..exporters.onnx_file import read_graph
 
 _SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                          "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -43,7 +44,7 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
 
 
 def _onnx_active_bytes(path: Path) -> int:
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = read_graph(path).graph
     sizes = {t.name: _tensor_bytes(t) for t in graph.initializer}
     rows = {t.name: max(t.dims[0], 1) if t.dims else 1 for t in graph.initializer}
     share: dict[str, float] = {}

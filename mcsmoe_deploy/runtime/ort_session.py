@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from ..errors import UserError
+from ..exporters.onnx_file import read_graph
 from .session import DecoderSession, KVGeometry, StepOutput
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -59,7 +59,7 @@ def session_options(threads: int | None = None, opt_level: str = "all", optimize
 
 def geometry_from_graph(path: str | Path) -> tuple[KVGeometry, int]:
     """(KV geometry, vocabulary size) from a KV-cache graph's inputs and outputs (weights not loaded)."""
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = read_graph(path).graph
     pasts = [i for i in graph.input if i.name.startswith(PAST_PREFIX) and i.name.endswith(".key")]
     if not pasts or "input_ids" not in {i.name for i in graph.input}:
         raise UserError(f"{path} is not a KV-cache graph from `mcsmoe export` (no past_key_values.N.key inputs); "

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import onnx
 
 from ..corpus import load_tokenizer_from
 from ..errors import UserError
+from ..exporters.onnx_file import read_graph
 from .generation import GenerationConfig, GenerationResult, generate
 from .session import DecoderSession, open_session
 
@@ -21,7 +21,7 @@ def tokenizer_dir_for(model: str | Path, tokenizer: str | Path | None = None) ->
     model = Path(model)
     if model.is_dir():
         return model
-    props = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+    props = {p.key: p.value for p in read_graph(model).metadata_props}
     source = props.get("mcsmoe.source_model")
     return Path(source) if source and Path(source).is_dir() else model.parent
 

@@ -33,6 +33,7 @@ import onnx
 from onnx import TensorProto
 
 from ..errors import UserError
+from ..exporters.onnx_file import read_graph
 from .trt_graph import onnx_model_files
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -90,7 +91,7 @@ def _spec(value: onnx.ValueInfoProto, batched: bool) -> TensorSpec:
 
 def tensor_specs(model_onnx: str | Path, batched: bool) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """(inputs, outputs) of the graph as Triton specs (weights not loaded)."""
-    graph = onnx.load(str(model_onnx), load_external_data=False).graph
+    graph = read_graph(model_onnx).graph
     weights = {t.name for t in graph.initializer}
     inputs = [_spec(v, batched) for v in graph.input if v.name not in weights]
     return inputs, [_spec(v, batched) for v in graph.output]

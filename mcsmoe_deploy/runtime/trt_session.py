@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from ..errors import UserError
+from ..exporters.onnx_file import read_graph
 from .ort_session import PAST_PREFIX, PRESENT_PREFIX, geometry_from_graph
 from .session import DecoderSession, KVGeometry, StepOutput
 from .trt_graph import OP_DOMAIN, OP_TYPE, graph_float_type, onnx_model_files, prepare_for_tensorrt
@@ -288,7 +288,7 @@ class TrtDecoderSession(DecoderSession):
         for library in plugin_libraries:
             trt.get_plugin_registry().load_library(str(library))
         self.use_plugin = moe_plugin_registered(trt)
-        inputs = [i.name for i in onnx.load(str(self.path), load_external_data=False).graph.input]
+        inputs = [i.name for i in read_graph(self.path).graph.input]
         self.profiles = decoder_profiles(inputs, self.geometry, max_batch, max_seq, max_past)
         self.device_info = DeviceInfo.current(device)
         workspace = int(workspace_gb * 2**30) if workspace_gb else None
