@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from ..models.base import FamilyAdapter
-from .torch_export import GraphPass, GraphSpec, check_exportable, finish_staged, stage_graph
+from .torch_export import GraphPass, GraphSpec, export_graph
 
 
 class KVGeometry(NamedTuple):
@@ -115,9 +115,7 @@ def export_compressed_with_past(
     (including 0) are dynamic. `passes` and `external_data` as in `export_compressed`.
     Returns the saved ModelProto (checked with full_check).
     """
-    check_exportable(adapter, opset)
-    staged = stage_graph(model, adapter, past_graph_spec(model), out_path, opset)
-    return finish_staged(staged, out_path, passes, external_data)
+    return export_graph(model, adapter, past_graph_spec, out_path, opset, passes, external_data)
 
 
 def empty_past(num_layers: int, kv_heads: int, head_dim: int, batch: int = 1, dtype=np.float32) -> dict:

@@ -199,8 +199,21 @@ def export_compressed(
     is saved (e.g. `fuse_moe_for_ort`); `external_data` as in `finish_staged`. Returns the
     saved ModelProto (checked with onnx.checker full_check).
     """
+    return export_graph(model, adapter, logits_graph_spec, out_path, opset, passes, external_data)
+
+
+def export_graph(
+    model: torch.nn.Module,
+    adapter: FamilyAdapter,
+    make_spec: Callable[[torch.nn.Module], GraphSpec],
+    out_path: str | Path,
+    opset: int = 18,
+    passes: Sequence[GraphPass] = (),
+    external_data: bool | None = None,
+) -> onnx.ModelProto:
+    """Check the family and opset, then `stage_graph` and `finish_staged` the graph `make_spec(model)` describes."""
     check_exportable(adapter, opset)
-    staged = stage_graph(model, adapter, logits_graph_spec(model), out_path, opset)
+    staged = stage_graph(model, adapter, make_spec(model), out_path, opset)
     return finish_staged(staged, out_path, passes, external_data)
 
 
@@ -210,6 +223,7 @@ __all__ = [
     "StagedGraph",
     "check_exportable",
     "export_compressed",
+    "export_graph",
     "export_with_custom_moe",
     "finish_staged",
     "logits_graph_spec",
