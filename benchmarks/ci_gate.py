@@ -4,7 +4,9 @@ Compresses the embedded model (4 of 8 experts, rank 0.5, sparse rows 0.05; no di
 speed does not depend on it), exports both models, measures them in one `mcsmoe bench` run
 and compares the in-run ratios (compressed / dense: decode and prefill p50, peak RSS,
 tokens/s) with benchmarks/baselines/embedded-cpu.json. Absolute times are not gated: they
-move with the machine. Exit status: 0 pass, 1 regression (the table says which).
+move with the machine. A failing comparison is measured again, up to three attempts in all: noise
+on a shared runner (one run here moved a ratio by 80%) rarely repeats, a regression does.
+Exit status: 0 pass, 1 regression in every attempt (the tables say which).
 
     python benchmarks/ci_gate.py                    # the gate
     python benchmarks/ci_gate.py --update-baseline  # after an intended change, on a quiet machine
@@ -27,17 +29,18 @@ CONFIG = mc.BenchConfig(batch=1, prompt_len=64, decode_tokens=32, warmup=2, iter
 # sub-millisecond steps of a 9 MB model on 2 cores: ratios moved by up to 20% between runs on
 # one machine (measured), so the gate catches losses of a third or more
 MAX_REGRESSION = 0.35
+ATTEMPTS = 3
 
 
-def measure(work: Path) -> mc.BenchReport:
+def prepare(work: Path) -> list[mc.Contestant]:
+    """Compress the embedded model and export both models; the two contestants, dense first."""
     dense_dir = embedded_model_dir()
     recipe = mc.CompressionRecipe(experts=4, rank_ratio=0.5, sparse_keep=0.05)
     mc.compress_model(dense_dir, work / "compressed", recipe, progress=False)
     mc.export_model(dense_dir, work / "dense.onnx", validate=False)
     mc.export_model(work / "compressed", work / "compressed.onnx", validate=False)
-    contestants = [mc.Contestant(str(work / "dense.onnx"), "ort", label="dense"),
-                   mc.Contestant(str(work / "compressed.onnx"), "ort", label="compressed")]
-    return mc.run_bench(contestants, CONFIG)
+    return [mc.Contestant(str(work / "dense.onnx"), "ort", label="dense"),
+            mc.Contestant(str(work / "compressed.onnx"), "ort", label="compressed")]
 
 
 def main() -> int:
@@ -47,20 +50,27 @@ def main() -> int:
     parser.add_argument("--max-regression", type=float, default=MAX_REGRESSION, help="default: %(default)s")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mcsmoe-ci-gate-") as work:
-        report = measure(Path(work))
-    print(format_bench(report))
-    if args.json:
-        report.save(args.json)
-    if args.update_baseline:
-        BASELINE.parent.mkdir(parents=True, exist_ok=True)
-        report.save(BASELINE)
-        print(f"wrote {BASELINE}")
-        return 0
-    comparison = compare_reports(mc.BenchReport.load(BASELINE), report, args.max_regression, ratios_only=True)
-    print()
-    print(f"against {BASELINE} (in-run ratios only):")
-    print(format_comparison(comparison))
-    return 1 if comparison.failed else 0
+        contestants = prepare(Path(work))
+        if args.update_baseline:
+            report = mc.run_bench(contestants, CONFIG)
+            print(format_bench(report))
+            BASELINE.parent.mkdir(parents=True, exist_ok=True)
+            report.save(BASELINE)
+            print(f"wrote {BASELINE}")
+            return 0
+        baseline = mc.BenchReport.load(BASELINE)
+        # a real regression fails every attempt; a burst of noise on a shared runner rarely fails three
+        for attempt in range(1, ATTEMPTS + 1):
+            report = mc.run_bench(contestants, CONFIG)
+            comparison = compare_reports(baseline, report, args.max_regression, ratios_only=True)
+            print(format_bench(report))
+            print(f"\nattempt {attempt} of {ATTEMPTS}, against {BASELINE} (in-run ratios only):")
+            print(format_comparison(comparison))
+            if args.json:
+                report.save(args.json)
+            if not comparison.failed:
+                return 0
+    return 1
 
 
 if __name__ == "__main__":
