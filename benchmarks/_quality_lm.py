@@ -34,17 +34,18 @@ def sweep(
     dense: nn.Module,
     adapter: mc.FamilyAdapter,
     calib: torch.Tensor,
+    recover: Callable[[nn.Module, int], object],
     experts_list: list[int],
     rank_ratios: list[float],
     distill_steps_list: list[int],
     sparse_keep: float,
-    distill_lr: float = mc.CompressionRecipe.distill_lr,
     methods: list[str] | None = None,
 ) -> list[dict]:
     """One row per (method, G, rank ratio, distillation steps), plus the dense row first.
 
-    calib: token blocks [N, S] used for routing statistics and for distillation
-    (encoder-decoders are teacher-forced on the same blocks, see compress/stats.py).
+    calib: token blocks [N, S] for routing statistics (encoder-decoders are teacher-forced on
+    the same blocks, see compress/stats.py).
+    recover(model, steps): the setting's distillation of a compressed model from `dense`.
     Rows: {"setting", "method", "experts", "rank_ratio", "distill_steps", "expert_memory_ratio", "metric", "value"}.
     """
     recipe = mc.CompressionRecipe()
@@ -76,7 +77,7 @@ def sweep(
                 model = copy.deepcopy(dense)
                 mc.apply_plan(model, adapter, plan, recipe, progress=False)
                 if steps:
-                    mc.distill(model, dense, adapter, calib, steps, lr=distill_lr, progress=False)
+                    recover(model, steps)
                 rows.append(row(method, model, experts, rank_ratio, steps))
                 print(f"[{setting}] {method:24s} G={experts} r={rank_ratio:<5g} distill={steps:<4d} "
                       f"{metric}={rows[-1]['value']:8.4f} mem={rows[-1]['expert_memory_ratio']:.3f}  "
@@ -99,7 +100,11 @@ def lm_rows(
     tokenizer = mc.load_tokenizer(model_dir)
     heldout = mc.token_blocks(tokenizer, mc.builtin_corpus("heldout"), EVAL_SEQ_LEN)
     calib = mc.calibration_blocks(tokenizer, mc.CompressionRecipe())
+
+    def recover(student: nn.Module, steps: int) -> None:
+        mc.distill(student, dense, adapter, calib, steps, lr=distill_lr, progress=False)
+
     return sweep(
-        "lm", "perplexity", lambda model: mc.perplexity(model, heldout), dense, adapter, calib,
-        experts_list, rank_ratios, distill_steps_list, sparse_keep, distill_lr, methods,
+        "lm", "perplexity", lambda model: mc.perplexity(model, heldout), dense, adapter, calib, recover,
+        experts_list, rank_ratios, distill_steps_list, sparse_keep, methods,
     )

@@ -19,10 +19,12 @@ from mcsmoe_deploy import (
     collect_routing_stats,
     compress_model,
     distill,
+    distillation_loss,
     load_compressed,
     load_tokenizer,
     plan_compression,
     token_blocks,
+    train_compressed_experts,
 )
 from mcsmoe_deploy.compress.grouping import group_by_similarity, groups_per_layer
 
@@ -134,9 +136,42 @@ def test_distillation_lowers_the_loss():
     recipe = CompressionRecipe(experts=2, rank_ratio=0.3)
     apply_plan(student, adapter, plan_compression(stats, EXPERTS, recipe, adapter.family), recipe, progress=False)
     router_before = adapter.moe_layers(student)[0].block.gate.weight.clone()
+    embedding_before = student.get_input_embeddings().weight.clone()
+
+    @torch.no_grad()
+    def loss_on_all_blocks() -> float:  # a fixed set, unlike the random batches the report's losses come from
+        return distillation_loss(student(input_ids=blocks).logits, teacher(input_ids=blocks).logits, blocks).item()
+
+    before = loss_on_all_blocks()
     report = distill(student, teacher, adapter, blocks, steps=30, lr=3e-3, batch_size=4, progress=False)
-    assert report.last_loss < report.first_loss
+    assert report.steps == 30
+    assert loss_on_all_blocks() < 0.99 * before  # measured 0.971
     assert torch.equal(adapter.moe_layers(student)[0].block.gate.weight, router_before)
+    assert torch.equal(student.get_input_embeddings().weight, embedding_before)
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_train_compressed_experts_takes_any_loss_and_decays_the_rate_to_zero():
+    model = tiny_model("mixtral")
+    adapter = adapter_for_config(model.config)
+    stats = collect_routing_stats(model, adapter, calibration(), progress=False)
+    recipe = CompressionRecipe(experts=2)
+    apply_plan(model, adapter, plan_compression(stats, EXPERTS, recipe, adapter.family), recipe, progress=False)
+    ids = calibration()[:2]
+    target = torch.zeros(2, model.config.vocab_size)
+    snapshots = []
+
+    def batch_loss(step: int) -> torch.Tensor:
+        snapshots.append([p.detach().clone() for p in adapter.moe_layers(model)[0].block.experts.parameters()])
+        return (model(input_ids=ids).logits[:, -1] - target).pow(2).mean()
+
+    report = train_compressed_experts(model, batch_loss, steps=4, lr=1e-2, progress=False)
+    assert report.last_loss < report.first_loss
+    # AdamW moves each weight by about lr x schedule per step: 1, 0.75, 0.5, 0.25 of 1e-2
+    moves = [max((a - b).abs().max().item() for a, b in zip(x, y)) for x, y in zip(snapshots, snapshots[1:])]
+    assert moves == pytest.approx([1e-2, 0.75e-2, 0.5e-2], rel=0.05)
+    with pytest.raises(ValueError, match="no compressed experts"):
+        train_compressed_experts(tiny_model("mixtral"), batch_loss, steps=1)
 
 
 def test_activation_aware_compression_is_closer_to_the_merged_model():

@@ -83,12 +83,11 @@ def test_dense_lm_row_is_the_models_own_perplexity(quick):
 @torch.no_grad()
 def test_dense_classifier_row_is_the_cached_models_own_accuracy(quick):
     rows, _ = quick
-    saved = torch.load(news.cache_path(news.QUICK), weights_only=False)
     import transformers as tf
 
-    model = tf.SwitchTransformersForConditionalGeneration(tf.SwitchTransformersConfig.from_dict(saved["config"]))
-    model.load_state_dict(saved["state_dict"])
-    model.eval()
+    folder = news.cache_dir(news.QUICK)
+    saved_accuracy = json.loads((folder / "news.json").read_text())["accuracy"]
+    model = tf.SwitchTransformersForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = mc.load_tokenizer(embedded_model_dir())
     texts, labels = news.load_news()
     _, test_idx = news.split_news(texts, labels)
@@ -101,5 +100,22 @@ def test_dense_classifier_row_is_the_cached_models_own_accuracy(quick):
         correct += int(out.logits[0, 0, label_tokens].argmax().item() == labels[i])
     accuracy = correct / len(test_idx)
     dense = next(r for r in rows if r["setting"] == "switch-news" and r["method"] == "dense")
-    assert saved["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert saved_accuracy == pytest.approx(accuracy, abs=1e-12)
     assert dense["value"] == pytest.approx(accuracy, abs=ROUNDING)
+
+
+def test_upcycling_starts_from_the_one_expert_model():
+    """Eight copies behind near-uniform routers compute what the one-expert model did (to router noise)."""
+    size = news.QUICK
+    one = news.build_model(size, vocab_size=300, experts=1)
+    torch.manual_seed(1)
+    for parameter in one.parameters():  # a trained-looking model, not the init
+        parameter.data.add_(0.05 * torch.randn_like(parameter))
+    upcycled = news.upcycle(one, size)
+    ids = torch.randint(1, 300, (3, 20))
+    start = torch.zeros((3, 2), dtype=torch.long)
+    with torch.no_grad():
+        expected = one(input_ids=ids, decoder_input_ids=start).logits
+        got = upcycled(input_ids=ids, decoder_input_ids=start).logits
+    assert upcycled.config.num_experts == size.experts
+    assert float((got - expected).abs().max() / expected.abs().max()) < 0.02

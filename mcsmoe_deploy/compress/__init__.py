@@ -1,7 +1,7 @@
 """Merge, then compress: routing statistics, grouping, alignment, merging, low-rank + sparse, distillation."""
 
 from .activation_aware import projection_input_moments, second_moment
-from .distill import DistillReport, distill, distillation_loss
+from .distill import DistillReport, distill, distillation_loss, train_compressed_experts
 from .grouping import LayerGrouping, drop_least_used, group_by_similarity, group_randomly, groups_per_layer
 from .lowrank import LowRankSparse, low_rank_sparse, rank_for_energy, rank_for_ratio, sparse_row_count
 from .merge import merge_experts, merge_layer
@@ -46,4 +46,5 @@ __all__ = [
     "rank_for_ratio",
     "second_moment",
     "sparse_row_count",
+    "train_compressed_experts",
 ]

@@ -1,13 +1,17 @@
 """Knowledge-distillation recovery of a compressed model from the original one.
 
-loss = language-model loss + 0.2 * KL(teacher || student) at temperature 2
-(scaled by T^2), as in MC-SMoE. Routers stay frozen, and so does everything
-outside the compressed experts: only the merged experts learn, so the routing
-that the grouping was planned on does not move.
+loss = task loss + 0.2 * KL(teacher || student) at temperature 2 (scaled by T^2), as in
+MC-SMoE. Routers stay frozen, and so does everything outside the compressed experts: only
+the merged experts learn, so the routing that the grouping was planned on does not move.
+
+`distill` recovers a language model on calibration text (the task is next-token prediction).
+For another task, `train_compressed_experts` takes any batch loss: the paper distils each
+fine-tuned task model on its own task data, which is what a task-specific model needs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +37,12 @@ class DistillReport:
 def distillation_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, causal: bool = True
 ) -> torch.Tensor:
-    """Cross-entropy on `labels` [B, S] plus KL_WEIGHT x KL at TEMPERATURE; logits [B, S, V].
+    """Cross-entropy on `labels` plus KL_WEIGHT x KL at TEMPERATURE, averaged over predictions.
 
-    causal: logits at position t predict labels[t + 1] (decoder-only LM); otherwise labels[t]
-    (a teacher-forced decoder whose inputs are the labels shifted right).
+    Shapes: logits [..., V], labels [...] (for example [B, S, V] and [B, S] for a language
+    model, [B, C] and [B] for a C-way classifier).
+    causal: logits at position t predict labels[t + 1] (decoder-only LM, logits [B, S, V]);
+    otherwise labels[t] (a classifier, or a teacher-forced decoder whose inputs are the labels shifted right).
     """
     vocab = student_logits.shape[-1]
     if causal:
@@ -52,21 +58,22 @@ def distillation_loss(
     return task + KL_WEIGHT * kl * TEMPERATURE**2
 
 
-def distill(
+def train_compressed_experts(
     student: nn.Module,
-    teacher: nn.Module,
-    adapter: FamilyAdapter,
-    blocks: torch.Tensor,
+    batch_loss: Callable[[int], torch.Tensor],
     steps: int,
-    lr: float = 1e-3,
-    batch_size: int = 8,
-    seed: int = 0,
+    lr: float = 3e-4,
     progress: bool = True,
+    desc: str = "distillation",
 ) -> DistillReport:
-    """Train the compressed experts of `student` for `steps` batches drawn from `blocks` [N, S].
+    """Minimise `batch_loss(step)` over the compressed experts of `student` alone, for `steps` AdamW steps.
 
-    For encoder-decoder models the decoder is teacher-forced on the same blocks.
-    Returns the first and last training loss.
+    batch_loss: draws the step's batch and returns a scalar loss computed with `student`.
+    The learning rate decays linearly from `lr` to 0 (a constant rate undoes a good merge:
+    measured on the embedded model, 1e-3 constant took a merged model's held-out perplexity
+    from 20.6 to 23.5, 3e-4 decaying to 20.5). Parameters outside GroupedLowRankExperts,
+    routers included, are frozen, and the student stays in eval mode (no dropout, no jitter).
+    Returns the first and last loss.
     """
     trainable = [p for m in student.modules() if isinstance(m, GroupedLowRankExperts) for p in m.parameters()]
     if not trainable:
@@ -76,25 +83,50 @@ def distill(
     for parameter in trainable:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    device = trainable[0].device
-    # eval mode in both: no dropout or router jitter, only the expert weights change
-    teacher.eval()
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     student.eval()
     losses = []
     try:
-        for _ in tqdm(range(steps), desc="distillation", unit="step", disable=not progress):
-            batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)].to(device)
-            inputs = forward_inputs(student, adapter, batch)
-            with torch.no_grad():
-                teacher_logits = teacher(**inputs).logits.float()
-            student_logits = student(**inputs).logits.float()
-            loss = distillation_loss(student_logits, teacher_logits, batch, causal=not adapter.encoder_decoder)
+        for step in tqdm(range(steps), desc=desc, unit="step", disable=not progress):
+            loss = batch_loss(step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             losses.append(loss.item())
     finally:
         for parameter in student.parameters():
             parameter.requires_grad_(False)
-    return DistillReport(steps=steps, first_loss=losses[0] if losses else float("nan"), last_loss=losses[-1] if losses else float("nan"))
+    return DistillReport(steps, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    adapter: FamilyAdapter,
+    blocks: torch.Tensor,
+    steps: int,
+    lr: float = 3e-4,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> DistillReport:
+    """Train the compressed experts of `student` for `steps` batches drawn from token `blocks` [N, S].
+
+    Loss: next-token cross-entropy plus KL to `teacher` (see `distillation_loss`). For
+    encoder-decoder models the decoder is teacher-forced on the same blocks.
+    Returns the first and last training loss.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = next(student.parameters()).device
+    teacher.eval()
+
+    def batch_loss(_step: int) -> torch.Tensor:
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)].to(device)
+        inputs = forward_inputs(student, adapter, batch)
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs).logits.float()
+        student_logits = student(**inputs).logits.float()
+        return distillation_loss(student_logits, teacher_logits, batch, causal=not adapter.encoder_decoder)
+
+    return train_compressed_experts(student, batch_loss, steps, lr, progress)

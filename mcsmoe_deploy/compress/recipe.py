@@ -48,7 +48,7 @@ class CompressionRecipe:
     max_calib_tokens: int = 32768
     calib_seq_len: int = 128
     distill_steps: int = 0
-    distill_lr: float = 1e-3
+    distill_lr: float = 3e-4
     seed: int = 0
 
     def validate(self) -> None:
