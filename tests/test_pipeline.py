@@ -166,12 +166,19 @@ def test_train_compressed_experts_takes_any_loss_and_decays_the_rate_to_zero():
         return (model(input_ids=ids).logits[:, -1] - target).pow(2).mean()
 
     report = train_compressed_experts(model, batch_loss, steps=4, lr=1e-2, progress=False)
-    assert report.last_loss < report.first_loss
+    assert report.last_loss < report.first_loss and report.lr == 1e-2
     # AdamW moves each weight by about lr x schedule per step: 1, 0.75, 0.5, 0.25 of 1e-2
     moves = [max((a - b).abs().max().item() for a, b in zip(x, y)) for x, y in zip(snapshots, snapshots[1:])]
     assert moves == pytest.approx([1e-2, 0.75e-2, 0.5e-2], rel=0.05)
     with pytest.raises(ValueError, match="no compressed experts"):
         train_compressed_experts(tiny_model("mixtral"), batch_loss, steps=1)
+
+
+def test_distillation_rate_defaults_by_the_kind_of_recipe():
+    assert CompressionRecipe().distill_learning_rate == 3e-4  # merge only: a higher rate undoes the merge
+    assert CompressionRecipe(rank_ratio=0.5).distill_learning_rate == 1e-3
+    assert CompressionRecipe(rank_energy=0.9).distill_learning_rate == 1e-3
+    assert CompressionRecipe(rank_ratio=0.5, distill_lr=2e-4).distill_learning_rate == 2e-4
 
 
 def test_activation_aware_compression_is_closer_to_the_merged_model():

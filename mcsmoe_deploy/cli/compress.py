@@ -8,7 +8,7 @@ from .export import quiet_torch_onnx
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..compress.recipe import CompressionRecipe
+    from ..compress.recipe import COMPRESSED_DISTILL_LR, MERGED_DISTILL_LR, CompressionRecipe
 
     defaults = CompressionRecipe()
     group = parser.add_argument_group("merging (M-SMoE)")
@@ -41,6 +41,10 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"calibration tokens to use (default: {defaults.max_calib_tokens})")
     group.add_argument("--distill-steps", type=int, default=0, metavar="N",
                        help="knowledge-distillation steps from the original model after compression (default: 0)")
+    group.add_argument("--distill-lr", type=float, default=None, metavar="LR",
+                       help="peak learning rate of distillation, decaying linearly to 0 (default: "
+                            f"{MERGED_DISTILL_LR:g} for a merge-only recipe, which a higher rate undoes; "
+                            f"{COMPRESSED_DISTILL_LR:g} with low rank, which recovers more with it)")
     group.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: 0)")
 
 
@@ -59,6 +63,7 @@ def _recipe_from(args: argparse.Namespace):
         calib=args.calib,
         max_calib_tokens=args.max_calib_tokens,
         distill_steps=args.distill_steps,
+        distill_lr=args.distill_lr,
         seed=args.seed,
     )
 

@@ -29,7 +29,10 @@ TEMPERATURE = 2.0
 
 @dataclass
 class DistillReport:
+    """What a recovery run did: its step count, peak learning rate, and first and last batch loss."""
+
     steps: int
+    lr: float
     first_loss: float
     last_loss: float
 
@@ -97,7 +100,7 @@ def train_compressed_experts(
     finally:
         for parameter in student.parameters():
             parameter.requires_grad_(False)
-    return DistillReport(steps, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
+    return DistillReport(steps, lr, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
 
 
 def distill(
