@@ -50,7 +50,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     """Expert memory ratio (x) vs quality (y), one panel per setting; None when matplotlib is missing.
 
     One colour per method, nudged sideways by method so that ties stay visible; hollow markers
-    before distillation, filled after; a dashed line at the dense model.
+    before distillation, filled after; a dashed line at the dense model, dotted after recovery.
     """
     try:
         import matplotlib
@@ -69,7 +69,9 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         chosen = [row for row in rows if row["setting"] == setting]
         for row in chosen:
             if row["method"] == "dense":
-                ax.axhline(row["value"], color="black", linestyle="--", linewidth=1, label="dense")
+                recovered = row["distill_steps"] > 0
+                ax.axhline(row["value"], color="gray" if recovered else "black", linestyle=":" if recovered else "--",
+                           linewidth=1, label=f"dense + {row['distill_steps']} recovery steps" if recovered else "dense")
                 continue
             colour = colours[row["method"]]
             ax.scatter(
