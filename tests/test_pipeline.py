@@ -170,6 +170,7 @@ def test_train_compressed_experts_takes_any_loss_and_decays_the_rate_to_zero():
     # AdamW moves each weight by about lr x schedule per step: 1, 0.75, 0.5, 0.25 of 1e-2
     moves = [max((a - b).abs().max().item() for a, b in zip(x, y)) for x, y in zip(snapshots, snapshots[1:])]
     assert moves == pytest.approx([1e-2, 0.75e-2, 0.5e-2], rel=0.05)
+    assert train_compressed_experts(model, batch_loss, steps=0, progress=False).steps == 0
     with pytest.raises(ValueError, match="no compressed experts"):
         train_compressed_experts(tiny_model("mixtral"), batch_loss, steps=1)
 

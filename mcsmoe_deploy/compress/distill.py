@@ -86,7 +86,7 @@ def train_compressed_experts(
     for parameter in trainable:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
     student.eval()
     losses = []
     try:
