@@ -27,7 +27,8 @@ def markdown_table(rows: list[dict]) -> str:
         steps = sorted({row["distill_steps"] for row in chosen if row["method"] != "dense"})
         title = f"{setting}: {chosen[0]['metric']}"
         if dense:
-            title += " (dense " + " -> ".join(format_value(r["metric"], r["value"]) for _, r in sorted(dense.items())) + ")"
+            values = [format_value(row["metric"], row["value"]) for _, row in sorted(dense.items())]
+            title += f" (dense {' -> '.join(values)})"
         parts.append(f"### {title}; cells: distillation steps {' -> '.join(map(str, steps))}\n")
         header = "| method |" + "".join(f" G={g} memory | G={g} |" for g in experts)
         parts += [header, "|---|" + "---|---|" * len(experts)]
@@ -70,8 +71,9 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         for row in chosen:
             if row["method"] == "dense":
                 recovered = row["distill_steps"] > 0
-                ax.axhline(row["value"], color="gray" if recovered else "black", linestyle=":" if recovered else "--",
-                           linewidth=1, label=f"dense + {row['distill_steps']} recovery steps" if recovered else "dense")
+                label = f"dense + {row['distill_steps']} recovery steps" if recovered else "dense"
+                ax.axhline(row["value"], color="gray" if recovered else "black",
+                           linestyle=":" if recovered else "--", linewidth=1, label=label)
                 continue
             colour = colours[row["method"]]
             ax.scatter(

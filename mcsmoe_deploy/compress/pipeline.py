@@ -107,7 +107,10 @@ def compress_model(
     distilled = None
     if recipe.distill_steps:
         teacher, _ = load_model(model_dir, device=device)
-        distilled = distill(model, teacher, adapter, blocks, recipe.distill_steps, lr=recipe.distill_learning_rate, seed=recipe.seed, progress=progress)
+        distilled = distill(
+            model, teacher, adapter, blocks, recipe.distill_steps, lr=recipe.distill_learning_rate, seed=recipe.seed,
+            progress=progress,
+        )
         del teacher
     after = size_report(model, adapter)
     section = mcsmoe_section(plan, recipe, str(model_dir), distilled)
