@@ -70,12 +70,12 @@ def sweep(
     print(f"[{setting}] dense {metric}={rows[0]['value']:.4f}", flush=True)
     # a control: the same recovery of the uncompressed model (G = E groups of one expert each, rank 1),
     # which tells what recovery adds by itself, as extra training, from what it restores
-    control = mc.CompressionRecipe(experts=num_experts)
+    control = mc.CompressionRecipe(experts=num_experts, distill_lr=distill_lr)
     for steps in [steps for steps in distill_steps_list if steps]:
         model = copy.deepcopy(dense)
         mc.apply_plan(model, adapter, mc.plan_compression(stats, num_experts, control, adapter.family), control,
                       progress=False)
-        recover(model, steps, distill_lr or control.distill_learning_rate)
+        recover(model, steps, control.distill_learning_rate)
         rows.append(row("dense", model, num_experts, 1.0, steps))
         print(f"[{setting}] dense after {steps} steps of recovery {metric}={rows[-1]['value']:.4f}", flush=True)
     runs = [(name, overrides, 1.0) for name, overrides in BASELINES.items()]
@@ -85,14 +85,14 @@ def sweep(
     runs = [run for run in runs if methods is None or run[0] in methods]
     for experts in experts_list:
         for method, overrides, rank_ratio in runs:
-            recipe = mc.CompressionRecipe(experts=experts, **overrides)
+            recipe = mc.CompressionRecipe(experts=experts, distill_lr=distill_lr, **overrides)
             plan = mc.plan_compression(stats, num_experts, recipe, adapter.family)
             for steps in distill_steps_list:
                 start = time.perf_counter()
                 model = copy.deepcopy(dense)
                 mc.apply_plan(model, adapter, plan, recipe, progress=False)
                 if steps:
-                    recover(model, steps, distill_lr or recipe.distill_learning_rate)
+                    recover(model, steps, recipe.distill_learning_rate)
                 rows.append(row(method, model, experts, rank_ratio, steps))
                 print(f"[{setting}] {method:24s} G={experts} r={rank_ratio:<5g} distill={steps:<4d} "
                       f"{metric}={rows[-1]['value']:8.4f} mem={rows[-1]['expert_memory_ratio']:.3f}  "

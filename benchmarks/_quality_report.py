@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from mcsmoe_deploy.checkpoint import write_file_atomically
 
 
 def method_label(row: dict) -> str:
@@ -92,7 +95,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    return path
+    return write_file_atomically(path, png.getvalue())

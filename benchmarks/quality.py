@@ -46,6 +46,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # the private helper modules next to this script
 
 from _quality_lm import METHODS, lm_rows  # noqa: E402
+from mcsmoe_deploy import UserError  # noqa: E402
+from mcsmoe_deploy.checkpoint import write_file_atomically  # noqa: E402
 from _quality_report import markdown_table, plot  # noqa: E402
 from _quality_switch import FULL, QUICK, switch_rows  # noqa: E402
 
@@ -83,7 +85,8 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Run the sweep and write the rows, table and plot; a bad option is one error line and exit 2."""
+    parser = argparse.ArgumentParser(prog="quality.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sweep and classifier (< 3 min on 2 cores)")
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="default: all")
     parser.add_argument("--experts", type=int, nargs="+", default=None, metavar="G",
@@ -105,26 +108,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--plot", default=None, help="PNG path (default: benchmarks/results/quality[-quick].png)")
     parser.add_argument("--table", default=None, help="markdown path (default: benchmarks/results/quality[-quick].md)")
     args = parser.parse_args(argv)
+    stem = RESULTS_DIR / f"quality{'-quick' if args.quick else ''}"
+    table_path = Path(args.table) if args.table else stem.with_suffix(".md")
+    plot_path = Path(args.plot) if args.plot else stem.with_suffix(".png")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    # found out now, not after a sweep of many minutes
+    for path in ([Path(args.json)] if args.json else []) + [table_path, plot_path]:
+        if not path.parent.is_dir():
+            parser.error(f"the folder of {path} does not exist")
     torch.set_num_threads(args.threads)
     defaults = QUICK_ARGS if args.quick else FULL_ARGS
     start = time.perf_counter()
-    rows = run(
-        args.settings, args.quick,
-        args.experts or defaults["experts"], args.rank_ratios or defaults["rank_ratios"],
-        args.distill_steps or defaults["distill_steps"], args.sparse_keep, args.distill_lr, args.methods, args.model,
-        args.retrain,
-    )
+    try:
+        rows = run(
+            args.settings, args.quick,
+            args.experts or defaults["experts"], args.rank_ratios or defaults["rank_ratios"],
+            args.distill_steps or defaults["distill_steps"], args.sparse_keep, args.distill_lr, args.methods,
+            args.model, args.retrain,
+        )
+    except UserError as error:  # a bad --experts, --rank-ratios, --model ...: one line, no traceback
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"{len(rows)} rows in {time.perf_counter() - start:.1f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
-    stem = RESULTS_DIR / f"quality{'-quick' if args.quick else ''}"
+        write_file_atomically(args.json, json.dumps(rows, indent=1) + "\n")
     table = markdown_table(rows)
     print(table)
-    table_path = Path(args.table) if args.table else stem.with_suffix(".md")
-    table_path.parent.mkdir(parents=True, exist_ok=True)
-    table_path.write_text(table)
-    print(f"table: {table_path}")
-    figure = plot(rows, Path(args.plot) if args.plot else stem.with_suffix(".png"))
+    print(f"table: {write_file_atomically(table_path, table)}")
+    figure = plot(rows, plot_path)
     if figure:
         print(f"plot: {figure}")
     return rows

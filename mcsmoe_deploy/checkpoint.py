@@ -56,6 +56,25 @@ def with_default_permissions(path: str | Path) -> Path:
     return path
 
 
+def write_file_atomically(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder, renamed into place.
+
+    A reader never sees a half-written file, and a failure leaves the old file (or none).
+    The folder must exist.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w" if isinstance(data, str) else "wb") as handle:
+            handle.write(data)
+        with_default_permissions(tmp)  # mkstemp files are private
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def save_compressed(
     model: nn.Module,
     mcsmoe_section: dict,

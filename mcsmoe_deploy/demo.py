@@ -121,7 +121,9 @@ def run_demo(
     if distill_steps:
         from .compress.distill import distill
 
-        distilled = distill(compressed, dense, adapter, calib, distill_steps, lr=recipe.distill_learning_rate, progress=progress)
+        distilled = distill(
+            compressed, dense, adapter, calib, distill_steps, lr=recipe.distill_learning_rate, progress=progress
+        )
         result.rows.append(row(f"compressed + distillation ({distill_steps} steps)", compressed))
     section = mcsmoe_section(plan, recipe, str(model_dir), distilled)
     if out_dir is not None:

@@ -135,3 +135,18 @@ def test_upcycling_starts_from_the_one_expert_model():
         got = upcycled(input_ids=ids, decoder_input_ids=start).logits
     assert upcycled.config.num_experts == size.experts
     assert float((got - expected).abs().max() / expected.abs().max()) < 0.02
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--settings", "lm", "--experts", "9"], "--experts must be between 1 and the model's 8 experts per layer, not 9"),
+    (["--json", "/no/such/folder/rows.json"], "the folder of /no/such/folder/rows.json does not exist"),
+])
+def test_bad_options_are_one_error_line_and_write_nothing(argv, message, tmp_path, capsys):
+    table, plot = tmp_path / "q.md", tmp_path / "q.png"
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main([*argv, "--table", str(table), "--plot", str(plot)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error" in line] == [f"quality.py: error: {message}"]
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -21,14 +21,13 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..checkpoint import with_default_permissions
+from ..checkpoint import write_file_atomically
 from .bench import BackendResult, BenchConfig, Contestant, measure_in_child, memory_bandwidth
 
 SCHEMA = "mcsmoe-bench/1"
@@ -85,18 +84,7 @@ class BenchReport:
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically (temp file in the target folder, then rename)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self.to_dict(), handle, indent=2)
-                handle.write("\n")
-            with_default_permissions(tmp)  # mkstemp files are private
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_file_atomically(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> BenchReport:

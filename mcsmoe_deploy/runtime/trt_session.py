@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checkpoint import write_file_atomically
 from ..errors import UserError
 from ..exporters.onnx_file import read_graph
 from .ort_session import PAST_PREFIX, PRESENT_PREFIX, geometry_from_graph
@@ -184,10 +185,7 @@ def default_cache_dir() -> Path:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_file_atomically(path, data)
 
 
 # ---------------------------------------------------------------------------------------------
