@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from mcsmoe_deploy.checkpoint import write_file_atomically
+from mcsmoe_deploy.files import write_file_atomically
 
 
 def method_label(row: dict) -> str:

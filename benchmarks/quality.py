@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # the private helper modules nex
 
 from _quality_lm import METHODS, lm_rows  # noqa: E402
 from mcsmoe_deploy import UserError  # noqa: E402
-from mcsmoe_deploy.checkpoint import write_file_atomically  # noqa: E402
+from mcsmoe_deploy.files import write_file_atomically  # noqa: E402
 from _quality_report import markdown_table, plot  # noqa: E402
 from _quality_switch import FULL, QUICK, switch_rows  # noqa: E402
 

@@ -13,7 +13,6 @@ Writing goes to a temporary folder beside the target, renamed into place at the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import UserError
+from .files import prepare_output_dir, with_default_permissions
 from .grouped_experts import GroupedLowRankExperts, ProjectionSpec
 from .memory import read_weights_without_mmap, return_large_frees_to_os
 from .models import FamilyAdapter, adapter_for_config, check_weights, read_config_dict
@@ -30,49 +30,6 @@ WEIGHTS_NAME = "model.safetensors"
 # files of a source model directory that describe weights we rewrite, so they are not copied
 _NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".onnx.data")
-
-
-def prepare_output_dir(out_dir: str | Path, force: bool = False) -> Path:
-    """Check that `out_dir` may be written: its parent exists, it does not exist unless `force`."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise UserError(f"output {out_dir} already exists (use --force to replace it)")
-    if not out_dir.parent.exists():
-        raise UserError(f"parent folder of the output does not exist: {out_dir.parent}")
-    return out_dir
-
-
-def with_default_permissions(path: str | Path) -> Path:
-    """Give `path` (and, for a folder, what it holds) the permissions a plain create would under the umask.
-
-    Outputs are staged with tempfile (0700 folders, 0600 files, private while half-written);
-    the finished output should be as readable as any file the user writes.
-    """
-    path = Path(path)
-    umask = os.umask(0)
-    os.umask(umask)
-    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
-        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
-    return path
-
-
-def write_file_atomically(path: str | Path, data: str | bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder, renamed into place.
-
-    A reader never sees a half-written file, and a failure leaves the old file (or none).
-    The folder must exist.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w" if isinstance(data, str) else "wb") as handle:
-            handle.write(data)
-        with_default_permissions(tmp)  # mkstemp files are private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def save_compressed(
@@ -179,6 +136,5 @@ __all__ = [
     "compressed_layers",
     "is_compressed_checkpoint",
     "load_compressed",
-    "prepare_output_dir",
     "save_compressed",
 ]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import prepare_output_dir, save_compressed
+from .checkpoint import save_compressed
+from .files import prepare_output_dir
 from .compress.pipeline import calibration_blocks, check_experts, compress_loaded, load_tokenizer, mcsmoe_section
 from .compress.plan import apply_plan
 from .compress.recipe import CompressionRecipe

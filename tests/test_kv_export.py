@@ -19,10 +19,8 @@ from mcsmoe_deploy.exporters.kv_export import (
     empty_past,
     export_compressed_with_past,
     greedy_generate_onnx,
-    kv_geometry,
-    past_names,
-    present_names,
 )
+from mcsmoe_deploy.contract import past_names, present_names
 from mcsmoe_deploy.models import adapter_for_config
 
 DECODER_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -58,7 +56,7 @@ def test_graph_structure(exported):
     model, adapter, path, _ = exported
     saved = onnx.load(path)
     onnx.checker.check_model(saved, full_check=True)
-    num_layers, kv_heads, head_dim = kv_geometry(model.config)
+    num_layers, kv_heads, head_dim = adapter_for_config(model.config).kv_geometry(model.config)
     inputs = [i.name for i in saved.graph.input]
     assert inputs == ["input_ids", "attention_mask", "position_ids", *past_names(num_layers)]
     assert [o.name for o in saved.graph.output] == ["logits", *present_names(num_layers)]
@@ -71,7 +69,7 @@ def test_graph_structure(exported):
 
 def test_prefill_and_decode_logits_match_torch(exported):
     model, _, _, session = exported
-    num_layers, kv_heads, head_dim = kv_geometry(model.config)
+    num_layers, kv_heads, head_dim = adapter_for_config(model.config).kv_geometry(model.config)
     ids = torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.numpy()
@@ -98,7 +96,7 @@ def test_prefill_and_decode_logits_match_torch(exported):
 
 def test_batched_step_with_random_past_matches_dynamic_cache(exported):
     model, _, _, session = exported
-    num_layers, kv_heads, head_dim = kv_geometry(model.config)
+    num_layers, kv_heads, head_dim = adapter_for_config(model.config).kv_geometry(model.config)
     generator = torch.Generator().manual_seed(7)
     batch, past_len, seq = 3, 4, 2
     ids = torch.randint(1, 256, (batch, seq), generator=generator)
@@ -122,5 +120,5 @@ def test_greedy_generation_matches_torch(exported):
         ref = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16, do_sample=False
         )[0, 6:].tolist()
-    got = greedy_generate_onnx(session, ids.numpy(), 16, *kv_geometry(model.config))
+    got = greedy_generate_onnx(session, ids.numpy(), 16, *adapter_for_config(model.config).kv_geometry(model.config))
     assert got == ref

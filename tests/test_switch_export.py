@@ -14,13 +14,8 @@ import mcsmoe_deploy as m
 from conftest import byte_tokenizer, tiny_config
 from mcsmoe_deploy.exporters import DOMAIN, OP_TYPE
 from mcsmoe_deploy.exporters.dense import group_dense_experts
-from mcsmoe_deploy.exporters.switch_export import (
-    decoder_past_names,
-    decoder_present_names,
-    encoder_present_names,
-    export_switch,
-    greedy_generate_switch_onnx,
-)
+from mcsmoe_deploy.contract import decoder_past_names, decoder_present_names, encoder_present_names
+from mcsmoe_deploy.exporters.switch_export import export_switch, greedy_generate_switch_onnx
 from mcsmoe_deploy.models import adapter_for_config
 
 CAPACITY = 3  # small enough that the tiny model drops tokens at the lengths below

@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 from mcsmoe_deploy import UserError, export_model, open_session
-from mcsmoe_deploy.runtime.session import KVGeometry
+from mcsmoe_deploy.contract import KVGeometry
 from mcsmoe_deploy.runtime.triton import write_triton_repository
 from mcsmoe_deploy.runtime.trt_session import (
     NOT_INSTALLED,

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import prepare_output_dir, save_compressed
+from ..checkpoint import save_compressed
+from ..files import prepare_output_dir
 from ..corpus import calibration_text, load_tokenizer_from, token_blocks
 from ..errors import UserError
 from ..models import FamilyAdapter, adapter_for_config, load_model, read_config_dict

@@ -17,38 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import onnx
 import torch
 
+from ..contract import KVGeometry, past_names, present_names
+from ..models import adapter_for_config
 from ..models.base import FamilyAdapter
 from .torch_export import GraphPass, GraphSpec, export_graph
-
-
-class KVGeometry(NamedTuple):
-    """The KV cache's shape: per layer a key and a value [B, kv_heads, P, head_dim]."""
-
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-
-
-def kv_geometry(config) -> KVGeometry:
-    """The KV geometry of a decoder-only config."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return KVGeometry(config.num_hidden_layers, kv_heads, head_dim)
-
-
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
 class _PastWrapper(torch.nn.Module):
@@ -79,7 +56,7 @@ class _PastWrapper(torch.nn.Module):
 
 def past_graph_spec(model: torch.nn.Module) -> GraphSpec:
     """The KV-cache graph of the module docstring; batch, sequence and past length (0 too) dynamic."""
-    num_layers, kv_heads, head_dim = kv_geometry(model.config)
+    num_layers, kv_heads, head_dim = adapter_for_config(model.config).kv_geometry(model.config)
     batch_size, past_len, seq_len = 2, 5, 3
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), dtype=torch.long)
     mask = torch.ones(batch_size, past_len + seq_len, dtype=torch.long)
@@ -157,12 +134,8 @@ def greedy_generate_onnx(session, input_ids, max_new_tokens: int, num_layers: in
 
 
 __all__ = [
-    "KVGeometry",
     "empty_past",
     "export_compressed_with_past",
     "greedy_generate_onnx",
-    "kv_geometry",
     "past_graph_spec",
-    "past_names",
-    "present_names",
 ]

@@ -30,13 +30,11 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto, helper
 
+from ..contract import DOMAIN, OP_TYPE, OP_VERSION
 from ..grouped_experts import GroupedLowRankExperts, ProjectionSpec
 from ..models.base import ExpertLayout
 from .moe_body import DEFAULT_STRATEGY, build_body
 
-DOMAIN = "ai.mcsmoe"
-OP_TYPE = "GroupedLowRankMoE"
-OP_VERSION = 1
 ROUTINGS = ("softmax_topk", "softmax_topk_norm")
 # Hugging Face activation names -> the op's canonical `activation` attribute
 ACTIVATIONS = {

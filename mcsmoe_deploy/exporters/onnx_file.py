@@ -16,34 +16,12 @@ from pathlib import Path
 import onnx
 import onnx.inliner
 
-from ..checkpoint import with_default_permissions
+from ..contract import external_data_path, inlined_path
+from ..files import with_default_permissions
 from ..errors import UserError
 
 # protobuf cannot serialise a message of 2 GiB or more; leave room for the graph itself
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-
-
-def read_graph(path: str | Path) -> onnx.ModelProto:
-    """A user's ONNX file without its weights (graph, I/O, metadata); one UserError line when it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ONNX file not found: {path}" if not path.exists() else f"{path} is not a file")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and onnx's own errors
-        raise UserError(f"{path} is not a readable ONNX file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-
-
-def external_data_path(out_path: str | Path) -> Path:
-    """Where the weights of `out_path` go when stored as external data: `OUT.onnx.data` beside it."""
-    out_path = Path(out_path)
-    return out_path.with_name(out_path.name + ".data")
-
-
-def inlined_path(out_path: str | Path) -> Path:
-    """The name of the functions-inlined copy: `model.onnx` -> `model.inlined.onnx`."""
-    out_path = Path(out_path)
-    return out_path.with_name(f"{out_path.stem}.inlined{out_path.suffix or '.onnx'}")
 
 
 def save_checked(model_proto: onnx.ModelProto, out_path: str | Path, external_data: bool | None = None) -> Path:
@@ -236,9 +214,6 @@ def write_inlined_copy(path: str | Path, out_path: str | Path | None = None) -> 
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
-    "external_data_path",
-    "inlined_path",
-    "read_graph",
     "save_checked",
     "stream_one_file",
     "write_inlined_copy",

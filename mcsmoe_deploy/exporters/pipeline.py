@@ -13,14 +13,16 @@ import onnx
 
 from tqdm.auto import tqdm
 
-from ..checkpoint import is_compressed_checkpoint, load_compressed, prepare_output_dir, with_default_permissions
+from ..checkpoint import is_compressed_checkpoint, load_compressed
+from ..contract import DECODER_FILE, ENCODER_FILE, external_data_path, inlined_path
+from ..files import prepare_output_dir, with_default_permissions
 from ..errors import UserError
 from ..memory import peak_rss_bytes
 from ..models import adapter_for_config, check_weights, load_model, read_config_dict
 from .dense import group_dense_experts
 from .kv_export import past_graph_spec
-from .onnx_file import external_data_path, inlined_path, write_inlined_copy
-from .switch_export import DECODER_FILE, ENCODER_FILE, export_switch
+from .onnx_file import write_inlined_copy
+from .switch_export import export_switch
 from .torch_export import check_exportable, finish_staged, logits_graph_spec, stage_graph
 from .validate import ExportReport, check_parity, describe, describe_files
 

@@ -43,39 +43,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..contract import (
+    DECODER_FILE,
+    DOMAIN,
+    ENCODER_FILE,
+    OP_TYPE,
+    decoder_past_names,
+    decoder_present_names,
+    encoder_present_names,
+    past_name,
+)
 from ..models.base import FamilyAdapter
-from .moe_op import DOMAIN, OP_TYPE, register_op_schema
+from .moe_op import register_op_schema
 from .custom_op import projection_tensors, spec_for_key
 from .torch_export import GraphPass, export_with_custom_moe
 
-ENCODER_FILE = "encoder.onnx"
-DECODER_FILE = "decoder.onnx"
 _MAX_LEN = 8192  # upper bound of every dynamic length (Switch has no position table)
-
-
-# ---------------------------------------------------------------------------------------------
-# names
-
-
-def encoder_present_names(num_layers: int) -> list[str]:
-    """Cross-attention key/value outputs of the encoder graph."""
-    return [f"present.{i}.encoder.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def decoder_past_names(num_layers: int) -> list[str]:
-    """Decoder graph past inputs, per layer: self-attention key, value, then cross-attention key, value."""
-    return [f"past_key_values.{i}.{part}.{kind}" for i in range(num_layers) for part in ("decoder", "encoder")
-            for kind in ("key", "value")]
-
-
-def decoder_present_names(num_layers: int) -> list[str]:
-    """Self-attention key/value outputs of the decoder graph."""
-    return [f"present.{i}.decoder.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def past_name(present: str) -> str:
-    """The past input fed from a present output: `present.X` -> `past_key_values.X`."""
-    return "past_key_values." + present.removeprefix("present.")
 
 
 @dataclass(frozen=True)
@@ -339,14 +322,9 @@ def greedy_generate_switch_onnx(
 
 
 __all__ = [
-    "DECODER_FILE",
-    "ENCODER_FILE",
     "SwitchExport",
     "SwitchGeometry",
     "capacity_keep_mask",
-    "decoder_past_names",
-    "decoder_present_names",
-    "encoder_present_names",
     "export_switch",
     "greedy_generate_switch_onnx",
     "switch_moe_forward",

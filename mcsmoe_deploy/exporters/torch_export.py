@@ -28,7 +28,8 @@ import torch
 from ..models.base import FamilyAdapter
 from .custom_op import TORCH_OP, ForwardFactory, finish_custom_nodes, moe_blocks_as_custom_op, patched_forward, translate
 from .moe_op import MoEOpSpec, register_op_schema
-from .onnx_file import EXTERNAL_DATA_THRESHOLD, external_data_path, write_staged, write_staged_as_one_file
+from ..contract import external_data_path
+from .onnx_file import EXTERNAL_DATA_THRESHOLD, write_staged, write_staged_as_one_file
 
 # a rewrite of a finished graph, applied before it is checked and saved; a pass that reads
 # weight values sets the attribute `needs_weights = True`

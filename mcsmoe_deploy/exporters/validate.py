@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import torch
 
-from .kv_export import empty_past, kv_geometry, past_names, present_names
-from .moe_op import DOMAIN, OP_TYPE
-from .onnx_file import external_data_path
+from ..contract import DOMAIN, OP_TYPE, decoder_present_names, external_data_path, past_name, past_names, present_names
+from ..models import adapter_for_config
+from .kv_export import empty_past
 
 
 @dataclass
@@ -151,7 +151,7 @@ def compare_logits_with_past(
     cache. Returns (max abs error, max relative error) as `compare_logits`.
     """
     session = _session(path)
-    num_layers, kv_heads, head_dim = kv_geometry(reference.config)
+    num_layers, kv_heads, head_dim = adapter_for_config(reference.config).kv_geometry(reference.config)
     outputs = ["logits", *present_names(num_layers)]
     generator = torch.Generator().manual_seed(seed)
     worst_abs, worst_rel = 0.0, 0.0
@@ -211,8 +211,6 @@ def compare_switch(
     start token and one more, from an empty self-attention past; then a third token with
     the presents) against the reference's full forward. Returns (max abs, max relative) error.
     """
-    from .switch_export import decoder_present_names, past_name
-
     encoder, decoder = _session(encoder_path), _session(decoder_path)
     config = reference.config
     layers, heads, head_dim = config.num_decoder_layers, config.num_heads, config.d_kv

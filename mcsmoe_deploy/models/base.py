@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..contract import KVGeometry
+
 ExpertWeights = dict[str, torch.Tensor]
 
 
@@ -84,6 +86,13 @@ class FamilyAdapter:
 
     def expert_layout(self, config) -> ExpertLayout:
         raise NotImplementedError
+
+    def kv_geometry(self, config) -> KVGeometry:
+        """The decoder's KV cache: layers, key/value heads, head size."""
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return KVGeometry(config.num_hidden_layers, kv_heads, head_dim)
 
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
         """All MoE blocks of `model`, in module order."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..contract import KVGeometry
 from .base import ExpertLayout, ExpertWeights, FamilyAdapter, dispatch_to_index
 
 
@@ -107,6 +108,10 @@ class SwitchTransformersAdapter(FamilyAdapter):
             hidden_size=config.d_model,
             intermediate_size=config.d_ff,
         )
+
+    def kv_geometry(self, config) -> KVGeometry:
+        """The decoder's self-attention cache (the cross-attention cache has the same heads and size)."""
+        return KVGeometry(config.num_decoder_layers, config.num_heads, config.d_kv)
 
     def is_moe_block(self, module: nn.Module) -> bool:
         return type(module).__name__ == "SwitchTransformersSparseMLP"

@@ -17,8 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..exporters.moe_op import DOMAIN, OP_TYPE
-from ..exporters.onnx_file import read_graph
+from ..contract import DOMAIN, OP_TYPE, read_graph
 
 _SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                          "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..checkpoint import write_file_atomically
+from ..files import write_file_atomically
 from .bench import BackendResult, BenchConfig, Contestant, measure_in_child, memory_bandwidth
 
 SCHEMA = "mcsmoe-bench/1"

@@ -14,12 +14,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..exporters.onnx_file import read_graph
-from .session import DecoderSession, KVGeometry, StepOutput
+from ..contract import PAST_PREFIX, PRESENT_PREFIX, geometry_from_graph
+from .session import DecoderSession, StepOutput
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "all": "ORT_ENABLE_ALL"}
-PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 
 
 def choose_providers(provider: str | None = None) -> list[str]:
@@ -55,18 +54,6 @@ def session_options(threads: int | None = None, opt_level: str = "all", optimize
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     return options
-
-
-def geometry_from_graph(path: str | Path) -> tuple[KVGeometry, int]:
-    """(KV geometry, vocabulary size) from a KV-cache graph's inputs and outputs (weights not loaded)."""
-    graph = read_graph(path).graph
-    pasts = [i for i in graph.input if i.name.startswith(PAST_PREFIX) and i.name.endswith(".key")]
-    if not pasts or "input_ids" not in {i.name for i in graph.input}:
-        raise UserError(f"{path} is not a KV-cache graph from `mcsmoe export` (no past_key_values.N.key inputs); "
-                        "export it without --no-past")
-    dims = pasts[0].type.tensor_type.shape.dim
-    logits = next(o for o in graph.output if o.name == "logits").type.tensor_type.shape.dim
-    return KVGeometry(len(pasts), dims[1].dim_value, dims[3].dim_value), logits[2].dim_value
 
 
 class OrtDecoderSession(DecoderSession):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..exporters.kv_export import KVGeometry
+from ..contract import KVGeometry
 
 BACKENDS = ("ort", "trt", "torch")
 

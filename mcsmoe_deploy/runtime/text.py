@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..corpus import load_tokenizer_from
 from ..errors import UserError
-from ..exporters.onnx_file import read_graph
+from ..contract import read_graph
 from .generation import GenerationConfig, GenerationResult, generate
 from .session import DecoderSession, open_session
 

@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint import is_compressed_checkpoint, load_compressed
 from ..errors import UserError
-from ..models import load_model
+from ..models import adapter_for_config, load_model
 from .session import DecoderSession, StepOutput
 
 
@@ -23,8 +23,6 @@ class TorchDecoderSession(DecoderSession):
     backend = "torch"
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", threads: int | None = None):
-        from ..exporters.kv_export import kv_geometry
-
         self.path = Path(model_dir)
         if threads:
             torch.set_num_threads(threads)
@@ -36,7 +34,7 @@ class TorchDecoderSession(DecoderSession):
             if adapter.encoder_decoder:
                 raise UserError(f"{adapter.family} is an encoder-decoder model; the torch session runs decoder-only models")
         self.device = torch.device(device)
-        self.geometry = kv_geometry(self.model.config)
+        self.geometry = adapter_for_config(self.model.config).kv_geometry(self.model.config)
         self.vocab_size = self.model.config.vocab_size
         self.threads = torch.get_num_threads()
 

@@ -33,7 +33,7 @@ import onnx
 from onnx import TensorProto
 
 from ..errors import UserError
-from ..exporters.onnx_file import read_graph
+from ..contract import read_graph
 from .trt_graph import onnx_model_files
 
 BACKENDS = ("onnxruntime", "tensorrt")

@@ -34,9 +34,8 @@ import onnx.inliner
 import onnx.shape_inference
 from onnx import TensorProto
 
-from ..exporters.moe_op import DOMAIN as OP_DOMAIN
-from ..exporters.moe_op import OP_TYPE
-from .ort_session import PAST_PREFIX
+from ..contract import DOMAIN as OP_DOMAIN
+from ..contract import OP_TYPE, PAST_PREFIX
 
 FLOAT_TYPES = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}
 # folded constants larger than this stay computed in the graph (no second copy of weights)
@@ -178,7 +177,8 @@ class _Rewriter:
 def _save(model: onnx.ModelProto, out_path: Path, check: bool) -> None:
     """Write `model`, weights in `OUT.data` when large. check: onnx.checker full_check; not for a
     plugin graph, whose MoE nodes carry TensorRT's attributes beyond the op's ONNX schema."""
-    from ..exporters.onnx_file import EXTERNAL_DATA_THRESHOLD, external_data_path, save_checked
+    from ..contract import external_data_path
+    from ..exporters.onnx_file import EXTERNAL_DATA_THRESHOLD, save_checked
 
     if check:
         save_checked(model, out_path)

@@ -36,12 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import write_file_atomically
+from ..files import write_file_atomically
 from ..errors import UserError
-from ..exporters.onnx_file import read_graph
-from .ort_session import PAST_PREFIX, PRESENT_PREFIX, geometry_from_graph
-from .session import DecoderSession, KVGeometry, StepOutput
-from .trt_graph import OP_DOMAIN, OP_TYPE, graph_float_type, onnx_model_files, prepare_for_tensorrt
+from ..contract import DOMAIN as OP_DOMAIN
+from ..contract import OP_TYPE, PAST_PREFIX, PRESENT_PREFIX, KVGeometry, geometry_from_graph, read_graph
+from .session import DecoderSession, StepOutput
+from .trt_graph import graph_float_type, onnx_model_files, prepare_for_tensorrt
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 NOT_INSTALLED = "TensorRT is not installed: pip install tensorrt (needs an NVIDIA GPU); the trt backend is unverified"

@@ -1,0 +1,145 @@
+"""The contract between export and runtime: what a graph from `mcsmoe export` looks like.
+
+The exporters write it and the runtime reads it; both import it from here, so neither
+imports the other. It holds:
+- the custom op's identity (`ai.mcsmoe::GroupedLowRankMoE`, version 1; docs/ops.md);
+- the graph's input and output names: a decoder graph takes `input_ids` [B, S],
+  `attention_mask` [B, P + S], `position_ids` [B, S] and per layer
+  `past_key_values.{i}.key` / `.value` [B, kv_heads, P, head_dim], and returns `logits`
+  [B, S, V] and `present.{i}.key` / `.value` [B, kv_heads, P + S, head_dim]; Switch's
+  encoder and decoder graphs follow optimum's names (see exporters/switch_export.py);
+- the KV cache's geometry;
+- where external data lives (`OUT.onnx.data`) and the inlined copy's name;
+- reading a user's graph: one error line when it is missing, unreadable or not ours.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import onnx
+
+DOMAIN = "ai.mcsmoe"
+OP_TYPE = "GroupedLowRankMoE"
+OP_VERSION = 1
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+
+# Switch Transformers: two graphs in one folder
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+ENCODER_ATTENTION_MASK = "encoder_attention_mask"
+
+
+class KVGeometry(NamedTuple):
+    """The KV cache's shape: per layer a key and a value [B, kv_heads, P, head_dim]."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+
+
+def past_names(num_layers: int) -> list[str]:
+    """Past inputs of a decoder graph, per layer key then value."""
+    return [f"{PAST_PREFIX}{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    """Present outputs of a decoder graph, in the order of `past_names`."""
+    return [f"{PRESENT_PREFIX}{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def past_name(present: str) -> str:
+    """The past input fed from a present output: `present.X` -> `past_key_values.X`."""
+    return PAST_PREFIX + present.removeprefix(PRESENT_PREFIX)
+
+
+def encoder_present_names(num_layers: int) -> list[str]:
+    """Cross-attention key/value outputs of Switch's encoder graph."""
+    return [f"{PRESENT_PREFIX}{i}.encoder.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def decoder_past_names(num_layers: int) -> list[str]:
+    """Switch decoder past inputs, per layer: self-attention key, value, then cross-attention key, value."""
+    return [f"{PAST_PREFIX}{i}.{part}.{kind}" for i in range(num_layers) for part in ("decoder", "encoder")
+            for kind in ("key", "value")]
+
+
+def decoder_present_names(num_layers: int) -> list[str]:
+    """Self-attention key/value outputs of Switch's decoder graph."""
+    return [f"{PRESENT_PREFIX}{i}.decoder.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def external_data_path(graph_path: str | Path) -> Path:
+    """Where the weights of `graph_path` live when stored as external data: `OUT.onnx.data` beside it."""
+    graph_path = Path(graph_path)
+    return graph_path.with_name(graph_path.name + ".data")
+
+
+def inlined_path(graph_path: str | Path) -> Path:
+    """The name of the functions-inlined copy: `model.onnx` -> `model.inlined.onnx`."""
+    graph_path = Path(graph_path)
+    return graph_path.with_name(f"{graph_path.stem}.inlined{graph_path.suffix or '.onnx'}")
+
+
+def read_graph(path: str | Path) -> onnx.ModelProto:
+    """A user's ONNX file without its weights (graph, I/O, metadata); one UserError line when it is not one."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ONNX file not found: {path}" if not path.exists() else f"{path} is not a file")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and onnx's own errors
+        raise UserError(f"{path} is not a readable ONNX file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def geometry_from_graph(path: str | Path) -> tuple[KVGeometry, int]:
+    """(KV geometry, vocabulary size) from a decoder graph's inputs and outputs (weights not loaded)."""
+    graph = read_graph(path).graph
+    pasts = [i for i in graph.input if i.name.startswith(PAST_PREFIX) and i.name.endswith(".key")]
+    if not pasts or INPUT_IDS not in {i.name for i in graph.input}:
+        raise UserError(f"{path} is not a KV-cache graph from `mcsmoe export` (no {PAST_PREFIX}N.key inputs); "
+                        "export it without --no-past")
+    dims = pasts[0].type.tensor_type.shape.dim
+    logits = next(o for o in graph.output if o.name == LOGITS).type.tensor_type.shape.dim
+    return KVGeometry(len(pasts), dims[1].dim_value, dims[3].dim_value), logits[2].dim_value
+
+
+__all__ = [
+    "ATTENTION_MASK",
+    "DECODER_FILE",
+    "DOMAIN",
+    "ENCODER_ATTENTION_MASK",
+    "ENCODER_FILE",
+    "ENCODER_HIDDEN_STATES",
+    "INPUT_IDS",
+    "KVGeometry",
+    "LOGITS",
+    "OP_TYPE",
+    "OP_VERSION",
+    "PAST_PREFIX",
+    "POSITION_IDS",
+    "PRESENT_PREFIX",
+    "decoder_past_names",
+    "decoder_present_names",
+    "encoder_present_names",
+    "external_data_path",
+    "geometry_from_graph",
+    "inlined_path",
+    "past_name",
+    "past_names",
+    "present_names",
+    "read_graph",
+]
