@@ -293,3 +293,65 @@ def open_peer_lm(name: str, folder: str | Path, options):
     geometry, _ = peer_geometry(folder)
     return open_ours(name, Path(folder) / MODEL_FILE, geometry.num_layers, geometry.kv_heads, geometry.head_dim,
                      options)
+
+
+# ---------------------------------------------------------------------------------------------
+# One measurement: bytes on disk and decode p50 of the fp32 and int4 peers, in one run
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_ms(folders: dict[str, Path], threads: int = 2, steps: int = 32, rounds: int = 3, spin: bool = True,
+              prompt_length: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """Milliseconds of each decode step (batch 1) of each folder's graph, timed in alternating rounds.
+
+    Each graph gets an untimed warm-up (a prefill and 4 steps); then `rounds` rounds in which every
+    graph decodes `steps` greedy tokens after an untimed prefill. Alternating rounds expose all
+    contestants to the same load on a shared machine, so their ratios are what to read.
+    spin: onnxruntime's idle threads spin (its default); False makes them sleep, kinder to a busy machine.
+    """
+    from benchmarks._latency import decode_seconds, random_prompt, session_options
+
+    lms = {name: open_peer_lm(name, folder, session_options(threads, spin)) for name, folder in folders.items()}
+    vocab = min(peer_geometry(folder)[1] for folder in folders.values())
+    prompt = random_prompt(prompt_length, vocab, seed)
+    samples: dict[str, list[float]] = {name: [] for name in lms}
+    for lm in lms.values():
+        decode_seconds(lm, prompt, 4)
+    for _ in range(rounds):
+        for name, lm in lms.items():
+            samples[name] += decode_seconds(lm, prompt, steps)
+    return {name: 1000 * np.asarray(values) for name, values in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build the fp32 and int4 peers of a Mixtral checkpoint (unless present) and print bytes and decode p50."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("model_dir", type=Path, help="a MixtralForCausalLM checkpoint directory")
+    parser.add_argument("out_dir", type=Path, help="gets fp32/ and int4/ builder folders")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-spin", action="store_true", help="idle onnxruntime threads sleep instead of spinning")
+    args = parser.parse_args(argv)
+    folders = {}
+    for precision in PRECISIONS:
+        folder = args.out_dir / precision
+        if not (folder / MODEL_FILE).is_file():
+            build_genai_peer(args.model_dir, folder, precision)
+        folders[f"builder-{precision}"] = folder
+    times = decode_ms(folders, args.threads, args.steps, args.rounds, spin=not args.no_spin)
+    p50 = {name: float(np.median(values)) for name, values in times.items()}
+    checkpoint = folder_bytes(args.model_dir, "*.safetensors")
+    print(f"checkpoint {args.model_dir}: {checkpoint / 1e6:.1f} MB safetensors; {args.threads} threads, batch 1, "
+          f"{args.rounds} x {args.steps} decode steps, spin {not args.no_spin}, load average {os.getloadavg()[0]:.1f}")
+    base = p50["builder-fp32"]
+    for name, folder in folders.items():
+        print(f"{name:13s} on disk {folder_bytes(folder) / 1e6:8.2f} MB   decode p50 {p50[name]:7.3f} ms/token "
+              f"({p50[name] / base:.2f}x fp32), min {times[name].min():.3f} ms")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks` importable
+    main()

@@ -25,6 +25,8 @@ sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of scripts, not part o
 from benchmarks._genai_peer import (  # noqa: E402
     GenaiPeerSession,
     build_genai_peer,
+    decode_ms,
+    folder_bytes,
     greedy_tokens,
     open_peer_lm,
 )
@@ -120,6 +122,14 @@ def test_latency_driver_decodes_like_the_session(peer_fp32, reference):
     lm = open_peer_lm("builder-fp32", peer_fp32, session_options(1))
     ids, _, generated = reference[1][0]
     assert greedy(lm, ids, len(generated)) == generated
+
+
+def test_measurement_smoke(peer_fp32, peer_int4):
+    """The one-off measurement (`python benchmarks/_genai_peer.py MODEL OUT`) runs: samples per graph, int4 smaller."""
+    times = decode_ms({"fp32": peer_fp32, "int4": peer_int4}, threads=1, steps=2, rounds=1)
+    assert {name: len(values) for name, values in times.items()} == {"fp32": 2, "int4": 2}
+    assert all((values > 0).all() for values in times.values())
+    assert folder_bytes(peer_int4) < 0.25 * folder_bytes(peer_fp32)
 
 
 def test_fp32_folder_runs_in_the_genai_runtime(peer_fp32, reference):
