@@ -12,7 +12,15 @@ and holds the whole torch model: a child keeps all that out of the caller).
 
 Running. `GenaiPeerSession` runs the builder's `model.onnx` in a plain `onnxruntime.InferenceSession`
 with the project's decoder-step interface (`empty_past`, `step`; see
-`mcsmoe_deploy.runtime.session.DecoderSession`), so the peer is timed by the same loops as ours.
+`mcsmoe_deploy.runtime.session.DecoderSession`) for parity checks; `open_peer_lm` hands the same
+graph to `benchmarks._latency`, so the peer is timed by the same loops as our graphs.
+
+What the int4 peer is (the builder's CPU defaults): every MatMul becomes MatMulNBits (attention,
+the routers too, and the head), tied embeddings become GatherBlockQuantized, experts become QMoE;
+symmetric round-to-nearest, blocks of 32, accuracy_level 4 (int8 activations in MatMulNBits). QMoE
+uses MLAS's 4-bit GEMMs only when each expert input size is a multiple of the block: the embedded
+model's intermediate size 144 is not, so its down projections fall back to dequantize + SGEMM
+(onnxruntime warns at session start).
 """
 
 from __future__ import annotations
