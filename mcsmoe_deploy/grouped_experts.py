@@ -64,7 +64,7 @@ class ProjectionSpec:
         return cls(data["out"], data["in"], data["rank"], data["sparse_rows"])
 
 
-def project_group(spec: ProjectionSpec, tensors: Sequence[torch.Tensor], group: int, x: torch.Tensor) -> torch.Tensor:
+def _project_group(spec: ProjectionSpec, tensors: Sequence[torch.Tensor], group: int, x: torch.Tensor) -> torch.Tensor:
     """x [n, in] -> [n, out] through group `group` of a projection stored as `tensors` ([G, ...] each,
     `spec.tensor_names` order)."""
     if spec.dense:
@@ -82,7 +82,7 @@ _HF_ACTIVATION = {"gelu_tanh": "gelu_pytorch_tanh"}
 
 
 @functools.cache  # the activations are stateless modules: one instance per name
-def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The activation named `name` (a Hugging Face name, or the op's canonical one)."""
     return ACT2FN[_HF_ACTIVATION.get(name, name)]
 
@@ -99,7 +99,7 @@ def route_top_k(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> t
     return index, weights
 
 
-def group_weights(
+def _group_weights(
     expert_to_group: torch.Tensor, num_groups: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token and group [T, G]: the routing weight (picks of one group add) and whether it is routed.
@@ -134,12 +134,12 @@ def grouped_moe_forward(
     and its output is added weighted by the sum of those tokens' picks in the group.
     """
     num_groups = projections[layout.projections[0]][1][0].shape[0]
-    weights, routed = group_weights(expert_to_group, num_groups, top_k_index, top_k_weights)
-    act = activation_function(layout.activation)
+    weights, routed = _group_weights(expert_to_group, num_groups, top_k_index, top_k_weights)
+    act = _activation(layout.activation)
 
     def project(name: str, x: torch.Tensor, group: int) -> torch.Tensor:
         spec, tensors = projections[name]
-        return project_group(spec, tensors, group, x)
+        return _project_group(spec, tensors, group, x)
 
     output = torch.zeros_like(hidden)
     for group in range(num_groups):
@@ -178,7 +178,7 @@ class GroupedProjection(nn.Module):
 
     def forward(self, x: torch.Tensor, group: int) -> torch.Tensor:
         """x [n, in] -> [n, out] through group `group`'s weight."""
-        return project_group(self.spec, self.tensors(), group, x)
+        return _project_group(self.spec, self.tensors(), group, x)
 
     def dense_weight(self) -> torch.Tensor:
         """The full weights [G, out, in] this projection stands for."""

@@ -117,9 +117,8 @@ def test_token_read_share_counts_exactly_the_routed_experts(family):
         else:
             assert share == 1.0, name
     # a compressed layer's tensors are stacked over its G groups
-    assert adapter.token_read_share("model.layers.0.mlp.experts.projections.down.left", [3, HIDDEN, 4], model.config) == (
-        min(k, 3) / 3
-    )
+    compressed_name = "model.layers.0.mlp.experts.projections.down.left"
+    assert adapter.token_read_share(compressed_name, [3, HIDDEN, 4], model.config) == min(k, 3) / 3
 
 
 def test_exportable_families_and_the_reason_for_the_rest():

@@ -1,11 +1,13 @@
 """The torch side of the GroupedLowRankMoE op: a torch custom op, its ONNX translation, and block patching.
 
 During export each MoE block's forward is swapped for one that computes the router
-logits and calls the torch custom op `mcsmoe::grouped_low_rank_moe` (eager: the op's routing,
-then the one torch reference `grouped_experts.grouped_moe_forward`; fake: shape only). A custom translation table maps that op to a bare
-`ai.mcsmoe::GroupedLowRankMoE` node (an onnx OpSchema is registered so onnxscript accepts
-it). torch.onnx inlines onnxscript functions, so `finish_custom_nodes` appends the node's
-semantics afterwards as model-local FunctionProtos, one per overload.
+logits and calls the torch custom op `mcsmoe::grouped_low_rank_moe` (eager: the op's
+routing, then the one torch reference `grouped_experts.grouped_moe_forward`; fake: shape
+only); the family's adapter gives the routing and any shared expert. A custom translation
+table maps that op to a bare `ai.mcsmoe::GroupedLowRankMoE` node (an onnx OpSchema is
+registered so onnxscript accepts it). torch.onnx inlines onnxscript functions, so
+`finish_custom_nodes` appends the node's semantics afterwards as model-local
+FunctionProtos, one per overload.
 
 The op carries the spec identity as an int key into a process-wide registry of
 MoEOpSpec; the translation appends it to the `activation` attribute ("silu@3"), and

@@ -82,7 +82,8 @@ def logits_graph_spec(model: torch.nn.Module) -> GraphSpec:
 
 def check_exportable(adapter: FamilyAdapter, opset: int) -> None:
     if not adapter.exportable:
-        raise NotImplementedError(f"no one-graph ONNX export of family {adapter.family!r}: {adapter.not_exportable_because}")
+        reason = adapter.not_exportable_because
+        raise NotImplementedError(f"no one-graph ONNX export of family {adapter.family!r}: {reason}")
     if opset < 18:
         raise ValueError("opset must be >= 18 (the op's function body needs it)")
     if not register_op_schema():
