@@ -31,8 +31,8 @@ from .exporters import (
     greedy_generate_switch_onnx,
     grouped_moe_function,
 )
-from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec
-from .models import ExpertLayout, FamilyAdapter, MoELayer, SUPPORTED_FAMILIES, adapter_for_config, load_model
+from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec, grouped_moe_forward, route_top_k
+from .models import ExpertLayout, FamilyAdapter, MoELayer, Routing, SUPPORTED_FAMILIES, adapter_for_config, load_model
 from .report import SizeReport, size_report
 from .runtime import (
     BenchConfig,
@@ -68,6 +68,7 @@ __all__ = [
     "MoELayer",
     "ParityCheck",
     "ProjectionSpec",
+    "Routing",
     "SUPPORTED_FAMILIES",
     "SizeReport",
     "UserError",
@@ -78,6 +79,8 @@ __all__ = [
     "compare_reports",
     "export_compressed",
     "export_compressed_with_past",
+    "grouped_moe_forward",
+    "route_top_k",
     "export_model",
     "export_switch",
     "generate",

@@ -303,3 +303,70 @@ def test_node_attributes_and_validation():
     with pytest.raises(ValueError, match="layout order"):
         MoEOpSpec(8, 4, H, I, 2, True, "silu", "softmax_topk", spec.projections[::-1])
     assert MoEOpSpec(8, 4, H, I, 2, True, "swish", "softmax_topk", spec.projections).activation == "silu"
+
+
+# ---------------------------------------------------------------------------------------------
+# one torch reference: the custom op's eager path and the reference module run the same function
+
+
+@pytest.mark.parametrize(
+    "gated, activation, ranks, expert_to_group, top_k, routing",
+    [
+        (True, "silu", GATED_LOWRANK_SPARSE, [0, 0, 1, 2, 3, 1], 2, "softmax_topk_norm"),
+        (False, "gelu", PLAIN_MIXED, [0, -1, 1, 2, 1, -1], 2, "softmax_topk"),
+        (False, "relu", PLAIN_LOWRANK, [0, 1, 2, 0, 1, 2], 1, "softmax_topk"),
+    ],
+)
+def test_custom_op_eager_is_the_reference_module(gated, activation, ranks, expert_to_group, top_k, routing):
+    """Bit for bit (an activation with two Hugging Face spellings, e.g. gelu_new, would differ in rounding:
+    the op names it by its canonical name)."""
+    from mcsmoe_deploy.exporters.custom_op import projection_tensors, spec_key
+    from mcsmoe_deploy.grouped_experts import route_top_k
+
+    module = _experts(gated, activation, expert_to_group, ranks, seed=21)
+    spec = MoEOpSpec.from_experts(module, top_k, routing)
+    hidden, logits = _inputs(11, len(expert_to_group), seed=22)
+    logits[0, 1] = 8.0  # a removed expert or a shared group among the picks
+    with torch.no_grad():
+        eager = torch.ops.mcsmoe.grouped_low_rank_moe(
+            hidden, logits, module.expert_to_group, projection_tensors(module, spec), spec_key(spec)
+        )
+        reference = module(hidden, *route_top_k(logits, top_k, spec.normalize_topk))
+    assert eager.abs().max() > 0.1
+    assert torch.equal(eager, reference)
+
+
+def test_reference_against_dense_weights_token_by_token():
+    """grouped_moe_forward, checked by the plain definition: per token, the sum over its picks of
+    weight x (the picked expert's group, with its dense weights), removed experts skipped."""
+    expert_to_group = [0, 0, 1, -1, 2, 1]
+    module = _experts(True, "silu", expert_to_group, GATED_LOWRANK_SPARSE, seed=23)
+    dense = {name: proj.dense_weight() for name, proj in module.projections.items()}
+    hidden, logits = _inputs(7, len(expert_to_group), seed=24)
+    logits[0, :2] = torch.tensor([5.0, 4.5])  # token 0 picks experts 0 and 1: both group 0
+    logits[1, 3] = 9.0  # token 1 picks the removed expert 3
+    index, weights = _route(logits, 2, True)
+    expected = torch.zeros_like(hidden)
+    for token in range(hidden.shape[0]):
+        x = hidden[token]
+        for expert, weight in zip(index[token].tolist(), weights[token]):
+            group = expert_to_group[expert]
+            if group < 0:
+                continue
+            inner = torch.nn.functional.silu(dense["gate"][group] @ x) * (dense["up"][group] @ x)
+            expected[token] += weight * (dense["down"][group] @ inner)
+    with torch.no_grad():
+        got = module(hidden, index, weights)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_split_projection_tensors_follows_node_order():
+    module = _experts(True, "silu", [0, 1, 2, 3], GATED_MIXED, seed=25)
+    spec = MoEOpSpec.from_experts(module, 2, "softmax_topk")
+    flat = [t for name, _ in spec.projections for t in module.projections[name].tensors()]
+    split = spec.split_projection_tensors(flat)
+    names = [f"{name}_{t}" for name, (proj, _) in split.items() for t in proj.tensor_names]
+    assert tuple(names) == spec.input_names()[3:]
+    assert split["down"][1][2] is module.projections["down"].sparse_rows
+    with pytest.raises(ValueError, match="projection tensors"):
+        spec.split_projection_tensors(flat[:-1])

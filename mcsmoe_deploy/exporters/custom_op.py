@@ -1,11 +1,13 @@
 """The torch side of the GroupedLowRankMoE op: a torch custom op, its ONNX translation, and block patching.
 
 During export each MoE block's forward is swapped for one that computes the router
-logits and calls the torch custom op `mcsmoe::grouped_low_rank_moe` (eager: the reference
-semantics; fake: shape only). A custom translation table maps that op to a bare
-`ai.mcsmoe::GroupedLowRankMoE` node (an onnx OpSchema is registered so onnxscript accepts
-it). torch.onnx inlines onnxscript functions, so `finish_custom_nodes` appends the node's
-semantics afterwards as model-local FunctionProtos, one per overload.
+logits and calls the torch custom op `mcsmoe::grouped_low_rank_moe` (eager: the op's
+routing, then the one torch reference `grouped_experts.grouped_moe_forward`; fake: shape
+only); the family's adapter gives the routing and any shared expert. A custom translation
+table maps that op to a bare `ai.mcsmoe::GroupedLowRankMoE` node (an onnx OpSchema is
+registered so onnxscript accepts it). torch.onnx inlines onnxscript functions, so
+`finish_custom_nodes` appends the node's semantics afterwards as model-local
+FunctionProtos, one per overload.
 
 The op carries the spec identity as an int key into a process-wide registry of
 MoEOpSpec; the translation appends it to the `activation` attribute ("silu@3"), and
@@ -24,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from onnx import helper
 
-from ..grouped_experts import GroupedLowRankExperts
+from ..contract import DOMAIN, OP_TYPE, OP_VERSION
+from ..grouped_experts import GroupedLowRankExperts, grouped_moe_forward, route_top_k
 from ..models.base import FamilyAdapter
-from .moe_op import ACTIVATIONS, DOMAIN, OP_TYPE, OP_VERSION, MoEOpSpec, grouped_moe_function
+from .moe_op import grouped_moe_function
+from .op_spec import MoEOpSpec
 
 TORCH_OP = "mcsmoe::grouped_low_rank_moe"
 _KEY_SEP = "@"  # activation attribute "silu@<spec key>" between translation and _finish
-_SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 _registry_lock = threading.Lock()
 _SPECS: list[MoEOpSpec] = []
@@ -49,59 +52,7 @@ def spec_for_key(key: int) -> MoEOpSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# the torch custom op: eager = reference semantics, fake = shape only
-
-
-def _project(spec_proj, tensors: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """x [T, in] or [G, T, in] -> [G, T, out] for every group."""
-    if spec_proj.dense:
-        return x @ tensors[0].transpose(1, 2)
-    left, right = tensors[0], tensors[1]
-    y = (x @ right.transpose(1, 2)) @ left.transpose(1, 2)
-    if spec_proj.sparse_rows:
-        rows, values = tensors[2], tensors[3]
-        extra = x @ values.transpose(1, 2)  # [G, T, n]
-        index = rows[:, None, :].expand_as(extra)
-        y = y.scatter_add(2, index, extra)  # repeated rows accumulate, like index_add
-    return y
-
-
-def _reference(hidden, router_logits, expert_to_group, projections, key) -> torch.Tensor:
-    spec = spec_for_key(key)
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    top_w, top_i = torch.topk(probs, spec.top_k, dim=-1)
-    if spec.normalize_topk:
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-    top_w = top_w.to(hidden.dtype)
-    groups = expert_to_group[top_i]  # [T, k], -1: removed expert
-    valid = groups >= 0
-    weights = torch.zeros(hidden.shape[0], spec.num_groups, dtype=hidden.dtype, device=hidden.device)
-    weights = weights.scatter_add(1, groups.clamp(min=0), torch.where(valid, top_w, torch.zeros_like(top_w)))
-    # split the flat tensor list per projection
-    per_proj, offset = {}, 0
-    for name, proj in spec.projections:
-        count = len(spec.projection_inputs(name))
-        per_proj[name] = (proj, projections[offset : offset + count])
-        offset += count
-    act = ACT_FNS[spec.activation]
-
-    def run(name, x):
-        proj, tensors = per_proj[name]
-        return _project(proj, tensors, x)
-
-    if spec.gated:
-        out = run("down", act(run("gate", hidden)) * run("up", hidden))
-    else:
-        out = run("wo", act(run("wi", hidden)))
-    return (out * weights.T[:, :, None]).sum(0)  # [G, T, H] -> [T, H]
-
-
-ACT_FNS = {
-    "silu": F.silu,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
+# the torch custom op: eager = the torch reference, fake = shape only
 
 
 @torch.library.custom_op(TORCH_OP, mutates_args=())
@@ -112,8 +63,18 @@ def grouped_low_rank_moe(
     projections: list[torch.Tensor],
     spec_key: int,
 ) -> torch.Tensor:
-    """The GroupedLowRankMoE semantics (docs/ops.md) of the spec registered under `spec_key`."""
-    return _reference(hidden, router_logits, expert_to_group, projections, spec_key)
+    """The GroupedLowRankMoE semantics (docs/ops.md) of the spec registered under `spec_key`:
+    hidden [T, H], router_logits [T, E] -> [T, H]."""
+    spec = spec_for_key(spec_key)
+    top_k_index, top_k_weights = route_top_k(router_logits, spec.top_k, spec.normalize_topk)
+    return grouped_moe_forward(
+        hidden,
+        top_k_index,
+        top_k_weights.to(hidden.dtype),
+        expert_to_group,
+        spec.layout,
+        spec.split_projection_tensors(projections),
+    )
 
 
 @grouped_low_rank_moe.register_fake
@@ -160,20 +121,9 @@ def translate(hidden, router_logits, expert_to_group, projections, spec_key):
 # patching MoE blocks during export
 
 
-def routing_for(adapter: FamilyAdapter, config) -> str:
-    """The op's routing of a family: Mixtral always renormalises the top-k weights."""
-    if adapter.family == "mixtral":
-        return "softmax_topk_norm"
-    return "softmax_topk_norm" if getattr(config, "norm_topk_prob", False) else "softmax_topk"
-
-
 def projection_tensors(experts: GroupedLowRankExperts, spec: MoEOpSpec) -> list[torch.Tensor]:
-    tensors = []
-    for name, _ in spec.projections:
-        proj = experts.projections[name]
-        for input_name in spec.projection_inputs(name):
-            tensors.append(getattr(proj, input_name[len(name) + 1 :]))
-    return tensors
+    """The node's projection inputs of `experts`, flat, in `spec.input_names()` order."""
+    return [tensor for name, _ in spec.projections for tensor in experts.projections[name].tensors()]
 
 
 # builds the forward an MoE block runs during export: (adapter, spec key) -> forward(self, hidden_states)
@@ -190,8 +140,9 @@ def patched_forward(adapter: FamilyAdapter, key: int):
         out = torch.ops.mcsmoe.grouped_low_rank_moe(
             flat, logits, self.experts.expert_to_group, projection_tensors(self.experts, spec), key
         )
-        if hasattr(self, "shared_expert"):  # Qwen2-MoE: sigmoid-gated dense shared expert
-            out = out + F.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        shared = adapter.shared_expert_output(self, flat)  # e.g. Qwen2-MoE's gated dense expert
+        if shared is not None:
+            out = out + shared
         return out.reshape(batch, seq, hidden_dim)
 
     return forward
@@ -206,15 +157,14 @@ def moe_blocks_as_custom_op(
     `make_forward` builds each block's forward (default: flat tokens, router logits, the op;
     Switch Transformers passes its own to add expert capacity, see switch_export).
     """
-    routing = routing_for(adapter, model.config)
-    top_k = adapter.top_k(model.config)
+    routing = adapter.routing(model.config)
     patched, specs = [], {}
     try:
         for layer in adapter.moe_layers(model):
             experts = layer.block.experts
             if not isinstance(experts, GroupedLowRankExperts):
                 raise ValueError(f"{layer.name}: experts are {type(experts).__name__}, not GroupedLowRankExperts")
-            spec = MoEOpSpec.from_experts(experts, top_k, routing)
+            spec = MoEOpSpec.from_experts(experts, routing.top_k, routing.name)
             specs[layer.name] = spec
             had_own = "forward" in vars(layer.block)
             old = vars(layer.block).get("forward")
@@ -270,7 +220,6 @@ __all__ = [
     "moe_blocks_as_custom_op",
     "patched_forward",
     "projection_tensors",
-    "routing_for",
     "spec_for_key",
     "spec_key",
     "translate",

@@ -21,14 +21,11 @@ count measured (numbers in docs/ops.md).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-if TYPE_CHECKING:
-    from .moe_op import MoEOpSpec
+from .op_spec import MoEOpSpec
 
 STRATEGIES = ("dense_all", "gather_tokens", "loop_tokens", "gather_weights")
 DEFAULT_STRATEGY = "gather_tokens"

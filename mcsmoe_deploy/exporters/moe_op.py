@@ -3,8 +3,8 @@
 One node stands for a whole compressed MoE block's experts: routing from the
 unchanged router logits, the expert -> group map, and G merged experts whose
 projections are dense or low-rank plus structured-sparse rows (the torch
-reference is `mcsmoe_deploy.grouped_experts.GroupedLowRankExperts`; the op spec
-is docs/ops.md).
+reference is `mcsmoe_deploy.grouped_experts.grouped_moe_forward` after the op's
+routing `route_top_k`; the op spec is docs/ops.md; the node's MoEOpSpec is in op_spec).
 
 The semantics ship inside the model as a model-local FunctionProto made of
 standard ops, so a runtime with no kernel for the op inlines the body.
@@ -25,135 +25,14 @@ slices of the initializers, which runtimes fold once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import onnx
 from onnx import TensorProto, helper
 
 from ..contract import DOMAIN, OP_TYPE, OP_VERSION
-from ..grouped_experts import GroupedLowRankExperts, ProjectionSpec
-from ..models.base import ExpertLayout
 from .moe_body import DEFAULT_STRATEGY, build_body
+from .op_spec import MoEOpSpec  # re-exported: the node's spec lives in op_spec
 
-ROUTINGS = ("softmax_topk", "softmax_topk_norm")
-# Hugging Face activation names -> the op's canonical `activation` attribute
-ACTIVATIONS = {
-    "silu": "silu",
-    "swish": "silu",
-    "relu": "relu",
-    "gelu": "gelu",
-    "gelu_tanh": "gelu_tanh",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-}
 NODE_ATTRIBUTES = ("top_k", "activation", "gated", "normalize_topk")
-
-
-@dataclass(frozen=True)
-class MoEOpSpec:
-    """Everything that fixes one GroupedLowRankMoE node's inputs and semantics.
-
-    projections: (name, ProjectionSpec) in layout order (gate, up, down or wi, wo);
-    a ProjectionSpec with rank None is dense, else rank r plus `sparse_rows` rows.
-    """
-
-    num_experts: int
-    num_groups: int
-    hidden_size: int
-    intermediate_size: int
-    top_k: int
-    gated: bool
-    activation: str
-    routing: str
-    projections: tuple[tuple[str, ProjectionSpec], ...]
-
-    def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} not supported; one of {sorted(ACTIVATIONS)}")
-        # store the canonical name so equal semantics give equal specs
-        object.__setattr__(self, "activation", ACTIVATIONS[self.activation])
-        if self.routing not in ROUTINGS:
-            raise ValueError(f"routing {self.routing!r} not supported; one of {ROUTINGS}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k {self.top_k} outside 1..{self.num_experts}")
-        layout = self.layout
-        names = tuple(name for name, _ in self.projections)
-        if names != layout.projections:
-            raise ValueError(f"projections {names} != layout order {layout.projections}")
-        for name, proj in self.projections:
-            shape = (proj.out_features, proj.in_features)
-            if shape != layout.projection_shape(name):
-                raise ValueError(f"projection {name}: [out, in] {shape} != {layout.projection_shape(name)}")
-
-    @property
-    def layout(self) -> ExpertLayout:
-        return ExpertLayout(self.gated, self.activation, self.hidden_size, self.intermediate_size)
-
-    @property
-    def normalize_topk(self) -> bool:
-        return self.routing == "softmax_topk_norm"
-
-    @classmethod
-    def from_experts(cls, experts: GroupedLowRankExperts, top_k: int, routing: str) -> MoEOpSpec:
-        """The spec of a reference module (routing comes from the family's config)."""
-        layout = experts.layout
-        return cls(
-            num_experts=experts.num_experts,
-            num_groups=experts.num_groups,
-            hidden_size=layout.hidden_size,
-            intermediate_size=layout.intermediate_size,
-            top_k=top_k,
-            gated=layout.gated,
-            activation=layout.activation,
-            routing=routing,
-            projections=tuple((name, experts.projections[name].spec) for name in layout.projections),
-        )
-
-    def projection_inputs(self, name: str) -> tuple[str, ...]:
-        """Input names of projection `name`, in node order."""
-        proj = dict(self.projections)[name]
-        if proj.dense:
-            return (f"{name}_weight",)
-        sparse = (f"{name}_sparse_rows", f"{name}_sparse_values") if proj.sparse_rows else ()
-        return (f"{name}_left", f"{name}_right") + sparse
-
-    def input_names(self) -> tuple[str, ...]:
-        """All node inputs in order (the function's formal input names)."""
-        names = ("hidden", "router_logits", "expert_to_group")
-        for name, _ in self.projections:
-            names += self.projection_inputs(name)
-        return names
-
-    def input_shapes(self) -> dict[str, list[int | str]]:
-        """Shape of every input, with "T" the token count."""
-        shapes: dict[str, list[int | str]] = {
-            "hidden": ["T", self.hidden_size],
-            "router_logits": ["T", self.num_experts],
-            "expert_to_group": [self.num_experts],
-        }
-        g = self.num_groups
-        for name, p in self.projections:
-            out_f, in_f = p.out_features, p.in_features
-            if p.dense:
-                shapes[f"{name}_weight"] = [g, out_f, in_f]
-                continue
-            shapes[f"{name}_left"] = [g, out_f, p.rank]
-            shapes[f"{name}_right"] = [g, p.rank, in_f]
-            if p.sparse_rows:
-                shapes[f"{name}_sparse_rows"] = [g, p.sparse_rows]
-                shapes[f"{name}_sparse_values"] = [g, p.sparse_rows, in_f]
-        return shapes
-
-    @property
-    def overload(self) -> str:
-        """Names the function body: what changes the graph (the structure, and G: the body is
-        unrolled over groups), not the sizes H, I, E, ranks or row counts."""
-        kinds = []
-        for name, p in self.projections:
-            kinds.append(f"{name}-dense" if p.dense else f"{name}-lowrank" + ("-sparse" if p.sparse_rows else ""))
-        norm = "norm" if self.normalize_topk else "raw"
-        family = "gated" if self.gated else "plain"
-        return "_".join([family, self.activation, f"k{self.top_k}", norm, f"g{self.num_groups}"] + kinds)
 
 
 def grouped_moe_function(spec: MoEOpSpec, opset: int = 18) -> onnx.FunctionProto:

@@ -34,7 +34,6 @@ from .onnx_file import EXTERNAL_DATA_THRESHOLD, write_staged, write_staged_as_on
 # a rewrite of a finished graph, applied before it is checked and saved; a pass that reads
 # weight values sets the attribute `needs_weights = True`
 GraphPass = Callable[[onnx.ModelProto], onnx.ModelProto]
-_SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 _IN_FLIGHT_BYTES = 64 << 20  # bound on weight bytes being written at once while staging
 
 
@@ -82,8 +81,9 @@ def logits_graph_spec(model: torch.nn.Module) -> GraphSpec:
 
 
 def check_exportable(adapter: FamilyAdapter, opset: int) -> None:
-    if adapter.encoder_decoder or adapter.family not in _SUPPORTED:
-        raise NotImplementedError(f"ONNX export of family {adapter.family!r} is not implemented yet")
+    if not adapter.exportable:
+        reason = adapter.not_exportable_because
+        raise NotImplementedError(f"no one-graph ONNX export of family {adapter.family!r}: {reason}")
     if opset < 18:
         raise ValueError("opset must be >= 18 (the op's function body needs it)")
     if not register_op_schema():

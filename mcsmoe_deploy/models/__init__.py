@@ -1,4 +1,5 @@
-"""Architecture adapters: find a model's MoE layers and read or write its experts."""
+"""Architecture adapters: find a model's MoE layers, read or write its experts, and answer the family
+facts other stages need (routing, shared expert, KV geometry, exportability, what a token reads)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from ..errors import UserError
 from ..memory import read_weights_without_mmap, return_large_frees_to_os
-from .base import ExpertLayout, ExpertWeights, FamilyAdapter, MoELayer
+from .base import ExpertLayout, ExpertWeights, FamilyAdapter, MoELayer, Routing
 from .families import ADAPTERS
 
 SUPPORTED_FAMILIES = ", ".join(a.family for a in ADAPTERS)
@@ -113,6 +114,7 @@ __all__ = [
     "ExpertWeights",
     "FamilyAdapter",
     "MoELayer",
+    "Routing",
     "adapter_for_config",
     "check_weights",
     "default_device",

@@ -7,6 +7,7 @@ convention), whatever the family stores internally.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,11 @@ from torch import nn
 from ..contract import KVGeometry
 
 ExpertWeights = dict[str, torch.Tensor]
+
+# the routings the GroupedLowRankMoE op implements (its `normalize_topk` attribute tells them apart)
+SOFTMAX_TOPK = "softmax_topk"  # softmax over the E logits, the k largest probabilities as weights
+SOFTMAX_TOPK_NORM = "softmax_topk_norm"  # the same, the k weights then divided by their sum
+ROUTINGS = (SOFTMAX_TOPK, SOFTMAX_TOPK_NORM)
 
 
 def dispatch_to_index(dispatch: torch.Tensor) -> torch.Tensor:
@@ -60,6 +66,23 @@ class ExpertLayout:
         return (self.hidden_size, self.intermediate_size)
 
 
+@dataclass(frozen=True)
+class Routing:
+    """How a family's router picks experts from its E logits: softmax, then the `top_k` largest.
+
+    renormalize: the k weights are divided by their sum (Mixtral always; Qwen and OLMoE when
+    the config's `norm_topk_prob` says so).
+    """
+
+    top_k: int
+    renormalize: bool
+
+    @property
+    def name(self) -> str:
+        """The GroupedLowRankMoE op's name of this routing (one of ROUTINGS)."""
+        return SOFTMAX_TOPK_NORM if self.renormalize else SOFTMAX_TOPK
+
+
 @dataclass
 class MoELayer:
     """One MoE block found in a model: its module path and the module itself."""
@@ -77,12 +100,24 @@ class FamilyAdapter:
     encoder_decoder: bool = False
     # experts are called with a one-hot dispatch mask [T, 1, E] instead of top-k indices
     one_hot_dispatch: bool = False
+    # whether exporters/torch_export writes this family as one decoder graph; when not, why
+    exportable: bool = False
+    not_exportable_because: str = "no ONNX export is written for this family yet"
 
     def num_experts(self, config) -> int:
         raise NotImplementedError
 
     def top_k(self, config) -> int:
+        """Experts each token is routed to in one MoE block."""
         raise NotImplementedError
+
+    def renormalizes_top_k(self, config) -> bool:
+        """Whether the router divides a token's k routing weights by their sum."""
+        raise NotImplementedError
+
+    def routing(self, config) -> Routing:
+        """The router's top-k and renormalisation, as the GroupedLowRankMoE op needs them."""
+        return Routing(self.top_k(config), self.renormalizes_top_k(config))
 
     def expert_layout(self, config) -> ExpertLayout:
         raise NotImplementedError
@@ -123,3 +158,34 @@ class FamilyAdapter:
     def install_experts(self, block: nn.Module, experts: nn.Module) -> None:
         """Replace the block's experts with `experts` (a GroupedLowRankExperts)."""
         block.experts = experts
+
+    def shared_expert_output(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+        """What the block adds to the routed experts' output for hidden [T, H]: [T, H], or None
+        for a family without a shared expert (the block's output is the routed experts' alone)."""
+        return None
+
+    # ---- what decoding one token reads, per checkpoint tensor (runtime/active_bytes.py)
+
+    def is_expert_tensor(self, tensor_name: str) -> bool:
+        """Whether a checkpoint tensor holds routed experts' weights (a shared expert's do not)."""
+        return ".experts." in tensor_name
+
+    def experts_in_tensor(self, tensor_name: str, shape: Sequence[int], config) -> int:
+        """How many experts (or merged groups) one stored expert tensor of this family serves."""
+        if ".experts.projections." in tensor_name:  # GroupedLowRankExperts: every tensor stacked over G groups
+            return max(shape[0], 1)
+        return self.num_experts(config)
+
+    def token_read_share(self, tensor_name: str, shape: Sequence[int], config) -> float:
+        """Share of a checkpoint tensor [shape] that decoding one token (batch 1) reads, in [0, 1].
+
+        Expert tensors: min(k, n) / n of the n experts or groups they serve (two picks in one
+        merged group read it once, so an upper bound); an input embedding not tied to the
+        output projection: one row; anything else: all of it.
+        """
+        if self.is_expert_tensor(tensor_name):
+            served = self.experts_in_tensor(tensor_name, shape, config)
+            return min(self.top_k(config), served) / served
+        if "embed_tokens" in tensor_name and not getattr(config, "tie_word_embeddings", False):
+            return 1 / max(shape[0], 1)
+        return 1.0

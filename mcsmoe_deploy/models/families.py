@@ -6,11 +6,17 @@ routes with a `gate` module returning (logits, top-k weights, top-k indices).
 Switch Transformers keeps per-expert `wi`/`wo` Linear layers and a top-1
 router returning (one-hot dispatch mask with capacity applied, probability,
 logits). Qwen2-MoE's shared expert is not touched: it stays dense in the block.
+
+Routing (transformers 5.24 `*TopKRouter.forward`): all five take a softmax over the E
+logits and the top-k probabilities; Mixtral always divides the k weights by their sum,
+Qwen2-MoE, Qwen3-MoE and OLMoE only when `config.norm_topk_prob`; Switch's top-1 weight
+is the probability itself.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..contract import KVGeometry
@@ -22,12 +28,17 @@ class StackedExpertsAdapter(FamilyAdapter):
 
     block_class_suffix = "SparseMoeBlock"
     intermediate_attr = "intermediate_size"
+    exportable = True
+    not_exportable_because = ""
 
     def num_experts(self, config) -> int:
         return config.num_experts
 
     def top_k(self, config) -> int:
         return config.num_experts_per_tok
+
+    def renormalizes_top_k(self, config) -> bool:
+        return bool(getattr(config, "norm_topk_prob", False))
 
     def expert_layout(self, config) -> ExpertLayout:
         return ExpertLayout(
@@ -71,11 +82,18 @@ class MixtralAdapter(StackedExpertsAdapter):
     def num_experts(self, config) -> int:
         return config.num_local_experts
 
+    def renormalizes_top_k(self, config) -> bool:
+        return True  # MixtralTopKRouter has no norm_topk_prob switch
+
 
 class Qwen2MoeAdapter(StackedExpertsAdapter):
     family = "qwen2_moe"
     model_types = ("qwen2_moe",)
     intermediate_attr = "moe_intermediate_size"
+
+    def shared_expert_output(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The dense shared expert, scaled by its sigmoid gate (Qwen2MoeSparseMoeBlock.forward)."""
+        return F.sigmoid(block.shared_expert_gate(hidden)) * block.shared_expert(hidden)
 
 
 class Qwen3MoeAdapter(StackedExpertsAdapter):
@@ -94,12 +112,19 @@ class SwitchTransformersAdapter(FamilyAdapter):
     model_types = ("switch_transformers",)
     encoder_decoder = True
     one_hot_dispatch = True
+    not_exportable_because = (
+        "an encoder-decoder model with expert capacity: it exports as encoder.onnx + decoder.onnx "
+        "through exporters/switch_export, not as one decoder graph"
+    )
 
     def num_experts(self, config) -> int:
         return config.num_experts
 
     def top_k(self, config) -> int:
         return 1
+
+    def renormalizes_top_k(self, config) -> bool:
+        return False  # the top-1 weight is the softmax probability itself
 
     def expert_layout(self, config) -> ExpertLayout:
         return ExpertLayout(

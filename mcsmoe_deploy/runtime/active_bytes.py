@@ -3,8 +3,10 @@
 Counted from the files, without loading weights. A tensor counts in full, except:
 - expert weights: the share of experts one token uses, min(k, G) / G (k picks, G groups or
   experts; two picks in one merged group read it once, so this is an upper bound);
-- an embedding table read by lookup (ONNX Gather, or `embed_tokens` in a checkpoint): one
-  row, unless the same table is also the output projection (tied), which reads it all.
+- an embedding table read by lookup (ONNX Gather, or the input embedding in a checkpoint):
+  one row, unless the same table is also the output projection (tied), which reads it all.
+In a checkpoint, the family's adapter tells which tensors are experts and what k is
+(`FamilyAdapter.token_read_share`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import onnx
 from onnx import helper
 
 from ..contract import DOMAIN, OP_TYPE, read_graph
+from ..models import adapter_for_config
 
 _SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                          "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -83,31 +86,17 @@ def _safetensors_header(path: Path) -> dict:
 
 
 def _checkpoint_active_bytes(model_dir: Path) -> int:
-    config = json.loads((model_dir / "config.json").read_text())
-    top_k = config.get("num_experts_per_tok", 1)
-    tied = config.get("tie_word_embeddings", False)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    adapter = adapter_for_config(config)
     total = 0.0
     for weights in sorted(model_dir.glob("*.safetensors")):
         for name, info in _safetensors_header(weights).items():
             shape = info["shape"]
             size = int(np.prod(shape, dtype=np.int64)) * _SAFETENSORS_ITEMSIZE.get(info["dtype"], 4)
-            if ".experts." in name:
-                experts = _experts_of(name, shape, config)
-                size *= min(top_k, experts) / experts
-            elif "embed_tokens" in name and not tied:
-                size /= max(shape[0], 1)
-            total += size
+            total += size * adapter.token_read_share(name, shape, config)
     return int(total)
-
-
-def _experts_of(name: str, shape: list[int], config: dict) -> int:
-    """Experts (or merged groups) a stored expert tensor is shared among."""
-    if ".projections." in name:  # compressed: every tensor stacked over the G groups
-        return max(shape[0], 1)
-    for key in ("num_local_experts", "num_experts"):
-        if key in config:
-            return config[key]
-    return 1
 
 
 __all__ = ["active_weight_bytes", "bytes_on_disk"]

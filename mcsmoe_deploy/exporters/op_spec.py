@@ -1,0 +1,143 @@
+"""What fixes one `ai.mcsmoe::GroupedLowRankMoE` node: its structure, sizes and routing (MoEOpSpec).
+
+Shared by the node and its ONNX function body (moe_op, moe_body) and by the torch custom
+op that stands for the node while tracing (custom_op).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..grouped_experts import GroupedLowRankExperts, ProjectionSpec
+from ..models.base import ROUTINGS, SOFTMAX_TOPK_NORM, ExpertLayout
+
+# Hugging Face activation names -> the op's canonical `activation` attribute
+ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+}
+
+
+@dataclass(frozen=True)
+class MoEOpSpec:
+    """Everything that fixes one GroupedLowRankMoE node's inputs and semantics.
+
+    projections: (name, ProjectionSpec) in layout order (gate, up, down or wi, wo);
+    a ProjectionSpec with rank None is dense, else rank r plus `sparse_rows` rows.
+    """
+
+    num_experts: int
+    num_groups: int
+    hidden_size: int
+    intermediate_size: int
+    top_k: int
+    gated: bool
+    activation: str
+    routing: str
+    projections: tuple[tuple[str, ProjectionSpec], ...]
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} not supported; one of {sorted(ACTIVATIONS)}")
+        # store the canonical name so equal semantics give equal specs
+        object.__setattr__(self, "activation", ACTIVATIONS[self.activation])
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing {self.routing!r} not supported; one of {ROUTINGS}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k {self.top_k} outside 1..{self.num_experts}")
+        layout = self.layout
+        names = tuple(name for name, _ in self.projections)
+        if names != layout.projections:
+            raise ValueError(f"projections {names} != layout order {layout.projections}")
+        for name, proj in self.projections:
+            shape = (proj.out_features, proj.in_features)
+            if shape != layout.projection_shape(name):
+                raise ValueError(f"projection {name}: [out, in] {shape} != {layout.projection_shape(name)}")
+
+    @property
+    def layout(self) -> ExpertLayout:
+        return ExpertLayout(self.gated, self.activation, self.hidden_size, self.intermediate_size)
+
+    @property
+    def normalize_topk(self) -> bool:
+        return self.routing == SOFTMAX_TOPK_NORM
+
+    @classmethod
+    def from_experts(cls, experts: GroupedLowRankExperts, top_k: int, routing: str) -> MoEOpSpec:
+        """The spec of a reference module (routing comes from the family's config)."""
+        layout = experts.layout
+        return cls(
+            num_experts=experts.num_experts,
+            num_groups=experts.num_groups,
+            hidden_size=layout.hidden_size,
+            intermediate_size=layout.intermediate_size,
+            top_k=top_k,
+            gated=layout.gated,
+            activation=layout.activation,
+            routing=routing,
+            projections=tuple((name, experts.projections[name].spec) for name in layout.projections),
+        )
+
+    def projection_inputs(self, name: str) -> tuple[str, ...]:
+        """Input names of projection `name`, in node order ("gate_left", "gate_right", ...)."""
+        return tuple(f"{name}_{tensor}" for tensor in dict(self.projections)[name].tensor_names)
+
+    def split_projection_tensors(
+        self, tensors: Sequence[torch.Tensor]
+    ) -> dict[str, tuple[ProjectionSpec, Sequence[torch.Tensor]]]:
+        """The node's projection inputs (everything after expert_to_group, flat, in node order) per
+        projection: {name: (ProjectionSpec, its tensors)}."""
+        per_projection, offset = {}, 0
+        for name, proj in self.projections:
+            count = len(proj.tensor_names)
+            per_projection[name] = (proj, tensors[offset : offset + count])
+            offset += count
+        if offset != len(tensors):
+            raise ValueError(f"{len(tensors)} projection tensors given, the op takes {offset}")
+        return per_projection
+
+    def input_names(self) -> tuple[str, ...]:
+        """All node inputs in order (the function's formal input names)."""
+        names = ("hidden", "router_logits", "expert_to_group")
+        for name, _ in self.projections:
+            names += self.projection_inputs(name)
+        return names
+
+    def input_shapes(self) -> dict[str, list[int | str]]:
+        """Shape of every input, with "T" the token count."""
+        shapes: dict[str, list[int | str]] = {
+            "hidden": ["T", self.hidden_size],
+            "router_logits": ["T", self.num_experts],
+            "expert_to_group": [self.num_experts],
+        }
+        g = self.num_groups
+        for name, p in self.projections:
+            out_f, in_f = p.out_features, p.in_features
+            if p.dense:
+                shapes[f"{name}_weight"] = [g, out_f, in_f]
+                continue
+            shapes[f"{name}_left"] = [g, out_f, p.rank]
+            shapes[f"{name}_right"] = [g, p.rank, in_f]
+            if p.sparse_rows:
+                shapes[f"{name}_sparse_rows"] = [g, p.sparse_rows]
+                shapes[f"{name}_sparse_values"] = [g, p.sparse_rows, in_f]
+        return shapes
+
+    @property
+    def overload(self) -> str:
+        """Names the function body: what changes the graph (the structure, and G: the body is
+        unrolled over groups), not the sizes H, I, E, ranks or row counts."""
+        kinds = []
+        for name, p in self.projections:
+            kinds.append(f"{name}-dense" if p.dense else f"{name}-lowrank" + ("-sparse" if p.sparse_rows else ""))
+        norm = "norm" if self.normalize_topk else "raw"
+        family = "gated" if self.gated else "plain"
+        return "_".join([family, self.activation, f"k{self.top_k}", norm, f"g{self.num_groups}"] + kinds)
