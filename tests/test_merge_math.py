@@ -104,9 +104,9 @@ def test_rank_choices():
     assert rank_for_ratio(256, 128, 1.0) is None
     assert rank_for_ratio(256, 128, 0.25) == int(0.25 * 256 * 128 / (256 + 128))
     assert rank_for_ratio(4, 4, 0.9) == 1  # rounded down, at least 1
-    with pytest.raises(UserError, match="rank-ratio"):
+    with pytest.raises(UserError, match="rank_ratio"):
         rank_for_ratio(8, 8, 0.0)
-    with pytest.raises(UserError, match="rank-ratio"):
+    with pytest.raises(UserError, match="rank_ratio"):
         rank_for_ratio(8, 8, 1.5)
     assert sparse_row_count(100, 0.05) == 5 and sparse_row_count(100, 0.0) == 0
     low_rank = torch.randn(32, 4) @ torch.randn(4, 32)

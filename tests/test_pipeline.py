@@ -191,7 +191,7 @@ def test_activation_aware_compression_is_closer_to_the_merged_model():
     for name, recipe in {
         "merged": CompressionRecipe(experts=4),
         "plain": CompressionRecipe(experts=4, rank_ratio=0.4),
-        "aware": CompressionRecipe(experts=4, rank_ratio=0.4, activation_aware=True),
+        "aware": CompressionRecipe(experts=4, rank_ratio=0.4, low_rank="activation-aware"),
     }.items():
         compressed = copy.deepcopy(model)
         apply_plan(compressed, adapter, plan_compression(stats, EXPERTS, recipe, adapter.family), recipe, progress=False)
