@@ -79,7 +79,8 @@ def run_demo(
     result.compress_seconds = time.perf_counter() - compress_start
     result.rows.append(row(f"merged (M-SMoE, {experts} experts)", merged.model))
     aware = ", activation-aware" if activation_aware else ""
-    result.rows.append(row(f"compressed (MC-SMoE, rank {rank_ratio:g}, sparse {sparse_keep:g}{aware})", compressed.model))
+    name = f"compressed (MC-SMoE, rank {rank_ratio:g}, sparse {sparse_keep:g}{aware})"
+    result.rows.append(row(name, compressed.model))
     if distill_steps:
         source.distill(compressed)
         result.rows.append(row(f"compressed + distillation ({distill_steps} steps)", compressed.model))
@@ -87,7 +88,10 @@ def run_demo(
         result.out_dir = str(source.save(compressed, out_dir, force=force))
     if serve:
         with tempfile.TemporaryDirectory(prefix="mcsmoe-demo-") as work:
-            compressed_dir = Path(result.out_dir) if result.out_dir else source.save(compressed, Path(work) / "compressed")
+            if result.out_dir:
+                compressed_dir = Path(result.out_dir)
+            else:
+                compressed_dir = source.save(compressed, Path(work) / "compressed")
             del source, merged, compressed
             result.serving = serve_both(model_dir, compressed_dir, Path(work), progress)
     result.total_seconds = time.perf_counter() - start

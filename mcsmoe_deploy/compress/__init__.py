@@ -29,7 +29,15 @@ from .lowrank import (
 from .merge import WEIGHTINGS, merge_experts, merge_layer, register_weighting
 from .permute import align_to, alignment_permutation, permute_expert
 from .pipeline import CompressionResult, compress_loaded, compress_model
-from .plan import AppliedLayer, AppliedPlan, CompressionPlan, LayerPlan, apply_plan, build_grouped_experts, plan_compression
+from .plan import (
+    AppliedLayer,
+    AppliedPlan,
+    CompressionPlan,
+    LayerPlan,
+    apply_plan,
+    build_grouped_experts,
+    plan_compression,
+)
 from .recipe import CompressionRecipe
 from .registry import Registry
 from .session import CalibratedModel, CompressedModel, calibration_blocks, load_tokenizer

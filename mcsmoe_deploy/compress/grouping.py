@@ -111,7 +111,9 @@ def groups_per_layer(frequencies: list[torch.Tensor], num_groups: int, adaptive:
     """
     num_experts = len(frequencies[0])
     if not 1 <= num_groups <= num_experts:
-        raise ParameterError("num_groups", f"must be between 1 and the {num_experts} experts per layer, not {num_groups}")
+        raise ParameterError(
+            "num_groups", f"must be between 1 and the {num_experts} experts per layer, not {num_groups}"
+        )
     if not adaptive:
         return [num_groups] * len(frequencies)
     counts = [1] * len(frequencies)

@@ -84,7 +84,9 @@ class CompressionRecipe:
     def check_model(self, num_experts: int) -> None:
         """ParameterError if a model with `num_experts` experts per layer has fewer than the recipe asks for."""
         if self.experts is not None and self.experts > num_experts:
-            raise ParameterError("experts", f"{self.experts} is more than the model's {num_experts} experts per layer")
+            raise ParameterError(
+                "experts", f"must be between 1 and the model's {num_experts} experts per layer, not {self.experts}"
+            )
 
     def groups(self, num_experts: int) -> int:
         """Groups per layer for a model with `num_experts` experts: `experts`, or half of them."""

@@ -44,7 +44,9 @@ def calibration_blocks(tokenizer, recipe: CompressionRecipe) -> torch.Tensor:
     return token_blocks(tokenizer, calibration_text(recipe.calib), recipe.calib_seq_len, recipe.max_calib_tokens)
 
 
-def mcsmoe_section(applied: AppliedPlan, recipe: CompressionRecipe, source: str, distilled: DistillReport | None) -> dict:
+def mcsmoe_section(
+    applied: AppliedPlan, recipe: CompressionRecipe, source: str, distilled: DistillReport | None
+) -> dict:
     """The "mcsmoe" section of a compressed checkpoint's config.json."""
     return {
         "family": applied.family,
@@ -97,7 +99,8 @@ class CalibratedModel:
         """Routing statistics of the dense model on the calibration blocks (one pass, then kept)."""
         if self._stats is None:
             self._stats = collect_routing_stats(
-                self.model, self.adapter, self.blocks, progress=self.progress, keep_inputs=self.recipe.calibration_inputs
+                self.model, self.adapter, self.blocks, progress=self.progress,
+                keep_inputs=self.recipe.calibration_inputs,
             )
         return self._stats
 
