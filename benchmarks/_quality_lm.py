@@ -80,8 +80,8 @@ def sweep(
         print(f"[{setting}] dense after {steps} steps of recovery {metric}={rows[-1]['value']:.4f}", flush=True)
     runs = [(name, overrides, 1.0) for name, overrides in BASELINES.items()]
     runs += [("mcsmoe", {"rank_ratio": r, "sparse_keep": sparse_keep}, r) for r in rank_ratios]
-    runs += [("mcsmoe-activation-aware", {"rank_ratio": r, "sparse_keep": sparse_keep, "activation_aware": True}, r)
-             for r in rank_ratios]
+    aware = {"sparse_keep": sparse_keep, "low_rank": "activation-aware"}
+    runs += [("mcsmoe-activation-aware", {"rank_ratio": r, **aware}, r) for r in rank_ratios]
     runs = [run for run in runs if methods is None or run[0] in methods]
     for experts in experts_list:
         for method, overrides, rank_ratio in runs:

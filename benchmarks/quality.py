@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # the private helper modules nex
 
 from _quality_lm import METHODS, lm_rows  # noqa: E402
 from mcsmoe_deploy import UserError  # noqa: E402
+from mcsmoe_deploy.errors import ParameterError  # noqa: E402
 from mcsmoe_deploy.files import write_file_atomically  # noqa: E402
 from _quality_report import markdown_table, plot  # noqa: E402
 from _quality_switch import FULL, QUICK, switch_rows  # noqa: E402
@@ -56,6 +57,9 @@ RESULTS_DIR = Path(__file__).parent / "results"
 # --quick: one G, one rank ratio, a few distillation steps, the small classifier
 QUICK_ARGS = {"experts": [4], "rank_ratios": [0.5], "distill_steps": [0, 4]}
 # full: rank ratios that take G = 4 and 2 to 61-86% less expert memory
+# recipe field -> this script's flag, for errors the library gives in the field's own name
+RECIPE_FLAGS = {"experts": "--experts", "rank_ratio": "--rank-ratios", "sparse_keep": "--sparse-keep",
+                "distill_steps": "--distill-steps", "distill_lr": "--distill-lr"}
 FULL_ARGS = {"experts": [4, 2], "rank_ratios": [0.75, 0.5], "distill_steps": [0, 100]}
 
 
@@ -126,7 +130,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.distill_steps or defaults["distill_steps"], args.sparse_keep, args.distill_lr, args.methods,
             args.model, args.retrain,
         )
-    except UserError as error:  # a bad --experts, --rank-ratios, --model ...: one line, no traceback
+    except ParameterError as error:  # a bad --experts, --rank-ratios ...: one line naming the flag
+        flag = RECIPE_FLAGS.get(error.parameter)
+        parser.exit(2, f"{parser.prog}: error: {error.renamed(flag) if flag else error}\n")
+    except UserError as error:  # a bad --model ...: one line, no traceback
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"{len(rows)} rows in {time.perf_counter() - start:.1f} s")
     if args.json:

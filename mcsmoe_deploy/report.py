@@ -1,8 +1,13 @@
-"""Parameters and bytes of a model: total, experts, and per MoE layer."""
+"""What runs measured, as plain dataclasses: a model's parameters and bytes (total, experts, per MoE
+layer), and the demo's comparison of dense, merged and compressed models.
+
+Printing them is summary.py's job; producing them is the stages' and the demo's.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -58,3 +63,37 @@ def size_report(model: nn.Module, adapter: FamilyAdapter) -> SizeReport:
         expert_bytes=sum(layer.bytes for layer in layers),
         layers=layers,
     )
+
+
+@dataclass
+class DemoRow:
+    """One model of the demo: sizes and held-out perplexity."""
+
+    name: str
+    parameters: int
+    bytes: int
+    expert_parameters: int
+    expert_bytes: int
+    perplexity: float
+
+
+@dataclass
+class ServingResult:
+    """Both models exported, served with onnxruntime (CPU) and measured in one run, and a sample of each."""
+
+    exports: list[Any]  # ExportReport per model, dense first
+    bench: Any  # BenchReport, dense first
+    samples: list[tuple[str, str, str]] = field(default_factory=list)  # (model, prompt, completion)
+
+
+@dataclass
+class DemoResult:
+    """The demo's rows (dense first), timings in seconds, where the checkpoint went, and serving."""
+
+    model_dir: str
+    recipe: dict
+    rows: list[DemoRow] = field(default_factory=list)
+    compress_seconds: float = 0.0
+    total_seconds: float = 0.0
+    out_dir: str | None = None
+    serving: ServingResult | None = None

@@ -1,15 +1,23 @@
-"""Plain-text tables for the terminal: what a compression run or the demo produced."""
+"""Plain-text tables for the terminal: what a compression run, the demo, an export, a generation or a
+bench produced.
+
+Data flows one way: the stages and the demo make reports, the CLI hands them here. This module reads
+report dataclasses and imports none of the stages (their report types are named for type checkers only).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .compress.pipeline import CompressionResult
-from .demo import DemoResult
-from .exporters.validate import ExportReport
-from .runtime.bench_report import BenchReport
-from .runtime.compare import Comparison
-from .runtime.text import TextGeneration
+from .report import DemoResult, ServingResult
+
+if TYPE_CHECKING:
+    from .compress import CompressionResult
+    from .exporters import ExportReport
+    from .runtime import BenchReport
+    from .runtime.compare import Comparison
+    from .runtime.text import TextGeneration
 
 
 def human_bytes(size: float) -> str:
@@ -37,12 +45,12 @@ def _ratio(after: float, before: float) -> str:
 def format_compression(result: CompressionResult) -> str:
     """Per-layer groups and ranks, then sizes before and after."""
     layer_rows = []
-    for plan, before, after in zip(result.plan.layers, result.before.layers, result.after.layers):
+    for layer, before, after in zip(result.applied.layers, result.before.layers, result.after.layers):
         ranks = ", ".join(
             f"{name}:{'dense' if spec.rank is None else spec.rank}{f'+{spec.sparse_rows}r' if spec.sparse_rows else ''}"
-            for name, spec in plan.projections.items()
+            for name, spec in layer.projections.items()
         )
-        layer_rows.append([plan.name, str(plan.grouping.num_groups), ranks, f"{before.parameters:,}",
+        layer_rows.append([layer.name, str(layer.grouping.num_groups), ranks, f"{before.parameters:,}",
                            f"{after.parameters:,}", _ratio(after.parameters, before.parameters)])
     b, a = result.before, result.after
     size_rows = [
@@ -56,7 +64,7 @@ def format_compression(result: CompressionResult) -> str:
         "",
         table(["", "params before", "params after", "ratio", "bytes before", "bytes after"], size_rows),
         "",
-        f"calibration tokens: {result.plan.calibration_tokens:,}   time: {result.seconds:.1f} s",
+        f"calibration tokens: {result.applied.calibration_tokens:,}   time: {result.seconds:.1f} s",
     ]
     if result.distill is not None:
         report = result.distill
@@ -68,6 +76,7 @@ def format_compression(result: CompressionResult) -> str:
 
 
 def format_demo(result: DemoResult) -> str:
+    """The demo's rows with ratios to dense, its timings, and the serving half if it ran."""
     dense = result.rows[0]
     rows = [
         [r.name, f"{r.parameters:,}", human_bytes(r.bytes), f"{r.expert_parameters:,}",
@@ -88,7 +97,7 @@ def format_demo(result: DemoResult) -> str:
     return "\n".join(parts)
 
 
-def _format_serving(serving) -> str:
+def _format_serving(serving: ServingResult) -> str:
     """The demo's second half: exported graphs, onnxruntime latency and memory, a sample of each."""
     bench = serving.bench
     dense = bench.results[0]

@@ -46,3 +46,23 @@ def test_demo_command_prints_the_table(capsys, tmp_path):
     assert len(parity) == 2 and max(parity) < 1e-4, out
     samples = [line for line in out.splitlines() if line.startswith(("dense:", "compressed:"))]
     assert len(samples) == 2 and all("The def statement" in line and len(line) > 40 for line in samples)
+
+
+def test_summary_reads_report_dataclasses_only():
+    import ast
+    import inspect
+
+    import mcsmoe_deploy.demo as demo
+    import mcsmoe_deploy.summary as summary
+
+    def runtime_imports(module) -> set[str]:
+        names = set()
+        for node in ast.parse(inspect.getsource(module)).body:  # top level only: TYPE_CHECKING blocks are ast.If
+            if isinstance(node, ast.ImportFrom):
+                names.add("." * node.level + (node.module or ""))
+        return names
+
+    assert runtime_imports(summary) == {"__future__", "pathlib", "typing", ".report"}
+    # the demo is built on the public compression API, not on the pipeline's steps
+    assert ".compress" in runtime_imports(demo)
+    assert not {".compress.plan", ".compress.pipeline", ".compress.stats"} & runtime_imports(demo)

@@ -104,9 +104,9 @@ def test_rank_choices():
     assert rank_for_ratio(256, 128, 1.0) is None
     assert rank_for_ratio(256, 128, 0.25) == int(0.25 * 256 * 128 / (256 + 128))
     assert rank_for_ratio(4, 4, 0.9) == 1  # rounded down, at least 1
-    with pytest.raises(UserError, match="rank-ratio"):
+    with pytest.raises(UserError, match="rank_ratio"):
         rank_for_ratio(8, 8, 0.0)
-    with pytest.raises(UserError, match="rank-ratio"):
+    with pytest.raises(UserError, match="rank_ratio"):
         rank_for_ratio(8, 8, 1.5)
     assert sparse_row_count(100, 0.05) == 5 and sparse_row_count(100, 0.0) == 0
     low_rank = torch.randn(32, 4) @ torch.randn(4, 32)
@@ -125,3 +125,48 @@ def test_activation_aware_factors_fit_the_inputs_seen():
     plain_error = float((x @ plain.dense().T - reference).norm() / reference.norm())
     aware_error = float((x @ aware.dense().T - reference).norm() / reference.norm())
     assert plain_error > 0.1 and aware_error < 1e-3, (plain_error, aware_error)
+
+
+def test_a_registered_weighting_is_used_by_name_and_unknown_names_list_the_choices():
+    from mcsmoe_deploy.compress import WEIGHTINGS, register_weighting
+
+    @register_weighting("dominant-only")
+    def dominant_only(frequency: torch.Tensor, members: list[int]) -> list[float]:
+        return [1.0] + [0.0] * (len(members) - 1)
+
+    try:
+        experts = [random_expert(GATED, seed) for seed in range(4)]
+        grouping = LayerGrouping(expert_to_group=[0, 1, 0, 1], dominant_experts=[0, 1])
+        merged = merge_layer(experts, grouping, torch.tensor([0.4, 0.3, 0.2, 0.1]), GATED, permute=False,
+                             weighting="dominant-only")
+        assert torch.equal(merged[1]["down"], experts[1]["down"])  # the member weighs 0
+        with pytest.raises(ValueError, match="registered twice"):
+            register_weighting("dominant-only")(dominant_only)
+    finally:
+        del WEIGHTINGS["dominant-only"]
+    with pytest.raises(UserError, match="weighting must be one of frequency, uniform, not 'dominant-only'"):
+        merge_layer(experts, grouping, torch.tensor([0.4, 0.3, 0.2, 0.1]), GATED, weighting="dominant-only")
+
+
+def test_parameters_are_checked_in_their_own_terms():
+    from mcsmoe_deploy import CompressionRecipe
+    from mcsmoe_deploy.errors import ParameterError
+
+    cases = {
+        "rank_ratio": (dict(rank_ratio=0.0), "rank_ratio must be in (0, 1], not 0.0"),
+        "experts": (dict(experts=0), "experts must be at least 1, not 0"),
+        "sparse_keep": (dict(sparse_keep=1.5), "sparse_keep must be in [0, 1], not 1.5"),
+        "rank_energy": (dict(rank_energy=2.0), "rank_energy must be in (0, 1], not 2.0"),
+        "grouping": (dict(grouping="hc"), "grouping must be one of similarity, random, drop, not 'hc'"),
+        "low_rank": (dict(low_rank="qr"), "low_rank must be one of svd, activation-aware, not 'qr'"),
+        "distill_lr": (dict(distill_lr=0.0), "distill_lr must be positive, not 0.0"),
+    }
+    for parameter, (fields, message) in cases.items():
+        with pytest.raises(ParameterError) as caught:
+            CompressionRecipe(**fields).validate()
+        assert (caught.value.parameter, str(caught.value)) == (parameter, message)
+    with pytest.raises(ParameterError, match="experts must be between 1 and the model's 8 experts per layer, not 9"):
+        CompressionRecipe(experts=9).check_model(8)
+    assert caught.value.renamed("--distill-lr") == "--distill-lr must be positive, not 0.0"
+    assert CompressionRecipe(low_rank="activation-aware", activation_samples=64).calibration_inputs == 64
+    assert CompressionRecipe(activation_samples=64).calibration_inputs == 0

@@ -191,7 +191,7 @@ def test_activation_aware_compression_is_closer_to_the_merged_model():
     for name, recipe in {
         "merged": CompressionRecipe(experts=4),
         "plain": CompressionRecipe(experts=4, rank_ratio=0.4),
-        "aware": CompressionRecipe(experts=4, rank_ratio=0.4, activation_aware=True),
+        "aware": CompressionRecipe(experts=4, rank_ratio=0.4, low_rank="activation-aware"),
     }.items():
         compressed = copy.deepcopy(model)
         apply_plan(compressed, adapter, plan_compression(stats, EXPERTS, recipe, adapter.family), recipe, progress=False)
@@ -200,3 +200,94 @@ def test_activation_aware_compression_is_closer_to_the_merged_model():
     plain_error = (outputs["plain"] - outputs["merged"]).norm()
     aware_error = (outputs["aware"] - outputs["merged"]).norm()
     assert aware_error < 0.8 * plain_error, (float(aware_error), float(plain_error))
+
+
+def test_a_registered_grouping_is_planned_by_name():
+    from mcsmoe_deploy import GROUPINGS, LayerGrouping, register_grouping
+
+    seen = []
+
+    @register_grouping("first-g")
+    def first_experts_lead(layer, num_groups, context):  # lead with experts 0..G-1, the rest join the last group
+        seen.append((layer.name, num_groups, context.similarity))
+        return LayerGrouping([min(e, num_groups - 1) for e in range(len(layer.frequency))], list(range(num_groups)))
+
+    try:
+        model = tiny_model("mixtral")
+        adapter = adapter_for_config(model.config)
+        stats = collect_routing_stats(model, adapter, calibration(), progress=False)
+        plan = plan_compression(stats, EXPERTS, CompressionRecipe(experts=3, grouping="first-g"), adapter.family)
+    finally:
+        del GROUPINGS["first-g"]
+    assert seen == [(layer.name, 3, "router-logits") for layer in stats.layers]
+    assert all(layer.grouping.expert_to_group == [0, 1, 2, 2, 2, 2, 2, 2] for layer in plan.layers)
+
+
+def test_a_registered_similarity_is_what_similarity_grouping_uses():
+    from mcsmoe_deploy import SIMILARITIES, register_similarity
+
+    @register_similarity("expert-index")  # experts are similar when their indices are close
+    def index_gram(layer):
+        index = torch.arange(len(layer.frequency), dtype=torch.float64) + 1
+        return torch.exp(-(index[:, None] - index[None, :]).abs()) * index[:, None] * index[None, :]
+
+    try:
+        layer = collect_routing_stats(tiny_model("mixtral"), adapter_for_config(tiny_model("mixtral").config),
+                                      calibration(), progress=False).layers[0]
+        similarity = layer.similarity("expert-index")
+    finally:
+        del SIMILARITIES["expert-index"]
+    assert similarity[2, 3] == pytest.approx(float(torch.exp(torch.tensor(-1.0, dtype=torch.float64))))
+    assert similarity[0, 7] == pytest.approx(float(torch.exp(torch.tensor(-7.0, dtype=torch.float64))))
+
+
+def test_apply_plan_returns_what_it_built_and_leaves_the_plan_alone():
+    model = tiny_model("mixtral")
+    adapter = adapter_for_config(model.config)
+    stats = collect_routing_stats(model, adapter, calibration(), progress=False)
+    recipe = CompressionRecipe(experts=3, rank_ratio=0.5, sparse_keep=0.1)
+    plan = plan_compression(stats, EXPERTS, recipe, adapter.family)
+    before = copy.deepcopy([(layer.name, layer.frequency, layer.grouping) for layer in plan.layers])
+    applied = apply_plan(model, adapter, plan, recipe, progress=False)
+    assert [(layer.name, layer.frequency, layer.grouping) for layer in plan.layers] == before
+    layout = adapter.expert_layout(model.config)
+    assert [layer.name for layer in applied.layers] == [layer.name for layer in plan.layers]
+    assert applied.calibration_tokens == stats.tokens and applied.family == "mixtral"
+    for layer, moe in zip(applied.layers, adapter.moe_layers(model)):
+        assert layer.grouping.num_groups == 3 == moe.block.experts.num_groups
+        for name in layout.projections:
+            out_features, in_features = layout.projection_shape(name)
+            spec = layer.projections[name]
+            assert spec.rank == int(0.5 * out_features * in_features / (out_features + in_features))
+            assert spec.sparse_rows == -(-out_features // 10)  # ceil(0.1 x rows)
+            assert moe.block.experts.projections[name].left.shape[-1] == spec.rank
+        assert layer.to_dict()["projections"]["down"]["rank"] == layer.projections["down"].rank
+
+
+def test_one_calibrated_model_serves_several_recipes_like_separate_runs(tiny_dirs):
+    from mcsmoe_deploy import CalibratedModel
+
+    recipe = CompressionRecipe(experts=3, rank_ratio=0.5, max_calib_tokens=1024, calib_seq_len=32)
+    source = CalibratedModel(tiny_dirs["mixtral"], recipe, device="cpu", progress=False)
+    dense = copy.deepcopy(source.model.state_dict())
+    merged = source.compress(CompressionRecipe(experts=3, max_calib_tokens=1024, calib_seq_len=32))
+    stats = source.stats
+    compressed = source.compress()
+    assert source.stats is stats  # one pass for both recipes
+    assert all(torch.equal(dense[k], v) for k, v in source.model.state_dict().items())  # copies were compressed
+    assert [lay.grouping for lay in merged.applied.layers] == [lay.grouping for lay in compressed.applied.layers]
+    assert all(spec.rank is None for spec in merged.applied.layers[0].projections.values())
+    # the same as compressing a fresh model with compress_loaded
+    alone = copy.deepcopy(source.model)
+    compress_loaded(alone, source.adapter, source.blocks, recipe, progress=False)
+    inputs = model_inputs("mixtral")
+    with torch.no_grad():
+        assert torch.equal(alone(**inputs).logits, compressed.model(**inputs).logits)
+    with pytest.raises(ValueError, match="calibrates differently.*max_calib_tokens"):
+        source.compress(CompressionRecipe(experts=3, max_calib_tokens=2048, calib_seq_len=32))
+    with pytest.raises(ValueError, match="calibrates differently"):  # needs inputs the pass did not keep
+        source.compress(CompressionRecipe(experts=3, low_rank="activation-aware", max_calib_tokens=1024,
+                                          calib_seq_len=32))
+    source.compress(in_place=True)
+    with pytest.raises(ValueError, match="compressed in place"):
+        source.compress()

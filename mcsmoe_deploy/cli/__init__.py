@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from ..errors import UserError
+from ..errors import ParameterError, UserError
 from . import compress, export, serve
 
 
@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         return args.run(args)
+    except ParameterError as exc:
+        # the library names its own parameter; the user typed a flag (commands list theirs in parameter_flags)
+        flag = getattr(args, "parameter_flags", {}).get(exc.parameter)
+        print(f"mcsmoe: error: {exc.renamed(flag) if flag else exc}", file=sys.stderr)
+        return 2
     except UserError as exc:
         print(f"mcsmoe: error: {exc}", file=sys.stderr)
         return 2

@@ -6,8 +6,34 @@ import argparse
 
 from .export import quiet_torch_onnx
 
+# recipe field -> its flag, so that an error in the field's own terms names the flag the user typed
+RECIPE_FLAGS = {
+    "experts": "--experts",
+    "adaptive": "--adaptive",
+    "similarity": "--similarity",
+    "grouping": "--grouping",
+    "weighting": "--weighting",
+    "permute": "--no-permute",
+    "rank_ratio": "--rank-ratio",
+    "rank_energy": "--rank-energy",
+    "sparse_keep": "--sparse-keep",
+    "low_rank": "--low-rank",
+    "calib": "--calib",
+    "max_calib_tokens": "--max-calib-tokens",
+    "distill_steps": "--distill-steps",
+    "distill_lr": "--distill-lr",
+    "seed": "--seed",
+}
+
+# the demo sets these recipe fields from its own flags (the rest are the recipe's defaults)
+DEMO_FLAGS = {
+    **{field: RECIPE_FLAGS[field] for field in ("experts", "rank_ratio", "sparse_keep", "distill_steps")},
+    "low_rank": "--activation-aware",
+}
+
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..compress import GROUPINGS, LOW_RANK_KINDS, SIMILARITIES, WEIGHTINGS
     from ..compress.recipe import COMPRESSED_DISTILL_LR, MERGED_DISTILL_LR, CompressionRecipe
 
     defaults = CompressionRecipe()
@@ -16,9 +42,14 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                        help="merged experts per MoE layer (default: half of the model's experts)")
     group.add_argument("--adaptive", action="store_true",
                        help="spread G x layers groups over layers by one global routing-frequency threshold")
-    group.add_argument("--similarity", choices=("router-logits", "router-weights"), default=defaults.similarity,
+    group.add_argument("--similarity", choices=SIMILARITIES.names(), default=defaults.similarity,
                        help="how experts join a dominant expert: cosine of router-logit columns on calibration "
-                            "text (default) or of router weight rows")
+                            f"text or of router weight rows (default: {defaults.similarity})")
+    group.add_argument("--grouping", choices=GROUPINGS.names(), default=defaults.grouping,
+                       help="how the other experts join the dominant ones: by similarity (M-SMoE), or the "
+                            "baselines random and drop (remove them) (default: %(default)s)")
+    group.add_argument("--weighting", choices=WEIGHTINGS.names(), default=defaults.weighting,
+                       help="how a group's members are averaged (default: %(default)s, by routing frequency)")
     group.add_argument("--no-permute", action="store_true", help="merge without neuron permutation alignment")
     group = parser.add_argument_group("compression (MC-SMoE)")
     group.add_argument("--rank-ratio", type=float, default=defaults.rank_ratio, metavar="R",
@@ -30,9 +61,13 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sparse-keep", type=float, default=defaults.sparse_keep, metavar="S",
                        help="share of rows of the low-rank residual kept as structured-sparse rows, in [0, 1] "
                             f"(default: {defaults.sparse_keep})")
-    group.add_argument("--activation-aware", action="store_true",
-                       help="fit each merged projection's factors to the calibration inputs it sees, minimising "
-                            "the error of its outputs rather than of its weights (beyond the paper)")
+    group.add_argument("--low-rank", choices=LOW_RANK_KINDS.names(), default=defaults.low_rank,
+                       help="how low-rank factors are fitted: svd of the weights (the paper), or activation-aware "
+                            "(default: %(default)s)")
+    group.add_argument("--activation-aware", dest="low_rank", action="store_const", const="activation-aware",
+                       help="the same as --low-rank activation-aware: fit each merged projection's factors to the "
+                            "calibration inputs it sees, minimising the error of its outputs rather than of its "
+                            "weights (beyond the paper)")
     group = parser.add_argument_group("calibration and recovery")
     group.add_argument("--calib", default=None, metavar="FILE",
                        help="calibration text: a .txt file, or .jsonl with a 'text' field per line "
@@ -55,11 +90,13 @@ def _recipe_from(args: argparse.Namespace):
         experts=args.experts,
         adaptive=args.adaptive,
         similarity=args.similarity,
+        grouping=args.grouping,
+        weighting=args.weighting,
         permute=not args.no_permute,
         rank_ratio=args.rank_ratio,
         rank_energy=args.rank_energy,
         sparse_keep=args.sparse_keep,
-        activation_aware=args.activation_aware,
+        low_rank=args.low_rank,
         calib=args.calib,
         max_calib_tokens=args.max_calib_tokens,
         distill_steps=args.distill_steps,
@@ -112,7 +149,7 @@ def add_parsers(sub) -> None:
                                "(default: the GPU when there is one, else cpu)")
     compress.add_argument("--force", action="store_true", help="replace out_dir if it exists")
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
-    compress.set_defaults(run=_cmd_compress)
+    compress.set_defaults(run=_cmd_compress, parameter_flags=RECIPE_FLAGS)
 
     demo = sub.add_parser(
         "demo",
@@ -135,4 +172,4 @@ def add_parsers(sub) -> None:
                       help="skip exporting both models to ONNX and serving them with onnxruntime")
     demo.add_argument("--force", action="store_true", help="replace --out if it exists")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.set_defaults(run=_cmd_demo)
+    demo.set_defaults(run=_cmd_demo, parameter_flags=DEMO_FLAGS)

@@ -1,17 +1,64 @@
-"""Merge, then compress: routing statistics, grouping, alignment, merging, low-rank + sparse, distillation."""
+"""Merge, then compress: routing statistics, grouping, alignment, merging, low-rank + sparse, distillation.
+
+The strategies a recipe names live in registries (GROUPINGS, WEIGHTINGS, SIMILARITIES,
+LOW_RANK_KINDS); `register_grouping` and its siblings add a method without editing the pipeline.
+"""
 
 from .activation_aware import projection_input_moments, second_moment
 from .distill import DistillReport, distill, distillation_loss, train_compressed_experts
-from .grouping import LayerGrouping, drop_least_used, group_by_similarity, group_randomly, groups_per_layer
-from .lowrank import LowRankSparse, low_rank_sparse, rank_for_energy, rank_for_ratio, sparse_row_count
-from .merge import merge_experts, merge_layer
+from .grouping import (
+    GROUPINGS,
+    GroupingContext,
+    LayerGrouping,
+    drop_least_used,
+    group_by_similarity,
+    group_randomly,
+    groups_per_layer,
+    register_grouping,
+)
+from .lowrank import (
+    LOW_RANK_KINDS,
+    LowRankKind,
+    LowRankSparse,
+    low_rank_sparse,
+    rank_for_energy,
+    rank_for_ratio,
+    register_low_rank,
+    sparse_row_count,
+)
+from .merge import WEIGHTINGS, merge_experts, merge_layer, register_weighting
 from .permute import align_to, alignment_permutation, permute_expert
-from .pipeline import CompressionResult, calibration_blocks, compress_loaded, compress_model, load_tokenizer
-from .plan import CompressionPlan, LayerPlan, apply_plan, build_grouped_experts, plan_compression
+from .pipeline import CompressionResult, compress_loaded, compress_model
+from .plan import (
+    AppliedLayer,
+    AppliedPlan,
+    CompressionPlan,
+    LayerPlan,
+    apply_plan,
+    build_grouped_experts,
+    plan_compression,
+)
 from .recipe import CompressionRecipe
-from .stats import LayerRoutingStats, RoutingStats, collect_routing_stats
+from .registry import Registry
+from .session import CalibratedModel, CompressedModel, calibration_blocks, load_tokenizer
+from .stats import SIMILARITIES, LayerRoutingStats, RoutingStats, collect_routing_stats, register_similarity
 
 __all__ = [
+    "GROUPINGS",
+    "LOW_RANK_KINDS",
+    "SIMILARITIES",
+    "WEIGHTINGS",
+    "AppliedLayer",
+    "AppliedPlan",
+    "CalibratedModel",
+    "CompressedModel",
+    "GroupingContext",
+    "LowRankKind",
+    "Registry",
+    "register_grouping",
+    "register_low_rank",
+    "register_similarity",
+    "register_weighting",
     "CompressionPlan",
     "CompressionRecipe",
     "CompressionResult",

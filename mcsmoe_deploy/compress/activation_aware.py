@@ -5,7 +5,7 @@ direction alike; the output error E||(W - L R) x||^2 only cares about directions
 the calibration inputs take. For each merged expert this module gives, per
 projection, C = E[x x^T] over the calibration tokens routed to the expert's group:
 the block's hidden states for gate/up (wi), the expert's own hidden activations
-(computed with the merged weights) for down (wo).
+(computed with the merged weights) for down (wo). Registered as the low-rank kind "activation-aware".
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from transformers.activations import ACT2FN
 
 from ..models import ExpertLayout, ExpertWeights
 from .grouping import LayerGrouping
+from .lowrank import register_low_rank
 
 # a group that saw fewer calibration tokens than this is fitted to the whole layer's inputs
 MIN_GROUP_TOKENS = 32
@@ -61,3 +62,16 @@ def projection_input_moments(
         hidden = second_moment(expert_hidden(expert, x, layout))
         moments.append({name: block_input if name in layout.input_projections else hidden for name in layout.projections})
     return moments
+
+
+@register_low_rank("activation-aware", needs_calibration_inputs=True)
+def calibration_input_moments(
+    merged: list[ExpertWeights],
+    samples: tuple[torch.Tensor, torch.Tensor] | None,
+    grouping: LayerGrouping,
+    layout: ExpertLayout,
+) -> list[dict[str, torch.Tensor]]:
+    """Fit the factors to the calibration inputs each merged expert sees (see projection_input_moments)."""
+    if samples is None:
+        raise ValueError("activation-aware compression needs routing statistics collected with keep_inputs > 0")
+    return projection_input_moments(merged, samples, grouping, layout)

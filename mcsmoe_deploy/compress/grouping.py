@@ -4,6 +4,8 @@ In each layer the G most used experts are dominant; every other expert joins
 the dominant expert it is most similar to. With an adaptive budget, one global
 frequency threshold over all layers picks the dominant experts, so busy layers
 keep more groups; the total stays G x layers and every layer keeps at least one.
+
+How the other experts join is a grouping method, registered by name in GROUPINGS.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserError
+from ..errors import ParameterError
+from .registry import Registry
+from .stats import LayerRoutingStats
 
 
 @dataclass
@@ -65,6 +69,39 @@ def drop_least_used(frequency: torch.Tensor, num_groups: int) -> LayerGrouping:
     return _group(frequency, num_groups, lambda e, leads: -1)
 
 
+@dataclass
+class GroupingContext:
+    """What a grouping method may use beyond the layer's statistics.
+
+    similarity: name in stats.SIMILARITIES of the expert similarity to group by.
+    generator: random source shared by all layers in order (so random groupings are reproducible).
+    """
+
+    similarity: str
+    generator: torch.Generator
+
+
+# grouping name -> method(layer statistics, number of groups, context) -> the layer's grouping
+GroupingMethod = Callable[[LayerRoutingStats, int, GroupingContext], LayerGrouping]
+GROUPINGS: Registry[GroupingMethod] = Registry("grouping")
+register_grouping = GROUPINGS.register
+
+
+@register_grouping("similarity")
+def _similarity(layer: LayerRoutingStats, num_groups: int, context: GroupingContext) -> LayerGrouping:
+    return group_by_similarity(layer.frequency, layer.similarity(context.similarity), num_groups)
+
+
+@register_grouping("random")
+def _random(layer: LayerRoutingStats, num_groups: int, context: GroupingContext) -> LayerGrouping:
+    return group_randomly(layer.frequency, num_groups, context.generator)
+
+
+@register_grouping("drop")
+def _drop(layer: LayerRoutingStats, num_groups: int, context: GroupingContext) -> LayerGrouping:
+    return drop_least_used(layer.frequency, num_groups)
+
+
 def groups_per_layer(frequencies: list[torch.Tensor], num_groups: int, adaptive: bool) -> list[int]:
     """Number of groups of each layer: `num_groups` everywhere, or adaptive with the same total.
 
@@ -74,7 +111,9 @@ def groups_per_layer(frequencies: list[torch.Tensor], num_groups: int, adaptive:
     """
     num_experts = len(frequencies[0])
     if not 1 <= num_groups <= num_experts:
-        raise UserError(f"--experts must be between 1 and the model's {num_experts} experts per layer, not {num_groups}")
+        raise ParameterError(
+            "num_groups", f"must be between 1 and the {num_experts} experts per layer, not {num_groups}"
+        )
     if not adaptive:
         return [num_groups] * len(frequencies)
     counts = [1] * len(frequencies)

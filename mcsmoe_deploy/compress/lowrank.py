@@ -3,16 +3,23 @@
 W [out, in] ~ L @ R + S, with the SVD initialisation L = U sqrt(s), R = sqrt(s) V^T
 at rank r, and S the residual W - L R pruned to its largest rows (whole rows, so
 the sparse part stays a gather/scatter of dense rows in any runtime).
+
+How the factors are fitted is a low-rank kind registered by name in LOW_RANK_KINDS:
+"svd" (the paper: weight error) here, "activation-aware" in activation_aware.py.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserError
+from ..errors import ParameterError
+from ..models import ExpertLayout, ExpertWeights
+from .grouping import LayerGrouping
+from .registry import Registry
 
 
 @dataclass
@@ -30,9 +37,63 @@ class LowRankSparse:
         return weight.index_add(0, self.sparse_rows, self.sparse_values)
 
 
+# (merged experts, calibration samples (inputs [n, H], assigned experts [n, k]) or None, grouping, layout)
+# -> per merged expert {projection: E[x x^T] of its input [in, in]}, or None to fit the weights alone
+InputMoments = Callable[
+    [list[ExpertWeights], tuple[torch.Tensor, torch.Tensor] | None, LayerGrouping, ExpertLayout],
+    list[dict[str, torch.Tensor]] | None,
+]
+
+
+@dataclass(frozen=True)
+class LowRankKind:
+    """How a low-rank kind fits factors: whether it needs calibration inputs kept by the statistics
+    pass, and the input second moments it weights each projection's error by (None: plain SVD)."""
+
+    needs_calibration_inputs: bool
+    input_moments: InputMoments
+
+
+LOW_RANK_KINDS: Registry[LowRankKind] = Registry("low_rank")
+
+
+def register_low_rank(name: str, needs_calibration_inputs: bool) -> Callable[[InputMoments], InputMoments]:
+    """Decorator filing an `input_moments` function as the low-rank kind `name`."""
+
+    def add(input_moments: InputMoments) -> InputMoments:
+        LOW_RANK_KINDS.register(name)(LowRankKind(needs_calibration_inputs, input_moments))
+        return input_moments
+
+    return add
+
+
+@register_low_rank("svd", needs_calibration_inputs=False)
+def no_input_moments(
+    merged: list[ExpertWeights],
+    samples: tuple[torch.Tensor, torch.Tensor] | None,
+    grouping: LayerGrouping,
+    layout: ExpertLayout,
+) -> None:
+    """The paper's SVD: factors minimise the weight error, whatever the inputs."""
+    return None
+
+
 def check_rank_ratio(rank_ratio: float) -> None:
+    """ParameterError unless `rank_ratio` is in (0, 1]."""
     if not 0 < rank_ratio <= 1:
-        raise UserError(f"--rank-ratio must be in (0, 1], not {rank_ratio}")
+        raise ParameterError("rank_ratio", f"must be in (0, 1], not {rank_ratio}")
+
+
+def check_rank_energy(energy: float) -> None:
+    """ParameterError unless `energy` is in (0, 1]."""
+    if not 0 < energy <= 1:
+        raise ParameterError("rank_energy", f"must be in (0, 1], not {energy}")
+
+
+def check_sparse_keep(sparse_keep: float) -> None:
+    """ParameterError unless `sparse_keep` is in [0, 1]."""
+    if not 0 <= sparse_keep <= 1:
+        raise ParameterError("sparse_keep", f"must be in [0, 1], not {sparse_keep}")
 
 
 def rank_for_ratio(out_features: int, in_features: int, rank_ratio: float) -> int | None:
@@ -50,8 +111,7 @@ def rank_for_ratio(out_features: int, in_features: int, rank_ratio: float) -> in
 
 def rank_for_energy(weights: list[torch.Tensor], energy: float) -> int:
     """Smallest rank that keeps `energy` of the squared singular values of every weight in `weights`."""
-    if not 0 < energy <= 1:
-        raise UserError(f"--rank-energy must be in (0, 1], not {energy}")
+    check_rank_energy(energy)
     rank = 1
     for weight in weights:
         squared = torch.linalg.svdvals(weight.double()) ** 2
@@ -62,8 +122,7 @@ def rank_for_energy(weights: list[torch.Tensor], energy: float) -> int:
 
 def sparse_row_count(out_features: int, sparse_keep: float) -> int:
     """Rows of the residual kept for a kept fraction `sparse_keep` of [0, 1]."""
-    if not 0 <= sparse_keep <= 1:
-        raise UserError(f"--sparse-keep must be in [0, 1], not {sparse_keep}")
+    check_sparse_keep(sparse_keep)
     return math.ceil(sparse_keep * out_features) if sparse_keep > 0 else 0
 
 

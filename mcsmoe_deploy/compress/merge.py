@@ -1,14 +1,34 @@
-"""Merging a group of experts into one: frequency-weighted averaging after alignment."""
+"""Merging a group of experts into one: weighted averaging after alignment.
+
+The weights of a group's members come from a weighting registered by name in WEIGHTINGS.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..models import ExpertLayout, ExpertWeights
 from .grouping import LayerGrouping
 from .permute import align_to
+from .registry import Registry
+
+# weighting name -> weights(frequency [E], the group's members) -> one weight per member
+WEIGHTINGS: Registry[Callable[[torch.Tensor, list[int]], list[float]]] = Registry("weighting")
+register_weighting = WEIGHTINGS.register
+
+
+@register_weighting("frequency")
+def frequency_weights(frequency: torch.Tensor, members: list[int]) -> list[float]:
+    """M-SMoE: each member weighs its routing frequency."""
+    return [float(frequency[m]) for m in members]
+
+
+@register_weighting("uniform")
+def uniform_weights(frequency: torch.Tensor, members: list[int]) -> list[float]:
+    """Plain average of the members."""
+    return [1.0] * len(members)
 
 
 def merge_experts(experts: Sequence[ExpertWeights], weights: Sequence[float]) -> ExpertWeights:
@@ -36,16 +56,14 @@ def merge_layer(
     """The G merged experts of one layer.
 
     Each member is first aligned to its group's dominant expert (unless
-    `permute` is False), then the group is averaged with weights
-    `frequency` ("frequency", M-SMoE) or equal weights ("uniform").
+    `permute` is False), then the group is averaged with the weights that
+    WEIGHTINGS[weighting] gives: `frequency` (M-SMoE), equal ("uniform"), ...
     """
-    if weighting not in ("frequency", "uniform"):
-        raise ValueError(f"weighting must be 'frequency' or 'uniform', not {weighting!r}")
+    member_weights = WEIGHTINGS.lookup(weighting)
     merged = []
     for group in range(grouping.num_groups):
         members = grouping.members(group)
         lead = experts[members[0]]
         aligned = [lead] + [align_to(lead, experts[m], layout) if permute else experts[m] for m in members[1:]]
-        weights = [float(frequency[m]) for m in members] if weighting == "frequency" else [1.0] * len(members)
-        merged.append(merge_experts(aligned, weights))
+        merged.append(merge_experts(aligned, member_weights(frequency, members)))
     return merged

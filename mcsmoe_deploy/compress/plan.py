@@ -2,7 +2,8 @@
 
 `plan_compression` decides (groups per layer, who joins whom); `apply_plan`
 rewrites the model layer by layer, so at most one layer's dense experts are
-copied at a time and each layer's old experts are freed as soon as it is done.
+copied at a time and each layer's old experts are freed as soon as it is done,
+and returns what it built (an AppliedPlan: groups, ranks and sparse rows per layer).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from tqdm.auto import tqdm
 
 from ..grouped_experts import GroupedLowRankExperts, ProjectionSpec
 from ..models import ExpertLayout, ExpertWeights, FamilyAdapter
-from .activation_aware import projection_input_moments
-from .grouping import LayerGrouping, drop_least_used, group_by_similarity, group_randomly, groups_per_layer
-from .lowrank import low_rank_sparse, rank_for_energy, rank_for_ratio, sparse_row_count
+from .grouping import GROUPINGS, GroupingContext, LayerGrouping, groups_per_layer
+from .lowrank import LOW_RANK_KINDS, low_rank_sparse, rank_for_energy, rank_for_ratio, sparse_row_count
 from .merge import merge_layer
 from .recipe import CompressionRecipe
 from .stats import RoutingStats
@@ -25,16 +25,36 @@ from .stats import RoutingStats
 
 @dataclass
 class LayerPlan:
-    """One MoE layer's plan: its routing frequencies, its grouping and (once applied) its projections."""
+    """One MoE layer's plan: its routing frequencies and its grouping."""
 
     name: str
     frequency: list[float]
     grouping: LayerGrouping
-    projections: dict[str, ProjectionSpec] = field(default_factory=dict)
     # sampled block inputs and their routing, for activation-aware compression (not saved)
     calibration_samples: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
+
+@dataclass
+class CompressionPlan:
+    """Every MoE layer's plan, from routing statistics over `calibration_tokens` tokens."""
+
+    family: str
+    layers: list[LayerPlan]
+    calibration_tokens: int
+
+
+@dataclass
+class AppliedLayer:
+    """What `apply_plan` built for one MoE layer: its grouping and how each projection is stored
+    (rank and kept sparse rows per projection, or dense)."""
+
+    name: str
+    frequency: list[float]
+    grouping: LayerGrouping
+    projections: dict[str, ProjectionSpec]
+
     def to_dict(self) -> dict:
+        """The layer's entry in the compressed checkpoint's config.json."""
         return {
             "num_groups": self.grouping.num_groups,
             "expert_to_group": self.grouping.expert_to_group,
@@ -45,30 +65,28 @@ class LayerPlan:
 
 
 @dataclass
-class CompressionPlan:
+class AppliedPlan:
+    """What `apply_plan` built, layer by layer, from a plan over `calibration_tokens` tokens."""
+
     family: str
-    layers: list[LayerPlan]
+    layers: list[AppliedLayer]
     calibration_tokens: int
 
 
 def plan_compression(stats: RoutingStats, num_experts: int, recipe: CompressionRecipe, family: str) -> CompressionPlan:
     """Group every layer's experts as the recipe says."""
     recipe.validate()
-    target = recipe.experts if recipe.experts is not None else max(1, num_experts // 2)
+    recipe.check_model(num_experts)
     frequencies = [layer.frequency for layer in stats.layers]
-    counts = groups_per_layer(frequencies, target, recipe.adaptive)
-    generator = torch.Generator().manual_seed(recipe.seed)
+    counts = groups_per_layer(frequencies, recipe.groups(num_experts), recipe.adaptive)
+    group = GROUPINGS.lookup(recipe.grouping)
+    context = GroupingContext(similarity=recipe.similarity, generator=torch.Generator().manual_seed(recipe.seed))
     layers = []
     for layer_stats, num_groups in zip(stats.layers, counts):
-        frequency = layer_stats.frequency
-        if recipe.grouping == "random":
-            grouping = group_randomly(frequency, num_groups, generator)
-        elif recipe.grouping == "drop":
-            grouping = drop_least_used(frequency, num_groups)
-        else:
-            grouping = group_by_similarity(frequency, layer_stats.similarity(recipe.similarity), num_groups)
+        grouping = group(layer_stats, num_groups, context)
         layers.append(
-            LayerPlan(layer_stats.name, frequency.tolist(), grouping, calibration_samples=layer_stats.samples())
+            LayerPlan(layer_stats.name, layer_stats.frequency.tolist(), grouping,
+                      calibration_samples=layer_stats.samples())
         )
     return CompressionPlan(family=family, layers=layers, calibration_tokens=stats.tokens)
 
@@ -126,12 +144,18 @@ def apply_plan(
     plan: CompressionPlan,
     recipe: CompressionRecipe,
     progress: bool = True,
-) -> None:
-    """Rewrite every MoE layer of `model` in place: align, merge, compress, install G experts."""
+) -> AppliedPlan:
+    """Rewrite every MoE layer of `model` in place: align, merge, compress, install G experts.
+
+    Returns what was built: per layer its grouping and each projection's storage (rank, sparse rows).
+    The plan itself is left as it was.
+    """
     layout = adapter.expert_layout(model.config)
     layers = adapter.moe_layers(model)
     if [layer.name for layer in layers] != [layer.name for layer in plan.layers]:
         raise ValueError("the plan was made for a different model")
+    low_rank = LOW_RANK_KINDS.lookup(recipe.low_rank)
+    applied = []
     for layer, layer_plan in tqdm(list(zip(layers, plan.layers)), desc="merge and compress", unit="layer", disable=not progress):
         experts = adapter.read_experts(layer.block)
         merged = merge_layer(
@@ -145,13 +169,12 @@ def apply_plan(
         del experts
         specs = {name: projection_spec(name, merged, layout, recipe) for name in layout.projections}
         moments = None
-        if recipe.activation_aware and not recipe.merge_only:
-            if layer_plan.calibration_samples is None:
-                raise ValueError("activation-aware compression needs routing statistics collected with keep_inputs > 0")
-            moments = projection_input_moments(merged, layer_plan.calibration_samples, layer_plan.grouping, layout)
+        if not recipe.merge_only:
+            moments = low_rank.input_moments(merged, layer_plan.calibration_samples, layer_plan.grouping, layout)
         module = build_grouped_experts(
             merged, layer_plan.grouping.expert_to_group, specs, layout, adapter.one_hot_dispatch, moments
         )
         device = adapter.router_weight(layer.block).device
         adapter.install_experts(layer.block, module.to(device))
-        layer_plan.projections = specs
+        applied.append(AppliedLayer(layer_plan.name, layer_plan.frequency, layer_plan.grouping, specs))
+    return AppliedPlan(family=plan.family, layers=applied, calibration_tokens=plan.calibration_tokens)

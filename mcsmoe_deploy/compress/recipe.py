@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..errors import UserError
-from .lowrank import check_rank_ratio
+from ..errors import ParameterError
+from .grouping import GROUPINGS
+from .lowrank import LOW_RANK_KINDS, check_rank_energy, check_rank_ratio, check_sparse_keep
+from .merge import WEIGHTINGS
 from .stats import SIMILARITIES
 
 # Default peak learning rates of distillation (linear decay to 0), measured on the embedded model
@@ -14,8 +16,6 @@ from .stats import SIMILARITIES
 # 400 steps: 26.4 at 1e-3, 29.0 at 3e-4).
 MERGED_DISTILL_LR = 3e-4
 COMPRESSED_DISTILL_LR = 1e-3
-GROUPINGS = ("similarity", "random", "drop")
-WEIGHTINGS = ("frequency", "uniform")
 
 
 @dataclass
@@ -24,16 +24,19 @@ class CompressionRecipe:
 
     experts: groups (merged experts) per layer; None means half the model's experts.
     adaptive: spread the same total of groups over layers by one global frequency threshold.
-    similarity: "router-logits" (cosine of logit columns on calibration text) or "router-weights".
-    grouping: "similarity" (M-SMoE), or the baselines "random" and "drop" (keep the most used, remove the rest).
-    weighting: "frequency" (M-SMoE) or "uniform" averaging inside a group.
+    The named strategies are looked up in their registries, which list every choice:
+    similarity: stats.SIMILARITIES, "router-logits" (cosine of logit columns on calibration text) or
+        "router-weights".
+    grouping: grouping.GROUPINGS, "similarity" (M-SMoE), or the baselines "random" and "drop" (keep the
+        most used, remove the rest).
+    weighting: merge.WEIGHTINGS, "frequency" (M-SMoE) or "uniform" averaging inside a group.
     permute: align each member's neurons to its dominant expert before merging.
     rank_ratio: share of a dense projection's parameters kept by its low-rank factors; 1 = merge only.
     rank_energy: if set, pick each layer's rank to keep this share of squared singular values instead.
     sparse_keep: share of rows of the low-rank residual kept as structured-sparse rows.
-    activation_aware: fit the input projections' factors to calibration activations
-        (minimise the output error rather than the weight error; not in the paper),
-        from the first `activation_samples` calibration tokens of each layer.
+    low_rank: lowrank.LOW_RANK_KINDS, how factors are fitted: "svd" (the paper, weight error) or
+        "activation-aware" (fit to calibration activations, minimising the output error; not in the
+        paper), from the first `activation_samples` calibration tokens of each layer.
     calib: calibration text file (.txt or .jsonl) or None for the built-in corpus.
     max_calib_tokens, calib_seq_len: calibration budget in tokens and block length.
     distill_steps: knowledge-distillation steps from the original model (0: none).
@@ -50,7 +53,7 @@ class CompressionRecipe:
     rank_ratio: float = 1.0
     rank_energy: float | None = None
     sparse_keep: float = 0.0
-    activation_aware: bool = False
+    low_rank: str = "svd"
     activation_samples: int = 4096
     calib: str | None = None
     max_calib_tokens: int = 32768
@@ -60,26 +63,39 @@ class CompressionRecipe:
     seed: int = 0
 
     def validate(self) -> None:
-        """Raise UserError for values no model could accept."""
+        """Raise ParameterError (a UserError naming the field) for values no model could accept."""
         check_rank_ratio(self.rank_ratio)
         if self.experts is not None and self.experts < 1:
-            raise UserError(f"--experts must be at least 1, not {self.experts}")
-        if self.similarity not in SIMILARITIES:
-            raise UserError(f"--similarity must be one of {', '.join(SIMILARITIES)}, not {self.similarity!r}")
-        if self.grouping not in GROUPINGS:
-            raise UserError(f"grouping must be one of {', '.join(GROUPINGS)}, not {self.grouping!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise UserError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {self.weighting!r}")
-        if self.rank_energy is not None and not 0 < self.rank_energy <= 1:
-            raise UserError(f"--rank-energy must be in (0, 1], not {self.rank_energy}")
-        if not 0 <= self.sparse_keep <= 1:
-            raise UserError(f"--sparse-keep must be in [0, 1], not {self.sparse_keep}")
+            raise ParameterError("experts", f"must be at least 1, not {self.experts}")
+        for registry, name in ((SIMILARITIES, self.similarity), (GROUPINGS, self.grouping),
+                               (WEIGHTINGS, self.weighting), (LOW_RANK_KINDS, self.low_rank)):
+            registry.lookup(name)
+        if self.rank_energy is not None:
+            check_rank_energy(self.rank_energy)
+        check_sparse_keep(self.sparse_keep)
         if self.max_calib_tokens < self.calib_seq_len:
-            raise UserError(f"--max-calib-tokens must be at least one block of {self.calib_seq_len} tokens")
+            raise ParameterError("max_calib_tokens", f"must be at least one block of {self.calib_seq_len} tokens, "
+                                                     f"not {self.max_calib_tokens}")
         if self.distill_steps < 0:
-            raise UserError(f"--distill-steps must be 0 or more, not {self.distill_steps}")
+            raise ParameterError("distill_steps", f"must be 0 or more, not {self.distill_steps}")
         if self.distill_lr is not None and not self.distill_lr > 0:
-            raise UserError(f"--distill-lr must be positive, not {self.distill_lr}")
+            raise ParameterError("distill_lr", f"must be positive, not {self.distill_lr}")
+
+    def check_model(self, num_experts: int) -> None:
+        """ParameterError if a model with `num_experts` experts per layer has fewer than the recipe asks for."""
+        if self.experts is not None and self.experts > num_experts:
+            raise ParameterError(
+                "experts", f"must be between 1 and the model's {num_experts} experts per layer, not {self.experts}"
+            )
+
+    def groups(self, num_experts: int) -> int:
+        """Groups per layer for a model with `num_experts` experts: `experts`, or half of them."""
+        return self.experts if self.experts is not None else max(1, num_experts // 2)
+
+    @property
+    def calibration_inputs(self) -> int:
+        """Block inputs per layer the statistics pass must keep for this recipe's low-rank kind (0: none)."""
+        return self.activation_samples if LOW_RANK_KINDS.lookup(self.low_rank).needs_calibration_inputs else 0
 
     @property
     def merge_only(self) -> bool:

@@ -8,6 +8,7 @@ with the number of tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,8 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models import FamilyAdapter
-
-SIMILARITIES = ("router-logits", "router-weights")
+from .registry import Registry
 
 
 @dataclass
@@ -54,16 +54,28 @@ class LayerRoutingStats:
         return self.assignment_counts / total
 
     def similarity(self, kind: str = "router-logits") -> torch.Tensor:
-        """Cosine similarity of experts [E, E] from router-logit columns or router weight rows."""
-        if kind == "router-logits":
-            gram = self.logit_gram
-        elif kind == "router-weights":
-            weight = self.router_weight.double()
-            gram = weight @ weight.T
-        else:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, not {kind!r}")
+        """Cosine similarity of experts [E, E] from the Gram matrix that SIMILARITIES[kind] gives."""
+        gram = SIMILARITIES.lookup(kind)(self)
         norms = gram.diagonal().clamp(min=1e-30).sqrt()
         return gram / norms[:, None] / norms[None, :]
+
+
+# similarity name -> the layer's E x E Gram matrix (float64) whose cosine is the experts' similarity
+SIMILARITIES: Registry[Callable[[LayerRoutingStats], torch.Tensor]] = Registry("similarity")
+register_similarity = SIMILARITIES.register
+
+
+@register_similarity("router-logits")
+def router_logit_gram(layer: LayerRoutingStats) -> torch.Tensor:
+    """Inner products of router-logit columns over the calibration tokens (M-SMoE's default)."""
+    return layer.logit_gram
+
+
+@register_similarity("router-weights")
+def router_weight_gram(layer: LayerRoutingStats) -> torch.Tensor:
+    """Inner products of the router's weight rows (no calibration text needed)."""
+    weight = layer.router_weight.double()
+    return weight @ weight.T
 
 
 @dataclass

@@ -1,0 +1,138 @@
+"""A dense checkpoint loaded once, with its calibration text and one routing-statistics pass that
+every recipe compressed from it shares.
+
+`compress_model` is one recipe made from a CalibratedModel (compressed in place, distilled, saved);
+the demo makes two (merged, then merged and compressed) from the same pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import save_compressed
+from ..corpus import calibration_text, load_tokenizer_from, token_blocks
+from ..models import adapter_for_config, load_model, read_config_dict
+from .distill import DistillReport, distill
+from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
+from .recipe import CompressionRecipe
+from .stats import RoutingStats, collect_routing_stats
+
+# recipe fields that decide the calibration blocks: recipes sharing one statistics pass must agree on them
+CALIBRATION_FIELDS = ("calib", "max_calib_tokens", "calib_seq_len", "activation_samples")
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The model directory's tokenizer; UserError if it has none (calibration needs one)."""
+    return load_tokenizer_from(model_dir, "calibration needs one")
+
+
+def check_experts(model_dir: str | Path, recipe: CompressionRecipe) -> None:
+    """UserError if the model is not a supported MoE or has fewer experts than the recipe asks for."""
+    from transformers import AutoConfig
+
+    adapter = adapter_for_config(read_config_dict(model_dir))
+    recipe.check_model(adapter.num_experts(AutoConfig.from_pretrained(model_dir)))
+
+
+def calibration_blocks(tokenizer, recipe: CompressionRecipe) -> torch.Tensor:
+    """Calibration token blocks [N, calib_seq_len] from the recipe's text source."""
+    return token_blocks(tokenizer, calibration_text(recipe.calib), recipe.calib_seq_len, recipe.max_calib_tokens)
+
+
+def mcsmoe_section(
+    applied: AppliedPlan, recipe: CompressionRecipe, source: str, distilled: DistillReport | None
+) -> dict:
+    """The "mcsmoe" section of a compressed checkpoint's config.json."""
+    return {
+        "family": applied.family,
+        "source_model": source,
+        "recipe": recipe.to_dict(),
+        "calibration": {"source": recipe.calib or "builtin", "tokens": applied.calibration_tokens},
+        "distillation": None if distilled is None else vars(distilled),
+        "layers": {layer.name: layer.to_dict() for layer in applied.layers},
+    }
+
+
+@dataclass
+class CompressedModel:
+    """A compressed model in memory: the recipe it was made with, the plan, what was built, and its
+    distillation once done."""
+
+    model: nn.Module
+    recipe: CompressionRecipe
+    plan: CompressionPlan
+    applied: AppliedPlan
+    distill: DistillReport | None = None
+
+
+class CalibratedModel:
+    """A dense MoE checkpoint, its calibration blocks [N, calib_seq_len] and, on first use, one
+    routing-statistics pass shared by every recipe compressed from it.
+
+    Everything a user can get wrong (recipe, model type, expert count, tokenizer, calibration text,
+    weights) is checked here, before the long work. device: as in `load_model`.
+    """
+
+    def __init__(
+        self, model_dir: str | Path, recipe: CompressionRecipe, device: str | None = None, progress: bool = True
+    ):
+        recipe.validate()
+        torch.manual_seed(recipe.seed)
+        check_experts(model_dir, recipe)
+        self.model_dir = Path(model_dir)
+        self.recipe = recipe
+        self.device = device
+        self.progress = progress
+        self.tokenizer = load_tokenizer(model_dir)
+        self.blocks = calibration_blocks(self.tokenizer, recipe)
+        self.model, self.adapter = load_model(model_dir, device=device)
+        self._stats: RoutingStats | None = None
+        self._dense = True  # False once a recipe compressed `model` in place
+
+    @property
+    def stats(self) -> RoutingStats:
+        """Routing statistics of the dense model on the calibration blocks (one pass, then kept)."""
+        if self._stats is None:
+            self._stats = collect_routing_stats(
+                self.model, self.adapter, self.blocks, progress=self.progress,
+                keep_inputs=self.recipe.calibration_inputs,
+            )
+        return self._stats
+
+    def compress(self, recipe: CompressionRecipe | None = None, in_place: bool = False) -> CompressedModel:
+        """`recipe` (default: the one calibrated with) applied to a copy of the dense model, or to the
+        model itself with `in_place` (no copy; no further recipe can follow)."""
+        recipe = recipe or self.recipe
+        recipe.validate()
+        differ = [name for name in CALIBRATION_FIELDS if getattr(recipe, name) != getattr(self.recipe, name)]
+        if differ or recipe.calibration_inputs > self.recipe.calibration_inputs:
+            raise ValueError(f"the recipe calibrates differently from the statistics pass ({', '.join(differ)})")
+        if not self._dense:
+            raise ValueError("the dense model was compressed in place; no further recipe can be applied")
+        stats = self.stats
+        model = self.model if in_place else copy.deepcopy(self.model)
+        self._dense = not in_place
+        plan = plan_compression(stats, self.adapter.num_experts(model.config), recipe, self.adapter.family)
+        applied = apply_plan(model, self.adapter, plan, recipe, progress=self.progress)
+        return CompressedModel(model, recipe, plan, applied)
+
+    def distill(self, compressed: CompressedModel) -> DistillReport:
+        """Recover `compressed` by its recipe's distillation from the dense model (reloaded if it was
+        compressed in place); the report is also kept in `compressed.distill`."""
+        recipe = compressed.recipe
+        teacher = self.model if self._dense else load_model(self.model_dir, device=self.device)[0]
+        compressed.distill = distill(
+            compressed.model, teacher, self.adapter, self.blocks, recipe.distill_steps, lr=recipe.distill_learning_rate,
+            seed=recipe.seed, progress=self.progress,
+        )
+        return compressed.distill
+
+    def save(self, compressed: CompressedModel, out_dir: str | Path, force: bool = False) -> Path:
+        """Write `compressed` as a checkpoint directory (see checkpoint.save_compressed); returns its path."""
+        section = mcsmoe_section(compressed.applied, compressed.recipe, str(self.model_dir), compressed.distill)
+        return save_compressed(compressed.model, section, out_dir, source_dir=self.model_dir, force=force)
