@@ -81,10 +81,10 @@ def test_routing_matches_the_family_router(family, norm_topk_prob):
     adapter = adapter_for_config(model.config)
     block = adapter.moe_layers(model)[0].block
     router = adapter.router(block)
-    if hasattr(router, "norm_topk_prob"):  # Qwen2-MoE, Qwen3-MoE, OLMoE: a config switch
-        model.config.norm_topk_prob = router.norm_topk_prob = norm_topk_prob
-    elif norm_topk_prob:
-        pytest.skip("the family's router has no renormalisation switch")
+    # Qwen2-MoE, Qwen3-MoE, OLMoE follow the config switch; Mixtral and Switch ignore it
+    model.config.norm_topk_prob = norm_topk_prob
+    if hasattr(router, "norm_topk_prob"):
+        router.norm_topk_prob = norm_topk_prob
     routing = adapter.routing(model.config)
     hidden = torch.randn(1, 9, HIDDEN, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
