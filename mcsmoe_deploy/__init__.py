@@ -14,7 +14,7 @@ from .checkpoint import is_compressed_checkpoint, load_compressed, save_compress
 from .compress import *  # noqa: F403 - the compress stage's public API
 from .compress import __all__ as _compress_all
 from .corpus import builtin_corpus, calibration_text, read_text, token_blocks
-from .errors import UserError
+from .errors import ParameterError, UserError
 from .evaluate import perplexity
 from .exporters import (
     ExportReport,
@@ -66,6 +66,7 @@ __all__ = [
     "GroupedLowRankExperts",
     "GroupedProjection",
     "MoELayer",
+    "ParameterError",
     "ParityCheck",
     "ProjectionSpec",
     "Routing",

@@ -180,3 +180,19 @@ def test_console_script_missing_model(tmp_path):
     assert "Traceback" not in proc.stderr
     assert_one_error_line(proc.returncode, proc.stderr, ["model directory not found", str(missing)])
     assert_nothing_written(out_dir)
+
+
+def test_strategy_flags_offer_what_the_registries_hold(capsys):
+    from mcsmoe_deploy import GROUPINGS, register_grouping
+    from mcsmoe_deploy.cli import build_parser
+
+    register_grouping("every-expert-alone")(lambda layer, num_groups, context: None)
+    try:
+        args = build_parser().parse_args(["compress", "in", "out", "--grouping", "every-expert-alone",
+                                          "--activation-aware", "--weighting", "uniform"])
+    finally:
+        del GROUPINGS["every-expert-alone"]
+    assert (args.grouping, args.low_rank, args.weighting) == ("every-expert-alone", "activation-aware", "uniform")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compress", "in", "out", "--grouping", "every-expert-alone"])
+    assert "invalid choice: 'every-expert-alone' (choose from 'similarity', 'random', 'drop')" in capsys.readouterr().err

@@ -84,7 +84,7 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _recipe_from(args: argparse.Namespace):
-    from ..compress.recipe import CompressionRecipe
+    from ..compress import CompressionRecipe
 
     return CompressionRecipe(
         experts=args.experts,
@@ -106,7 +106,7 @@ def _recipe_from(args: argparse.Namespace):
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from ..compress.pipeline import compress_model
+    from ..compress import compress_model
     from ..summary import format_compression
 
     result = compress_model(

@@ -27,6 +27,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _add_run_parser(sub) -> None:
+    from ..runtime.ort_session import OPT_LEVELS
+    from ..runtime.session import BACKENDS
+
     run = sub.add_parser(
         "run",
         help="generate text with an exported graph or a checkpoint",
@@ -37,7 +40,7 @@ def _add_run_parser(sub) -> None:
     run.add_argument("model", help="ONNX file (KV-cache graph) or checkpoint directory")
     run.add_argument("--prompt", action="append", required=True,
                      help="text to continue; repeat for a batch (left-padded)")
-    run.add_argument("--backend", choices=("ort", "trt", "torch"), default="ort",
+    run.add_argument("--backend", choices=BACKENDS, default="ort",
                      help="ort: onnxruntime (default); trt: TensorRT (unverified); torch: eager PyTorch")
     run.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="default: 32")
     run.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); > 0 samples")
@@ -47,7 +50,7 @@ def _add_run_parser(sub) -> None:
     run.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                      help="onnxruntime provider (default: CUDA when present, else CPU)")
     run.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
-    run.add_argument("--opt-level", choices=("disable", "basic", "extended", "all"), default="all",
+    run.add_argument("--opt-level", choices=tuple(OPT_LEVELS), default="all",
                      help="onnxruntime graph optimisation level (default: all)")
     run.add_argument("--save-optimized", default=None, metavar="FILE",
                      help="also save the graph as onnxruntime optimised it (onnxruntime only)")
@@ -106,6 +109,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _add_bench_parsers(sub) -> None:
+    from ..runtime.session import BACKENDS
+
     bench = sub.add_parser(
         "bench",
         help="measure latency, throughput and memory of models on backends",
@@ -115,7 +120,7 @@ def _add_bench_parsers(sub) -> None:
                     "active weight bytes per token / memory bandwidth measured in the same run.",
     )
     bench.add_argument("models", nargs="+", help="ONNX files (KV-cache graphs) and/or checkpoint directories")
-    bench.add_argument("--backend", nargs="+", choices=("ort", "trt", "torch"), default=None,
+    bench.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
                        help="backends to run each model on (default: ort for graphs, torch for directories)")
     bench.add_argument("--batch", type=int, default=1, help="default: 1")
     bench.add_argument("--prompt-len", type=int, default=128, metavar="N", help="prefill tokens (default: 128)")
@@ -156,6 +161,8 @@ def _cmd_triton(args: argparse.Namespace) -> int:
 
 
 def _add_triton_parser(sub) -> None:
+    from ..runtime.triton import BACKENDS as TRITON_BACKENDS
+
     triton = sub.add_parser(
         "triton",
         help="write a Triton Inference Server model repository for an exported graph",
@@ -169,7 +176,7 @@ def _add_triton_parser(sub) -> None:
     triton.add_argument("--name", default=None, help="model name in the repository (default: the file's stem)")
     triton.add_argument("--max-batch-size", type=int, default=8, metavar="N",
                         help="Triton's max_batch_size; 0 disables batching (default: 8)")
-    triton.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+    triton.add_argument("--backend", choices=TRITON_BACKENDS, default="onnxruntime",
                         help="Triton backend (default: onnxruntime); tensorrt needs --engine")
     triton.add_argument("--engine", default=None, metavar="PLAN", help="TensorRT engine for --backend tensorrt")
     triton.add_argument("--force", action="store_true", help="replace the model folder if it exists")
