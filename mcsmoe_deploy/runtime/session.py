@@ -5,10 +5,14 @@ A step takes new tokens `input_ids` [B, S], `attention_mask` [B, P + S] (1 = rea
 before, and returns the logits [B, S, V] (float32, on the host) and the cache of P + S
 tokens. What a cache is belongs to the backend (numpy arrays or device buffers for
 onnxruntime, a transformers DynamicCache for torch); callers pass it back unopened.
+
+Backends are a table of names to "module:Class", imported on first use: this module imports
+no backend, and the backends import only this interface, so none imports another.
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
 from ..contract import KVGeometry
+from ..errors import UserError
 
-BACKENDS = ("ort", "trt", "torch")
+BACKEND_CLASSES = {
+    "ort": "mcsmoe_deploy.runtime.ort_session:OrtDecoderSession",
+    "trt": "mcsmoe_deploy.runtime.trt_session:TrtDecoderSession",
+    "torch": "mcsmoe_deploy.runtime.torch_session:TorchDecoderSession",
+}
+BACKENDS = tuple(BACKEND_CLASSES)
 
 
 @dataclass
@@ -34,6 +43,7 @@ class DecoderSession(ABC):
     backend: str = ""
     vocab_size: int = 0
     geometry: KVGeometry
+    opens_directory: bool = False  # what `open_session` hands it: a checkpoint directory, else an ONNX file
 
     @abstractmethod
     def empty_past(self, batch: int) -> Any:
@@ -51,6 +61,14 @@ class DecoderSession(ABC):
         """Release what the backend holds; the session is unusable afterwards."""
 
 
+def backend_class(backend: str) -> type[DecoderSession]:
+    """The session class registered for `backend` in BACKEND_CLASSES, imported now."""
+    if backend not in BACKEND_CLASSES:
+        raise UserError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    module, _, name = BACKEND_CLASSES[backend].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def open_session(model: str | Path, backend: str = "ort", **options) -> DecoderSession:
     """Open `model` with `backend`.
 
@@ -59,25 +77,17 @@ def open_session(model: str | Path, backend: str = "ort", **options) -> DecoderS
     backend's session class (see OrtDecoderSession, TrtDecoderSession, TorchDecoderSession).
     """
     path = Path(model)
-    if backend not in BACKENDS:
+    if backend not in BACKEND_CLASSES:
         raise UserError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     if not path.exists():
         raise UserError(f"model not found: {path}")
-    if backend == "torch":
-        if not path.is_dir():
-            raise UserError(f"the torch backend loads a checkpoint directory, not {path.name}")
-        from .torch_session import TorchDecoderSession
-
-        return TorchDecoderSession(path, **options)
-    if path.is_dir():
+    session_class = backend_class(backend)
+    if session_class.opens_directory and not path.is_dir():
+        raise UserError(f"the {backend} backend loads a checkpoint directory, not {path.name}")
+    if not session_class.opens_directory and path.is_dir():
         raise UserError(f"the {backend} backend runs an ONNX file from `mcsmoe export`; {path} is a directory")
-    if backend == "ort":
-        from .ort_session import OrtDecoderSession
-
-        return OrtDecoderSession(path, **options)
-    from .trt_session import TrtDecoderSession
-
-    return TrtDecoderSession(path, **options)
+    return session_class(path, **options)
 
 
-__all__ = ["BACKENDS", "DecoderSession", "KVGeometry", "StepOutput", "open_session"]
+__all__ = ["BACKENDS", "BACKEND_CLASSES", "DecoderSession", "KVGeometry", "StepOutput", "backend_class",
+           "open_session"]
