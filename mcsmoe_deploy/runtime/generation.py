@@ -61,7 +61,7 @@ class GenerationResult:
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(input_ids, attention_mask, position_ids), each [B, L], for prompts left-padded to the longest, L."""
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     length = max(len(p) for p in prompts)
     ids = np.full((len(prompts), length), pad_token_id, dtype=np.int64)

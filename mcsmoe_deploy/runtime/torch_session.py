@@ -101,8 +101,9 @@ class TorchSeq2SeqSession(Seq2SeqSession):
     @torch.inference_mode()
     def encode(self, input_ids, attention_mask) -> EncoderOutput:
         mask = _tensor(attention_mask, self.device)
-        hidden = self.model.encoder(input_ids=_tensor(input_ids, self.device), attention_mask=mask).last_hidden_state
-        return EncoderOutput(hidden.float().cpu().numpy(), mask.cpu().numpy(), hidden)
+        encoded = self.model.encoder(input_ids=_tensor(input_ids, self.device), attention_mask=mask)
+        # the encoder's whole output goes back in at every step: the model reads more than its hidden states
+        return EncoderOutput(encoded.last_hidden_state.float().cpu().numpy(), mask.cpu().numpy(), encoded)
 
     def empty_past(self, batch: int) -> Any:
         from transformers import DynamicCache, EncoderDecoderCache
@@ -111,10 +112,8 @@ class TorchSeq2SeqSession(Seq2SeqSession):
 
     @torch.inference_mode()
     def decode_step(self, input_ids, encoded: EncoderOutput, past: Any) -> StepOutput:
-        from transformers.modeling_outputs import BaseModelOutput
-
         out = self.model(
-            encoder_outputs=BaseModelOutput(last_hidden_state=encoded.cross_past),
+            encoder_outputs=encoded.cross_past,
             attention_mask=_tensor(encoded.attention_mask, self.device),
             decoder_input_ids=_tensor(input_ids, self.device),
             past_key_values=past,
