@@ -6,9 +6,9 @@ decode loop (`mcsmoe_deploy.runtime.generate`):
 - ours (`mcsmoe_deploy.exporters`): ONE graph for prefill and decode, the runtime's own
   OrtDecoderSession over a session opened with the benchmark's options.
 - transformers (`transformers.exporters.OnnxExporter.export_for_generation`): `prefill.onnx`
-  (no cache inputs; outputs `logits`, `past_key_values.layers.{i}.keys|values`) and
-  `decode.onnx` (cache inputs `input.past_key_values.layers.{i}.keys|values`, outputs
-  `output.past_key_values...`), as `TransformersExportSession`. Inputs the graph does not
+  (no cache inputs; outputs `logits` and the cache, `cache.layers.{i}.keys|values` in
+  transformers 5.24, `past_key_values.layers...` before) and `decode.onnx` (cache inputs
+  `input.` + those names, outputs `output.` + those names), as `TransformersExportSession`. Inputs the graph does not
   read are pruned by that exporter (an all-ones `attention_mask` at batch 1, say), so feeds
   are built from the session's own input list.
 
@@ -68,11 +68,13 @@ class TransformersExportSession(DecoderSession):
         self.name = name
         self.prefill_session = _open(directory / "prefill.onnx", options)
         self.decode_session = _open(directory / "decode.onnx", options)
-        self.cache_inputs = {spec.name.removeprefix("input."): spec.name for spec in self.decode_session.get_inputs()}
+        # cache inputs are the decode graph's `input.X`, fed from the outputs `X` (prefill) or `output.X` (decode)
+        self.cache_inputs = {spec.name.removeprefix("input."): spec.name for spec in self.decode_session.get_inputs()
+                             if spec.name.startswith("input.")}
 
     def _cache_input(self, output: str) -> str | None:
         """The decode-graph input an output feeds, None for outputs that are not cache."""
-        return self.cache_inputs.get(output.removeprefix("output.")) if "past_key_values" in output else None
+        return self.cache_inputs.get(output.removeprefix("output."))
 
     def empty_past(self, batch: int) -> Cache:
         return Cache()
