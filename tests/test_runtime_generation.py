@@ -219,5 +219,31 @@ def test_backend_table_loads_classes_on_demand_and_backends_import_no_sibling():
     assert not {f".{b}" for b in backends} & imported("session")
     for backend in backends:
         assert not {f".{b}" for b in backends - {backend}} & imported(backend), backend
-    for module in ("session", "generation", "parity", "seq2seq", "bench", "text", *backends):
+    for module in ("session", "generation", "parity", "bench", "text", *backends):
         assert not any("exporters" in name for name in imported(module)), module
+
+
+def test_open_session_runs_a_switch_export_folder_as_seq2seq(tiny_dirs, tmp_path):
+    from mcsmoe_deploy.corpus import load_tokenizer_from
+    from mcsmoe_deploy.runtime import Seq2SeqSession
+    from mcsmoe_deploy.runtime.text import generate_text
+
+    folder = tmp_path / "switch"
+    m.export_model(tiny_dirs["switch_transformers"], folder, validate=False)
+    session = open_session(folder, "ort", threads=1)
+    assert isinstance(session, Seq2SeqSession) and session.vocab_size > 0
+    model, _ = m.load_model(tiny_dirs["switch_transformers"], device="cpu")
+    tok = load_tokenizer_from(tiny_dirs["switch_transformers"], "")
+    prompts, alone = ["hello there", "a"], []
+    for prompt in prompts:
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                  num_beams=1, eos_token_id=tok.eos_token_id)[0, 1:].tolist()
+        alone.append(generate_text(folder, [prompt], "ort", GenerationConfig(max_new_tokens=6),
+                                   session=session).result.tokens[0])
+        assert alone[-1] == want
+    # a left-padded batch encodes each prompt as alone
+    assert generate_text(folder, prompts, "ort", GenerationConfig(max_new_tokens=6)).result.tokens == alone
+    with pytest.raises(m.UserError, match="encoder-decoder"):
+        m.runtime.bench.measure(m.runtime.Contestant(str(folder), "ort"), m.runtime.BenchConfig(), 1e9)

@@ -1,9 +1,9 @@
 """Serving exported models: sessions per backend, generation, and timing.
 
 session: one DecoderSession interface (prefill / decode steps with a KV cache) over
-    onnxruntime (ort_session), TensorRT (trt_session) and eager PyTorch (torch_session),
-    registered in a table of backend name -> class, imported on demand.
-seq2seq: the encoder-decoder interface (encode once, then decoder steps), for onnxruntime and torch.
+    onnxruntime (ort_session), TensorRT (trt_session, trt_engine) and eager PyTorch
+    (torch_session), registered in a table of backend name -> class, imported on demand;
+    Seq2SeqSession, the encoder-decoder one (encode once, then decoder steps; ort and torch).
 generation: the one decode loop: greedy and sampled generation with stop tokens and padded
     batches, teacher forcing, per-step times.
 parity: two sessions on the same steps, compared (export validation).
@@ -17,8 +17,16 @@ from .bench_report import BenchReport, run_bench
 from .compare import Comparison, compare_reports
 from .generation import GenerationConfig, GenerationResult, generate, left_pad, pick_tokens
 from .parity import Discrepancy, compare_arrays, compare_decoders
-from .seq2seq import EncoderOutput, Seq2SeqSession
-from .session import BACKENDS, DecoderSession, KVGeometry, StepOutput, backend_class, open_session
+from .session import (
+    BACKENDS,
+    DecoderSession,
+    EncoderOutput,
+    KVGeometry,
+    Seq2SeqSession,
+    StepOutput,
+    backend_class,
+    open_session,
+)
 from .timing import LatencyStats, percentile, summarize
 
 __all__ = [

@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..memory import peak_rss_bytes
 from .active_bytes import active_weight_bytes, bytes_on_disk
 from .generation import GenerationConfig, generate
-from .session import open_session
+from .session import DecoderSession, open_session
 from .timing import LatencyStats, summarize
 
 
@@ -102,6 +102,8 @@ def measure(contestant: Contestant, config: BenchConfig, bandwidth: float) -> Ba
     start = time.perf_counter()
     session = open_session(contestant.model, contestant.backend, threads=config.threads, **contestant.options)
     load_seconds = time.perf_counter() - start
+    if not isinstance(session, DecoderSession):
+        raise UserError(f"bench times decoder-only models; {contestant.model} is an encoder-decoder export")
     rng = np.random.default_rng(config.seed)
     prompt = rng.integers(0, session.vocab_size, (config.batch, config.prompt_len), dtype=np.int64)
     greedy = GenerationConfig(max_new_tokens=config.decode_tokens + 1)  # the last pick needs no step

@@ -29,8 +29,7 @@ from ..contract import (
     past_name,
 )
 from ..errors import UserError
-from .seq2seq import EncoderOutput, Seq2SeqSession
-from .session import DecoderSession, StepOutput
+from .session import DecoderSession, EncoderOutput, Seq2SeqSession, StepOutput
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "all": "ORT_ENABLE_ALL"}
@@ -170,14 +169,18 @@ class OrtDecoderSession(DecoderSession):
 class OrtSeq2SeqSession(Seq2SeqSession):
     """Switch's encoder.onnx and decoder.onnx (exporters/switch_export.py) in onnxruntime, on the host.
 
-    provider / threads / opt_level as OrtDecoderSession; decoder_start_token_id: the decoder's
-    first token (the graphs do not record it; Switch's is 0).
+    provider / threads / opt_level as OrtDecoderSession (provider default cpu: the graphs are
+    run with numpy feeds); decoder_start_token_id: the decoder's first token (the graphs do
+    not record it; Switch's is 0).
     """
 
     backend = "ort"
 
     def __init__(self, encoder_path: str | Path, decoder_path: str | Path, provider: str | None = "cpu",
-                 threads: int | None = None, opt_level: str = "all", decoder_start_token_id: int = 0):
+                 threads: int | None = None, opt_level: str = "all", decoder_start_token_id: int = 0,
+                 optimized_model_path: str | Path | None = None):
+        if optimized_model_path is not None:
+            raise UserError("saving the optimised graph takes one ONNX file; an encoder-decoder export has two")
         options = session_options(threads, opt_level)
         self.paths = (Path(encoder_path), Path(decoder_path))
         self._attach(load_session(self.paths[0], provider, options), load_session(self.paths[1], provider, options))

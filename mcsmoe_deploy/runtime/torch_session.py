@@ -15,8 +15,7 @@ import torch
 from ..checkpoint import is_compressed_checkpoint, load_compressed
 from ..errors import UserError
 from ..models import adapter_for_config, load_model
-from .seq2seq import EncoderOutput, Seq2SeqSession
-from .session import DecoderSession, StepOutput
+from .session import DecoderSession, EncoderOutput, Seq2SeqSession, StepOutput
 
 
 def _tensor(array, device: torch.device) -> torch.Tensor:
