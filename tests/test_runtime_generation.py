@@ -130,3 +130,120 @@ def test_run_command_on_a_missing_graph_is_one_line(tmp_path, capsys):
 
     assert main(["run", str(tmp_path / "nope.onnx"), "--prompt", "hi"]) == 2
     assert capsys.readouterr().err.strip() == f"mcsmoe: error: ONNX file not found: {tmp_path / 'nope.onnx'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# one loop for everything: teacher forcing, the comparator, the backend table
+
+
+def test_comparator_on_known_arrays():
+    from mcsmoe_deploy.runtime.parity import Discrepancy, compare_arrays
+
+    reference = np.array([[1.0, -4.0], [2.0, 0.5]], dtype=np.float32)
+    got = np.array([[1.5, -4.0], [2.0, -0.5]], dtype=np.float32)
+    found = compare_arrays(got, reference)
+    assert found.max_abs_error == pytest.approx(1.0)  # at [1, 1]
+    assert found.max_rel_error == pytest.approx(1.0 / 4.0)  # over max |reference| = 4
+    assert compare_arrays(reference, reference) == Discrepancy(0.0, 0.0)
+    assert Discrepancy(1.0, 0.1).worst(Discrepancy(0.5, 0.3)) == Discrepancy(1.0, 0.3)
+    with pytest.raises(ValueError, match="shapes differ"):
+        compare_arrays(got[:1], reference)
+
+
+class _Shifted(m.runtime.DecoderSession):
+    """Another session's logits plus a constant: a runner whose error is known."""
+
+    def __init__(self, inner, shift: float):
+        self.inner, self.shift, self.vocab_size = inner, shift, inner.vocab_size
+
+    def empty_past(self, batch):
+        return self.inner.empty_past(batch)
+
+    def step(self, input_ids, attention_mask, position_ids, past):
+        out = self.inner.step(input_ids, attention_mask, position_ids, past)
+        return m.runtime.StepOutput(out.logits + self.shift, out.past)
+
+
+def test_teacher_forcing_feeds_the_given_tokens_and_keeps_every_steps_logits(model_pair):
+    _, graph = model_pair
+    session = open_session(graph, "ort", threads=1)
+    prompt = np.array([PROMPTS[0], PROMPTS[0][::-1]])
+    forced = np.array([[11, 12], [13, 14]])
+    result = generate(session, prompt, GenerationConfig(max_new_tokens=3), forced_tokens=forced, keep_logits=True)
+    assert [r[:2] for r in result.tokens] == forced.tolist() and all(len(r) == 3 for r in result.tokens)
+    assert [x.shape for x in result.logits] == [(2, 6, session.vocab_size)] + [(2, 1, session.vocab_size)] * 2
+    # the last token is picked from the logits after the forced ones
+    assert [r[2] for r in result.tokens] == result.logits[-1][:, -1].argmax(axis=-1).tolist()
+    # the prefill's last logits are the first greedy pick's
+    free = generate(session, prompt, GenerationConfig(max_new_tokens=1)).tokens
+    assert [r[0] for r in free] == result.logits[0][:, -1].argmax(axis=-1).tolist()
+    with pytest.raises(ValueError, match="forced_tokens"):
+        generate(session, prompt, GenerationConfig(max_new_tokens=2), forced_tokens=forced[:1])
+
+
+def test_torch_runner_from_memory_and_ort_session_agree_step_by_step(model_pair):
+    from mcsmoe_deploy.runtime.parity import compare_decoders
+    from mcsmoe_deploy.runtime.torch_session import TorchDecoderSession
+
+    model_dir, graph = model_pair
+    session = open_session(graph, "ort", threads=1)
+    reference = TorchDecoderSession.from_model(open_session(model_dir, "torch").model)
+    ids = np.random.default_rng(0).integers(0, session.vocab_size, (2, 8))
+    found = compare_decoders(session, reference, ids[:, :6], ids[:, 6:])
+    assert 0 < found.max_rel_error < 1e-4
+    shifted = compare_decoders(_Shifted(session, 0.25), session, ids[:, :6], ids[:, 6:])
+    assert shifted.max_abs_error == pytest.approx(0.25, rel=1e-5)
+
+
+def test_backend_table_loads_classes_on_demand_and_backends_import_no_sibling():
+    import ast
+    from pathlib import Path
+
+    from mcsmoe_deploy.runtime import session as session_module
+
+    assert session_module.BACKENDS == ("ort", "trt", "torch")
+    assert session_module.backend_class("ort").__name__ == "OrtDecoderSession"
+    assert session_module.backend_class("torch").opens_directory
+    with pytest.raises(m.UserError, match="unknown backend"):
+        session_module.backend_class("onnx-magic")
+    runtime = Path(session_module.__file__).parent
+    backends = {target.split(":")[0].rsplit(".", 1)[1] for target in session_module.BACKEND_CLASSES.values()}
+
+    def imported(module: str) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse((runtime / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names.add(("." * node.level) + (node.module or ""))
+        return names
+
+    assert not {f".{b}" for b in backends} & imported("session")
+    for backend in backends:
+        assert not {f".{b}" for b in backends - {backend}} & imported(backend), backend
+    for module in ("session", "generation", "parity", "bench", "text", *backends):
+        assert not any("exporters" in name for name in imported(module)), module
+
+
+def test_open_session_runs_a_switch_export_folder_as_seq2seq(tiny_dirs, tmp_path):
+    from mcsmoe_deploy.corpus import load_tokenizer_from
+    from mcsmoe_deploy.runtime import Seq2SeqSession
+    from mcsmoe_deploy.runtime.text import generate_text
+
+    folder = tmp_path / "switch"
+    m.export_model(tiny_dirs["switch_transformers"], folder, validate=False)
+    session = open_session(folder, "ort", threads=1)
+    assert isinstance(session, Seq2SeqSession) and session.vocab_size > 0
+    model, _ = m.load_model(tiny_dirs["switch_transformers"], device="cpu")
+    tok = load_tokenizer_from(tiny_dirs["switch_transformers"], "")
+    prompts, alone = ["hello there", "a"], []
+    for prompt in prompts:
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                  num_beams=1, eos_token_id=tok.eos_token_id)[0, 1:].tolist()
+        alone.append(generate_text(folder, [prompt], "ort", GenerationConfig(max_new_tokens=6),
+                                   session=session).result.tokens[0])
+        assert alone[-1] == want
+    # a left-padded batch encodes each prompt as alone
+    assert generate_text(folder, prompts, "ort", GenerationConfig(max_new_tokens=6)).result.tokens == alone
+    with pytest.raises(m.UserError, match="encoder-decoder"):
+        m.runtime.bench.measure(m.runtime.Contestant(str(folder), "ort"), m.runtime.BenchConfig(), 1e9)

@@ -196,3 +196,27 @@ def test_greedy_generation_matches_generate(exported):
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
     )
     assert got.tolist() == stopping[:, 1:].tolist()
+
+
+def test_one_loop_drives_the_onnxruntime_and_torch_seq2seq_sessions_alike(exported):
+    from mcsmoe_deploy.exporters.validate import compare_switch
+    from mcsmoe_deploy.runtime import GenerationConfig, generate
+    from mcsmoe_deploy.runtime.ort_session import OrtSeq2SeqSession
+    from mcsmoe_deploy.runtime.torch_session import TorchSeq2SeqSession
+
+    reference, _, result, _, _ = exported
+    config = reference.config
+    ids, mask = _encoder_inputs(2, 9, seed=0)
+    with torch.no_grad():
+        want = reference.generate(ids, attention_mask=mask, eos_token_id=None, max_new_tokens=12, do_sample=False,
+                                  num_beams=1)[:, 1:].tolist()
+    onnx_session = OrtSeq2SeqSession.from_folder(result.encoder.parent, threads=1)
+    torch_session = TorchSeq2SeqSession(reference)
+    assert onnx_session.vocab_size == torch_session.vocab_size == config.vocab_size
+    starts = [[config.decoder_start_token_id]] * 2
+    for session in (onnx_session, torch_session):
+        encoded = session.encode(ids.numpy(), mask.numpy())
+        assert encoded.hidden_states.shape == (2, 9, config.d_model)
+        assert generate(session.decoder(encoded), starts, GenerationConfig(max_new_tokens=12)).tokens == want
+    max_abs, max_rel = compare_switch(result.encoder, result.decoder, reference)
+    assert 0 < max_rel < 1e-4 and max_abs > 0

@@ -25,6 +25,8 @@ import torch
 from ..contract import KVGeometry, past_names, present_names
 from ..models import adapter_for_config
 from ..models.base import FamilyAdapter
+from ..runtime.generation import GenerationConfig, generate
+from ..runtime.ort_session import OrtDecoderSession
 from .torch_export import GraphPass, GraphSpec, export_graph
 
 
@@ -102,35 +104,15 @@ def empty_past(num_layers: int, kv_heads: int, head_dim: int, batch: int = 1, dt
 
 
 def greedy_generate_onnx(session, input_ids, max_new_tokens: int, num_layers: int, kv_heads: int, head_dim: int) -> list[int]:
-    """Greedy decoding (batch 1) with a graph from `export_compressed_with_past`; the new token ids.
+    """Greedy decoding (batch 1) with an onnxruntime InferenceSession of a graph from
+    `export_compressed_with_past`; the new token ids.
 
-    Prefills the prompt with zero-length pasts, then feeds one token at a time with the
-    previous step's presents as pasts.
+    The runtime's loop (`runtime.generate` over an OrtDecoderSession): a prefill of the prompt
+    with zero-length pasts, then one token at a time with the previous step's presents as pasts.
     """
-    ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
-    prompt = ids.shape[1]
-    feeds = {
-        "input_ids": ids,
-        "attention_mask": np.ones((1, prompt), dtype=np.int64),
-        "position_ids": np.arange(prompt, dtype=np.int64)[None],
-        **empty_past(num_layers, kv_heads, head_dim),
-    }
-    outputs = ["logits", *present_names(num_layers)]
-    tokens: list[int] = []
-    for step in range(max_new_tokens):
-        logits, *presents = session.run(outputs, feeds)
-        token = int(logits[0, -1].argmax())
-        tokens.append(token)
-        if step + 1 == max_new_tokens:
-            break
-        length = prompt + step + 1  # tokens in the cache after this step's token is fed
-        feeds = {
-            "input_ids": np.array([[token]], dtype=np.int64),
-            "attention_mask": np.ones((1, length), dtype=np.int64),
-            "position_ids": np.array([[length - 1]], dtype=np.int64),
-            **dict(zip(past_names(num_layers), presents)),
-        }
-    return tokens
+    decoder = OrtDecoderSession.from_inference_session(session, KVGeometry(num_layers, kv_heads, head_dim))
+    prompt = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+    return generate(decoder, prompt, GenerationConfig(max_new_tokens=max_new_tokens)).tokens[0]
 
 
 __all__ = [

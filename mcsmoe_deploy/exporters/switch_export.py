@@ -51,9 +51,10 @@ from ..contract import (
     decoder_past_names,
     decoder_present_names,
     encoder_present_names,
-    past_name,
 )
 from ..models.base import FamilyAdapter
+from ..runtime.generation import GenerationConfig, generate
+from ..runtime.ort_session import OrtSeq2SeqSession
 from .moe_op import register_op_schema
 from .custom_op import projection_tensors, spec_for_key
 from .torch_export import GraphPass, export_with_custom_moe
@@ -287,38 +288,24 @@ def greedy_generate_switch_onnx(
 ) -> np.ndarray:
     """Greedy decoding with the two graphs of `export_switch`: the new token ids [B, N], N <= max_new_tokens.
 
-    input_ids, attention_mask: the encoder input [B, S] (mask default all ones). The decoder
-    starts from `decoder_start_token_id` with zero-length self-attention pasts and the
-    encoder's cross-attention presents, then feeds one token per step. With `eos_token_id`
-    a row that has produced it continues with `pad_token_id`, and decoding stops once every
-    row has (as transformers' `generate()`); without it, exactly `max_new_tokens` steps.
+    encoder_session, decoder_session: onnxruntime InferenceSessions of encoder.onnx and
+    decoder.onnx. input_ids, attention_mask: the encoder input [B, S] (mask default all ones).
+    The decoder starts from `decoder_start_token_id` with zero-length self-attention pasts and
+    the encoder's cross-attention presents, then feeds one token per step (the runtime's loop,
+    `runtime.generate`, over an OrtSeq2SeqSession). With `eos_token_id` a row that has produced
+    it continues with `pad_token_id`, and decoding stops once every row has (as transformers'
+    `generate()`); without it, exactly `max_new_tokens` steps.
     """
     ids = np.asarray(input_ids, dtype=np.int64)
     ids = ids[None] if ids.ndim == 1 else ids
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-    mask = mask.reshape(ids.shape)
-    encoder_names = [o.name for o in encoder_session.get_outputs()]
-    encoded = dict(zip(encoder_names, encoder_session.run(encoder_names, {"input_ids": ids, "attention_mask": mask})))
-    cross = {past_name(n): v for n, v in encoded.items() if n.startswith("present.")}
-    present_names = decoder_present_names(len(cross) // 2)
-    some_cross = next(iter(cross.values()))  # [B, h, S, d]
-    empty = np.zeros((ids.shape[0], some_cross.shape[1], 0, some_cross.shape[3]), dtype=some_cross.dtype)
-    self_past = {past_name(n): empty for n in present_names}
-    tokens = np.full((ids.shape[0], 1), decoder_start_token_id, dtype=np.int64)
-    finished = np.zeros(ids.shape[0], dtype=bool)
-    generated = []
-    for _ in range(max_new_tokens):
-        feeds = {"input_ids": tokens, "encoder_attention_mask": mask, **self_past, **cross}
-        logits, *presents = decoder_session.run(["logits", *present_names], feeds)
-        tokens = logits[:, -1].argmax(axis=-1).astype(np.int64)[:, None]
-        if eos_token_id is not None:
-            tokens[finished] = pad_token_id
-            finished |= tokens[:, 0] == eos_token_id
-        generated.append(tokens)
-        if finished.all():
-            break
-        self_past = {past_name(n): p for n, p in zip(present_names, presents)}
-    return np.concatenate(generated, axis=1)
+    session = OrtSeq2SeqSession.from_inference_sessions(encoder_session, decoder_session, decoder_start_token_id)
+    decoder = session.decoder(session.encode(ids, mask.reshape(ids.shape)))
+    stops = () if eos_token_id is None else (eos_token_id,)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=stops, pad_token_id=pad_token_id)
+    tokens = generate(decoder, [[decoder_start_token_id]] * len(ids), config).tokens
+    width = max(len(row) for row in tokens)  # rows that stopped early are padded, as generate() does
+    return np.array([row + [pad_token_id] * (width - len(row)) for row in tokens], dtype=np.int64)
 
 
 __all__ = [

@@ -1,4 +1,9 @@
-"""Validation of an exported graph: structure, and onnxruntime against the torch reference."""
+"""Validation of an exported graph: structure, and onnxruntime against the torch reference.
+
+Parity as Polygraphy checks it: the runtime's onnxruntime session over the file and a torch
+session over the reference model run the same steps, and one comparator
+(runtime.parity.compare_arrays) measures how far apart their outputs are.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,10 @@ import numpy as np
 import onnx
 import torch
 
-from ..contract import DOMAIN, OP_TYPE, decoder_present_names, external_data_path, past_name, past_names, present_names
-from ..models import adapter_for_config
-from .kv_export import empty_past
+from ..contract import ATTENTION_MASK, DOMAIN, INPUT_IDS, LOGITS, OP_TYPE, external_data_path
+from ..runtime.ort_session import OrtDecoderSession, OrtSeq2SeqSession
+from ..runtime.parity import Discrepancy, compare_arrays, compare_decoders
+from ..runtime.torch_session import TorchDecoderSession, TorchSeq2SeqSession
 
 
 @dataclass
@@ -107,11 +113,6 @@ def _session(path: str | Path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _error(got: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
-    error = float(np.abs(got - expected).max())
-    return error, error / max(float(np.abs(expected).max()), 1e-30)
-
-
 @torch.no_grad()
 def compare_logits(
     path: str | Path,
@@ -126,18 +127,16 @@ def compare_logits(
     """
     session = _session(path)
     generator = torch.Generator().manual_seed(seed)
-    worst_abs, worst_rel = 0.0, 0.0
+    worst = Discrepancy()
     for batch, length in shapes:
         ids = torch.randint(0, vocab_size, (batch, length), generator=generator)
         mask = torch.ones_like(ids)
         expected = reference(input_ids=ids, attention_mask=mask).logits.float().numpy()
-        (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-        error, rel = _error(got, expected)
-        worst_abs, worst_rel = max(worst_abs, error), max(worst_rel, rel)
-    return worst_abs, worst_rel
+        (got,) = session.run([LOGITS], {INPUT_IDS: ids.numpy(), ATTENTION_MASK: mask.numpy()})
+        worst = worst.worst(compare_arrays(got, expected))
+    return worst.max_abs_error, worst.max_rel_error
 
 
-@torch.no_grad()
 def compare_logits_with_past(
     path: str | Path,
     reference: torch.nn.Module,
@@ -145,38 +144,20 @@ def compare_logits_with_past(
     shapes: tuple[tuple[int, int], ...] = ((1, 5), (2, 9)),
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Run a KV-cache graph in onnxruntime: a prefill from an empty past, then one decode step.
+    """Run a KV-cache graph in onnxruntime (CPU) and `reference` in torch on the same steps.
 
-    Both steps' logits are compared with `reference` run on the whole sequence without
-    cache. Returns (max abs error, max relative error) as `compare_logits`.
+    Per (batch, length): a prefill of `length` random tokens from an empty past, then one
+    decode step; every step's logits are compared (`compare_decoders`). Returns (max abs
+    error, max relative error) as `compare_logits`.
     """
-    session = _session(path)
-    num_layers, kv_heads, head_dim = adapter_for_config(reference.config).kv_geometry(reference.config)
-    outputs = ["logits", *present_names(num_layers)]
+    session = OrtDecoderSession(path, provider="cpu")
+    runner = TorchDecoderSession.from_model(reference)
     generator = torch.Generator().manual_seed(seed)
-    worst_abs, worst_rel = 0.0, 0.0
+    worst = Discrepancy()
     for batch, length in shapes:
-        ids = torch.randint(0, vocab_size, (batch, length + 1), generator=generator)
-        expected = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().numpy()
-        positions = np.arange(length + 1, dtype=np.int64)[None].repeat(batch, 0)
-        prefill = {
-            "input_ids": ids[:, :length].numpy(),
-            "attention_mask": np.ones((batch, length), dtype=np.int64),
-            "position_ids": positions[:, :length],
-            **empty_past(num_layers, kv_heads, head_dim, batch),
-        }
-        logits, *presents = session.run(outputs, prefill)
-        decode = {
-            "input_ids": ids[:, length:].numpy(),
-            "attention_mask": np.ones((batch, length + 1), dtype=np.int64),
-            "position_ids": positions[:, length:],
-            **dict(zip(past_names(num_layers), presents)),
-        }
-        (next_logits,) = session.run(["logits"], decode)
-        for got, want in ((logits, expected[:, :length]), (next_logits, expected[:, length:])):
-            error, rel = _error(got, want)
-            worst_abs, worst_rel = max(worst_abs, error), max(worst_rel, rel)
-    return worst_abs, worst_rel
+        ids = torch.randint(0, vocab_size, (batch, length + 1), generator=generator).numpy()
+        worst = worst.worst(compare_decoders(session, runner, ids[:, :length], ids[:, length:]))
+    return worst.max_abs_error, worst.max_rel_error
 
 
 def check_parity(
@@ -195,9 +176,6 @@ def check_parity(
     return ParityCheck(str(path), with_past, [tuple(s) for s in shapes], max_abs, max_rel)
 
 
-
-
-@torch.no_grad()
 def compare_switch(
     encoder_path: str | Path,
     decoder_path: str | Path,
@@ -205,41 +183,28 @@ def compare_switch(
     shapes: tuple[tuple[int, int], ...] = ((1, 5), (2, 9)),
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Run Switch's encoder and decoder graphs (see switch_export) against `reference`.
+    """Run Switch's encoder and decoder graphs (see switch_export) and `reference` on the same steps.
 
     Per (batch, encoder length): the encoder's hidden states, then two decoder steps (the
     start token and one more, from an empty self-attention past; then a third token with
-    the presents) against the reference's full forward. Returns (max abs, max relative) error.
+    the cache), each step's logits compared. Returns (max abs, max relative) error.
     """
-    encoder, decoder = _session(encoder_path), _session(decoder_path)
     config = reference.config
-    layers, heads, head_dim = config.num_decoder_layers, config.num_heads, config.d_kv
-    presents = decoder_present_names(layers)
+    session = OrtSeq2SeqSession(encoder_path, decoder_path, decoder_start_token_id=config.decoder_start_token_id)
+    runner = TorchSeq2SeqSession(reference)
     generator = torch.Generator().manual_seed(seed)
-    worst_abs, worst_rel = 0.0, 0.0
+    worst = Discrepancy()
     for batch, length in shapes:
-        ids = torch.randint(0, config.vocab_size, (batch, length), generator=generator)
-        mask = torch.ones_like(ids)
-        start = torch.full((batch, 1), config.decoder_start_token_id, dtype=torch.long)
-        decoder_ids = torch.cat([start, torch.randint(0, config.vocab_size, (batch, 2), generator=generator)], dim=1)
-        expected = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
-        names = [o.name for o in encoder.get_outputs()]
-        encoded = dict(zip(names, encoder.run(names, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})))
-        checks = [(encoded["encoder_hidden_states"], expected.encoder_last_hidden_state.float().numpy())]
-        cross = {past_name(n): v for n, v in encoded.items() if n.startswith("present.")}
-        dtype = next(iter(cross.values())).dtype
-        past = {past_name(n): np.zeros((batch, heads, 0, head_dim), dtype=dtype) for n in presents}
-        logits = expected.logits.float().numpy()
-        for begin, end in ((0, 2), (2, 3)):
-            feeds = {"input_ids": decoder_ids[:, begin:end].numpy(), "encoder_attention_mask": mask.numpy(),
-                     **past, **cross}
-            got, *new = decoder.run(["logits", *presents], feeds)
-            checks.append((got, logits[:, begin:end]))
-            past = {past_name(n): p for n, p in zip(presents, new)}
-        for got, want in checks:
-            error, rel = _error(got, want)
-            worst_abs, worst_rel = max(worst_abs, error), max(worst_rel, rel)
-    return worst_abs, worst_rel
+        ids = torch.randint(0, config.vocab_size, (batch, length), generator=generator).numpy()
+        mask = np.ones_like(ids)
+        start = np.full((batch, 1), config.decoder_start_token_id, dtype=np.int64)
+        decoder_ids = np.concatenate(
+            [start, torch.randint(0, config.vocab_size, (batch, 2), generator=generator).numpy()], axis=1)
+        encoded, expected = session.encode(ids, mask), runner.encode(ids, mask)
+        worst = worst.worst(compare_arrays(encoded.hidden_states, expected.hidden_states))
+        worst = worst.worst(compare_decoders(session.decoder(encoded), runner.decoder(expected),
+                                             decoder_ids[:, :2], decoder_ids[:, 2:]))
+    return worst.max_abs_error, worst.max_rel_error
 
 
 __all__ = [

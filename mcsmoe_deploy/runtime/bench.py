@@ -4,7 +4,8 @@ Each contestant (a model on a backend) runs in its own child process, one after 
 so its peak RSS is its own; the parent measures memory bandwidth once and writes one
 report. An iteration is a prefill of `prompt_len` random tokens (seeded; the same for all)
 from an empty cache, then `decode_tokens` greedy decode steps; `warmup` iterations are
-not recorded. Latencies are wall-clock times of `DecoderSession.step` alone.
+not recorded. Latencies are wall-clock times of `DecoderSession.step` alone, as `generate`
+(the one decode loop) records them.
 
 The decode floor is the time one decode step would take if it only had to read the
 weights it uses once from memory: active weight bytes per token / measured bandwidth.
@@ -23,7 +24,8 @@ import numpy as np
 from ..errors import UserError
 from ..memory import peak_rss_bytes
 from .active_bytes import active_weight_bytes, bytes_on_disk
-from .session import open_session
+from .generation import GenerationConfig, generate
+from .session import DecoderSession, open_session
 from .timing import LatencyStats, summarize
 
 
@@ -100,25 +102,17 @@ def measure(contestant: Contestant, config: BenchConfig, bandwidth: float) -> Ba
     start = time.perf_counter()
     session = open_session(contestant.model, contestant.backend, threads=config.threads, **contestant.options)
     load_seconds = time.perf_counter() - start
+    if not isinstance(session, DecoderSession):
+        raise UserError(f"bench times decoder-only models; {contestant.model} is an encoder-decoder export")
     rng = np.random.default_rng(config.seed)
     prompt = rng.integers(0, session.vocab_size, (config.batch, config.prompt_len), dtype=np.int64)
+    greedy = GenerationConfig(max_new_tokens=config.decode_tokens + 1)  # the last pick needs no step
     prefill_times, decode_times = [], []
     for iteration in range(config.warmup + config.iterations):
-        mask = np.ones_like(prompt)
-        positions = np.broadcast_to(np.arange(config.prompt_len, dtype=np.int64), prompt.shape)
-        begin = time.perf_counter()
-        out = session.step(prompt, mask, positions, session.empty_past(config.batch))
-        elapsed = [time.perf_counter() - begin]
-        for step in range(config.decode_tokens):
-            token = out.logits[:, -1].argmax(axis=-1)[:, None]
-            mask = np.ones((config.batch, config.prompt_len + step + 1), dtype=np.int64)
-            position = np.full((config.batch, 1), config.prompt_len + step, dtype=np.int64)
-            begin = time.perf_counter()
-            out = session.step(token, mask, position, out.past)
-            elapsed.append(time.perf_counter() - begin)
+        timed = generate(session, prompt, greedy)
         if iteration >= config.warmup:
-            prefill_times.append(elapsed[0])
-            decode_times += elapsed[1:]
+            prefill_times.append(timed.prefill_seconds)
+            decode_times += timed.decode_seconds
     prefill, decode = summarize(prefill_times), summarize(decode_times)
     active = active_weight_bytes(contestant.model, contestant.backend)
     floor_ms = 1e3 * active / bandwidth

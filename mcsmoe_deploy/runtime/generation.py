@@ -3,6 +3,10 @@
 Prompts of different lengths are left-padded into one batch: padding has attention mask 0
 and position ids count only real tokens (the convention of transformers' `generate`), so a
 padded row produces the same tokens as that prompt alone.
+
+`generate` is the one loop that steps a session from prefill to decode: text generation,
+benchmarks (its per-step times) and export validation (given tokens instead of picked ones,
+every step's logits kept) all run through it.
 """
 
 from __future__ import annotations
@@ -43,11 +47,12 @@ class GenerationConfig:
 
 @dataclass
 class GenerationResult:
-    """New tokens per prompt, and how long the steps took (seconds, wall clock)."""
+    """New tokens per prompt, how long the steps took (seconds, wall clock), and the logits if kept."""
 
     tokens: list[list[int]]
     prefill_seconds: float
     decode_seconds: list[float] = field(default_factory=list)  # one per decode step (batch-wide)
+    logits: list[np.ndarray] = field(default_factory=list)  # per step [B, S, V] float32 (`keep_logits`)
 
     @property
     def generated(self) -> int:
@@ -56,7 +61,7 @@ class GenerationResult:
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(input_ids, attention_mask, position_ids), each [B, L], for prompts left-padded to the longest, L."""
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     length = max(len(p) for p in prompts)
     ids = np.full((len(prompts), length), pad_token_id, dtype=np.int64)
@@ -85,11 +90,25 @@ def pick_tokens(logits: np.ndarray, config: GenerationConfig, rng: np.random.Gen
     return picks
 
 
-def generate(session: DecoderSession, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> GenerationResult:
-    """Generate up to `config.max_new_tokens` tokens after each prompt (token ids) with `session`."""
+def generate(
+    session: DecoderSession,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    forced_tokens: np.ndarray | None = None,
+    keep_logits: bool = False,
+) -> GenerationResult:
+    """Generate up to `config.max_new_tokens` tokens after each prompt (token ids) with `session`.
+
+    forced_tokens [B, N]: the first N new tokens are these instead of picked ones (teacher
+    forcing, to compare backends on the same inputs); the rest are picked. keep_logits: keep
+    every step's logits in the result (the prefill's [B, L, V], then [B, 1, V] per decode step).
+    """
     rng = np.random.default_rng(config.seed)
     ids, mask, positions = left_pad(prompts, config.pad_token_id)
     batch = len(prompts)
+    forced = np.zeros((batch, 0), dtype=np.int64) if forced_tokens is None else np.asarray(forced_tokens, np.int64)
+    if forced.ndim != 2 or forced.shape[0] != batch:
+        raise ValueError(f"forced_tokens must be [{batch}, N], got shape {forced.shape}")
     stop = np.array(config.stop_token_ids, dtype=np.int64)
     tokens: list[list[int]] = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
@@ -99,7 +118,9 @@ def generate(session: DecoderSession, prompts: Sequence[Sequence[int]], config: 
     result = GenerationResult(tokens, prefill_seconds=time.perf_counter() - start)
     next_position = positions[:, -1:] + 1
     for step in range(config.max_new_tokens):
-        picked = pick_tokens(out.logits[:, -1], config, rng)
+        if keep_logits:
+            result.logits.append(out.logits)
+        picked = forced[:, step] if step < forced.shape[1] else pick_tokens(out.logits[:, -1], config, rng)
         picked = np.where(done, config.pad_token_id, picked)
         for row in np.flatnonzero(~done):
             tokens[row].append(int(picked[row]))

@@ -1,4 +1,4 @@
-"""onnxruntime backend: a KV-cache graph from `mcsmoe export`, on CPU or CUDA.
+"""onnxruntime backend: a KV-cache graph from `mcsmoe export`, on CPU or CUDA; Switch's two graphs.
 
 On CUDA the cache stays on the device between steps through I/O binding (presents are
 bound as outputs on the device and fed back as the next step's pasts); only logits come
@@ -13,9 +13,23 @@ from typing import Any
 
 import numpy as np
 
+from ..contract import (
+    ATTENTION_MASK,
+    DECODER_FILE,
+    ENCODER_ATTENTION_MASK,
+    ENCODER_FILE,
+    ENCODER_HIDDEN_STATES,
+    INPUT_IDS,
+    LOGITS,
+    PAST_PREFIX,
+    POSITION_IDS,
+    PRESENT_PREFIX,
+    KVGeometry,
+    geometry_from_graph,
+    past_name,
+)
 from ..errors import UserError
-from ..contract import PAST_PREFIX, PRESENT_PREFIX, geometry_from_graph
-from .session import DecoderSession, StepOutput
+from .session import DecoderSession, EncoderOutput, Seq2SeqSession, StepOutput
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "all": "ORT_ENABLE_ALL"}
@@ -36,6 +50,17 @@ def choose_providers(provider: str | None = None) -> list[str]:
         raise UserError(f"onnxruntime here has no {name} (available: {', '.join(available)}); "
                         "install onnxruntime-gpu for cuda")
     return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+
+
+def load_session(path: Path, provider: str | None, options):
+    """An onnxruntime InferenceSession of `path` on `provider` (see `choose_providers`); one error line if it fails."""
+    import onnxruntime as ort
+
+    providers = choose_providers(provider)
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph types
+        raise UserError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
 
 
 def session_options(threads: int | None = None, opt_level: str = "all", optimized_model_path: str | Path | None = None):
@@ -67,23 +92,28 @@ class OrtDecoderSession(DecoderSession):
 
     def __init__(self, path: str | Path, provider: str | None = None, threads: int | None = None,
                  opt_level: str = "all", optimized_model_path: str | Path | None = None):
-        import onnxruntime as ort
-
         self.path = Path(path)
         self.geometry, self.vocab_size = geometry_from_graph(self.path)
-        self.providers = choose_providers(provider)
         self.threads, self.opt_level = threads, opt_level
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path), session_options(threads, opt_level, optimized_model_path), providers=self.providers
-            )
-        except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph types
-            raise UserError(f"onnxruntime cannot load {self.path}: {str(exc).splitlines()[0]}") from None
-        self.on_device = self.session.get_providers()[0] == "CUDAExecutionProvider"
-        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith(PAST_PREFIX)]
-        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith(PRESENT_PREFIX)]
-        self.has_positions = "position_ids" in {i.name for i in self.session.get_inputs()}
-        self.dtype = np.float16 if self.session.get_inputs()[-1].type == "tensor(float16)" else np.float32
+        self._attach(load_session(self.path, provider, session_options(threads, opt_level, optimized_model_path)))
+
+    @classmethod
+    def from_inference_session(cls, session, geometry: KVGeometry) -> OrtDecoderSession:
+        """Wrap an open onnxruntime InferenceSession of a KV-cache graph (its options are the caller's)."""
+        wrapped = cls.__new__(cls)
+        wrapped.path, wrapped.geometry, wrapped.threads, wrapped.opt_level = None, geometry, None, None
+        logits = next(o for o in session.get_outputs() if o.name == LOGITS).shape
+        wrapped.vocab_size = logits[-1] if isinstance(logits[-1], int) else 0
+        wrapped._attach(session)
+        return wrapped
+
+    def _attach(self, session) -> None:
+        self.session = session
+        self.on_device = session.get_providers()[0] == "CUDAExecutionProvider"
+        self.past_names = [i.name for i in session.get_inputs() if i.name.startswith(PAST_PREFIX)]
+        self.present_names = [o.name for o in session.get_outputs() if o.name.startswith(PRESENT_PREFIX)]
+        self.has_positions = POSITION_IDS in {i.name for i in session.get_inputs()}
+        self.dtype = np.float16 if session.get_inputs()[-1].type == "tensor(float16)" else np.float32
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         g = self.geometry
@@ -91,10 +121,10 @@ class OrtDecoderSession(DecoderSession):
         return [empty] * len(self.past_names)
 
     def _feeds(self, input_ids, attention_mask, position_ids) -> dict[str, np.ndarray]:
-        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
+        feeds = {INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
+                 ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64)}
         if self.has_positions:
-            feeds["position_ids"] = np.ascontiguousarray(position_ids, dtype=np.int64)
+            feeds[POSITION_IDS] = np.ascontiguousarray(position_ids, dtype=np.int64)
         return feeds
 
     def step(self, input_ids, attention_mask, position_ids, past: Any) -> StepOutput:
@@ -107,7 +137,7 @@ class OrtDecoderSession(DecoderSession):
         values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feeds.items()}
         for name, value in zip(self.past_names, past):
             values[name] = value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
-        logits, *presents = self.session.run_with_ort_values(["logits", *self.present_names], values)
+        logits, *presents = self.session.run_with_ort_values([LOGITS, *self.present_names], values)
         return StepOutput(logits.numpy().astype(np.float32, copy=False), presents)
 
     def _step_bound(self, feeds: dict[str, np.ndarray], past: list) -> StepOutput:
@@ -121,7 +151,7 @@ class OrtDecoderSession(DecoderSession):
             if isinstance(value, np.ndarray):
                 value = ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        binding.bind_output(LOGITS, "cpu")
         for name in self.present_names:
             binding.bind_output(name, "cuda", 0)
         self.session.run_with_iobinding(binding)
@@ -136,4 +166,74 @@ class OrtDecoderSession(DecoderSession):
         del self.session
 
 
-__all__ = ["OPT_LEVELS", "OrtDecoderSession", "choose_providers", "geometry_from_graph", "session_options"]
+class OrtSeq2SeqSession(Seq2SeqSession):
+    """Switch's encoder.onnx and decoder.onnx (exporters/switch_export.py) in onnxruntime, on the host.
+
+    provider / threads / opt_level as OrtDecoderSession (provider default cpu: the graphs are
+    run with numpy feeds); decoder_start_token_id: the decoder's first token (the graphs do
+    not record it; Switch's is 0).
+    """
+
+    backend = "ort"
+
+    def __init__(self, encoder_path: str | Path, decoder_path: str | Path, provider: str | None = "cpu",
+                 threads: int | None = None, opt_level: str = "all", decoder_start_token_id: int = 0,
+                 optimized_model_path: str | Path | None = None):
+        if optimized_model_path is not None:
+            raise UserError("saving the optimised graph takes one ONNX file; an encoder-decoder export has two")
+        options = session_options(threads, opt_level)
+        self.paths = (Path(encoder_path), Path(decoder_path))
+        self._attach(load_session(self.paths[0], provider, options), load_session(self.paths[1], provider, options))
+        self.decoder_start_token_id = decoder_start_token_id
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, **options) -> OrtSeq2SeqSession:
+        """The two graphs of an export folder (ENCODER_FILE, DECODER_FILE)."""
+        return cls(Path(folder) / ENCODER_FILE, Path(folder) / DECODER_FILE, **options)
+
+    @classmethod
+    def from_inference_sessions(cls, encoder, decoder, decoder_start_token_id: int = 0) -> OrtSeq2SeqSession:
+        """Wrap two open onnxruntime InferenceSessions (their options are the caller's)."""
+        wrapped = cls.__new__(cls)
+        wrapped.paths, wrapped.decoder_start_token_id = None, decoder_start_token_id
+        wrapped._attach(encoder, decoder)
+        return wrapped
+
+    def _attach(self, encoder, decoder) -> None:
+        self.encoder, self.decoder_graph = encoder, decoder
+        self.encoder_outputs = [o.name for o in encoder.get_outputs()]
+        self.present_names = [o.name for o in decoder.get_outputs() if o.name.startswith(PRESENT_PREFIX)]
+        self_past = next(i for i in decoder.get_inputs() if i.name == past_name(self.present_names[0]))
+        self.heads, self.head_dim = self_past.shape[1], self_past.shape[3]  # static in the export
+        self.dtype = np.float16 if self_past.type == "tensor(float16)" else np.float32
+        logits = next(o for o in decoder.get_outputs() if o.name == LOGITS).shape
+        self.vocab_size = logits[-1] if isinstance(logits[-1], int) else 0
+
+    def encode(self, input_ids, attention_mask) -> EncoderOutput:
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        encoded = dict(zip(self.encoder_outputs, self.encoder.run(self.encoder_outputs,
+                                                                 {INPUT_IDS: ids, ATTENTION_MASK: mask})))
+        cross = {past_name(n): v for n, v in encoded.items() if n.startswith(PRESENT_PREFIX)}
+        return EncoderOutput(encoded[ENCODER_HIDDEN_STATES].astype(np.float32, copy=False), mask, cross)
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.heads, 0, self.head_dim), dtype=self.dtype)] * len(self.present_names)
+
+    def decode_step(self, input_ids, encoded: EncoderOutput, past) -> StepOutput:
+        feeds = {INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
+                 ENCODER_ATTENTION_MASK: encoded.attention_mask, **encoded.cross_past,
+                 **{past_name(n): p for n, p in zip(self.present_names, past)}}
+        logits, *presents = self.decoder_graph.run([LOGITS, *self.present_names], feeds)
+        return StepOutput(logits.astype(np.float32, copy=False), presents)
+
+    def describe(self) -> dict:
+        return {"backend": self.backend, "provider": self.encoder.get_providers()[0],
+                "paths": [str(p) for p in self.paths or ()]}
+
+    def close(self) -> None:
+        del self.encoder, self.decoder_graph
+
+
+__all__ = ["OPT_LEVELS", "OrtDecoderSession", "OrtSeq2SeqSession", "choose_providers", "geometry_from_graph",
+           "load_session", "session_options"]

@@ -6,19 +6,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 
+from ..contract import ENCODER_FILE, read_graph
 from ..corpus import load_tokenizer_from
 from ..errors import UserError
-from ..contract import read_graph
-from .generation import GenerationConfig, GenerationResult, generate
-from .session import DecoderSession, open_session
+from .generation import GenerationConfig, GenerationResult, generate, left_pad
+from .session import DecoderSession, Seq2SeqSession, is_seq2seq_export, open_session
 
 
 def tokenizer_dir_for(model: str | Path, tokenizer: str | Path | None = None) -> Path:
     """Where the tokenizer of `model` lives: `tokenizer` if given; a checkpoint directory itself; for an
-    ONNX file, the checkpoint it was exported from (`mcsmoe.source_model` metadata), else its own folder."""
+    ONNX file or an encoder-decoder export folder, the checkpoint it was exported from
+    (`mcsmoe.source_model` metadata), else the file's own folder."""
     if tokenizer is not None:
         return Path(tokenizer)
     model = Path(model)
+    if model.is_dir() and is_seq2seq_export(model):
+        model = model / ENCODER_FILE
     if model.is_dir():
         return model
     props = {p.key: p.value for p in read_graph(model).metadata_props}
@@ -42,13 +45,14 @@ def generate_text(
     backend: str = "ort",
     config: GenerationConfig | None = None,
     tokenizer: str | Path | None = None,
-    session: DecoderSession | None = None,
+    session: DecoderSession | Seq2SeqSession | None = None,
     **session_options,
 ) -> TextGeneration:
     """Tokenize `prompts`, generate with `backend` (see `open_session`), decode the new tokens.
 
     Stop tokens default to the tokenizer's end-of-text token; padding uses its pad token
-    (or end-of-text). Pass an open `session` to reuse it.
+    (or end-of-text). Pass an open `session` to reuse it. An encoder-decoder session encodes
+    the prompts (left-padded) and generates from its decoder's start token.
     """
     tok = load_tokenizer_from(tokenizer_dir_for(model, tokenizer), "pass --tokenizer DIR, the checkpoint directory")
     eos = tok.eos_token_id
@@ -61,10 +65,15 @@ def generate_text(
     if any(len(ids) == 0 for ids in encoded):
         raise UserError("a prompt is empty after tokenization; give some text")
     session = session or open_session(model, backend, **session_options)
-    if max(max(ids) for ids in encoded) >= session.vocab_size:
+    if session.vocab_size and max(max(ids) for ids in encoded) >= session.vocab_size:
         raise UserError(f"the tokenizer in {tokenizer_dir_for(model, tokenizer)} does not match the model "
                         f"(token ids beyond its vocabulary of {session.vocab_size})")
-    result = generate(session, encoded, config)
+    if isinstance(session, Seq2SeqSession):
+        ids, mask, _ = left_pad(encoded, pad)
+        decoder = session.decoder(session.encode(ids, mask))
+        result = generate(decoder, [[session.decoder_start_token_id]] * len(encoded), config)
+    else:
+        result = generate(session, encoded, config)
     completions = [tok.decode(tokens, skip_special_tokens=True) for tokens in result.tokens]
     return TextGeneration(list(prompts), completions, result, session.describe())
 
