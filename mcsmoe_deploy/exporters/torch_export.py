@@ -28,12 +28,13 @@ import onnx_ir as ir
 import torch
 
 from ..models.base import FamilyAdapter
-from .custom_op import TORCH_OP, ForwardFactory, finish_custom_nodes, moe_blocks_as_custom_op, patched_forward, translate
+from .custom_op import TORCH_OP, ForwardFactory, moe_blocks_as_custom_op, patched_forward, translate
 from .moe_op import MoEOpSpec, register_op_schema
 from ..contract import external_data_path
 from .export_config import ExportConfig
 from .onnx_file import EXTERNAL_DATA_THRESHOLD, write_passes_result, write_staged, write_staged_as_one_file
 from .passes import GraphPassManager
+from .passes.custom_nodes import FinishCustomNodesPass
 
 _INLINE_BYTES = 1024  # tensors up to this size stay in the graph file (as onnx's size_threshold)
 _SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -150,7 +151,7 @@ def _holds_weights(model: ir.Model) -> bool:
 
 
 def finish_staged(staged: StagedGraph, out_path: str | Path, config: ExportConfig = ExportConfig()) -> onnx.ModelProto:
-    """Add the op's functions, run `config.graph_passes()`, check (full_check) and move into `out_path`.
+    """Finish the MoE nodes, run `config.graph_passes()`, check (full_check) and move into `out_path`.
 
     config.external_data: True keeps the weights in `OUT.onnx.data`; False writes one file;
     None keeps external data only past about 1.8 GB (protobuf's 2 GB limit). The passes run
@@ -164,11 +165,10 @@ def finish_staged(staged: StagedGraph, out_path: str | Path, config: ExportConfi
         data = external_data_path(staged.path)
         data_bytes = data.stat().st_size if data.exists() else 0
         external = config.external_data if config.external_data is not None else data_bytes > EXTERNAL_DATA_THRESHOLD
-        model_proto = finish_custom_nodes(onnx.load(str(staged.path), load_external_data=False), staged.specs)
-        model = ir.from_proto(model_proto)
-        del model_proto
+        model = ir.from_proto(onnx.load(str(staged.path), load_external_data=False))
         ir.external_data.set_base_dir(model.graph, staged.staging)
-        model = GraphPassManager(config.graph_passes())(model).model
+        passes = [FinishCustomNodesPass(staged.specs), *config.graph_passes()]
+        model = GraphPassManager(passes)(model).model
         if _holds_weights(model):
             return write_passes_result(model, staged.path, out_path, external)
         model_proto = ir.to_proto(model)  # external tensors stay references to the staged data

@@ -2,8 +2,10 @@
 
 onnx-ir's `InlinePass` inlines calls by (domain, op type, overload), so each
 GroupedLowRankMoE node gets the body of its own overload; it drops the functions it
-inlined. Measured against onnx.inliner on exported graphs (tests/test_graph_passes.py):
-the same node count and op histogram, and the same logits in onnxruntime.
+inlined. Checked against onnx.inliner: on the exported tiny Mixtral KV-cache graph both
+give 493 nodes with the same op histogram and bit-identical logits in onnxruntime
+(onnx.inliner also keeps the unused ai.mcsmoe import, which the passes below drop);
+tests/test_graph_passes.py compares them on dense and low-rank-sparse op bodies.
 """
 
 from __future__ import annotations
