@@ -31,7 +31,6 @@ from .torch_export import check_exportable, finish_staged, logits_graph_spec, st
 from .validate import ExportReport, check_parity, describe, describe_files
 
 
-
 def check_output_file(out_path: str | Path, force: bool) -> Path:
     """UserError unless `out_path` may be written: the shared output rules, plus a writable parent, not a folder."""
     out_path = prepare_output_dir(out_path, force)
@@ -72,14 +71,13 @@ def _check_output_folder(out_path: str | Path, family: str, force: bool) -> Path
 
 def _export_encoder_decoder(model, adapter, out_dir: Path, config: ExportConfig):
     """Switch: both graphs into a staging folder beside `out_dir`, renamed into place when all are written."""
-    inline = config.inline
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".staging", dir=out_dir.parent))
     try:
         written = export_switch(model, adapter, staging, config)
         graphs = [written.encoder, written.decoder]
         report = describe_files([onnx.load(str(p), load_external_data=False) for p in graphs], graphs, out_dir)
         pairs = [(ENCODER_FILE, DECODER_FILE)]
-        if inline:
+        if config.inline:
             pairs.append(tuple(write_inlined_copy(p).name for p in graphs))
         with_default_permissions(staging)
         if out_dir.exists():  # --force: checked by _check_output_folder
@@ -90,7 +88,7 @@ def _export_encoder_decoder(model, adapter, out_dir: Path, config: ExportConfig)
         raise
     files = [(out_dir / encoder, out_dir / decoder) for encoder, decoder in pairs]
     report.file_bytes = sum(p.stat().st_size for p in out_dir.iterdir())
-    if inline:
+    if config.inline:
         report.inlined_path = " + ".join(str(p) for p in files[1])
     return report, files
 
@@ -119,8 +117,7 @@ def export_model(
         raise TypeError("export_model takes an ExportConfig or its fields as keywords, not both")
     config = config if config is not None else ExportConfig(**options)
     start = time.perf_counter()
-    settings = read_config_dict(model_dir)
-    adapter = adapter_for_config(settings)
+    adapter = adapter_for_config(read_config_dict(model_dir))
     check_weights(model_dir)
     compressed = is_compressed_checkpoint(model_dir)
     config.check_checkpoint(str(model_dir), adapter.family, adapter.encoder_decoder, compressed)
