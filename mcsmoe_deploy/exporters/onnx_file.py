@@ -3,7 +3,8 @@
 A model is saved into a staging folder beside the target, checked there with
 onnx.checker (full_check, by path so external data works past protobuf's 2 GB), and
 only then renamed into place: the data file first, the graph last. A failure leaves
-nothing behind.
+nothing behind. `write_passes_result` does the same for an `ir.Model` after graph passes,
+streaming its weights from disk.
 """
 
 from __future__ import annotations
@@ -47,16 +48,12 @@ def save_checked(model_proto: onnx.ModelProto, out_path: str | Path, external_da
     return out_path
 
 
-def write_staged(
-    model_proto: onnx.ModelProto, staged: Path, out_path: str | Path, external_data: bool, release_weights: bool = False
-) -> Path:
+def write_staged(model_proto: onnx.ModelProto, staged: Path, out_path: str | Path, external_data: bool) -> Path:
     """Write `model_proto` to `staged` (in a staging folder beside `out_path`), check it, move it into place.
 
     external_data: write the weights `model_proto` holds into `STAGED.data`. Tensors that
     already refer to an external file keep referring to it; that file must already sit
     beside `staged` under the output's data name (as `stage_graph` leaves it).
-    release_weights: drop the weight bytes from `model_proto` once written, before the
-    checker reads the file back, so the two never sit in memory together.
     """
     out_path = Path(out_path)
     if external_data:
@@ -66,9 +63,6 @@ def write_staged(
         )
     else:
         onnx.save_model(model_proto, staged)
-    if release_weights:
-        for tensor in model_proto.graph.initializer:
-            tensor.ClearField("raw_data")
     onnx.checker.check_model(str(staged), full_check=True)
     staged_data = external_data_path(staged)
     for item in (staged, staged_data):
