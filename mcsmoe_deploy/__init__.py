@@ -17,6 +17,7 @@ from .corpus import builtin_corpus, calibration_text, read_text, token_blocks
 from .errors import ParameterError, UserError
 from .evaluate import perplexity
 from .exporters import (
+    ExportConfig,
     ExportReport,
     MoEOpSpec,
     ParityCheck,
@@ -60,6 +61,7 @@ __all__ = [
     "GenerationConfig",
     "GenerationResult",
     "TextGeneration",
+    "ExportConfig",
     "ExportReport",
     "MoEOpSpec",
     "FamilyAdapter",

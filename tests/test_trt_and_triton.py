@@ -217,6 +217,23 @@ def test_preparation_reads_external_data(external_graph, tmp_path):
                                atol=1e-5)
 
 
+def test_preparation_is_a_list_of_passes_and_names_the_one_that_fails(external_graph, tmp_path):
+    import shutil
+
+    from mcsmoe_deploy.exporters.passes import GraphPassError
+    from mcsmoe_deploy.runtime.trt_graph import preparation_passes, prepare_for_tensorrt
+
+    assert [type(p).__name__ for p in preparation_passes(plugin=False)] == [
+        "InlinePass", "RemoveUnusedFunctionsPass", "RemoveUnusedOpsetsPass", "ShapeInferencePass", "ParserRewritesPass"]
+    assert [type(p).__name__ for p in preparation_passes(plugin=True)] == [
+        "TagMoEForPluginPass", "ShapeInferencePass", "ParserRewritesPass"]
+    alone = tmp_path / "alone.onnx"
+    shutil.copy(external_graph, alone)  # the graph without its weights.bin
+    with pytest.raises(GraphPassError, match=r"^graph pass ParserRewritesPass failed: .*weights\.bin.*does not exist"):
+        prepare_for_tensorrt(alone, tmp_path / "prepared.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.onnx"]
+
+
 # ---------------------------------------------------------------------------------------------
 # without TensorRT
 

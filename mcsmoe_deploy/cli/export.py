@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..exporters.export_config import TARGETS, ExportConfig
 
 
 def quiet_torch_onnx() -> None:
@@ -22,11 +23,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from ..summary import format_export
 
     quiet_torch_onnx()
-    report = export_model(
-        args.model_dir, args.out, with_past=not args.no_past, target=args.target, validate=not args.no_validate,
-        inline=args.inline, external_data=True if args.external_data else None, force=args.force,
-        progress=not args.quiet,
+    config = ExportConfig(
+        target=args.target, with_past=not args.no_past, validate=not args.no_validate, inline=args.inline,
+        external_data=True if args.external_data else None, force=args.force, progress=not args.quiet,
     )
+    report = export_model(args.model_dir, args.out, config)
     print(format_export(report))
     return 0
 
@@ -47,7 +48,7 @@ def add_parsers(sub) -> None:
     export.add_argument("model_dir", help="checkpoint directory (a Hugging Face MoE model, or from mcsmoe compress)")
     export.add_argument("out", help="ONNX file to write, e.g. model.onnx (a folder for Switch Transformers)")
     export.add_argument("--no-past", action="store_true", help="a plain logits graph without KV cache")
-    export.add_argument("--target", choices=("mcsmoe", "ort-fused"), default="mcsmoe",
+    export.add_argument("--target", choices=TARGETS, default=ExportConfig.target,
                         help="mcsmoe: the GroupedLowRankMoE op (default); ort-fused: dense SwiGLU experts as "
                              "onnxruntime's com.microsoft.MoE, a baseline for comparison (dense checkpoints only)")
     export.add_argument("--inline", action="store_true",

@@ -5,9 +5,11 @@ its semantics as a model-local ONNX function made of standard ops (see docs/ops.
 torch_export: a compressed decoder-only model -> one logits graph (torch.onnx, dynamo).
 kv_export: the same with past_key_values in and present out (prefill and decode in one graph).
 switch_export: Switch Transformers -> encoder.onnx + decoder.onnx (with KV cache), expert capacity kept.
-ort_fused: a graph pass mapping dense SwiGLU blocks to onnxruntime's com.microsoft.MoE (a baseline).
+passes: graph transforms as onnx-ir passes (ort-fused mapping, inlining, TensorRT preparation) and their manager.
+ort_fused: dense SwiGLU blocks as onnxruntime's com.microsoft.MoE (a baseline), on an onnx.ModelProto.
 dense: dense checkpoints through the same op (G = E, identity grouping).
 onnx_file: checked, atomic saving with external data; the functions-inlined copy.
+export_config: `ExportConfig`, every choice an export takes.
 validate, pipeline: `mcsmoe export`: write, check against the torch reference, describe.
 """
 
@@ -24,13 +26,15 @@ from .moe_op import (
 from .dense import group_dense_experts
 from .kv_export import export_compressed_with_past, greedy_generate_onnx
 from .onnx_file import save_checked, write_inlined_copy
-from .pipeline import TARGETS, export_model
+from .export_config import TARGETS, ExportConfig
+from .pipeline import export_model
 from .switch_export import export_switch, greedy_generate_switch_onnx
 from .torch_export import export_compressed
 from .validate import ExportReport, ParityCheck, check_parity, compare_logits, compare_logits_with_past
 
 __all__ = [
     "DOMAIN",
+    "ExportConfig",
     "ExportReport",
     "ParityCheck",
     "TARGETS",

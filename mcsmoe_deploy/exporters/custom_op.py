@@ -21,10 +21,9 @@ import threading
 import types
 from collections.abc import Callable
 
-import onnx
+import onnx_ir as ir
 import torch
 import torch.nn.functional as F
-from onnx import helper
 
 from ..contract import DOMAIN, OP_TYPE, OP_VERSION
 from ..grouped_experts import GroupedLowRankExperts, grouped_moe_forward, route_top_k
@@ -183,34 +182,40 @@ def moe_blocks_as_custom_op(
 # after tracing
 
 
-def finish_custom_nodes(model_proto: onnx.ModelProto, specs: list[MoEOpSpec]) -> onnx.ModelProto:
-    """After tracing: turn the temporary spec-key attributes into overloads; append one function per overload."""
-    default_opset = next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
-    functions: dict[str, onnx.FunctionProto] = {}
+def finish_custom_nodes(model: ir.Model, specs: list[MoEOpSpec]) -> ir.passes.PassResult:
+    """After tracing, in place: turn the temporary spec-key attributes into overloads; add one function per overload.
+
+    Also imports the op's domain and raises the IR version to 10 (function overloads need
+    it). RuntimeError when a node lacks its key, or the graph's MoE nodes are not one per
+    block of `specs`. Runs as `passes.custom_nodes.FinishCustomNodesPass` during export.
+    """
+    default_opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    functions: dict[str, ir.Function] = {}
     count = 0
-    for node in model_proto.graph.node:
+    for node in model.graph:
         if node.domain != DOMAIN or node.op_type != OP_TYPE:
             continue
-        act = next((a for a in node.attribute if a.name == "activation"), None)
-        if act is None or _KEY_SEP.encode() not in act.s:
+        activation = node.attributes.get_string("activation", "")
+        if _KEY_SEP not in activation:
             raise RuntimeError(f"GroupedLowRankMoE node {node.name} lacks its spec key")
-        spec = spec_for_key(int(act.s.decode().rsplit(_KEY_SEP, 1)[1]))
-        act.s = spec.activation.encode()
-        if len(node.input) != len(spec.input_names()):
-            raise RuntimeError(f"node {node.name}: inputs {list(node.input)}, spec takes {spec.input_names()}")
+        spec = spec_for_key(int(activation.rsplit(_KEY_SEP, 1)[1]))
+        node.attributes["activation"] = ir.AttrString("activation", spec.activation)
+        if len(node.inputs) != len(spec.input_names()):
+            names = [value.name if value is not None else "" for value in node.inputs]
+            raise RuntimeError(f"node {node.name}: inputs {names}, spec takes {spec.input_names()}")
         node.overload = spec.overload
         if spec.overload not in functions:
-            functions[spec.overload] = grouped_moe_function(spec, default_opset)
+            functions[spec.overload] = ir.serde.deserialize_function(grouped_moe_function(spec, default_opset))
         count += 1
     if count != len(specs):
         raise RuntimeError(f"{count} GroupedLowRankMoE nodes in the graph for {len(specs)} MoE blocks")
-    if any(f.domain == DOMAIN for f in model_proto.functions):
+    if any(domain == DOMAIN for domain, _, _ in model.functions):
         raise RuntimeError("the exporter inlined or emitted an ai.mcsmoe function of its own")
-    model_proto.functions.extend(functions.values())
-    if not any(o.domain == DOMAIN for o in model_proto.opset_import):
-        model_proto.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
-    model_proto.ir_version = max(model_proto.ir_version, 10)  # function overloads need IR 10
-    return model_proto
+    for function in functions.values():
+        model.functions[function.identifier()] = function
+    model.opset_imports.setdefault(DOMAIN, OP_VERSION)
+    model.ir_version = max(model.ir_version, 10)
+    return ir.passes.PassResult(model, modified=bool(count))
 
 
 __all__ = [

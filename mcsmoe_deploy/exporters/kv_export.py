@@ -15,7 +15,6 @@ A prefill therefore feeds zero-length pasts (see `empty_past`); no separate pref
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,8 @@ from ..models import adapter_for_config
 from ..models.base import FamilyAdapter
 from ..runtime.generation import GenerationConfig, generate
 from ..runtime.ort_session import OrtDecoderSession
-from .torch_export import GraphPass, GraphSpec, export_graph
+from .export_config import ExportConfig
+from .torch_export import GraphSpec, export_graph
 
 
 class _PastWrapper(torch.nn.Module):
@@ -84,17 +84,15 @@ def export_compressed_with_past(
     model: torch.nn.Module,
     adapter: FamilyAdapter,
     out_path: str | Path,
-    opset: int = 18,
-    passes: Sequence[GraphPass] = (),
-    external_data: bool | None = None,
+    config: ExportConfig = ExportConfig(),
 ) -> onnx.ModelProto:
     """Export a decoder-only model whose experts are GroupedLowRankExperts to one prefill + decode graph.
 
     See the module docstring for the inputs and outputs; batch, sequence and past length
-    (including 0) are dynamic. `passes` and `external_data` as in `export_compressed`.
-    Returns the saved ModelProto (checked with full_check).
+    (including 0) are dynamic. `config` (opset, graph passes, external data) as in
+    `export_compressed`. Returns the saved ModelProto (checked with full_check).
     """
-    return export_graph(model, adapter, past_graph_spec, out_path, opset, passes, external_data)
+    return export_graph(model, adapter, past_graph_spec, out_path, config)
 
 
 def empty_past(num_layers: int, kv_heads: int, head_dim: int, batch: int = 1, dtype=np.float32) -> dict:

@@ -3,7 +3,8 @@
 A model is saved into a staging folder beside the target, checked there with
 onnx.checker (full_check, by path so external data works past protobuf's 2 GB), and
 only then renamed into place: the data file first, the graph last. A failure leaves
-nothing behind.
+nothing behind. `write_passes_result` does the same for an `ir.Model` after graph passes,
+streaming its weights from disk.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import tempfile
 from pathlib import Path
 
 import onnx
-import onnx.inliner
+import onnx_ir as ir
 
 from ..contract import external_data_path, inlined_path
 from ..files import with_default_permissions
-from ..errors import UserError
+from .passes import GraphPassManager
+from .passes.inline import inline_passes
 
 # protobuf cannot serialise a message of 2 GiB or more; leave room for the graph itself
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+_IN_FLIGHT_BYTES = 64 << 20  # bound on weight bytes being written at once
 
 
 def save_checked(model_proto: onnx.ModelProto, out_path: str | Path, external_data: bool | None = None) -> Path:
@@ -45,16 +48,12 @@ def save_checked(model_proto: onnx.ModelProto, out_path: str | Path, external_da
     return out_path
 
 
-def write_staged(
-    model_proto: onnx.ModelProto, staged: Path, out_path: str | Path, external_data: bool, release_weights: bool = False
-) -> Path:
+def write_staged(model_proto: onnx.ModelProto, staged: Path, out_path: str | Path, external_data: bool) -> Path:
     """Write `model_proto` to `staged` (in a staging folder beside `out_path`), check it, move it into place.
 
     external_data: write the weights `model_proto` holds into `STAGED.data`. Tensors that
     already refer to an external file keep referring to it; that file must already sit
     beside `staged` under the output's data name (as `stage_graph` leaves it).
-    release_weights: drop the weight bytes from `model_proto` once written, before the
-    checker reads the file back, so the two never sit in memory together.
     """
     out_path = Path(out_path)
     if external_data:
@@ -64,9 +63,6 @@ def write_staged(
         )
     else:
         onnx.save_model(model_proto, staged)
-    if release_weights:
-        for tensor in model_proto.graph.initializer:
-            tensor.ClearField("raw_data")
     onnx.checker.check_model(str(staged), full_check=True)
     staged_data = external_data_path(staged)
     for item in (staged, staged_data):
@@ -173,24 +169,54 @@ def stream_one_file(model_proto: onnx.ModelProto, base_dir: Path, out_file: Path
                     remaining -= len(chunk)
 
 
+def write_passes_result(model: ir.Model, staged: Path, out_path: str | Path, external_data: bool) -> onnx.ModelProto:
+    """Write an `ir.Model` whose weights are partly on disk, partly made by passes, to `out_path`; checked.
+
+    Every weight is streamed afresh (`ir.save`, a bounded number of bytes in flight) into a
+    folder beside `staged`, so weights the passes dropped leave no bytes behind; the
+    checker reads that copy, then it moves into place (external_data) or is streamed into
+    one file (`stream_one_file`). Returns the written graph without weight values.
+    """
+    out_path = Path(out_path)
+    fresh = staged.parent / "rewritten"
+    fresh.mkdir()
+    target = fresh / staged.name
+    ir.save(model, target, external_data=external_data_path(out_path).name, size_threshold_bytes=1024,
+            max_in_flight_bytes=_IN_FLIGHT_BYTES)
+    onnx.checker.check_model(str(target), full_check=True)
+    written = onnx.load(str(target), load_external_data=False)
+    if external_data:
+        for item in (target, external_data_path(target)):
+            if item.exists():
+                with_default_permissions(item)
+        if external_data_path(target).exists():
+            os.replace(external_data_path(target), external_data_path(out_path))
+        os.replace(target, out_path)
+    else:
+        single = fresh / (staged.name + ".single")
+        stream_one_file(written, fresh, single)
+        with_default_permissions(single)
+        if external_data_path(out_path).exists():
+            external_data_path(out_path).unlink()  # a stale data file from an earlier --force run
+        os.replace(single, out_path)
+    return written
+
+
 def write_inlined_copy(path: str | Path, out_path: str | Path | None = None) -> Path:
     """Write a copy of the model at `path` with every local function inlined (standard ops only).
 
-    For runtimes that reject custom domains. The copy refers to the same external data
-    file as the original when there is one (inlining moves no tensors), so the weights
-    are not duplicated on disk. Returns the copy's path (default: `inlined_path(path)`).
+    For runtimes that reject custom domains. Inlining is onnx-ir's (`passes.inline`); the
+    custom domain's opset import goes with the functions. The copy refers to the same
+    external data file as the original when there is one (inlining moves no tensors), so
+    the weights are not duplicated on disk. Returns the copy's path (default:
+    `inlined_path(path)`).
     """
     path = Path(path)
     out_path = Path(out_path) if out_path is not None else inlined_path(path)
     if external_data_path(path).exists() and out_path.parent != path.parent:
         raise ValueError("an inlined copy of a model with external data must sit in the same folder")
-    model = onnx.load_model(path, load_external_data=False)
-    inlined = onnx.inliner.inline_local_functions(model)
-    # the custom domain's import is now unused; runtimes without the domain may reject it
-    used = {n.domain for n in inlined.graph.node}
-    keep = [o for o in inlined.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
-    del inlined.opset_import[:]
-    inlined.opset_import.extend(keep)
+    model = ir.from_proto(onnx.load_model(path, load_external_data=False))  # external tensors stay references
+    inlined = ir.to_proto(GraphPassManager(inline_passes())(model).model)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".staging", dir=out_path.parent))
     try:
         staged = staging / out_path.name
@@ -217,6 +243,7 @@ __all__ = [
     "save_checked",
     "stream_one_file",
     "write_inlined_copy",
+    "write_passes_result",
     "write_staged",
     "write_staged_as_one_file",
 ]

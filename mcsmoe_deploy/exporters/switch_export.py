@@ -35,7 +35,6 @@ block passes them through unchanged). Padding tokens count as well, as in transf
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +56,8 @@ from ..runtime.generation import GenerationConfig, generate
 from ..runtime.ort_session import OrtSeq2SeqSession
 from .moe_op import register_op_schema
 from .custom_op import projection_tensors, spec_for_key
-from .torch_export import GraphPass, export_with_custom_moe
+from .export_config import ExportConfig
+from .torch_export import GraphSpec, export_with_custom_moe
 
 _MAX_LEN = 8192  # upper bound of every dynamic length (Switch has no position table)
 
@@ -208,9 +208,7 @@ def export_switch(
     model: torch.nn.Module,
     adapter: FamilyAdapter,
     out_dir: str | Path,
-    opset: int = 18,
-    passes: Sequence[GraphPass] = (),
-    external_data: bool | None = None,
+    config: ExportConfig = ExportConfig(),
 ) -> SwitchExport:
     """Export a Switch Transformers model to `out_dir`/encoder.onnx and `out_dir`/decoder.onnx.
 
@@ -218,12 +216,11 @@ def export_switch(
     GroupedLowRankExperts (a compressed checkpoint from `load_compressed`, or a dense one
     after `group_dense_experts`). Layout in the module docstring; batch and every length
     are dynamic. Both graphs are checked with onnx.checker full_check before they are saved.
-    `passes` and `external_data` apply to both graphs, as in `export_with_custom_moe`.
+    `config` (opset, graph passes, external data) applies to both graphs, as in
+    `export_with_custom_moe`; `config.with_past` is not read (both graphs have KV cache).
     """
     if adapter.family != "switch_transformers":
         raise ValueError(f"export_switch exports Switch Transformers, not {adapter.family!r}")
-    if opset < 18:
-        raise ValueError("opset must be >= 18 (the op's function body needs it)")
     if not register_op_schema():
         raise RuntimeError("this onnx cannot register op schemas from Python; upgrade onnx")
     out_dir = Path(out_dir)
@@ -247,24 +244,27 @@ def export_switch(
     dec_seq = torch.export.Dim("decoder_sequence", min=1, max=_MAX_LEN)
     past_seq = torch.export.Dim("past_sequence", min=0, max=_MAX_LEN)  # 0: the first decoder step
     past_dims = [{0: batch, 2: past_seq if ".decoder." in name else enc_seq} for name in decoder_past_names(layers)]
-    common = dict(opset=opset, passes=passes, external_data=external_data, make_forward=switch_moe_forward)
 
     was_training = model.training
     model.eval()
     try:
         # each graph patches only its own stack's MoE blocks, so the node count check in
         # export_with_custom_moe counts that stack's blocks
-        encoder_proto = export_with_custom_moe(
-            model.encoder, adapter, _EncoderWrapper(model).eval(), (enc_ids, enc_mask),
+        encoder = GraphSpec(
+            _EncoderWrapper(model).eval(), (enc_ids, enc_mask),
             ["input_ids", "attention_mask"], ["encoder_hidden_states", *encoder_present_names(layers)],
-            ({0: batch, 1: enc_seq}, {0: batch, 1: enc_seq}), out_dir / ENCODER_FILE, **common,
+            ({0: batch, 1: enc_seq}, {0: batch, 1: enc_seq}),
         )
-        decoder_proto = export_with_custom_moe(
-            model.decoder, adapter, _DecoderWrapper(model).eval(), (dec_ids, enc_mask, past),
+        decoder = GraphSpec(
+            _DecoderWrapper(model).eval(), (dec_ids, enc_mask, past),
             ["input_ids", "encoder_attention_mask", *decoder_past_names(layers)],
             ["logits", *decoder_present_names(layers)],
-            ({0: batch, 1: dec_seq}, {0: batch, 1: enc_seq}, past_dims), out_dir / DECODER_FILE, **common,
+            ({0: batch, 1: dec_seq}, {0: batch, 1: enc_seq}, past_dims),
         )
+        encoder_proto = export_with_custom_moe(model.encoder, adapter, encoder, out_dir / ENCODER_FILE, config,
+                                               switch_moe_forward)
+        decoder_proto = export_with_custom_moe(model.decoder, adapter, decoder, out_dir / DECODER_FILE, config,
+                                               switch_moe_forward)
     finally:
         model.train(was_training)
     return SwitchExport(

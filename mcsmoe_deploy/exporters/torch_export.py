@@ -8,8 +8,9 @@ Export happens in two steps so that a caller can hold the weights only once:
 `stage_graph` traces and streams the traced graph, weights as external data, into a
 staging folder beside the output (the torch tensors are written as they are, without a
 second copy in memory); after the caller drops its torch model, `finish_staged` reloads
-the graph (with weights only when a single file was asked for, or a pass needs them),
-adds the op's functions, applies graph passes, checks and renames into place.
+the graph without its weights, adds the op's functions, runs the onnx-ir graph passes
+(exporters/passes; weights read lazily from disk by the passes that need them), checks
+and renames into place.
 `export_with_custom_moe` does both for callers who keep their model.
 """
 
@@ -17,23 +18,25 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_ir as ir
 import torch
 
 from ..models.base import FamilyAdapter
-from .custom_op import TORCH_OP, ForwardFactory, finish_custom_nodes, moe_blocks_as_custom_op, patched_forward, translate
+from .custom_op import TORCH_OP, ForwardFactory, moe_blocks_as_custom_op, patched_forward, translate
 from .moe_op import MoEOpSpec, register_op_schema
 from ..contract import external_data_path
-from .onnx_file import EXTERNAL_DATA_THRESHOLD, write_staged, write_staged_as_one_file
+from .export_config import ExportConfig
+from .onnx_file import EXTERNAL_DATA_THRESHOLD, write_passes_result, write_staged, write_staged_as_one_file
+from .passes import GraphPassManager
+from .passes.custom_nodes import FinishCustomNodesPass
 
-# a rewrite of a finished graph, applied before it is checked and saved; a pass that reads
-# weight values sets the attribute `needs_weights = True`
-GraphPass = Callable[[onnx.ModelProto], onnx.ModelProto]
+_INLINE_BYTES = 1024  # tensors up to this size stay in the graph file (as onnx's size_threshold)
 _IN_FLIGHT_BYTES = 64 << 20  # bound on weight bytes being written at once while staging
 
 
@@ -99,8 +102,6 @@ def stage_graph(
     make_forward: ForwardFactory = patched_forward,
 ) -> StagedGraph:
     """Trace `spec.wrapper(*spec.args)` with MoE blocks as custom nodes and stream it into a staging folder."""
-    import onnx_ir as ir
-
     if not register_op_schema():  # onnxscript only emits the bare node for an op it has a schema of
         raise RuntimeError("this onnx cannot register op schemas from Python; upgrade onnx")
     out_path = Path(out_path)
@@ -140,32 +141,40 @@ def stage_graph(
     return StagedGraph(staged, list(specs.values()))
 
 
-def finish_staged(
-    staged: StagedGraph, out_path: str | Path, passes: Sequence[GraphPass] = (), external_data: bool | None = None
-) -> onnx.ModelProto:
-    """Add the op's functions, apply `passes`, check (full_check) and move into `out_path`.
+def _holds_weights(model: ir.Model) -> bool:
+    """Whether a pass left weight bytes in memory (new tensors), beyond small constants."""
+    return any(
+        value.const_value is not None and not isinstance(value.const_value, ir.ExternalTensor)
+        and value.const_value.nbytes > _INLINE_BYTES
+        for value in model.graph.initializers.values()
+    )
 
-    external_data: True keeps the weights in `OUT.onnx.data`; False writes one file; None
-    keeps external data only past about 1.8 GB (protobuf's 2 GB limit). The weights stay
-    on disk throughout (a single file is streamed from the staged data, see
-    `write_staged_as_one_file`) unless a pass needs their values. Returns the final graph
-    without weight values.
+
+def finish_staged(staged: StagedGraph, out_path: str | Path, config: ExportConfig = ExportConfig()) -> onnx.ModelProto:
+    """Finish the MoE nodes, run `config.graph_passes()`, check (full_check) and move into `out_path`.
+
+    config.external_data: True keeps the weights in `OUT.onnx.data`; False writes one file;
+    None keeps external data only past about 1.8 GB (protobuf's 2 GB limit). The passes run
+    on an `ir.Model` whose weights stay in the staged data file: a pass that reads values
+    (ort-fused) reads them through a memory map, and a single file is streamed from disk
+    (`write_staged_as_one_file`); when a pass made new weights, every weight is streamed
+    afresh (`write_passes_result`). A failing pass raises `GraphPassError` naming it.
+    Returns the final graph without weight values.
     """
     try:
         data = external_data_path(staged.path)
         data_bytes = data.stat().st_size if data.exists() else 0
-        external = external_data if external_data is not None else data_bytes > EXTERNAL_DATA_THRESHOLD
-        # a pass that reads weight values (ort-fused) gets them in memory, at the cost of
-        # onnx.save_model's copies; every other export never loads them
-        load_weights = any(getattr(p, "needs_weights", False) for p in passes)
-        model_proto = onnx.load(str(staged.path), load_external_data=load_weights)
-        if load_weights and data.exists():
-            data.unlink()  # in memory now; rewritten below
-        model_proto = finish_custom_nodes(model_proto, staged.specs)
-        for graph_pass in passes:
-            model_proto = graph_pass(model_proto)
-        if load_weights or external:
-            write_staged(model_proto, staged.path, out_path, external and load_weights, release_weights=True)
+        external = config.external_data if config.external_data is not None else data_bytes > EXTERNAL_DATA_THRESHOLD
+        model = ir.from_proto(onnx.load(str(staged.path), load_external_data=False))
+        ir.external_data.set_base_dir(model.graph, staged.staging)
+        passes = [FinishCustomNodesPass(staged.specs), *config.graph_passes()]
+        model = GraphPassManager(passes)(model).model
+        if _holds_weights(model):
+            return write_passes_result(model, staged.path, out_path, external)
+        model_proto = ir.to_proto(model)  # external tensors stay references to the staged data
+        del model
+        if external:
+            write_staged(model_proto, staged.path, out_path, external_data=False)
         else:
             write_staged_as_one_file(model_proto, staged.path, out_path)
     finally:
@@ -174,33 +183,34 @@ def finish_staged(
 
 
 def export_with_custom_moe(
-    model, adapter, wrapper, args, input_names, output_names, dynamic_shapes, out_path, opset,
-    passes: Sequence[GraphPass] = (), external_data: bool | None = None,
+    model: torch.nn.Module,
+    adapter: FamilyAdapter,
+    spec: GraphSpec,
+    out_path: str | Path,
+    config: ExportConfig = ExportConfig(),
     make_forward: ForwardFactory = patched_forward,
 ) -> onnx.ModelProto:
     """`stage_graph` then `finish_staged`, for a caller that keeps its model (see the module docstring)."""
-    spec = GraphSpec(wrapper, tuple(args), list(input_names), list(output_names), dynamic_shapes)
-    staged = stage_graph(model, adapter, spec, out_path, opset, make_forward)
-    return finish_staged(staged, out_path, passes, external_data)
+    staged = stage_graph(model, adapter, spec, out_path, config.opset, make_forward)
+    return finish_staged(staged, out_path, config)
 
 
 def export_compressed(
     model: torch.nn.Module,
     adapter: FamilyAdapter,
     out_path: str | Path,
-    opset: int = 18,
-    passes: Sequence[GraphPass] = (),
-    external_data: bool | None = None,
+    config: ExportConfig = ExportConfig(),
 ) -> onnx.ModelProto:
     """Export a decoder-only model whose experts are GroupedLowRankExperts to a logits graph.
 
     Inputs `input_ids`, `attention_mask` [B, S] int64, output `logits` [B, S, V], batch and
     sequence dynamic, no KV cache. Every MoE block's experts become one
-    `ai.mcsmoe::GroupedLowRankMoE` node. `passes` rewrite the finished graph before it
-    is saved (e.g. `fuse_moe_for_ort`); `external_data` as in `finish_staged`. Returns the
-    saved ModelProto (checked with onnx.checker full_check).
+    `ai.mcsmoe::GroupedLowRankMoE` node. `config` gives the opset, the graph passes (its
+    target's, e.g. ort-fused, then `config.passes`) and external data (as in
+    `finish_staged`); `config.with_past` is not read (see `export_compressed_with_past`).
+    Returns the saved ModelProto (checked with onnx.checker full_check).
     """
-    return export_graph(model, adapter, logits_graph_spec, out_path, opset, passes, external_data)
+    return export_graph(model, adapter, logits_graph_spec, out_path, config)
 
 
 def export_graph(
@@ -208,18 +218,15 @@ def export_graph(
     adapter: FamilyAdapter,
     make_spec: Callable[[torch.nn.Module], GraphSpec],
     out_path: str | Path,
-    opset: int = 18,
-    passes: Sequence[GraphPass] = (),
-    external_data: bool | None = None,
+    config: ExportConfig = ExportConfig(),
 ) -> onnx.ModelProto:
     """Check the family and opset, then `stage_graph` and `finish_staged` the graph `make_spec(model)` describes."""
-    check_exportable(adapter, opset)
-    staged = stage_graph(model, adapter, make_spec(model), out_path, opset)
-    return finish_staged(staged, out_path, passes, external_data)
+    check_exportable(adapter, config.opset)
+    staged = stage_graph(model, adapter, make_spec(model), out_path, config.opset)
+    return finish_staged(staged, out_path, config)
 
 
 __all__ = [
-    "GraphPass",
     "GraphSpec",
     "StagedGraph",
     "check_exportable",

@@ -1,0 +1,35 @@
+"""Preconditions that passes declare in `requires()`: raise `ir.passes.PreconditionError` when unmet."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import onnx_ir as ir
+
+from ...contract import DOMAIN, OP_TYPE
+
+
+def moe_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """The `ai.mcsmoe::GroupedLowRankMoE` nodes of the main graph, in graph order."""
+    return [node for node in graph if (node.domain, node.op_type) == (DOMAIN, OP_TYPE)]
+
+
+def require_weight_values(values: Iterable[ir.Value], who: str) -> None:
+    """Precondition: each initializer's bytes can be read (in memory, or an external file that exists).
+
+    An export's passes run on a graph whose weights stay on disk (read lazily through
+    `ir.ExternalTensor`); this fails early when the file they refer to is not there, e.g. a
+    proto loaded without external data and no base folder set.
+    """
+    for value in values:
+        tensor = value.const_value
+        if tensor is None:
+            raise ir.passes.PreconditionError(f"{who} reads the values of {value.name!r}, which has none")
+        if isinstance(tensor, ir.ExternalTensor) and not os.path.isfile(tensor.path):
+            raise ir.passes.PreconditionError(
+                f"{who} reads the values of {value.name!r}, external data in {tensor.path!r}, which does not exist"
+            )
+
+
+__all__ = ["moe_nodes", "require_weight_values"]
