@@ -95,3 +95,23 @@ def model_inputs(family: str, batch: int = 2, seq: int = 12, seed: int = 1) -> d
     if family == "switch_transformers":
         return {"input_ids": ids, "decoder_input_ids": torch.randint(1, 256, (batch, seq // 2), generator=generator)}
     return {"input_ids": ids}
+
+
+@pytest.fixture
+def returned_by(monkeypatch):
+    """returned_by(module, name) -> a list that receives every value the real `module.name` returns.
+
+    CLI tests read the report objects a command printed, not numbers parsed back out of its text.
+    """
+
+    def spy(module, name: str) -> list:
+        real, values = getattr(module, name), []
+
+        def wrapper(*args, **kwargs):
+            values.append(real(*args, **kwargs))
+            return values[-1]
+
+        monkeypatch.setattr(module, name, wrapper)
+        return values
+
+    return spy

@@ -1,13 +1,12 @@
 """The embedded model is a trained MoE, and the demo compresses it and measures the result."""
 
-import re
-
 import torch
 from transformers import AutoModelForCausalLM
 
 from mcsmoe_deploy import builtin_corpus, load_tokenizer, perplexity, token_blocks
 from mcsmoe_deploy.cli import main
 from mcsmoe_deploy.demo import EMBEDDED_MODEL, EVAL_SEQ_LEN, run_demo
+from mcsmoe_deploy.summary import format_demo
 
 
 def test_embedded_model_is_small_trained_and_mixtral():
@@ -35,14 +34,19 @@ def test_demo_reports_sizes_and_quality():
     assert merged.perplexity < compressed.perplexity < 10 * dense.perplexity
 
 
-def test_demo_command_prints_the_table(capsys, tmp_path):
+def test_demo_command_prints_the_table(capsys, tmp_path, returned_by):
+    import mcsmoe_deploy.demo as demo
+
+    results = returned_by(demo, "run_demo")
     assert main(["demo", "--quiet", "--experts", "2", "--distill-steps", "5", "--out", str(tmp_path / "small")]) == 0
     out = capsys.readouterr().out
     assert "held-out ppl" in out and "merged (M-SMoE, 2 experts)" in out and "distillation (5 steps)" in out
     assert (tmp_path / "small" / "config.json").is_file()
     # the serving half: both models exported, validated, timed in onnxruntime, and sampled
     assert "served with onnxruntime" in out and "decode ms/token" in out
-    parity = [float(x) for x in re.findall(r"\(onnxruntime\)\s+\S+ \S+\s+([0-9.e+-]+)", out)]
+    (result,) = results
+    assert format_demo(result) in out
+    parity = [export.max_rel_error for export in result.serving.exports]
     assert len(parity) == 2 and max(parity) < 1e-4, out
     samples = [line for line in out.splitlines() if line.startswith(("dense:", "compressed:"))]
     assert len(samples) == 2 and all("The def statement" in line and len(line) > 40 for line in samples)

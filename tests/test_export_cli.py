@@ -1,7 +1,6 @@
 """`mcsmoe export` / `mcsmoe-export`: a validated ONNX file, or one clear line and nothing written."""
 
 import os
-import re
 import stat
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 
 from mcsmoe_deploy import CompressionRecipe, compress_model
 from mcsmoe_deploy.cli import main, main_export
+from mcsmoe_deploy.summary import format_export
 
 
 @pytest.fixture(scope="module")
@@ -21,25 +21,35 @@ def compressed_dir(tiny_dirs, tmp_path_factory):
     return out
 
 
-def _relative_errors(printed: str) -> list[float]:
-    return [float(x) for x in re.findall(r"relative ([0-9.e+-]+)", printed)]
+@pytest.fixture
+def export_reports(returned_by):
+    """The ExportReports of the CLI's export runs, in order (the CLI prints what these hold)."""
+    import mcsmoe_deploy.exporters.pipeline as pipeline
+
+    return returned_by(pipeline, "export_model")
+
+
+def _relative_errors(report, printed: str) -> list[float]:
+    """Each parity check's relative error, from the report the CLI printed (and checked to be printed)."""
+    assert format_export(report) in printed
+    return [check.max_rel_error for check in report.parity]
 
 
 @pytest.mark.parametrize("extra", [["--no-past"], []], ids=["no-past", "with-past"])
-def test_export_writes_a_validated_graph(extra, compressed_dir, tmp_path, capsys):
+def test_export_writes_a_validated_graph(extra, compressed_dir, tmp_path, capsys, export_reports):
     out = tmp_path / "model.onnx"
     assert main_export([str(compressed_dir), str(out), *extra]) == 0
     printed = capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no staging leftovers
     assert "ai.mcsmoe::GroupedLowRankMoE x2" in printed
     assert ("KV-cache graph" in printed) == (not extra)
-    errors = _relative_errors(printed)
+    errors = _relative_errors(export_reports[-1], printed)
     assert len(errors) == 1 and errors[0] < 1e-4
     inputs = [i.name for i in onnx.load(out, load_external_data=False).graph.input]
     assert inputs[:2] == ["input_ids", "attention_mask"] and ("past_key_values.0.key" in inputs) == (not extra)
 
 
-def test_dense_export_with_inlined_copy_and_external_data(tiny_dirs, tmp_path, capsys):
+def test_dense_export_with_inlined_copy_and_external_data(tiny_dirs, tmp_path, capsys, export_reports):
     out = tmp_path / "dense.onnx"
     assert main(["export", str(tiny_dirs["mixtral"]), str(out), "--inline", "--external-data"]) == 0
     printed = capsys.readouterr().out
@@ -55,7 +65,7 @@ def test_dense_export_with_inlined_copy_and_external_data(tiny_dirs, tmp_path, c
     assert stat.S_IMODE((tmp_path / "dense.onnx.data").stat().st_mode) == 0o666 & ~umask
     expert_bytes = 2 * 8 * 3 * 32 * 48 * 4  # layers x experts x projections x H x I x fp32
     assert (tmp_path / "dense.onnx.data").stat().st_size > expert_bytes
-    errors = _relative_errors(printed)
+    errors = _relative_errors(export_reports[-1], printed)
     assert len(errors) == 2 and max(errors) < 1e-4, printed  # the graph and its inlined copy
     graph, flat = onnx.load(out), onnx.load(inlined)
     assert sum(n.domain == "ai.mcsmoe" for n in graph.graph.node) == 2 and len(graph.functions) >= 1
@@ -124,12 +134,12 @@ def test_exported_graph_handles_left_padding_and_single_tokens(compressed_dir, t
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])  # renormalised and raw top-k routing
-def test_ort_fused_target_maps_dense_blocks_to_onnxruntime_moe(family, tiny_dirs, tmp_path, capsys):
+def test_ort_fused_target_maps_dense_blocks_to_onnxruntime_moe(family, tiny_dirs, tmp_path, capsys, export_reports):
     out = tmp_path / "fused.onnx"
     assert main(["export", str(tiny_dirs[family]), str(out), "--target", "ort-fused", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "com.microsoft::MoE x2" in printed and "GroupedLowRankMoE" not in printed
-    errors = _relative_errors(printed)
+    errors = _relative_errors(export_reports[-1], printed)
     assert len(errors) == 1 and errors[0] < 1e-4
     graph = onnx.load(out)
     assert not graph.functions and "ai.mcsmoe" not in {o.domain for o in graph.opset_import}
@@ -138,7 +148,7 @@ def test_ort_fused_target_maps_dense_blocks_to_onnxruntime_moe(family, tiny_dirs
     assert attrs["swiglu_fusion"] == 1 and attrs["k"] == 2
 
 
-def test_switch_exports_an_encoder_and_a_decoder_folder(tiny_dirs, tmp_path, capsys):
+def test_switch_exports_an_encoder_and_a_decoder_folder(tiny_dirs, tmp_path, capsys, export_reports):
     out = tmp_path / "switch"
     assert main(["export", str(tiny_dirs["switch_transformers"]), str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
@@ -150,7 +160,7 @@ def test_switch_exports_an_encoder_and_a_decoder_folder(tiny_dirs, tmp_path, cap
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE((out / "decoder.onnx").stat().st_mode) == 0o666 & ~umask
     assert "ai.mcsmoe::GroupedLowRankMoE x4" in printed  # 2 encoder + 2 decoder MoE blocks
-    errors = _relative_errors(printed)
+    errors = _relative_errors(export_reports[-1], printed)
     assert len(errors) == 1 and errors[0] < 1e-4
 
 

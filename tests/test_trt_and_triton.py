@@ -250,8 +250,18 @@ def test_trt_backend_without_tensorrt_is_one_clear_user_error(graph, monkeypatch
     with pytest.raises(UserError) as error:
         open_session(graph, "trt")
     assert str(error.value) == NOT_INSTALLED
-    assert NOT_INSTALLED == ("TensorRT is not installed: pip install tensorrt (needs an NVIDIA GPU); "
-                             "the trt backend is unverified")
+
+
+def test_run_on_trt_without_tensorrt_says_so_in_one_line(graph, monkeypatch, capsys):
+    """What the user sees: how to get TensorRT, that the backend is unverified, no traceback, exit 2."""
+    from mcsmoe_deploy.cli import main
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert main(["run", str(graph), "--backend", "trt", "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err and not captured.out.strip()
+    assert "TensorRT is not installed" in lines[0] and "pip install tensorrt" in lines[0] and "unverified" in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                   seed=args.seed)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    options = {"threads": args.threads}
+    options = {} if args.backend == "trt" else {"threads": args.threads}  # a TensorRT engine runs on the GPU
     if args.backend == "ort":
         options.update(provider=args.provider, opt_level=args.opt_level, optimized_model_path=args.save_optimized)
     text = generate_text(args.model, args.prompt, args.backend, config, args.tokenizer, **options)
