@@ -40,7 +40,7 @@ from .plan import (
 )
 from .recipe import CompressionRecipe
 from .registry import Registry
-from .session import CalibratedModel, CompressedModel, calibration_blocks, load_tokenizer
+from .calibrated import CalibratedModel, CompressedModel, calibration_blocks, load_tokenizer
 from .stats import SIMILARITIES, LayerRoutingStats, RoutingStats, collect_routing_stats, register_similarity
 
 __all__ = [

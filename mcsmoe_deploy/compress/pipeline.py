@@ -15,7 +15,7 @@ from ..report import SizeReport, size_report
 from .distill import DistillReport
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
 from .recipe import CompressionRecipe
-from .session import CalibratedModel
+from .calibrated import CalibratedModel
 from .stats import collect_routing_stats
 
 
