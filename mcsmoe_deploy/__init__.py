@@ -10,7 +10,7 @@ The public API, stage by stage:
     measure     perplexity, size_report
 """
 
-from .checkpoint import is_compressed_checkpoint, load_compressed, save_compressed
+from .checkpoint import is_compressed_checkpoint, is_quantized_checkpoint, load_compressed, save_compressed
 from .compress import *  # noqa: F403 - the compress stage's public API
 from .compress import __all__ as _compress_all
 from .corpus import builtin_corpus, calibration_text, read_text, token_blocks
@@ -34,6 +34,7 @@ from .exporters import (
 )
 from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec, grouped_moe_forward, route_top_k
 from .models import ExpertLayout, FamilyAdapter, MoELayer, Routing, SUPPORTED_FAMILIES, adapter_for_config, load_model
+from .quantization import QuantSpec, QuantizedWeight, dequantize, quantize
 from .report import SizeReport, size_report
 from .runtime import (
     BenchConfig,
@@ -71,6 +72,8 @@ __all__ = [
     "ParameterError",
     "ParityCheck",
     "ProjectionSpec",
+    "QuantSpec",
+    "QuantizedWeight",
     "Routing",
     "SUPPORTED_FAMILIES",
     "SizeReport",
@@ -80,6 +83,7 @@ __all__ = [
     "calibration_text",
     "check_parity",
     "compare_reports",
+    "dequantize",
     "export_compressed",
     "export_compressed_with_past",
     "grouped_moe_forward",
@@ -93,10 +97,12 @@ __all__ = [
     "group_dense_experts",
     "grouped_moe_function",
     "is_compressed_checkpoint",
+    "is_quantized_checkpoint",
     "load_compressed",
     "load_model",
     "open_session",
     "perplexity",
+    "quantize",
     "read_text",
     "run_bench",
     "save_compressed",

@@ -126,6 +126,13 @@ def is_compressed_checkpoint(model_dir: str | Path) -> bool:
     return "mcsmoe" in read_config_dict(model_dir)
 
 
+def is_quantized_checkpoint(model_dir: str | Path) -> bool:
+    """Whether a compressed checkpoint stores any projection quantized (`--quantize`)."""
+    section = read_config_dict(model_dir).get("mcsmoe") or {}
+    return any(spec.get("quant") for layer in section.get("layers", {}).values()
+               for spec in layer.get("projections", {}).values())
+
+
 def compressed_layers(model: nn.Module) -> list[GroupedLowRankExperts]:
     """The GroupedLowRankExperts modules of `model`, in module order."""
     return [m for m in model.modules() if isinstance(m, GroupedLowRankExperts)]
@@ -135,6 +142,7 @@ __all__ = [
     "FORMAT_VERSION",
     "compressed_layers",
     "is_compressed_checkpoint",
+    "is_quantized_checkpoint",
     "load_compressed",
     "save_compressed",
 ]

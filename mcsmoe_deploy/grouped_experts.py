@@ -15,10 +15,16 @@ low-rank plus structured-sparse rows:
 
     W_g  =  left_g @ right_g  (+ sparse_values_g placed at rows sparse_rows_g)
     left [G, out, r], right [G, r, in], sparse_rows [G, n] (int64), sparse_values [G, n, in]
+
+A quantized projection stores each factor (weight, or left and right) as blockwise codes
+(see quantization.py): `<factor>_codes [G, rows, cols * bits / 8]` uint8 (int4 packed two per
+byte), `<factor>_scales [G, rows, cols / block]` and, when asymmetric, `<factor>_zero_points
+[G, rows, cols / block]` uint8; the factor is `(codes - zero_point) * scale`. Sparse rows stay float.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,27 +34,46 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .models.base import ExpertLayout, ExpertWeights, dispatch_to_index
+from .quantization import QuantSpec, dequantize_stored, quantize
 
 
 @dataclass(frozen=True)
 class ProjectionSpec:
-    """How one projection of a layer is stored: dense, or rank-r factors plus n sparse rows."""
+    """How one projection of a layer is stored: dense, or rank-r factors plus n sparse rows; each
+    factor float, or blockwise-quantized by `quant`."""
 
     out_features: int
     in_features: int
     rank: int | None = None  # None: dense
     sparse_rows: int = 0
+    quant: QuantSpec | None = None
 
     @property
     def dense(self) -> bool:
         return self.rank is None
 
     @property
+    def factors(self) -> tuple[str, ...]:
+        """The matrices whose product is the projection: weight, or left and right."""
+        return ("weight",) if self.dense else ("left", "right")
+
+    def factor_shape(self, factor: str) -> tuple[int, int]:
+        """[rows, cols] of one factor, per group."""
+        return {"weight": (self.out_features, self.in_features), "left": (self.out_features, self.rank),
+                "right": (self.rank, self.in_features)}[factor]
+
+    def factor_tensor_names(self, factor: str) -> tuple[str, ...]:
+        """The stored tensors of one factor: itself, or its codes, scales[, zero points]."""
+        if self.quant is None:
+            return (factor,)
+        zero_points = () if self.quant.symmetric else (f"{factor}_zero_points",)
+        return (f"{factor}_codes", f"{factor}_scales") + zero_points
+
+    @property
     def tensor_names(self) -> tuple[str, ...]:
-        """The stored tensors, in the op's input order: weight, or left, right[, sparse_rows, sparse_values]."""
-        if self.dense:
-            return ("weight",)
-        return ("left", "right") + (("sparse_rows", "sparse_values") if self.sparse_rows else ())
+        """The stored tensors, in the op's input order: the factors' tensors, then sparse_rows, sparse_values."""
+        names = tuple(name for factor in self.factors for name in self.factor_tensor_names(factor))
+        return names + (("sparse_rows", "sparse_values") if self.sparse_rows else ())
 
     def parameters_per_group(self) -> int:
         """Stored numbers per merged expert (sparse row indices counted as one number each)."""
@@ -57,23 +82,35 @@ class ProjectionSpec:
         return self.rank * (self.out_features + self.in_features) + self.sparse_rows * (self.in_features + 1)
 
     def to_dict(self) -> dict:
-        return {"out": self.out_features, "in": self.in_features, "rank": self.rank, "sparse_rows": self.sparse_rows}
+        data = {"out": self.out_features, "in": self.in_features, "rank": self.rank, "sparse_rows": self.sparse_rows}
+        if self.quant is not None:
+            data["quant"] = self.quant.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> ProjectionSpec:
-        return cls(data["out"], data["in"], data["rank"], data["sparse_rows"])
+        quant = QuantSpec.from_dict(data["quant"]) if data.get("quant") else None
+        return cls(data["out"], data["in"], data["rank"], data["sparse_rows"], quant)
+
+
+def _factor(spec: ProjectionSpec, stored: dict[str, torch.Tensor], factor: str, dtype: torch.dtype) -> torch.Tensor:
+    """One group's factor [rows, cols] from its stored tensors (dequantized when quantized)."""
+    if spec.quant is None:
+        return stored[factor]
+    zero_points = stored.get(f"{factor}_zero_points")
+    return dequantize_stored(spec.quant, stored[f"{factor}_codes"], stored[f"{factor}_scales"], zero_points, dtype)
 
 
 def _project_group(spec: ProjectionSpec, tensors: Sequence[torch.Tensor], group: int, x: torch.Tensor) -> torch.Tensor:
     """x [n, in] -> [n, out] through group `group` of a projection stored as `tensors` ([G, ...] each,
     `spec.tensor_names` order)."""
+    stored = {name: tensor[group] for name, tensor in zip(spec.tensor_names, tensors)}
     if spec.dense:
-        return x @ tensors[0][group].T
-    left, right = tensors[0][group], tensors[1][group]
+        return x @ _factor(spec, stored, "weight", x.dtype).T
+    left, right = _factor(spec, stored, "left", x.dtype), _factor(spec, stored, "right", x.dtype)
     y = (x @ right.T) @ left.T
     if spec.sparse_rows:
-        rows, values = tensors[2][group], tensors[3][group]
-        y = y.index_add(1, rows, x @ values.T)  # a repeated row accumulates
+        y = y.index_add(1, stored["sparse_rows"], x @ stored["sparse_values"].T)  # a repeated row accumulates
     return y
 
 
@@ -157,20 +194,30 @@ def grouped_moe_forward(
 
 
 class GroupedProjection(nn.Module):
-    """G stacked weights of one projection (dense, or low-rank + sparse rows)."""
+    """G stacked weights of one projection (dense, or low-rank + sparse rows; float or quantized factors)."""
 
     def __init__(self, num_groups: int, spec: ProjectionSpec, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.spec = spec
-        out_f, in_f = spec.out_features, spec.in_features
-        if spec.dense:
-            self.weight = nn.Parameter(torch.zeros(num_groups, out_f, in_f, dtype=dtype))
-            return
-        self.left = nn.Parameter(torch.zeros(num_groups, out_f, spec.rank, dtype=dtype))
-        self.right = nn.Parameter(torch.zeros(num_groups, spec.rank, in_f, dtype=dtype))
+        for factor in spec.factors:
+            rows, cols = spec.factor_shape(factor)
+            if spec.quant is None:
+                setattr(self, factor, nn.Parameter(torch.zeros(num_groups, rows, cols, dtype=dtype)))
+                continue
+            quant = spec.quant
+            blocks = cols // quant.block
+            # codes and scales are not trained: buffers, saved with the model
+            self.register_buffer(f"{factor}_codes", torch.zeros(num_groups, rows, cols * quant.bits // 8, dtype=torch.uint8))
+            self.register_buffer(f"{factor}_scales", torch.zeros(num_groups, rows, blocks, dtype=dtype))
+            if not quant.symmetric:
+                self.register_buffer(f"{factor}_zero_points", torch.zeros(num_groups, rows, blocks, dtype=torch.uint8))
         if spec.sparse_rows:
             self.register_buffer("sparse_rows", torch.zeros(num_groups, spec.sparse_rows, dtype=torch.long))
-            self.sparse_values = nn.Parameter(torch.zeros(num_groups, spec.sparse_rows, in_f, dtype=dtype))
+            self.sparse_values = nn.Parameter(torch.zeros(num_groups, spec.sparse_rows, spec.in_features, dtype=dtype))
+
+    @property
+    def num_groups(self) -> int:
+        return self.tensors()[0].shape[0]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The stored tensors, each [G, ...], in `spec.tensor_names` order."""
@@ -180,15 +227,42 @@ class GroupedProjection(nn.Module):
         """x [n, in] -> [n, out] through group `group`'s weight."""
         return _project_group(self.spec, self.tensors(), group, x)
 
+    def factor(self, factor: str, group: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Group `group`'s factor ("weight", "left" or "right") as a float matrix [rows, cols]."""
+        stored = {name: tensor[group].detach() for name, tensor in zip(self.spec.tensor_names, self.tensors())}
+        return _factor(self.spec, stored, factor, dtype)
+
     def dense_weight(self) -> torch.Tensor:
         """The full weights [G, out, in] this projection stands for."""
-        if self.spec.dense:
-            return self.weight.detach().clone()
-        weight = self.left.detach() @ self.right.detach()
-        if self.spec.sparse_rows:
-            for g in range(weight.shape[0]):
-                weight[g].index_add_(0, self.sparse_rows[g], self.sparse_values[g].detach())
-        return weight
+        groups = []
+        for g in range(self.num_groups):
+            weight = self.factor("weight", g) if self.spec.dense else self.factor("left", g) @ self.factor("right", g)
+            if self.spec.sparse_rows:
+                weight = weight.index_add(0, self.sparse_rows[g], self.sparse_values[g].detach().float())
+            groups.append(weight)
+        return torch.stack(groups)
+
+    def quantized(self, quant: QuantSpec) -> GroupedProjection:
+        """A copy whose factors are quantized by `quant` (round to nearest, group by group); sparse rows
+        are copied as they are. UserError when `quant.block` does not divide a factor's columns."""
+        if self.spec.quant is not None:
+            raise ValueError("the projection is already quantized")
+        spec = dataclasses.replace(self.spec, quant=quant)
+        for factor in spec.factors:
+            quant.check_shape(spec.factor_shape(factor), f"{factor} factor")
+        copy = GroupedProjection(self.num_groups, spec, self.tensors()[0].dtype)
+        with torch.no_grad():
+            for factor in spec.factors:
+                for g in range(self.num_groups):
+                    result = quantize(getattr(self, factor)[g], quant)
+                    getattr(copy, f"{factor}_codes")[g] = result.packed_codes()
+                    getattr(copy, f"{factor}_scales")[g] = result.scales
+                    if result.zero_points is not None:
+                        getattr(copy, f"{factor}_zero_points")[g] = result.zero_points
+            if spec.sparse_rows:
+                copy.sparse_rows.copy_(self.sparse_rows)
+                copy.sparse_values.copy_(self.sparse_values)
+        return copy
 
 
 class GroupedLowRankExperts(nn.Module):
@@ -242,6 +316,7 @@ class GroupedLowRankExperts(nn.Module):
     def extra_repr(self) -> str:
         specs = ", ".join(
             f"{n}={'dense' if p.spec.dense else f'rank {p.spec.rank}+{p.spec.sparse_rows} rows'}"
+            + (f" {p.spec.quant.name}/{p.spec.quant.block}" if p.spec.quant else "")
             for n, p in self.projections.items()
         )
         return f"experts={self.num_experts}, groups={self.num_groups}, {specs}"

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from .grouped_experts import GroupedProjection
 from .models import FamilyAdapter
 
 
@@ -44,7 +45,12 @@ def _tensors(module: nn.Module):
 
 
 def _count(module: nn.Module) -> tuple[int, int]:
-    params = sum(t.numel() for t in module.parameters())
+    # quantized factors are buffers of codes: count the weights they stand for as parameters
+    quantized = sum(
+        m.num_groups * sum(rows * cols for rows, cols in map(m.spec.factor_shape, m.spec.factors))
+        for m in module.modules() if isinstance(m, GroupedProjection) and m.spec.quant is not None
+    )
+    params = sum(t.numel() for t in module.parameters()) + quantized
     size = sum(t.numel() * t.element_size() for t in _tensors(module))
     return params, size
 

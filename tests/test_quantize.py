@@ -8,7 +8,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from mcsmoe_deploy.compress.quantize import QuantSpec, dequantize, pack_codes, quantize, unpack_codes
+from mcsmoe_deploy.quantization import QuantSpec, dequantize, pack_codes, quantize, unpack_codes
 from mcsmoe_deploy.errors import UserError
 
 BLOCK = 16

@@ -22,6 +22,9 @@ RECIPE_FLAGS = {
     "max_calib_tokens": "--max-calib-tokens",
     "distill_steps": "--distill-steps",
     "distill_lr": "--distill-lr",
+    "quantize": "--quantize",
+    "quant_block": "--quant-block",
+    "quant_symmetric": "--quant-asymmetric",
     "seed": "--seed",
 }
 
@@ -34,7 +37,7 @@ DEMO_FLAGS = {
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     from ..compress import GROUPINGS, LOW_RANK_KINDS, SIMILARITIES, WEIGHTINGS
-    from ..compress.recipe import COMPRESSED_DISTILL_LR, MERGED_DISTILL_LR, CompressionRecipe
+    from ..compress.recipe import COMPRESSED_DISTILL_LR, MERGED_DISTILL_LR, QUANTIZATIONS, CompressionRecipe
 
     defaults = CompressionRecipe()
     group = parser.add_argument_group("merging (M-SMoE)")
@@ -68,6 +71,16 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the same as --low-rank activation-aware: fit each merged projection's factors to the "
                             "calibration inputs it sees, minimising the error of its outputs rather than of its "
                             "weights (beyond the paper)")
+    group = parser.add_argument_group("quantization (after merging, low rank and recovery)")
+    group.add_argument("--quantize", choices=tuple(QUANTIZATIONS), default=None,
+                       help="store every merged expert's factors (dense weights, or low-rank left and right) as "
+                            "blockwise int4 or int8 codes with a scale per block, rounded to nearest; low-rank ranks "
+                            "are rounded to a multiple of the block (default: no quantization)")
+    group.add_argument("--quant-block", type=int, default=defaults.quant_block, metavar="N",
+                       help="values per quantization block along each factor's input dimension; must divide the "
+                            "experts' hidden and intermediate sizes (default: %(default)s)")
+    group.add_argument("--quant-asymmetric", action="store_true",
+                       help="a zero point per block as well as a scale (more accurate, slightly larger)")
     group = parser.add_argument_group("calibration and recovery")
     group.add_argument("--calib", default=None, metavar="FILE",
                        help="calibration text: a .txt file, or .jsonl with a 'text' field per line "
@@ -101,6 +114,9 @@ def _recipe_from(args: argparse.Namespace):
         max_calib_tokens=args.max_calib_tokens,
         distill_steps=args.distill_steps,
         distill_lr=args.distill_lr,
+        quantize=args.quantize,
+        quant_block=args.quant_block,
+        quant_symmetric=not args.quant_asymmetric,
         seed=args.seed,
     )
 

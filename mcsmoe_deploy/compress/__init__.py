@@ -1,4 +1,5 @@
-"""Merge, then compress: routing statistics, grouping, alignment, merging, low-rank + sparse, distillation.
+"""Merge, then compress: routing statistics, grouping, alignment, merging, low-rank + sparse, distillation,
+quantization.
 
 The strategies a recipe names live in registries (GROUPINGS, WEIGHTINGS, SIMILARITIES,
 LOW_RANK_KINDS); `register_grouping` and its siblings add a method without editing the pipeline.
@@ -37,13 +38,18 @@ from .plan import (
     apply_plan,
     build_grouped_experts,
     plan_compression,
+    quantizable_rank,
 )
-from .recipe import CompressionRecipe
+from .quantize import quantize_experts
+from .recipe import QUANTIZATIONS, CompressionRecipe
 from .registry import Registry
 from .calibrated import CalibratedModel, CompressedModel, calibration_blocks, load_tokenizer
 from .stats import SIMILARITIES, LayerRoutingStats, RoutingStats, collect_routing_stats, register_similarity
 
 __all__ = [
+    "QUANTIZATIONS",
+    "quantizable_rank",
+    "quantize_experts",
     "GROUPINGS",
     "LOW_RANK_KINDS",
     "SIMILARITIES",

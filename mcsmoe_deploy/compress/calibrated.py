@@ -19,6 +19,7 @@ from ..corpus import calibration_text, load_tokenizer_from, token_blocks
 from ..models import adapter_for_config, load_model, read_config_dict
 from .distill import DistillReport, distill
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
+from .quantize import quantize_experts
 from .recipe import CompressionRecipe
 from .stats import RoutingStats, collect_routing_stats
 
@@ -36,7 +37,9 @@ def check_experts(model_dir: str | Path, recipe: CompressionRecipe) -> None:
     from transformers import AutoConfig
 
     adapter = adapter_for_config(read_config_dict(model_dir))
-    recipe.check_model(adapter.num_experts(AutoConfig.from_pretrained(model_dir)))
+    config = AutoConfig.from_pretrained(model_dir)
+    recipe.check_model(adapter.num_experts(config))
+    recipe.check_layout(adapter.expert_layout(config))
 
 
 def calibration_blocks(tokenizer, recipe: CompressionRecipe) -> torch.Tensor:
@@ -131,6 +134,13 @@ class CalibratedModel:
             seed=recipe.seed, progress=self.progress,
         )
         return compressed.distill
+
+    def quantize(self, compressed: CompressedModel) -> None:
+        """Quantize `compressed`'s experts by its recipe (see compress/quantize.py), in place; its
+        `applied` plan then records the quantization of every projection."""
+        quant = compressed.recipe.quant_spec
+        if quant is not None:
+            compressed.applied = quantize_experts(compressed.model, compressed.applied, quant)
 
     def save(self, compressed: CompressedModel, out_dir: str | Path, force: bool = False) -> Path:
         """Write `compressed` as a checkpoint directory (see checkpoint.save_compressed); returns its path."""

@@ -70,6 +70,7 @@ def compress_model(
     compressed = source.compress(recipe, in_place=True)
     if recipe.distill_steps:
         source.distill(compressed)
+    source.quantize(compressed)
     after = size_report(compressed.model, source.adapter)
     if out_dir is not None:
         out_dir = source.save(compressed, out_dir, force=force)

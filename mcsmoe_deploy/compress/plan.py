@@ -100,9 +100,21 @@ def projection_spec(name: str, merged: list[ExpertWeights], layout: ExpertLayout
             rank = None
     else:
         rank = rank_for_ratio(out_features, in_features, recipe.rank_ratio)
+    if rank is not None and recipe.quantize is not None:
+        rank = quantizable_rank(rank, min(out_features, in_features), recipe.quant_block)
     if rank is None:
         return ProjectionSpec(out_features, in_features)
     return ProjectionSpec(out_features, in_features, rank, sparse_row_count(out_features, recipe.sparse_keep))
+
+
+def quantizable_rank(rank: int, full_rank: int, block: int) -> int | None:
+    """`rank` rounded to a multiple of the quantization `block` (the left factor [out, r] is quantized
+    along r): up, unless that passes the full rank; None (store dense) when no multiple fits."""
+    up = -(-rank // block) * block
+    if up <= full_rank:
+        return up
+    down = full_rank // block * block
+    return down or None
 
 
 def build_grouped_experts(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import ParameterError
+from ..models.base import ExpertLayout
+from ..quantization import DEFAULT_BLOCK, QuantSpec
 from .grouping import GROUPINGS
 from .lowrank import LOW_RANK_KINDS, check_rank_energy, check_rank_ratio, check_sparse_keep
 from .merge import WEIGHTINGS
@@ -15,6 +17,7 @@ from .stats import SIMILARITIES
 # steps, 3e-4 gives 20.52), while a lossy low-rank model recovers more with it (rank ratio 0.55,
 # 400 steps: 26.4 at 1e-3, 29.0 at 3e-4).
 MERGED_DISTILL_LR = 3e-4
+QUANTIZATIONS = {"int4": 4, "int8": 8}
 COMPRESSED_DISTILL_LR = 1e-3
 
 
@@ -42,6 +45,11 @@ class CompressionRecipe:
     distill_steps: knowledge-distillation steps from the original model (0: none).
     distill_lr: their peak learning rate, decaying linearly to 0; None: MERGED_DISTILL_LR for a
         merge-only recipe, COMPRESSED_DISTILL_LR with low rank (see `distill_learning_rate`).
+    quantize: None, "int4" or "int8": after merging, low rank and distillation, every merged expert's
+        factors (dense weights, or the low-rank left and right) are quantized blockwise, round to
+        nearest (quantization.py); low-rank ranks are rounded to a multiple of `quant_block`.
+    quant_block: values per quantization block along a factor's input dimension (a power of two >= 16).
+    quant_symmetric: symmetric codes (no zero points) or asymmetric (a zero point per block).
     """
 
     experts: int | None = None
@@ -60,6 +68,9 @@ class CompressionRecipe:
     calib_seq_len: int = 128
     distill_steps: int = 0
     distill_lr: float | None = None
+    quantize: str | None = None
+    quant_block: int = DEFAULT_BLOCK
+    quant_symmetric: bool = True
     seed: int = 0
 
     def validate(self) -> None:
@@ -80,6 +91,29 @@ class CompressionRecipe:
             raise ParameterError("distill_steps", f"must be 0 or more, not {self.distill_steps}")
         if self.distill_lr is not None and not self.distill_lr > 0:
             raise ParameterError("distill_lr", f"must be positive, not {self.distill_lr}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise ParameterError("quantize", f"must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
+        if self.quant_block < 16 or self.quant_block & (self.quant_block - 1):
+            raise ParameterError("quant_block", f"must be a power of two >= 16, not {self.quant_block}")
+
+    @property
+    def quant_spec(self) -> QuantSpec | None:
+        """How merged experts are quantized; None: not at all."""
+        if self.quantize is None:
+            return None
+        return QuantSpec(QUANTIZATIONS[self.quantize], self.quant_block, self.quant_symmetric)
+
+    def check_layout(self, layout: ExpertLayout) -> None:
+        """ParameterError if `quant_block` does not divide an expert projection's input size."""
+        if self.quantize is None:
+            return
+        sizes = {name: layout.projection_shape(name)[1] for name in layout.projections}
+        for name, in_features in sizes.items():
+            if in_features % self.quant_block:
+                fits = [b for b in (256, 128, 64, 32, 16) if all(size % b == 0 for size in sizes.values())]
+                hint = f"; {fits[0]} divides every projection's" if fits else ""
+                raise ParameterError("quant_block", f"{self.quant_block} does not divide the input size {in_features} "
+                                                    f"of the {name} projection{hint}")
 
     def check_model(self, num_experts: int) -> None:
         """ParameterError if a model with `num_experts` experts per layer has fewer than the recipe asks for."""

@@ -15,7 +15,7 @@ import onnx
 
 from tqdm.auto import tqdm
 
-from ..checkpoint import is_compressed_checkpoint, load_compressed
+from ..checkpoint import is_compressed_checkpoint, is_quantized_checkpoint, load_compressed
 from ..contract import DECODER_FILE, ENCODER_FILE, external_data_path, inlined_path
 from ..files import prepare_output_dir, with_default_permissions
 from ..errors import UserError
@@ -127,6 +127,9 @@ def export_model(
         out_path = check_output_file(out_path, config.force)
         if config.inline:
             check_output_file(inlined_path(out_path), config.force)
+    if compressed and is_quantized_checkpoint(model_dir):
+        raise UserError(f"{model_dir} stores quantized experts; their ONNX export (DequantizeLinear / MatMulNBits) "
+                        "is not built yet: export a checkpoint compressed without quantization")
 
     inline_stage = config.inline and not adapter.encoder_decoder
     stages = tqdm(total=2 + inline_stage + config.validate, desc="loading", unit="stage",
