@@ -24,7 +24,16 @@ BASELINES = {
     "prune-frequency": {"grouping": "drop"},
     "no-permute": {"permute": False},
 }
-METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware")
+# quantized rows (experts only, int4/int8 round to nearest after recovery): the uncompressed model as
+# G = E groups, M-SMoE, and MC-SMoE at each rank ratio
+DENSE_QUANTIZED = ("dense-int8", "dense-int4")
+METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware", *DENSE_QUANTIZED, "msmoe-int4", "mcsmoe-int4")
+
+
+def quant_block_for(layout: mc.ExpertLayout) -> int | None:
+    """The largest of 32 and 16 dividing every expert projection's input size (None: neither)."""
+    sizes = [layout.projection_shape(name)[1] for name in layout.projections]
+    return next((block for block in (32, 16) if all(size % block == 0 for size in sizes)), None)
 
 
 def sweep(
@@ -78,25 +87,36 @@ def sweep(
         recover(model, steps, control.distill_learning_rate)
         rows.append(row("dense", model, num_experts, 1.0, steps))
         print(f"[{setting}] dense after {steps} steps of recovery {metric}={rows[-1]['value']:.4f}", flush=True)
+    block = quant_block_for(adapter.expert_layout(dense.config))
+    quantized = {"quantize": "int4", "quant_block": block}
     runs = [(name, overrides, 1.0) for name, overrides in BASELINES.items()]
     runs += [("mcsmoe", {"rank_ratio": r, "sparse_keep": sparse_keep}, r) for r in rank_ratios]
     aware = {"sparse_keep": sparse_keep, "low_rank": "activation-aware"}
     runs += [("mcsmoe-activation-aware", {"rank_ratio": r, **aware}, r) for r in rank_ratios]
+    if block is not None:
+        runs += [("msmoe-int4", quantized, 1.0)]
+        runs += [("mcsmoe-int4", {"rank_ratio": r, "sparse_keep": sparse_keep, **quantized}, r) for r in rank_ratios]
     runs = [run for run in runs if methods is None or run[0] in methods]
-    for experts in experts_list:
-        for method, overrides, rank_ratio in runs:
-            recipe = mc.CompressionRecipe(experts=experts, distill_lr=distill_lr, **overrides)
-            plan = mc.plan_compression(stats, num_experts, recipe, adapter.family)
-            for steps in distill_steps_list:
-                start = time.perf_counter()
-                model = copy.deepcopy(dense)
-                mc.apply_plan(model, adapter, plan, recipe, progress=False)
-                if steps:
-                    recover(model, steps, recipe.distill_learning_rate)
-                rows.append(row(method, model, experts, rank_ratio, steps))
-                print(f"[{setting}] {method:24s} G={experts} r={rank_ratio:<5g} distill={steps:<4d} "
-                      f"{metric}={rows[-1]['value']:8.4f} mem={rows[-1]['expert_memory_ratio']:.3f}  "
-                      f"({time.perf_counter() - start:.1f} s)", flush=True)
+    plans = [(experts, method, overrides, rank_ratio) for experts in experts_list
+             for method, overrides, rank_ratio in runs]
+    if block is not None:  # the uncompressed experts quantized: G = E groups of one expert each
+        plans = [(num_experts, name, {"quantize": name.split("-")[1], "quant_block": block}, 1.0)
+                 for name in DENSE_QUANTIZED if methods is None or name in methods] + plans
+    for experts, method, overrides, rank_ratio in plans:
+        recipe = mc.CompressionRecipe(experts=experts, distill_lr=distill_lr, **overrides)
+        plan = mc.plan_compression(stats, num_experts, recipe, adapter.family)
+        for steps in distill_steps_list:
+            start = time.perf_counter()
+            model = copy.deepcopy(dense)
+            applied = mc.apply_plan(model, adapter, plan, recipe, progress=False)
+            if steps:
+                recover(model, steps, recipe.distill_learning_rate)
+            if recipe.quant_spec is not None:  # last, as `mcsmoe compress` does: after recovery
+                mc.quantize_experts(model, applied, recipe.quant_spec)
+            rows.append(row(method, model, experts, rank_ratio, steps))
+            print(f"[{setting}] {method:24s} G={experts} r={rank_ratio:<5g} distill={steps:<4d} "
+                  f"{metric}={rows[-1]['value']:8.4f} mem={rows[-1]['expert_memory_ratio']:.3f}  "
+                  f"({time.perf_counter() - start:.1f} s)", flush=True)
     return rows
 
 

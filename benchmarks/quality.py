@@ -18,6 +18,11 @@ One routing-statistics pass per setting; each method is applied to a fresh copy 
     random                   random groups, alignment, frequency-weighted merge
     prune-frequency          keep the G most used experts, remove the rest
     no-permute               M-SMoE without alignment
+    dense-int8, dense-int4   the uncompressed experts (G = E) quantized blockwise, round to nearest
+    msmoe-int4, mcsmoe-int4  M-SMoE, and MC-SMoE at each rank ratio, then int4 (after any recovery, as
+                             `mcsmoe compress --quantize` does); blocks of 32, or 16 where 32 does not divide
+
+The memory axis is bytes: quantized experts count their codes and scales.
 
 Each method is measured as it is and after --distill-steps of recovery, only the compressed experts
 learning (linear decay from --distill-lr): the LM distils on calibration text (next-token loss + KL

@@ -46,9 +46,14 @@ def test_every_expected_row_is_present_and_finite(quick):
                 for method in ("msmoe", "uniform", "random", "prune-frequency", "no-permute"):
                     if not shuffled or method in ("msmoe", "no-permute"):
                         expected.add((setting, method, experts, 1.0, steps))
-                for method in ("mcsmoe", "mcsmoe-activation-aware"):
+                for method in ("mcsmoe", "mcsmoe-activation-aware", "mcsmoe-int4"):
                     if not shuffled:
                         expected.update((setting, method, experts, r, steps) for r in args["rank_ratios"])
+                if not shuffled:
+                    expected.add((setting, "msmoe-int4", experts, 1.0, steps))
+        if setting != "lm-shuffled":  # the uncompressed experts quantized, G = E
+            expected.update((setting, method, 8, 1.0, steps) for method in ("dense-int8", "dense-int4")
+                            for steps in args["distill_steps"])
     got = [(r["setting"], r["method"], r["experts"], r["rank_ratio"], r["distill_steps"]) for r in rows]
     assert len(got) == len(set(got)) and set(got) == expected
     for row in rows:
@@ -60,6 +65,15 @@ def test_every_expected_row_is_present_and_finite(quick):
             assert row["value"] > 1.0
         if row["method"] == "dense":  # the recovered control holds the experts as G = E groups, plus their map
             assert row["expert_memory_ratio"] == (1.0 if row["distill_steps"] == 0 else pytest.approx(1.0, abs=1e-3))
+        elif row["method"].endswith(("-int4", "-int8")):
+            # codes of 4 or 8 bits plus an fp32 scale per block of 16 or 32 weights, against 32-bit weights
+            bits = int(row["method"][-1])
+            per_weight = [(bits / 8 + 4 / block) / 4 for block in (32, 16)]
+            upper = row["experts"] / 8 * per_weight[1] * 1.01
+            if row["method"].startswith("mcsmoe"):  # low rank saves on top of merging and quantization
+                assert 0.0 < row["expert_memory_ratio"] < upper
+            else:
+                assert row["experts"] / 8 * per_weight[0] * 0.99 <= row["expert_memory_ratio"] <= upper
         elif row["method"].startswith("mcsmoe"):
             assert 0.0 < row["expert_memory_ratio"] < row["experts"] / 8  # low rank saves on top of merging
         else:
