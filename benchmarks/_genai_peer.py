@@ -277,17 +277,11 @@ class GenaiPeerSession(DecoderSession):
 
 
 def greedy_tokens(session: DecoderSession, prompt: list[int] | np.ndarray, new_tokens: int) -> list[int]:
-    """Greedy decoding of `new_tokens` tokens after `prompt` (batch 1) through any decoder step."""
+    """Greedy decoding of `new_tokens` tokens after `prompt` (batch 1), through the runtime's one decode loop."""
+    from mcsmoe_deploy.runtime import GenerationConfig, generate
+
     ids = np.asarray(prompt, dtype=np.int64).reshape(1, -1)
-    total = ids.shape[1]
-    out = session.step(ids, np.ones((1, total), np.int64), np.arange(total)[None], session.empty_past(1))
-    tokens = [int(out.logits[0, -1].argmax())]
-    while len(tokens) < new_tokens:
-        total += 1
-        out = session.step(np.array([[tokens[-1]]], np.int64), np.ones((1, total), np.int64),
-                           np.array([[total - 1]]), out.past)
-        tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens
+    return generate(session, ids, GenerationConfig(max_new_tokens=new_tokens)).tokens[0]
 
 
 def open_peer_lm(name: str, folder: str | Path, options):
