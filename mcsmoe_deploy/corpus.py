@@ -39,6 +39,25 @@ def builtin_corpus(split: str = "train") -> str:
     return "\n\n".join(topics[k] for k in chosen)
 
 
+# share of characters that must be printable text (letters, digits, punctuation, whitespace)
+MIN_TEXT_SHARE = 0.9
+
+
+def _decoded_text(path: Path) -> str:
+    """The file as UTF-8 text; UserError when it is not UTF-8 or is mostly not text (binary data)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"calibration file {path} is not UTF-8 text (byte {exc.start}: "
+                        f"{data[exc.start:exc.start + 1]!r}); convert it to UTF-8") from None
+    printable = sum(ch.isprintable() or ch in "\n\r\t" for ch in text)
+    if text and printable / len(text) < MIN_TEXT_SHARE:
+        raise UserError(f"calibration file {path} is mostly not text ({printable / len(text):.0%} printable "
+                        f"characters, at least {MIN_TEXT_SHARE:.0%} needed)")
+    return text
+
+
 def read_text(path: str | Path) -> str:
     """Read calibration text from a plain text file or a JSONL file.
 
@@ -48,7 +67,7 @@ def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"calibration file not found: {path}")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    raw = _decoded_text(path)
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         texts = []
         for number, line in enumerate(raw.splitlines(), start=1):

@@ -159,7 +159,7 @@ def test_parameters_are_checked_in_their_own_terms():
         "rank_energy": (dict(rank_energy=2.0), "rank_energy must be in (0, 1], not 2.0"),
         "grouping": (dict(grouping="hc"), "grouping must be one of similarity, random, drop, not 'hc'"),
         "low_rank": (dict(low_rank="qr"), "low_rank must be one of svd, activation-aware, not 'qr'"),
-        "distill_lr": (dict(distill_lr=0.0), "distill_lr must be positive, not 0.0"),
+        "distill_lr": (dict(distill_lr=0.0), "distill_lr must be a positive finite number, not 0.0"),
     }
     for parameter, (fields, message) in cases.items():
         with pytest.raises(ParameterError) as caught:
@@ -167,6 +167,6 @@ def test_parameters_are_checked_in_their_own_terms():
         assert (caught.value.parameter, str(caught.value)) == (parameter, message)
     with pytest.raises(ParameterError, match="experts must be between 1 and the model's 8 experts per layer, not 9"):
         CompressionRecipe(experts=9).check_model(8)
-    assert caught.value.renamed("--distill-lr") == "--distill-lr must be positive, not 0.0"
+    assert caught.value.renamed("--distill-lr") == "--distill-lr must be a positive finite number, not 0.0"
     assert CompressionRecipe(low_rank="activation-aware", activation_samples=64).calibration_inputs == 64
     assert CompressionRecipe(activation_samples=64).calibration_inputs == 0

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..checkpoint import save_compressed
 from ..corpus import calibration_text, load_tokenizer_from, token_blocks
-from ..models import adapter_for_config, load_model, read_config_dict
+from ..errors import UserError
+from ..models import adapter_for_config, check_device, load_model, read_config_dict
 from .distill import DistillReport, distill
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
 from .quantize import quantize_experts
@@ -61,6 +62,13 @@ def mcsmoe_section(
     }
 
 
+def check_finite(model: nn.Module, stage: str) -> None:
+    """UserError naming the first tensor with a NaN or infinite value after `stage`: nothing is saved then."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{stage} left non-finite values in {name}; nothing was written")
+
+
 @dataclass
 class CompressedModel:
     """A compressed model in memory: the recipe it was made with, the plan, what was built, and its
@@ -87,6 +95,8 @@ class CalibratedModel:
         recipe.validate()
         torch.manual_seed(recipe.seed)
         check_experts(model_dir, recipe)
+        if device is not None:
+            check_device(device)
         self.model_dir = Path(model_dir)
         self.recipe = recipe
         self.device = device
@@ -122,6 +132,7 @@ class CalibratedModel:
         self._dense = not in_place
         plan = plan_compression(stats, self.adapter.num_experts(model.config), recipe, self.adapter.family)
         applied = apply_plan(model, self.adapter, plan, recipe, progress=self.progress)
+        check_finite(model, "merging and low rank")
         return CompressedModel(model, recipe, plan, applied)
 
     def distill(self, compressed: CompressedModel) -> DistillReport:
@@ -133,6 +144,7 @@ class CalibratedModel:
             compressed.model, teacher, self.adapter, self.blocks, recipe.distill_steps, lr=recipe.distill_learning_rate,
             seed=recipe.seed, progress=self.progress,
         )
+        check_finite(compressed.model, f"distillation at peak rate {recipe.distill_learning_rate:g}")
         return compressed.distill
 
     def quantize(self, compressed: CompressedModel) -> None:

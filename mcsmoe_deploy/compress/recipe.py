@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from ..errors import ParameterError
@@ -89,8 +90,11 @@ class CompressionRecipe:
                                                      f"not {self.max_calib_tokens}")
         if self.distill_steps < 0:
             raise ParameterError("distill_steps", f"must be 0 or more, not {self.distill_steps}")
-        if self.distill_lr is not None and not self.distill_lr > 0:
-            raise ParameterError("distill_lr", f"must be positive, not {self.distill_lr}")
+        if self.distill_lr is not None and not 0 < self.distill_lr < math.inf:
+            raise ParameterError("distill_lr", f"must be a positive finite number, not {self.distill_lr}")
+        if self.rank_energy is not None and self.rank_ratio != 1.0:
+            raise ParameterError("rank_energy", f"chooses the rank itself; it cannot be combined with rank_ratio "
+                                                f"{self.rank_ratio}")
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             raise ParameterError("quantize", f"must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
         if self.quant_block < 16 or self.quant_block & (self.quant_block - 1):

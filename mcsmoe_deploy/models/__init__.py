@@ -75,6 +75,24 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """`device` if this machine has it: "cpu", "auto", "cuda" or "cuda:N" with CUDA present; else UserError."""
+    if device in ("cpu", "auto"):
+        return device
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if parsed.type != "cuda":
+        raise UserError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but this machine has no CUDA GPU (torch {torch.__version__}); "
+                        "use cpu")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = torch.float32):
     """Load a supported MoE checkpoint directory with transformers.
 
@@ -82,7 +100,7 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dt
     model larger than one device), or None for the GPU when there is one.
     Returns (model in eval mode, adapter).
     """
-    device = device or default_device()
+    device = check_device(device or default_device())
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
 
@@ -116,6 +134,7 @@ __all__ = [
     "MoELayer",
     "Routing",
     "adapter_for_config",
+    "check_device",
     "check_weights",
     "default_device",
     "load_model",

@@ -1,0 +1,71 @@
+"""Bad input refused before the long work: one stderr line, exit 2, nothing written, the input untouched."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from mcsmoe_deploy.cli import main
+from mcsmoe_deploy.compress.calibrated import check_finite
+from mcsmoe_deploy.errors import UserError
+
+from conftest import tiny_model
+
+FAST = ["--experts", "4", "--max-calib-tokens", "256", "--quiet"]
+
+
+def _digest(folder) -> str:
+    return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sorted(folder.iterdir()))).hexdigest()
+
+
+@pytest.fixture
+def calibration_files(tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\u00e9 cr\u00e8me, d\u00e9j\u00e0 vu. ".encode("latin-1") * 50)
+    control = tmp_path / "control.txt"
+    control.write_bytes(bytes(range(1, 9)) * 400 + b"some words")
+    return {"latin1": latin1, "control": control}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--distill-steps", "2", "--distill-lr", "inf"], "--distill-lr must be a positive finite number, not inf"),
+        (["--rank-ratio", "0.5", "--rank-energy", "0.9"], "--rank-energy chooses the rank itself; it cannot be "
+                                                          "combined with rank_ratio 0.5"),
+        (["--device", "tpu"], "unknown device 'tpu'; use cpu, cuda, cuda:N or auto"),
+        (["--device", "meta"], "device 'meta' is not supported; use cpu, cuda, cuda:N or auto"),
+        (["--calib", "{latin1}"], "is not UTF-8 text (byte 3: b'\\xe9'); convert it to UTF-8"),
+        (["--calib", "{control}"], "is mostly not text (0% printable characters, at least 90% needed)"),
+    ],
+    ids=["distill-lr-inf", "rank-ratio-and-energy", "device-tpu", "device-meta", "calib-latin1", "calib-control"],
+)
+def test_bad_input_is_one_line_and_writes_nothing(extra, message, tiny_dirs, calibration_files, tmp_path, capsys):
+    source = tiny_dirs["mixtral"]
+    before = _digest(source)
+    out = tmp_path / "out"
+    extra = [arg.format(**calibration_files) for arg in extra]
+    assert main(["compress", str(source), str(out), *FAST, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert _digest(source) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line(tiny_dirs, tmp_path, capsys):
+    assert main(["compress", str(tiny_dirs["mixtral"]), str(tmp_path / "out"), *FAST, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "device 'cuda' asked for, but this machine has no CUDA GPU" in err[0]
+
+
+def test_non_finite_weights_are_named_and_stop_the_write():
+    model = tiny_model("mixtral")
+    check_finite(model, "distillation")  # a sane model passes
+    name = "model.layers.1.self_attn.q_proj.weight"
+    with torch.no_grad():
+        model.get_parameter(name)[3, 2] = float("nan")
+    with pytest.raises(UserError, match=f"^distillation left non-finite values in {name}; nothing was written$"):
+        check_finite(model, "distillation")
