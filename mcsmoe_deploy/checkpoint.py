@@ -46,7 +46,7 @@ def save_compressed(
     """
     from safetensors.torch import save_file
 
-    out_dir = prepare_output_dir(out_dir, force)
+    out_dir = prepare_output_dir(out_dir, force, inputs=() if source_dir is None else (source_dir,))
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         if source_dir is not None:

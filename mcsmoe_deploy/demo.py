@@ -58,7 +58,7 @@ def run_demo(
     )
     recipe.validate()
     if out_dir is not None:
-        prepare_output_dir(out_dir, force)
+        prepare_output_dir(out_dir, force, inputs=(model_dir,))
     source = CalibratedModel(model_dir, recipe, progress=progress)
     adapter = source.adapter
     if adapter.encoder_decoder:

@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import UserError
 
 
-def prepare_output_dir(out_dir: str | Path, force: bool = False) -> Path:
-    """Check that `out_dir` may be written: its parent exists, it does not exist unless `force`."""
+def prepare_output_dir(out_dir: str | Path, force: bool = False, inputs: Sequence[str | Path] = ()) -> Path:
+    """Check that `out_dir` may be written: not a symbolic link, apart from every input (not equal to one,
+    inside one or containing one: `--force` would delete it), its parent exists, and it does not exist
+    unless `force`."""
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise UserError(f"output {out_dir} is a symbolic link; give the real path")
+    target = out_dir.resolve()
+    for source in inputs:
+        source_path = Path(source).resolve()
+        if target == source_path or source_path in target.parents or target in source_path.parents:
+            relation = ("is" if target == source_path else "is inside" if source_path in target.parents
+                        else "contains")
+            raise UserError(f"output {out_dir} {relation} the input {source}; write the output elsewhere")
     if out_dir.exists() and not force:
         raise UserError(f"output {out_dir} already exists (use --force to replace it)")
     if not out_dir.parent.exists():

@@ -69,3 +69,24 @@ def test_non_finite_weights_are_named_and_stop_the_write():
         model.get_parameter(name)[3, 2] = float("nan")
     with pytest.raises(UserError, match=f"^distillation left non-finite values in {name}; nothing was written$"):
         check_finite(model, "distillation")
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "inside", "symlink"])
+def test_an_output_that_would_destroy_the_input_is_refused(where, tiny_dirs, tmp_path, capsys):
+    import shutil
+
+    project = tmp_path / "project"
+    source = project / "model"
+    shutil.copytree(tiny_dirs["mixtral"], source)
+    (project / "notes.txt").write_text("unrelated work")
+    out = {"same": source, "parent": project, "inside": source / "small", "symlink": tmp_path / "link"}[where]
+    if where == "symlink":
+        out.symlink_to(tmp_path / "elsewhere")
+    before = _digest(source)
+    assert main(["compress", str(source), str(out), *FAST, "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = {"same": "is the input", "parent": "contains the input", "inside": "is inside the input",
+                "symlink": "is a symbolic link"}[where]
+    assert len(err) == 1 and expected in err[0], err
+    assert _digest(source) == before and (project / "notes.txt").read_text() == "unrelated work"
+    assert not (source / "small").exists()

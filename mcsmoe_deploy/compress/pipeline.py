@@ -63,7 +63,7 @@ def compress_model(
     recipe = recipe or CompressionRecipe()
     recipe.validate()
     if out_dir is not None:
-        prepare_output_dir(out_dir, force)
+        prepare_output_dir(out_dir, force, inputs=(model_dir,))
     start = time.perf_counter()
     source = CalibratedModel(model_dir, recipe, device=device, progress=progress)
     before = size_report(source.model, source.adapter)
