@@ -90,3 +90,34 @@ def test_an_output_that_would_destroy_the_input_is_refused(where, tiny_dirs, tmp
     assert len(err) == 1 and expected in err[0], err
     assert _digest(source) == before and (project / "notes.txt").read_text() == "unrelated work"
     assert not (source / "small").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda config: [config], "holds a JSON list, not an object of settings"),
+        (lambda config: {**config, "num_local_experts": "4"}, "experts must be a positive integer, not '4'"),
+        (lambda config: {**config, "num_experts_per_tok": 9}, "9 experts per token, but the model has 8 experts"),
+        (lambda config: {**config, "hidden_size": 0}, "hidden size must be a positive integer, not 0"),
+        (None, "is not UTF-8 text"),
+    ],
+    ids=["list", "experts-string", "top-k-too-large", "hidden-zero", "not-utf8"],
+)
+@pytest.mark.parametrize("command", ["compress", "export"])
+def test_a_lying_config_is_one_line(edit, message, command, tiny_dirs, tmp_path, capsys):
+    import json
+    import shutil
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_dirs["mixtral"], source)
+    config_path = source / "config.json"
+    if edit is None:
+        config_path.write_bytes(config_path.read_bytes().replace(b'"mixtral"', b'"mixtral\xff"'))
+    else:
+        config_path.write_text(json.dumps(edit(json.loads(config_path.read_text()))))
+    out = tmp_path / ("out" if command == "compress" else "out.onnx")
+    argv = [command, str(source), str(out), "--quiet"] + (FAST[:2] if command == "compress" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+    assert not out.exists()

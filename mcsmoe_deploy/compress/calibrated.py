@@ -17,7 +17,7 @@ from torch import nn
 from ..checkpoint import save_compressed
 from ..corpus import calibration_text, load_tokenizer_from, token_blocks
 from ..errors import UserError
-from ..models import adapter_for_config, check_device, load_model, read_config_dict
+from ..models import adapter_for_config, check_config_values, check_device, load_model, read_config_dict
 from .distill import DistillReport, distill
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
 from .quantize import quantize_experts
@@ -37,7 +37,9 @@ def check_experts(model_dir: str | Path, recipe: CompressionRecipe) -> None:
     """UserError if the model is not a supported MoE or has fewer experts than the recipe asks for."""
     from transformers import AutoConfig
 
-    adapter = adapter_for_config(read_config_dict(model_dir))
+    config_dict = read_config_dict(model_dir)
+    adapter = adapter_for_config(config_dict)
+    check_config_values(adapter, config_dict, Path(model_dir) / "config.json")
     config = AutoConfig.from_pretrained(model_dir)
     recipe.check_model(adapter.num_experts(config))
     recipe.check_layout(adapter.expert_layout(config))

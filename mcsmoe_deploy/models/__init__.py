@@ -4,6 +4,7 @@ facts other stages need (routing, shared expert, KV geometry, exportability, wha
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -39,9 +40,32 @@ def read_config_dict(model_dir: str | Path) -> dict:
     if not config_path.is_file():
         raise UserError(f"no config.json in {model_dir}: not a Hugging Face model directory")
     try:
-        return json.loads(config_path.read_text())
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{config_path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{config_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path} holds a JSON {type(config).__name__}, not an object of settings")
+    return config
+
+
+def check_config_values(adapter: FamilyAdapter, config: dict, where: str | Path) -> None:
+    """UserError unless the sizes the adapter reads from `config` (a config.json dict) are positive
+    integers and a token picks no more experts than there are; checked before transformers reads them."""
+    from transformers import CONFIG_MAPPING
+
+    # the values transformers would use: the family's defaults, overridden by the file's own
+    view = SimpleNamespace(**{**CONFIG_MAPPING[config["model_type"]]().to_dict(), **config})
+    layout = adapter.expert_layout(view)
+    sizes = {"experts": adapter.num_experts(view), "experts per token": adapter.top_k(view),
+             "hidden size": layout.hidden_size, "expert intermediate size": layout.intermediate_size}
+    for what, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{where}: {what} must be a positive integer, not {value!r}")
+    if sizes["experts per token"] > sizes["experts"]:
+        raise UserError(f"{where}: {sizes['experts per token']} experts per token, but the model has "
+                        f"{sizes['experts']} experts")
 
 
 def check_weights(model_dir: str | Path) -> None:
@@ -104,7 +128,9 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dt
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
 
-    adapter = adapter_for_config(read_config_dict(model_dir))
+    config_dict = read_config_dict(model_dir)
+    adapter = adapter_for_config(config_dict)
+    check_config_values(adapter, config_dict, Path(model_dir) / "config.json")
     check_weights(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     return_large_frees_to_os()
@@ -134,6 +160,7 @@ __all__ = [
     "MoELayer",
     "Routing",
     "adapter_for_config",
+    "check_config_values",
     "check_device",
     "check_weights",
     "default_device",
