@@ -16,16 +16,24 @@ import torch
 from .errors import UserError
 
 HELDOUT_EVERY = 10
+# files any Hugging Face tokenizer is saved with (one of them at least)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 
 def load_tokenizer_from(directory: str | Path, why: str):
     """The tokenizer in `directory`; one UserError line saying `why` one is needed when there is none."""
     from transformers import AutoTokenizer
 
+    # transformers 5 returns an empty tokenizer for a folder without one, rather than failing
+    if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"no tokenizer in {directory} ({why}): none of {', '.join(TOKENIZER_FILES)}")
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"no usable tokenizer in {directory} ({why}): {str(exc).splitlines()[0]}") from None
+    if len(tokenizer) == 0:
+        raise UserError(f"the tokenizer in {directory} has an empty vocabulary ({why})")
+    return tokenizer
 
 
 def builtin_corpus(split: str = "train") -> str:

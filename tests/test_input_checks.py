@@ -121,3 +121,30 @@ def test_a_lying_config_is_one_line(edit, message, command, tiny_dirs, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
     assert not out.exists()
+
+
+def test_a_folder_without_a_tokenizer_says_so(tiny_dirs, tmp_path, capsys):
+    import shutil
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_dirs["mixtral"], source)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (source / name).unlink(missing_ok=True)
+    assert main(["compress", str(source), str(tmp_path / "out"), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"no tokenizer in {source} (calibration needs one)" in err[0], err
+
+
+def test_a_tokenizer_beyond_the_vocabulary_is_refused(tiny_dirs, tmp_path, capsys):
+    import shutil
+
+    from conftest import VOCAB, byte_tokenizer
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_dirs["mixtral"], source)
+    tokenizer = byte_tokenizer()
+    tokenizer.add_tokens([f"word{i}" for i in range(VOCAB)] + ["the", " the", "The"])  # ids past the model's VOCAB
+    tokenizer.save_pretrained(source)
+    assert main(["compress", str(source), str(tmp_path / "out"), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not match the model: token id" in err[0] and f"vocabulary of {VOCAB}" in err[0], err

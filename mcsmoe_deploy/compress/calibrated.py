@@ -106,6 +106,10 @@ class CalibratedModel:
         self.tokenizer = load_tokenizer(model_dir)
         self.blocks = calibration_blocks(self.tokenizer, recipe)
         self.model, self.adapter = load_model(model_dir, device=device)
+        vocab = self.model.config.vocab_size
+        if int(self.blocks.max()) >= vocab:
+            raise UserError(f"the tokenizer in {model_dir} does not match the model: token id {int(self.blocks.max())} "
+                            f"is beyond its vocabulary of {vocab}")
         self._stats: RoutingStats | None = None
         self._dense = True  # False once a recipe compressed `model` in place
 
