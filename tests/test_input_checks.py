@@ -96,7 +96,7 @@ def test_an_output_that_would_destroy_the_input_is_refused(where, tiny_dirs, tmp
     "edit, message",
     [
         (lambda config: [config], "holds a JSON list, not an object of settings"),
-        (lambda config: {**config, "num_local_experts": "4"}, "experts must be a positive integer, not '4'"),
+        (lambda config: {**config, "num_local_experts": "4"}, "Field 'num_local_experts' expected int, got str"),
         (lambda config: {**config, "num_experts_per_tok": 9}, "9 experts per token, but the model has 8 experts"),
         (lambda config: {**config, "hidden_size": 0}, "hidden size must be a positive integer, not 0"),
         (None, "is not UTF-8 text"),

@@ -4,7 +4,6 @@ facts other stages need (routing, shared expert, KV geometry, exportability, wha
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -55,8 +54,10 @@ def check_config_values(adapter: FamilyAdapter, config: dict, where: str | Path)
     integers and a token picks no more experts than there are; checked before transformers reads them."""
     from transformers import CONFIG_MAPPING
 
-    # the values transformers would use: the family's defaults, overridden by the file's own
-    view = SimpleNamespace(**{**CONFIG_MAPPING[config["model_type"]]().to_dict(), **config})
+    try:  # the values transformers will use (its defaults, the file's own over them); it checks types itself
+        view = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    except Exception as exc:  # transformers' own validation errors have no common base class
+        raise UserError(f"{where}: {' '.join(str(exc).split())}") from None
     layout = adapter.expert_layout(view)
     sizes = {"experts": adapter.num_experts(view), "experts per token": adapter.top_k(view),
              "hidden size": layout.hidden_size, "expert intermediate size": layout.intermediate_size}
