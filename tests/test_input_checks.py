@@ -148,3 +148,48 @@ def test_a_tokenizer_beyond_the_vocabulary_is_refused(tiny_dirs, tmp_path, capsy
     assert main(["compress", str(source), str(tmp_path / "out"), *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not match the model: token id" in err[0] and f"vocabulary of {VOCAB}" in err[0], err
+
+
+def _write_lying_safetensors(path, header: object, data: bytes = b"\0" * 64) -> None:
+    import json
+
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ([1, 2], "its header is a JSON list, not an object"),
+        ({"w": {"dtype": "F32", "shape": [4]}}, "the header entry needs dtype, shape and data_offsets"),
+        ({"w": {"dtype": "F32", "shape": [1 << 40, 1 << 20], "data_offsets": [0, 64]}},
+         "64 bytes do not hold a F32 tensor of shape"),
+        ({"a": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]},
+          "b": {"dtype": "F32", "shape": [8], "data_offsets": [16, 48]}}, "tensors a and b overlap"),
+        ({"w": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}}, "truncated or corrupt (tensor w at bytes 0..256 of 64)"),
+        ({"w": {"dtype": "Q4", "shape": [8], "data_offsets": [0, 4]}}, "unknown dtype 'Q4'"),
+    ],
+    ids=["list", "no-offsets", "huge-shape", "overlap", "past-the-end", "dtype"],
+)
+def test_a_lying_safetensors_header_is_one_line(header, message, tiny_dirs, tmp_path, capsys):
+    import shutil
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_dirs["mixtral"], source)
+    _write_lying_safetensors(source / "model.safetensors", header)
+    assert main(["compress", str(source), str(tmp_path / "out"), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickled_weights_are_never_opened(tiny_dirs, tmp_path, capsys):
+    import shutil
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_dirs["mixtral"], source)
+    (source / "model.safetensors").unlink()
+    (source / "pytorch_model.bin").write_bytes(b"not even a pickle: opening it would fail loudly")
+    assert main(["compress", str(source), str(tmp_path / "out"), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds pickled weights (pytorch_model.bin)" in err[0] and "convert them to safetensors" in err[0]

@@ -12,7 +12,9 @@ from ..errors import UserError
 from ..memory import read_weights_without_mmap, return_large_frees_to_os
 from .base import ExpertLayout, ExpertWeights, FamilyAdapter, MoELayer, Routing
 from .families import ADAPTERS
+from .safetensors_header import read_header
 
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SUPPORTED_FAMILIES = ", ".join(a.family for a in ADAPTERS)
 # config attributes that mark a mixture-of-experts model of a family we do not support
 _MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
@@ -70,29 +72,19 @@ def check_config_values(adapter: FamilyAdapter, config: dict, where: str | Path)
 
 
 def check_weights(model_dir: str | Path) -> None:
-    """Fail with one clear line if the safetensors weights are missing, truncated or corrupt.
-
-    Reads only each file's header: 8 bytes of header length, a JSON header,
-    then the tensor data, whose end must not lie past the end of the file.
-    """
+    """Fail with one clear line if the safetensors weights are missing, truncated, corrupt or lie in their
+    headers (models/safetensors_header.py), before any tensor is read. Pickled weights (.bin, .pt) are never
+    opened: a folder with only those is told to convert them."""
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
+        pickled = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLED_SUFFIXES)
+        if pickled:
+            raise UserError(f"{model_dir} holds pickled weights ({', '.join(pickled[:3])}), which are never loaded "
+                            "(unpickling runs code): convert them to safetensors first")
         raise UserError(f"no *.safetensors weights in {model_dir}")
     for path in files:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if header_len < 0 or 8 + header_len > size:
-                raise UserError(f"weights file {path} is truncated or corrupt (bad header)")
-            try:
-                header = json.loads(handle.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise UserError(f"weights file {path} is corrupt (unreadable header)") from None
-        data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        if 8 + header_len + data_end > size:
-            raise UserError(f"weights file {path} is truncated ({size} of {8 + header_len + data_end} bytes)")
+        read_header(path)
 
 
 def default_device() -> str:
@@ -138,7 +130,8 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dt
     try:
         if device == "auto":
             auto_class = AutoModelForSeq2SeqLM if adapter.encoder_decoder else AutoModelForCausalLM
-            model = auto_class.from_pretrained(model_dir, config=config, dtype=dtype, device_map="auto")
+            model = auto_class.from_pretrained(model_dir, config=config, dtype=dtype, device_map="auto",
+                                               use_safetensors=True)  # never a pickle beside them
         else:
             # our own pread-backed state dict: one copy of the weights in memory, not two (see memory.py)
             mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if adapter.encoder_decoder else MODEL_FOR_CAUSAL_LM_MAPPING
