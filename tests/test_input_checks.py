@@ -193,3 +193,15 @@ def test_pickled_weights_are_never_opened(tiny_dirs, tmp_path, capsys):
     assert main(["compress", str(source), str(tmp_path / "out"), *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds pickled weights (pytorch_model.bin)" in err[0] and "convert them to safetensors" in err[0]
+
+
+def test_switch_export_into_its_own_model_folder_is_refused(tiny_dirs, tmp_path, capsys):
+    import shutil
+
+    source = tmp_path / "switch"
+    shutil.copytree(tiny_dirs["switch_transformers"], source)
+    before = _digest(source)
+    assert main(["export", str(source), str(source), "--force", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is the input" in err[0], err
+    assert _digest(source) == before

@@ -31,9 +31,10 @@ from .torch_export import check_exportable, finish_staged, logits_graph_spec, st
 from .validate import ExportReport, check_parity, describe, describe_files
 
 
-def check_output_file(out_path: str | Path, force: bool) -> Path:
-    """UserError unless `out_path` may be written: the shared output rules, plus a writable parent, not a folder."""
-    out_path = prepare_output_dir(out_path, force)
+def check_output_file(out_path: str | Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """UserError unless `out_path` may be written: the shared output rules (apart from `inputs`), plus a
+    writable parent, not a folder."""
+    out_path = prepare_output_dir(out_path, force, inputs)
     if out_path.is_dir():
         raise UserError(f"output {out_path} is a directory; give a file name such as model.onnx")
     if not os.access(out_path.parent, os.W_OK):
@@ -58,12 +59,12 @@ def source_metadata(model_dir: str | Path, compressed: bool, target: str) -> Set
                             "mcsmoe.version": __version__})
 
 
-def _check_output_folder(out_path: str | Path, family: str, force: bool) -> Path:
+def _check_output_folder(out_path: str | Path, family: str, force: bool, inputs: tuple[str | Path, ...]) -> Path:
     out_path = Path(out_path)
     if out_path.suffix == ".onnx":
         raise UserError(f"{family} exports two graphs ({ENCODER_FILE}, {DECODER_FILE}) into a folder; "
                         f"give a folder name, not {out_path.name}")
-    out_path = prepare_output_dir(out_path, force)
+    out_path = prepare_output_dir(out_path, force, inputs)
     if not os.access(out_path.parent, os.W_OK):
         raise UserError(f"cannot write to {out_path.parent}")
     return out_path
@@ -122,11 +123,11 @@ def export_model(
     compressed = is_compressed_checkpoint(model_dir)
     config.check_checkpoint(str(model_dir), adapter.family, adapter.encoder_decoder, compressed)
     if adapter.encoder_decoder:
-        out_path = _check_output_folder(out_path, adapter.family, config.force)
+        out_path = _check_output_folder(out_path, adapter.family, config.force, (model_dir,))
     else:
-        out_path = check_output_file(out_path, config.force)
+        out_path = check_output_file(out_path, config.force, (model_dir,))
         if config.inline:
-            check_output_file(inlined_path(out_path), config.force)
+            check_output_file(inlined_path(out_path), config.force, (model_dir,))
     if compressed and is_quantized_checkpoint(model_dir):
         raise UserError(f"{model_dir} stores quantized experts; their ONNX export (DequantizeLinear / MatMulNBits) "
                         "is not built yet: export a checkpoint compressed without quantization")
