@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 DOMAIN = "ai.mcsmoe"
 OP_TYPE = "GroupedLowRankMoE"
 OP_VERSION = 1
+# quantized factors as per-group INT4/UINT4/INT8/UINT8 inputs (docs/ops.md, "Version 2")
+QUANTIZED_OP_VERSION = 2
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -129,6 +131,7 @@ __all__ = [
     "LOGITS",
     "OP_TYPE",
     "OP_VERSION",
+    "QUANTIZED_OP_VERSION",
     "PAST_PREFIX",
     "POSITION_IDS",
     "PRESENT_PREFIX",

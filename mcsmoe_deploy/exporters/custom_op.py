@@ -25,11 +25,12 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from ..contract import DOMAIN, OP_TYPE, OP_VERSION
+from ..contract import DOMAIN, OP_TYPE, OP_VERSION, QUANTIZED_OP_VERSION
 from ..grouped_experts import GroupedLowRankExperts, grouped_moe_forward, route_top_k
 from ..models.base import FamilyAdapter
 from .moe_op import grouped_moe_function
 from .op_spec import MoEOpSpec
+from .quantized_inputs import QUANTIZED_MIN_OPSET, split_quantized_inputs
 
 TORCH_OP = "mcsmoe::grouped_low_rank_moe"
 _KEY_SEP = "@"  # activation attribute "silu@<spec key>" between translation and _finish
@@ -85,24 +86,25 @@ def _(hidden, router_logits, expert_to_group, projections, spec_key):
 # ONNX translation: a bare custom-domain node
 
 
-_opset_cache: list = []
+_opset_cache: dict[int, object] = {}
 
 
-def _custom_opset():
+def _custom_opset(version: int = OP_VERSION):
     # created after the schema is registered, so onnxscript knows the op
-    if not _opset_cache:
+    if version not in _opset_cache:
         import onnxscript
 
-        _opset_cache.append(onnxscript.values.Opset(DOMAIN, OP_VERSION))
-    return _opset_cache[0]
+        _opset_cache[version] = onnxscript.values.Opset(DOMAIN, version)
+    return _opset_cache[version]
 
 
 def translate(hidden, router_logits, expert_to_group, projections, spec_key):
     spec = spec_for_key(spec_key)
+    # quantized: traced as version 2 with the stacked uint8 codes; finish_custom_nodes splits them per group
     # all inputs by keyword: torch's _building._construct_named_inputs_and_attrs gives a
     # variadic parameter *all* positional args (right only when it is the first input),
     # so positional projection tensors would repeat hidden, router_logits, expert_to_group
-    return _custom_opset().GroupedLowRankMoE(
+    return _custom_opset(QUANTIZED_OP_VERSION if spec.quantized else OP_VERSION).GroupedLowRankMoE(
         hidden=hidden,
         router_logits=router_logits,
         expert_to_group=expert_to_group,
@@ -190,9 +192,14 @@ def finish_custom_nodes(model: ir.Model, specs: list[MoEOpSpec]) -> ir.passes.Pa
     block of `specs`. Runs as `passes.custom_nodes.FinishCustomNodesPass` during export.
     """
     default_opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    quantized = any(spec.quantized for spec in specs)
+    if quantized and default_opset < QUANTIZED_MIN_OPSET:
+        # blocked DequantizeLinear and int4 need opset 21; opsets 19-21 only add types and
+        # float8 options to the ops the traced graph uses, so raising the import keeps its meaning
+        default_opset = model.opset_imports[""] = QUANTIZED_MIN_OPSET
     functions: dict[str, ir.Function] = {}
     count = 0
-    for node in model.graph:
+    for node in list(model.graph):
         if node.domain != DOMAIN or node.op_type != OP_TYPE:
             continue
         activation = node.attributes.get_string("activation", "")
@@ -200,6 +207,8 @@ def finish_custom_nodes(model: ir.Model, specs: list[MoEOpSpec]) -> ir.passes.Pa
             raise RuntimeError(f"GroupedLowRankMoE node {node.name} lacks its spec key")
         spec = spec_for_key(int(activation.rsplit(_KEY_SEP, 1)[1]))
         node.attributes["activation"] = ir.AttrString("activation", spec.activation)
+        if spec.quantized:
+            split_quantized_inputs(model.graph, node, spec)
         if len(node.inputs) != len(spec.input_names()):
             names = [value.name if value is not None else "" for value in node.inputs]
             raise RuntimeError(f"node {node.name}: inputs {names}, spec takes {spec.input_names()}")
@@ -213,7 +222,7 @@ def finish_custom_nodes(model: ir.Model, specs: list[MoEOpSpec]) -> ir.passes.Pa
         raise RuntimeError("the exporter inlined or emitted an ai.mcsmoe function of its own")
     for function in functions.values():
         model.functions[function.identifier()] = function
-    model.opset_imports.setdefault(DOMAIN, OP_VERSION)
+    model.opset_imports[DOMAIN] = QUANTIZED_OP_VERSION if quantized else model.opset_imports.get(DOMAIN, OP_VERSION)
     model.ir_version = max(model.ir_version, 10)
     return ir.passes.PassResult(model, modified=bool(count))
 

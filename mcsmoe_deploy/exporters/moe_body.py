@@ -115,8 +115,11 @@ def _group_weights(b: Body, spec: MoEOpSpec) -> str:
     zeros = b("CastLike", b("ConstantOfShape", b("Shape", "router_logits")), "router_logits")
     per_expert = b("ScatterElements", zeros, top_i, top_w, axis=1)
     # membership [E, G]: 1 where expert_to_group[e] == g; a removed expert (-1) matches nothing
-    first_weight = spec.projection_inputs(spec.projections[0][0])[0]
-    num_groups = b("Squeeze", b("Shape", first_weight, start=0, end=1), b.ints([0]))
+    if spec.quantized:  # per-group inputs: G is fixed by the overload
+        num_groups = b.scalar_int(spec.num_groups)
+    else:
+        first_weight = spec.projection_inputs(spec.projections[0][0])[0]
+        num_groups = b("Squeeze", b("Shape", first_weight, start=0, end=1), b.ints([0]))
     groups = b("Range", b.scalar_int(0), num_groups, b.scalar_int(1))
     member = b("CastLike", b("Equal", b("Unsqueeze", "expert_to_group", b.ints([1])), groups), per_expert)
     return b("MatMul", per_expert, member)  # picks landing in one group add up here
@@ -164,6 +167,8 @@ def project_group(b: Body, spec: MoEOpSpec, name: str, group: int | str, h: str)
     proj = dict(spec.projections)[name]
     inputs = spec.projection_inputs(name)
     index = b.scalar_int(group) if isinstance(group, int) else group
+    if proj.quant is not None:
+        return _project_group_quantized(b, spec, name, group, h)
 
     def weight_t(tensor: str) -> str:  # [out, in] of this group, transposed to [in, out]
         return b("Transpose", b("Gather", tensor, index, axis=0), perm=[1, 0])
@@ -173,6 +178,39 @@ def project_group(b: Body, spec: MoEOpSpec, name: str, group: int | str, h: str)
         return b.scatter_add("ScatterElements", y, row_index, extra, axis=1)
 
     return _apply_projection(b, proj, inputs, h, weight_t, add_rows)
+
+
+def _project_group_quantized(b: Body, spec: MoEOpSpec, name: str, group: int | str, h: str) -> str:
+    """`project_group` for a quantized projection: each factor of group `group` is its own input,
+    already [in, out], dequantized blockwise along axis 0 (onnxruntime fuses DQ + MatMul into
+    MatMulNBits); Gather cannot slice int4 tensors, hence per-group inputs and a fixed group."""
+    if not isinstance(group, int):
+        raise ValueError("quantized projections take per-group inputs: the group must be a number")
+    proj = dict(spec.projections)[name]
+    parts = 3 if not proj.quant.symmetric else 2
+    names = spec.projection_inputs(name)
+    per_factor = {factor: names[i * spec.num_groups * parts:(i + 1) * spec.num_groups * parts]
+                  for i, factor in enumerate(proj.factors)}
+    factor_inputs = {factor: list(per_factor[factor][group * parts:(group + 1) * parts]) for factor in proj.factors}
+    by_q = {inputs[0]: inputs for inputs in factor_inputs.values()}
+    index = b.scalar_int(group)
+
+    def weight_t(q_name: str) -> str:  # DQ(q [in, out], scale [in / block, out]) -> float [in, out]
+        return b("DequantizeLinear", *by_q[q_name], axis=0, block_size=proj.quant.block)
+
+    def add_rows(y: str, rows: str, extra: str) -> str:  # sparse rows stay float and stacked
+        row_index = b("Expand", b("Unsqueeze", b("Gather", rows, index, axis=0), b.ints([0])), b("Shape", extra))
+        return b.scatter_add("ScatterElements", y, row_index, extra, axis=1)
+
+    def sparse_t(tensor: str) -> str:
+        return b("Transpose", b("Gather", tensor, index, axis=0), perm=[1, 0])
+
+    qs = tuple(factor_inputs[factor][0] for factor in proj.factors)
+    y = b("MatMul", h, weight_t(qs[0])) if proj.dense else b("MatMul", b("MatMul", h, weight_t(qs[1])), weight_t(qs[0]))
+    if proj.sparse_rows:
+        rows, values = names[-2:]
+        y = add_rows(y, rows, b("MatMul", h, sparse_t(values)))
+    return y
 
 
 def _apply_projection(b: Body, proj, inputs: tuple[str, ...], h: str, weight_t, add_rows) -> str:
@@ -296,6 +334,8 @@ def build_body(spec: MoEOpSpec, strategy: str = DEFAULT_STRATEGY) -> list[onnx.N
     """Nodes computing "output" [T, H] from the formal inputs `spec.input_names()`."""
     if strategy not in _BUILDERS:
         raise ValueError(f"strategy {strategy!r} unknown; one of {STRATEGIES}")
+    if spec.quantized and strategy != "gather_tokens":
+        raise ValueError(f"quantized projections are built by gather_tokens only, not {strategy!r}")
     b = Body()
     b.output(_BUILDERS[strategy](b, spec))
     return b.nodes

@@ -28,7 +28,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from ..contract import DOMAIN, OP_TYPE, OP_VERSION
+from ..contract import DOMAIN, OP_TYPE, OP_VERSION, QUANTIZED_OP_VERSION
 from .moe_body import DEFAULT_STRATEGY, build_body
 from .op_spec import MoEOpSpec  # re-exported: the node's spec lives in op_spec
 
@@ -93,15 +93,23 @@ def register_op_schema() -> bool:
     """
     if not hasattr(onnx.defs, "register_schema"):
         return False
-    if onnx.defs.has(OP_TYPE, OP_VERSION, DOMAIN):
-        return True
+    for version in (OP_VERSION, QUANTIZED_OP_VERSION):
+        if not onnx.defs.has(OP_TYPE, version, DOMAIN) or onnx.defs.get_schema(OP_TYPE, version, DOMAIN).since_version != version:
+            _register_version(version)
+    return True
+
+
+def _register_version(version: int) -> None:
+    """Version 1: float projection tensors; version 2 adds quantized factors (docs/ops.md): per-group
+    int4/uint4/int8/uint8 codes, and uint8 for the stacked codes of the traced node before its split."""
+    quantized = ["tensor(int4)", "tensor(uint4)", "tensor(int8)", "tensor(uint8)"] if version > 1 else []
     schema_cls = onnx.defs.OpSchema
     param, attr = schema_cls.FormalParameter, schema_cls.Attribute
     floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
     schema = schema_cls(
         OP_TYPE,
         DOMAIN,
-        OP_VERSION,
+        version,
         "Grouped, merged, low-rank MoE experts with routing (docs/ops.md).",
         inputs=[
             param("hidden", "T", "[T, H]"),
@@ -120,7 +128,8 @@ def register_op_schema() -> bool:
         outputs=[param("output", "T", "[T, H]")],
         type_constraints=[
             ("T", floats, "activations and weights"),
-            ("V", floats + ["tensor(int64)"], "projection tensors (sparse row indices are int64)"),
+            ("V", floats + ["tensor(int64)"] + quantized,
+             "projection tensors (sparse row indices are int64; v2: quantized codes and zero points)"),
         ],
         attributes=[
             attr("top_k", schema_cls.AttrType.INT, "experts picked per token"),
@@ -131,7 +140,6 @@ def register_op_schema() -> bool:
     )
     schema.set_type_and_shape_inference_function(_infer_output)
     onnx.defs.register_schema(schema)
-    return True
 
 
 def standalone_model(spec: MoEOpSpec, opset: int = 18, elem_type: int = TensorProto.FLOAT) -> onnx.ModelProto:

@@ -86,8 +86,30 @@ class MoEOpSpec:
             projections=tuple((name, experts.projections[name].spec) for name in layout.projections),
         )
 
+    @property
+    def quantized(self) -> bool:
+        """True when some projection stores quantized factors (op version 2 inputs, docs/ops.md)."""
+        return any(p.quant is not None for _, p in self.projections)
+
     def projection_inputs(self, name: str) -> tuple[str, ...]:
-        """Input names of projection `name`, in node order ("gate_left", "gate_right", ...)."""
+        """Input names of projection `name`, in node order ("gate_left", "gate_right", ...).
+
+        A quantized projection takes each factor per group, transposed to [cols, rows] so that
+        DequantizeLinear(axis=0) feeds MatMul directly: `{name}_{factor}_q_{g}`,
+        `{name}_{factor}_scale_{g}` [, `{name}_{factor}_zero_point_{g}`] for every group g, factor
+        by factor; then the stacked sparse rows as for a float projection.
+        """
+        proj = dict(self.projections)[name]
+        if proj.quant is None:
+            return tuple(f"{name}_{tensor}" for tensor in proj.tensor_names)
+        parts = ("q", "scale") + (() if proj.quant.symmetric else ("zero_point",))
+        names = tuple(f"{name}_{factor}_{part}_{g}" for factor in proj.factors
+                      for g in range(self.num_groups) for part in parts)
+        return names + ((f"{name}_sparse_rows", f"{name}_sparse_values") if proj.sparse_rows else ())
+
+    def traced_projection_inputs(self, name: str) -> tuple[str, ...]:
+        """The stacked stored tensors of projection `name` as the traced torch op passes them
+        (quantized: codes, scales[, zero points] [G, ...]); `projection_inputs` for float ones."""
         return tuple(f"{name}_{tensor}" for tensor in dict(self.projections)[name].tensor_names)
 
     def split_projection_tensors(
@@ -119,6 +141,8 @@ class MoEOpSpec:
             "expert_to_group": [self.num_experts],
         }
         g = self.num_groups
+        if self.quantized:
+            raise ValueError("input_shapes lists float stacked inputs; quantized inputs are per group (docs/ops.md)")
         for name, p in self.projections:
             out_f, in_f = p.out_features, p.in_features
             if p.dense:
@@ -137,7 +161,10 @@ class MoEOpSpec:
         unrolled over groups), not the sizes H, I, E, ranks or row counts."""
         kinds = []
         for name, p in self.projections:
-            kinds.append(f"{name}-dense" if p.dense else f"{name}-lowrank" + ("-sparse" if p.sparse_rows else ""))
+            kind = f"{name}-dense" if p.dense else f"{name}-lowrank" + ("-sparse" if p.sparse_rows else "")
+            if p.quant is not None:  # the body's DequantizeLinear carries the block size and the zero points
+                kind += f"-{'' if p.quant.symmetric else 'u'}int{p.quant.bits}b{p.quant.block}"
+            kinds.append(kind)
         norm = "norm" if self.normalize_topk else "raw"
         family = "gated" if self.gated else "plain"
         return "_".join([family, self.activation, f"k{self.top_k}", norm, f"g{self.num_groups}"] + kinds)

@@ -122,15 +122,17 @@ def export_model(
     check_weights(model_dir)
     compressed = is_compressed_checkpoint(model_dir)
     config.check_checkpoint(str(model_dir), adapter.family, adapter.encoder_decoder, compressed)
+    if compressed and adapter.encoder_decoder and is_quantized_checkpoint(model_dir):
+        # the graphs build and run, but parity with load_compressed was 8e-4 relative on the tiny
+        # merged Switch model (1e-5 low rank), above the 1e-4 every export promises: not offered yet
+        raise UserError(f"{model_dir} stores quantized experts of {adapter.family}; exporting them is built for "
+                        "decoder-only families (mixtral, qwen2_moe, qwen3_moe, olmoe) only")
     if adapter.encoder_decoder:
         out_path = _check_output_folder(out_path, adapter.family, config.force, (model_dir,))
     else:
         out_path = check_output_file(out_path, config.force, (model_dir,))
         if config.inline:
             check_output_file(inlined_path(out_path), config.force, (model_dir,))
-    if compressed and is_quantized_checkpoint(model_dir):
-        raise UserError(f"{model_dir} stores quantized experts; their ONNX export (DequantizeLinear / MatMulNBits) "
-                        "is not built yet: export a checkpoint compressed without quantization")
 
     inline_stage = config.inline and not adapter.encoder_decoder
     stages = tqdm(total=2 + inline_stage + config.validate, desc="loading", unit="stage",

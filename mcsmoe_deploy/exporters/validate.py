@@ -110,7 +110,11 @@ def describe_files(model_protos: list[onnx.ModelProto], paths: list[Path], root:
 def _session(path: str | Path):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from ..runtime.ort_session import session_options
+
+    # accuracy level 0: fused quantized MatMuls compute in float32, so parity is exact up to rounding
+    options = session_options(opt_level="all", matmul_accuracy_level=0)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 @torch.no_grad()
@@ -150,7 +154,7 @@ def compare_logits_with_past(
     decode step; every step's logits are compared (`compare_decoders`). Returns (max abs
     error, max relative error) as `compare_logits`.
     """
-    session = OrtDecoderSession(path, provider="cpu")
+    session = OrtDecoderSession(path, provider="cpu", matmul_accuracy_level=0)  # float32 compute of MatMulNBits
     runner = TorchDecoderSession.from_model(reference)
     generator = torch.Generator().manual_seed(seed)
     worst = Discrepancy()
@@ -190,7 +194,8 @@ def compare_switch(
     the cache), each step's logits compared. Returns (max abs, max relative) error.
     """
     config = reference.config
-    session = OrtSeq2SeqSession(encoder_path, decoder_path, decoder_start_token_id=config.decoder_start_token_id)
+    session = OrtSeq2SeqSession(encoder_path, decoder_path, decoder_start_token_id=config.decoder_start_token_id,
+                                matmul_accuracy_level=0)
     runner = TorchSeq2SeqSession(reference)
     generator = torch.Generator().manual_seed(seed)
     worst = Discrepancy()

@@ -63,9 +63,16 @@ def load_session(path: Path, provider: str | None, options):
         raise UserError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
 
 
-def session_options(threads: int | None = None, opt_level: str = "all", optimized_model_path: str | Path | None = None):
-    """SessionOptions: intra-op threads (None: onnxruntime's default), graph optimisation level, and
-    where to save the optimised graph (None: not saved)."""
+# onnxruntime's DequantizeLinear + MatMul -> MatMulNBits fusion picks this compute accuracy by default:
+# 4 (int8-quantized activations, ~0.5% relative error); 0 computes in float32 (exact up to rounding)
+MATMUL_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+
+
+def session_options(threads: int | None = None, opt_level: str = "all", optimized_model_path: str | Path | None = None,
+                    matmul_accuracy_level: int | None = None):
+    """SessionOptions: intra-op threads (None: onnxruntime's default), graph optimisation level,
+    where to save the optimised graph (None: not saved), and the accuracy level of fused quantized
+    MatMuls (None: onnxruntime's default, fastest; 0: float32 compute, what parity checks use)."""
     import onnxruntime as ort
 
     if opt_level not in OPT_LEVELS:
@@ -78,6 +85,8 @@ def session_options(threads: int | None = None, opt_level: str = "all", optimize
     options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's concern
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
+    if matmul_accuracy_level is not None:
+        options.add_session_config_entry(MATMUL_ACCURACY_KEY, str(int(matmul_accuracy_level)))
     return options
 
 
@@ -85,17 +94,21 @@ class OrtDecoderSession(DecoderSession):
     """A KV-cache graph in onnxruntime.
 
     provider: "cpu", "cuda" or None/"auto"; threads: intra-op threads; opt_level:
-    disable | basic | extended | all; optimized_model_path: also save the optimised graph.
+    disable | basic | extended | all; optimized_model_path: also save the optimised graph;
+    matmul_accuracy_level: compute accuracy of quantized MatMuls onnxruntime fuses to MatMulNBits
+    (None: its default 4, int8 activations, fastest; 0: float32, exact parity with load_compressed).
     """
 
     backend = "ort"
 
     def __init__(self, path: str | Path, provider: str | None = None, threads: int | None = None,
-                 opt_level: str = "all", optimized_model_path: str | Path | None = None):
+                 opt_level: str = "all", optimized_model_path: str | Path | None = None,
+                 matmul_accuracy_level: int | None = None):
         self.path = Path(path)
         self.geometry, self.vocab_size = geometry_from_graph(self.path)
         self.threads, self.opt_level = threads, opt_level
-        self._attach(load_session(self.path, provider, session_options(threads, opt_level, optimized_model_path)))
+        options = session_options(threads, opt_level, optimized_model_path, matmul_accuracy_level)
+        self._attach(load_session(self.path, provider, options))
 
     @classmethod
     def from_inference_session(cls, session, geometry: KVGeometry) -> OrtDecoderSession:
@@ -171,17 +184,17 @@ class OrtSeq2SeqSession(Seq2SeqSession):
 
     provider / threads / opt_level as OrtDecoderSession (provider default cpu: the graphs are
     run with numpy feeds); decoder_start_token_id: the decoder's first token (the graphs do
-    not record it; Switch's is 0).
+    not record it; Switch's is 0); matmul_accuracy_level as OrtDecoderSession.
     """
 
     backend = "ort"
 
     def __init__(self, encoder_path: str | Path, decoder_path: str | Path, provider: str | None = "cpu",
                  threads: int | None = None, opt_level: str = "all", decoder_start_token_id: int = 0,
-                 optimized_model_path: str | Path | None = None):
+                 optimized_model_path: str | Path | None = None, matmul_accuracy_level: int | None = None):
         if optimized_model_path is not None:
             raise UserError("saving the optimised graph takes one ONNX file; an encoder-decoder export has two")
-        options = session_options(threads, opt_level)
+        options = session_options(threads, opt_level, matmul_accuracy_level=matmul_accuracy_level)
         self.paths = (Path(encoder_path), Path(decoder_path))
         self._attach(load_session(self.paths[0], provider, options), load_session(self.paths[1], provider, options))
         self.decoder_start_token_id = decoder_start_token_id
