@@ -28,6 +28,8 @@ class ExportConfig:
     force: replace existing outputs (export_model).
     progress: a bar over the stages on stderr (export_model).
     passes: more onnx-ir passes, run on each finished graph after the target's own.
+    genai: the output is an onnxruntime-genai model folder (OUT/model.onnx, genai_config.json,
+        tokenizer files; see genai_folder) instead of one ONNX file; decoder-only, with_past.
     """
 
     target: str = "mcsmoe"
@@ -39,6 +41,7 @@ class ExportConfig:
     force: bool = False
     progress: bool = False
     passes: tuple[ir.passes.PassBase, ...] = ()
+    genai: bool = False
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -52,6 +55,8 @@ class ExportConfig:
         if self.target == "ort-fused" and compressed:
             raise UserError("target 'ort-fused' maps dense experts to com.microsoft.MoE; "
                             f"{source} is a compressed checkpoint (export it with target 'mcsmoe')")
+        if self.genai and not self.with_past:
+            raise UserError("an onnxruntime-genai folder needs the KV-cache graph; drop --no-past")
         if encoder_decoder and not self.with_past:
             raise UserError(f"{family} exports an encoder graph and a decoder graph with KV cache; "
                             "a graph without KV cache (with_past=False) is for decoder-only models")
