@@ -44,8 +44,9 @@ def check_output_file(out_path: str | Path, force: bool, inputs: tuple[str | Pat
 
 
 def _load_reference(model_dir: str | Path, compressed: bool):
-    # the torch model users know: transformers' own for dense, load_compressed for compressed
-    return load_compressed(model_dir) if compressed else load_model(model_dir, device="cpu")[0]
+    # the torch model users know: transformers' own for dense, load_compressed for compressed; in fp32
+    # whatever the checkpoint's dtype (a bf16 checkpoint's weights upcast exactly): the graph's dtype
+    return load_compressed(model_dir).float() if compressed else load_model(model_dir, device="cpu")[0]
 
 
 def source_metadata(model_dir: str | Path, compressed: bool, target: str) -> SetMetadataPass:
