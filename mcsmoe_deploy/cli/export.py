@@ -29,7 +29,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     config = ExportConfig(
         target=args.target, with_past=not args.no_past, validate=not args.no_validate, inline=args.inline,
         external_data=True if args.external_data else None, force=args.force, progress=not args.quiet,
-        genai=args.genai is not None,
+        genai=args.genai is not None, dtype=args.dtype,
     )
     report = export_model(args.model_dir, args.out or args.genai, config)
     print(format_export(report))
@@ -67,6 +67,13 @@ def add_parsers(sub) -> None:
                              "for runtimes that reject custom domains")
     export.add_argument("--external-data", action="store_true",
                         help="store the weights in OUT.onnx.data (automatic beyond about 1.8 GB)")
+    export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=ExportConfig.dtype,
+                        help="the graph's floating type (weights, activations, KV cache). fp32 (default): what "
+                             "onnxruntime's CPU provider computes fastest and exactly; x86 CPUs have no fp16 "
+                             "arithmetic for most kernels, so fp16 mainly halves the file. fp16: for GPU runtimes "
+                             "and memory; validated against the fp16 torch reference (decoder-only, not quantized). "
+                             "bf16: refused, with the reason (no bf16 kernels to run or validate it on CPU). The "
+                             "compressed checkpoint itself keeps its source's dtype either way")
     export.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
     export.add_argument("--force", action="store_true", help="replace the output if it exists")
     export.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,4 +1,4 @@
-"""Hub-layout checkpoints (tests/hub_layout.py: sharded bf16 safetensors, legacy expert names) of every
+"""Native dtypes. Hub-layout checkpoints (tests/hub_layout.py: sharded bf16 safetensors, legacy expert names) of every
 family through compress, load_compressed, export and run, in their own dtype.
 
 - At one expert per group, the compressed checkpoint is bf16 like its source, smaller than it
@@ -108,3 +108,58 @@ def test_fp16_source_gives_an_fp16_checkpoint(tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     assert {d for d in _stored_dtypes(out).values() if d.startswith(("F", "BF"))} == {"F16"}
     assert m.load_compressed(out).model.embed_tokens.weight.dtype == torch.float16
+
+
+# fp16 graphs against the fp32 reference: fp16 keeps 11 significant bits, and a routing decision
+# that flips on a near tie moves a token's logits further; 1e-2 of the largest logit bounds both here
+FP16_RELATIVE = 1e-2
+
+
+@pytest.mark.parametrize("family", ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"))
+def test_fp16_graph_matches_the_fp32_reference_at_fp16_tolerance(family, hub_dirs, tmp_path):
+    import onnx
+
+    out = tmp_path / "c"
+    m.compress_model(hub_dirs[family], out, m.CompressionRecipe(experts=2, rank_ratio=0.5, **CALIBRATION),
+                     progress=False)
+    fp32 = m.export_model(out, tmp_path / "fp32.onnx", validate=False)
+    fp16 = m.export_model(out, tmp_path / "fp16.onnx", dtype="fp16")
+    assert fp16.max_rel_error < FP16_RELATIVE
+    assert fp16.file_bytes < fp32.file_bytes
+
+    def weight_bytes(path) -> dict[int, int]:  # ONNX element type -> initializer bytes
+        sizes: dict[int, int] = {}
+        for tensor in onnx.load(str(path)).graph.initializer:
+            sizes[tensor.data_type] = sizes.get(tensor.data_type, 0) + len(tensor.raw_data)
+        return sizes
+
+    floating16, floating32 = weight_bytes(tmp_path / "fp16.onnx"), weight_bytes(tmp_path / "fp32.onnx")
+    assert floating16.get(onnx.TensorProto.FLOAT, 0) < 100  # a few scalar constants at most
+    assert floating16[onnx.TensorProto.FLOAT16] * 2 >= floating32[onnx.TensorProto.FLOAT] - 100
+    graph = onnx.load(str(tmp_path / "fp16.onnx"), load_external_data=False).graph
+    past = next(i for i in graph.input if i.name.startswith("past_key_values."))
+    assert past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize("family,args,message", [
+    ("mixtral", ["--dtype", "bf16"], "bf16 graphs are not offered"),
+    ("switch_transformers", ["--dtype", "fp16"], "activations overflow fp16"),
+    ("mixtral", ["--dtype", "fp16", "--target", "ort-fused"], "exports fp32 graphs only"),
+])
+def test_graph_dtypes_refused_in_one_line(family, args, message, hub_dirs, tmp_path, capsys):
+    from mcsmoe_deploy.cli import main
+
+    out = tmp_path / ("onnx" if family == "switch_transformers" else "model.onnx")
+    assert main(["export", str(hub_dirs[family]), str(out), "--quiet", *args]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not out.exists()
+
+
+def test_fp16_export_of_a_quantized_checkpoint_is_refused(hub_dirs, tmp_path):
+    out = tmp_path / "q"
+    m.compress_model(hub_dirs["mixtral"], out, m.CompressionRecipe(experts=2, quantize="int8", quant_block=16,
+                                                                   **CALIBRATION), progress=False)
+    with pytest.raises(m.UserError, match="export it as fp32"):
+        m.export_model(out, tmp_path / "model.onnx", dtype="fp16")
+    assert not (tmp_path / "model.onnx").exists()
