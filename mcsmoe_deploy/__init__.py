@@ -28,9 +28,11 @@ from .exporters import (
     export_compressed_with_past,
     export_model,
     export_switch,
+    genai_config,
     greedy_generate_onnx,
     greedy_generate_switch_onnx,
     grouped_moe_function,
+    write_genai_files,
 )
 from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec, grouped_moe_forward, route_top_k
 from .models import ExpertLayout, FamilyAdapter, MoELayer, Routing, SUPPORTED_FAMILIES, adapter_for_config, load_model
@@ -90,12 +92,14 @@ __all__ = [
     "route_top_k",
     "export_model",
     "export_switch",
+    "genai_config",
     "generate",
     "generate_text",
     "greedy_generate_onnx",
     "greedy_generate_switch_onnx",
     "group_dense_experts",
     "grouped_moe_function",
+    "write_genai_files",
     "is_compressed_checkpoint",
     "is_quantized_checkpoint",
     "load_compressed",

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .errors import UserError
@@ -65,6 +66,27 @@ def save_compressed(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def cast_to_stored_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the floating tensors `model` saves to `dtype` (the source checkpoint's, see models.stored_dtype),
+    in place, and record it in `model.config.dtype`.
+
+    Compression computes in fp32; the checkpoint it writes is in its source's dtype, so a bf16
+    model does not come out twice its size per expert kept. Kept as they are: quantization scales
+    (`*_scales`: fp32, what MatMulNBits and DequantizeLinear take in an fp32 graph, 1/16 of the
+    codes' size at int4 blocks of 32) and buffers that are not saved (rotary tables).
+    """
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if (buffer.is_floating_point() and buffer.dtype != dtype and not name.endswith("_scales")
+                    and name not in module._non_persistent_buffers_set):
+                setattr(module, name, buffer.to(dtype))
+    model.config.dtype = dtype
+    return model
 
 
 def weights_to_save(model: nn.Module) -> dict:
@@ -140,6 +162,7 @@ def compressed_layers(model: nn.Module) -> list[GroupedLowRankExperts]:
 
 __all__ = [
     "FORMAT_VERSION",
+    "cast_to_stored_dtype",
     "compressed_layers",
     "is_compressed_checkpoint",
     "is_quantized_checkpoint",

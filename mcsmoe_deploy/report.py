@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .grouped_experts import GroupedProjection
@@ -44,23 +45,30 @@ def _tensors(module: nn.Module):
             yield tensor
 
 
-def _count(module: nn.Module) -> tuple[int, int]:
+def _count(module: nn.Module, stored_dtype: torch.dtype | None = None) -> tuple[int, int]:
     # quantized factors are buffers of codes: count the weights they stand for as parameters
     quantized = sum(
         m.num_groups * sum(rows * cols for rows, cols in map(m.spec.factor_shape, m.spec.factors))
         for m in module.modules() if isinstance(m, GroupedProjection) and m.spec.quant is not None
     )
     params = sum(t.numel() for t in module.parameters()) + quantized
-    size = sum(t.numel() * t.element_size() for t in _tensors(module))
+    def item_bytes(t: torch.Tensor) -> int:
+        return stored_dtype.itemsize if stored_dtype is not None and t.is_floating_point() else t.element_size()
+
+    size = sum(t.numel() * item_bytes(t) for t in _tensors(module))
     return params, size
 
 
-def size_report(model: nn.Module, adapter: FamilyAdapter) -> SizeReport:
-    """Parameters and bytes of `model`, its routed experts (shared experts excluded) and each MoE layer's experts."""
-    total_params, total_bytes = _count(model)
+def size_report(model: nn.Module, adapter: FamilyAdapter, stored_dtype: torch.dtype | None = None) -> SizeReport:
+    """Parameters and bytes of `model`, its routed experts (shared experts excluded) and each MoE layer's experts.
+
+    stored_dtype: count floating tensors at this dtype's size (a model loaded in fp32 from a bf16
+    checkpoint is reported at its bf16 bytes); None: as they are in memory.
+    """
+    total_params, total_bytes = _count(model, stored_dtype)
     layers = []
     for layer in adapter.moe_layers(model):
-        params, size = _count(layer.block.experts)
+        params, size = _count(layer.block.experts, stored_dtype)
         layers.append(LayerSize(layer.name, params, size))
     return SizeReport(
         total_parameters=total_params,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
 from ..exporters.export_config import TARGETS, ExportConfig
 
 
@@ -22,12 +23,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from ..exporters.pipeline import export_model
     from ..summary import format_export
 
+    if (args.out is None) == (args.genai is None):
+        raise UserError("give the ONNX file to write (OUT) or an onnxruntime-genai folder (--genai DIR), one of them")
     quiet_torch_onnx()
     config = ExportConfig(
         target=args.target, with_past=not args.no_past, validate=not args.no_validate, inline=args.inline,
         external_data=True if args.external_data else None, force=args.force, progress=not args.quiet,
+        genai=args.genai is not None, dtype=args.dtype,
     )
-    report = export_model(args.model_dir, args.out, config)
+    report = export_model(args.model_dir, args.out or args.genai, config)
     print(format_export(report))
     return 0
 
@@ -46,7 +50,14 @@ def add_parsers(sub) -> None:
                     "olmoe; switch_transformers writes OUT/encoder.onnx and OUT/decoder.onnx (a folder).",
     )
     export.add_argument("model_dir", help="checkpoint directory (a Hugging Face MoE model, or from mcsmoe compress)")
-    export.add_argument("out", help="ONNX file to write, e.g. model.onnx (a folder for Switch Transformers)")
+    export.add_argument("out", nargs="?",
+                        help="ONNX file to write, e.g. model.onnx (a folder for Switch Transformers); "
+                             "omit it with --genai")
+    export.add_argument("--genai", metavar="DIR",
+                        help="write an onnxruntime-genai model folder instead of OUT: DIR/model.onnx, "
+                             "genai_config.json (our input/output names, KV geometry, special tokens, search "
+                             "defaults from generation_config.json) and the tokenizer files, so "
+                             "onnxruntime_genai.Model(DIR) generates with it (decoder-only families)")
     export.add_argument("--no-past", action="store_true", help="a plain logits graph without KV cache")
     export.add_argument("--target", choices=TARGETS, default=ExportConfig.target,
                         help="mcsmoe: the GroupedLowRankMoE op (default); ort-fused: dense SwiGLU experts as "
@@ -56,6 +67,13 @@ def add_parsers(sub) -> None:
                              "for runtimes that reject custom domains")
     export.add_argument("--external-data", action="store_true",
                         help="store the weights in OUT.onnx.data (automatic beyond about 1.8 GB)")
+    export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=ExportConfig.dtype,
+                        help="the graph's floating type (weights, activations, KV cache). fp32 (default): what "
+                             "onnxruntime's CPU provider computes fastest and exactly; x86 CPUs have no fp16 "
+                             "arithmetic for most kernels, so fp16 mainly halves the file. fp16: for GPU runtimes "
+                             "and memory; validated against the fp16 torch reference (decoder-only, not quantized). "
+                             "bf16: refused, with the reason (no bf16 kernels to run or validate it on CPU). The "
+                             "compressed checkpoint itself keeps its source's dtype either way")
     export.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
     export.add_argument("--force", action="store_true", help="replace the output if it exists")
     export.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -14,10 +14,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import save_compressed
+from ..checkpoint import cast_to_stored_dtype, save_compressed
 from ..corpus import calibration_text, load_tokenizer_from, token_blocks
 from ..errors import UserError
-from ..models import adapter_for_config, check_config_values, check_device, load_model, read_config_dict
+from ..models import (
+    adapter_for_config,
+    check_config_values,
+    check_device,
+    load_model,
+    read_config_dict,
+    stored_dtype,
+)
 from .distill import DistillReport, distill
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
 from .quantize import quantize_experts
@@ -105,7 +112,8 @@ class CalibratedModel:
         self.progress = progress
         self.tokenizer = load_tokenizer(model_dir)
         self.blocks = calibration_blocks(self.tokenizer, recipe)
-        self.model, self.adapter = load_model(model_dir, device=device)
+        self.model, self.adapter = load_model(model_dir, device=device)  # fp32, whatever the source's dtype
+        self.stored_dtype = stored_dtype(model_dir)
         vocab = self.model.config.vocab_size
         if int(self.blocks.max()) >= vocab:
             raise UserError(f"the tokenizer in {model_dir} does not match the model: token id {int(self.blocks.max())} "
@@ -159,6 +167,10 @@ class CalibratedModel:
         quant = compressed.recipe.quant_spec
         if quant is not None:
             compressed.applied = quantize_experts(compressed.model, compressed.applied, quant)
+
+    def to_stored_dtype(self, compressed: CompressedModel) -> None:
+        """Cast `compressed` to the source checkpoint's dtype (bf16 in, bf16 out), in place: the last stage."""
+        cast_to_stored_dtype(compressed.model, self.stored_dtype)
 
     def save(self, compressed: CompressedModel, out_dir: str | Path, force: bool = False) -> Path:
         """Write `compressed` as a checkpoint directory (see checkpoint.save_compressed); returns its path."""

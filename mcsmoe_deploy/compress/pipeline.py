@@ -66,11 +66,12 @@ def compress_model(
         prepare_output_dir(out_dir, force, inputs=(model_dir,))
     start = time.perf_counter()
     source = CalibratedModel(model_dir, recipe, device=device, progress=progress)
-    before = size_report(source.model, source.adapter)
+    before = size_report(source.model, source.adapter, source.stored_dtype)
     compressed = source.compress(recipe, in_place=True)
     if recipe.distill_steps:
         source.distill(compressed)
     source.quantize(compressed)
+    source.to_stored_dtype(compressed)
     after = size_report(compressed.model, source.adapter)
     if out_dir is not None:
         out_dir = source.save(compressed, out_dir, force=force)

@@ -11,6 +11,7 @@ dense: dense checkpoints through the same op (G = E, identity grouping).
 onnx_file: checked, atomic saving with external data; the functions-inlined copy.
 export_config: `ExportConfig`, every choice an export takes.
 validate, pipeline: `mcsmoe export`: write, check against the torch reference, describe.
+genai_folder: an onnxruntime-genai model folder (genai_config.json, tokenizer files) around a decoder graph.
 """
 
 from .moe_op import (
@@ -27,6 +28,7 @@ from .dense import group_dense_experts
 from .kv_export import export_compressed_with_past, greedy_generate_onnx
 from .onnx_file import save_checked, write_inlined_copy
 from .export_config import TARGETS, ExportConfig
+from .genai_folder import genai_config, write_genai_files
 from .pipeline import export_model
 from .switch_export import export_switch, greedy_generate_switch_onnx
 from .torch_export import export_compressed
@@ -51,9 +53,11 @@ __all__ = [
     "export_compressed_with_past",
     "export_model",
     "export_switch",
+    "genai_config",
     "greedy_generate_onnx",
     "greedy_generate_switch_onnx",
     "grouped_moe_function",
+    "write_genai_files",
     "make_moe_node",
     "register_op_schema",
     "standalone_model",

@@ -5,11 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx_ir as ir
+import torch
 
 from ..errors import UserError
 from ..models.base import ExpertLayout
 
 TARGETS = ("mcsmoe", "ort-fused")
+# graph dtypes -> torch dtypes. bf16 is not offered: ONNX's TopK (the op's routing) takes no bf16
+# before opset 24 and onnxruntime's CPU provider has no bf16 MatMul, Softmax or TopK kernels, so
+# a bf16 graph could neither run nor be validated here
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MIN_OPSET = 18  # the op's function body needs opset 18
 
 
@@ -28,6 +33,10 @@ class ExportConfig:
     force: replace existing outputs (export_model).
     progress: a bar over the stages on stderr (export_model).
     passes: more onnx-ir passes, run on each finished graph after the target's own.
+    dtype: "fp32" (default) or "fp16", the graph's floating type: weights, activations, KV cache
+        and logits (see DTYPES for bf16); the checkpoint is cast (bf16 -> fp16 rounds).
+    genai: the output is an onnxruntime-genai model folder (OUT/model.onnx, genai_config.json,
+        tokenizer files; see genai_folder) instead of one ONNX file; decoder-only, with_past.
     """
 
     target: str = "mcsmoe"
@@ -39,19 +48,38 @@ class ExportConfig:
     force: bool = False
     progress: bool = False
     passes: tuple[ir.passes.PassBase, ...] = ()
+    genai: bool = False
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise UserError(f"unknown export target {self.target!r}; one of {', '.join(TARGETS)}")
         if self.opset < MIN_OPSET:
             raise UserError(f"opset {self.opset} is too old: the op's function body needs opset >= {MIN_OPSET}")
+        if self.dtype == "bf16":
+            raise UserError("bf16 graphs are not offered: ONNX TopK takes no bf16 before opset 24 and onnxruntime's "
+                            "CPU provider has no bf16 MatMul/Softmax/TopK kernels; export fp16 or fp32")
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown graph dtype {self.dtype!r}; one of {', '.join(DTYPES)}")
+        if self.dtype != "fp32" and self.target == "ort-fused":
+            raise UserError("target 'ort-fused' exports fp32 graphs only")
         object.__setattr__(self, "passes", tuple(self.passes))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The graph's floating type as a torch dtype."""
+        return DTYPES[self.dtype]
 
     def check_checkpoint(self, source: str, family: str, encoder_decoder: bool, compressed: bool) -> None:
         """UserError unless this config can export checkpoint `source` of `family` (compressed or dense)."""
         if self.target == "ort-fused" and compressed:
             raise UserError("target 'ort-fused' maps dense experts to com.microsoft.MoE; "
                             f"{source} is a compressed checkpoint (export it with target 'mcsmoe')")
+        if self.genai and not self.with_past:
+            raise UserError("an onnxruntime-genai folder needs the KV-cache graph; drop --no-past")
+        if encoder_decoder and self.dtype == "fp16":
+            # T5-family activations pass fp16's range (65504) in the feed-forward blocks
+            raise UserError(f"{family} exports fp32 graphs only: its activations overflow fp16")
         if encoder_decoder and not self.with_past:
             raise UserError(f"{family} exports an encoder graph and a decoder graph with KV cache; "
                             "a graph without KV cache (with_past=False) is for decoder-only models")
@@ -72,4 +100,4 @@ class ExportConfig:
         return [*target_passes, *self.passes]
 
 
-__all__ = ["MIN_OPSET", "TARGETS", "ExportConfig"]
+__all__ = ["DTYPES", "MIN_OPSET", "TARGETS", "ExportConfig"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-
+import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import is_compressed_checkpoint, is_quantized_checkpoint, load_compressed
@@ -23,6 +23,7 @@ from ..memory import peak_rss_bytes
 from ..models import adapter_for_config, check_weights, load_model, read_config_dict
 from .dense import group_dense_experts
 from .export_config import TARGETS, ExportConfig
+from .genai_folder import GRAPH_FILE, check_genai_source, write_genai_files
 from .kv_export import past_graph_spec
 from .onnx_file import write_inlined_copy
 from .passes.metadata import SetMetadataPass
@@ -42,9 +43,11 @@ def check_output_file(out_path: str | Path, force: bool, inputs: tuple[str | Pat
     return out_path
 
 
-def _load_reference(model_dir: str | Path, compressed: bool):
-    # the torch model users know: transformers' own for dense, load_compressed for compressed
-    return load_compressed(model_dir) if compressed else load_model(model_dir, device="cpu")[0]
+def _load_reference(model_dir: str | Path, compressed: bool, dtype: torch.dtype):
+    # the torch model users know: transformers' own for dense, load_compressed for compressed; in the
+    # graph's dtype whatever the checkpoint's (a bf16 checkpoint's weights upcast to fp32 exactly)
+    model = load_compressed(model_dir) if compressed else load_model(model_dir, device="cpu")[0]
+    return model.to(dtype)
 
 
 def source_metadata(model_dir: str | Path, compressed: bool, target: str) -> SetMetadataPass:
@@ -59,11 +62,11 @@ def source_metadata(model_dir: str | Path, compressed: bool, target: str) -> Set
                             "mcsmoe.version": __version__})
 
 
-def _check_output_folder(out_path: str | Path, family: str, force: bool, inputs: tuple[str | Path, ...]) -> Path:
+def _check_output_folder(out_path: str | Path, what: str, force: bool, inputs: tuple[str | Path, ...]) -> Path:
+    """`what` says what goes into the folder, for the message when `out_path` looks like a file name."""
     out_path = Path(out_path)
     if out_path.suffix == ".onnx":
-        raise UserError(f"{family} exports two graphs ({ENCODER_FILE}, {DECODER_FILE}) into a folder; "
-                        f"give a folder name, not {out_path.name}")
+        raise UserError(f"{what} into a folder; give a folder name, not {out_path.name}")
     out_path = prepare_output_dir(out_path, force, inputs)
     if not os.access(out_path.parent, os.W_OK):
         raise UserError(f"cannot write to {out_path.parent}")
@@ -91,6 +94,45 @@ def _export_encoder_decoder(model, adapter, out_dir: Path, config: ExportConfig)
     report.file_bytes = sum(p.stat().st_size for p in out_dir.iterdir())
     if config.inline:
         report.inlined_path = " + ".join(str(p) for p in files[1])
+    return report, files
+
+
+def _export_decoder(model, adapter, out_path: Path, config: ExportConfig, stages: tqdm):
+    """A decoder-only graph (and its inlined copy) at `out_path`; `model` is consumed (its weights freed)."""
+    check_exportable(adapter, config.opset)
+    make_spec = past_graph_spec if config.with_past else logits_graph_spec
+    staged = stage_graph(model, adapter, make_spec(model), out_path, config.opset)
+    model.to("meta")  # the staged file holds the weights now: free them before the graph is reloaded
+    gc.collect()
+    model_proto = finish_staged(staged, out_path, config)
+    report = describe(model_proto, out_path)
+    del model_proto
+    files = [out_path]
+    if config.inline:
+        _next_stage(stages, "writing the inlined copy")
+        files.append(write_inlined_copy(out_path))
+        report.inlined_path = str(files[-1])
+    return report, files
+
+
+def _export_genai_folder(model, adapter, model_dir: str | Path, out_dir: Path, config: ExportConfig, stages: tqdm):
+    """The decoder graph plus genai_config.json and tokenizer files, staged beside `out_dir` and renamed in."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".staging", dir=out_dir.parent))
+    try:
+        graph = staging / GRAPH_FILE
+        report, files = _export_decoder(model, adapter, graph, config, stages)
+        write_genai_files(model_dir, graph)
+        with_default_permissions(staging)
+        if out_dir.exists():  # --force: checked by _check_output_folder
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    files = [out_dir / path.name for path in files]
+    report.path = str(out_dir / GRAPH_FILE)
+    if config.inline:
+        report.inlined_path = str(files[-1])
     return report, files
 
 
@@ -122,13 +164,20 @@ def export_model(
     check_weights(model_dir)
     compressed = is_compressed_checkpoint(model_dir)
     config.check_checkpoint(str(model_dir), adapter.family, adapter.encoder_decoder, compressed)
+    if config.dtype != "fp32" and compressed and is_quantized_checkpoint(model_dir):
+        raise UserError(f"{model_dir} stores quantized weights, whose fp32 scales feed fp32 MatMuls: export it as fp32")
     if compressed and adapter.encoder_decoder and is_quantized_checkpoint(model_dir):
         # the graphs build and run, but parity with load_compressed was 8e-4 relative on the tiny
         # merged Switch model (1e-5 low rank), above the 1e-4 every export promises: not offered yet
         raise UserError(f"{model_dir} stores quantized experts of {adapter.family}; exporting them is built for "
                         "decoder-only families (mixtral, qwen2_moe, qwen3_moe, olmoe) only")
-    if adapter.encoder_decoder:
-        out_path = _check_output_folder(out_path, adapter.family, config.force, (model_dir,))
+    if config.genai:
+        check_genai_source(model_dir)
+        out_path = _check_output_folder(out_path, f"an onnxruntime-genai model goes ({GRAPH_FILE}, genai_config.json, "
+                                        "tokenizer files)", config.force, (model_dir,))
+    elif adapter.encoder_decoder:
+        out_path = _check_output_folder(out_path, f"{adapter.family} exports two graphs ({ENCODER_FILE}, "
+                                        f"{DECODER_FILE})", config.force, (model_dir,))
     else:
         out_path = check_output_file(out_path, config.force, (model_dir,))
         if config.inline:
@@ -139,34 +188,27 @@ def export_model(
                   disable=not config.progress, bar_format="{desc:<28} {n_fmt}/{total_fmt} stages [{elapsed}]")
     # each graph goes through the target's passes, then records its source, then the caller's passes
     config = replace(config, passes=(source_metadata(model_dir, compressed, config.target), *config.passes))
-    model = _load_reference(model_dir, compressed)
+    model = _load_reference(model_dir, compressed, config.torch_dtype)
     config.check_experts(adapter.family, adapter.expert_layout(model.config))
     if not compressed:
         group_dense_experts(model, adapter)
     _next_stage(stages, "tracing and saving")
     if adapter.encoder_decoder:
         report, files = _export_encoder_decoder(model, adapter, out_path, config)
+    elif config.genai:
+        report, files = _export_genai_folder(model, adapter, model_dir, out_path, config, stages)
     else:
-        check_exportable(adapter, config.opset)
-        make_spec = past_graph_spec if config.with_past else logits_graph_spec
-        staged = stage_graph(model, adapter, make_spec(model), out_path, config.opset)
-        del model  # the staged file holds the weights now: free them before the graph is reloaded
-        gc.collect()
-        model_proto = finish_staged(staged, out_path, config)
-        report = describe(model_proto, out_path)
-        del model_proto
-        files = [out_path]
-        if config.inline:
-            _next_stage(stages, "writing the inlined copy")
-            files.append(write_inlined_copy(out_path))
-            report.inlined_path = str(files[-1])
+        report, files = _export_decoder(model, adapter, out_path, config, stages)
+    del model
     report.target, report.with_past, report.compressed = config.target, config.with_past, compressed
     if config.validate:
         _next_stage(stages, "validating in onnxruntime")
         # reloaded: for a dense checkpoint, transformers' own model rather than our regrouping of it
         model = None
         gc.collect()
-        model = _load_reference(model_dir, compressed)
+        # in fp32 for any graph dtype: the function the checkpoint defines (torch's own fp16 CPU
+        # arithmetic rounds differently from onnxruntime's, and neither is the authority)
+        model = _load_reference(model_dir, compressed, torch.float32)
         report.parity = [check_parity(path, model, config.with_past) for path in files]
     _next_stage(stages, "done")
     stages.close()

@@ -87,6 +87,22 @@ def check_weights(model_dir: str | Path) -> None:
         read_header(path)
 
 
+# safetensors names of the floating dtypes a checkpoint is stored in, as torch dtypes
+_STORED_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float32}
+
+
+def stored_dtype(model_dir: str | Path) -> torch.dtype:
+    """The floating dtype most of the checkpoint's weight bytes are stored in (bf16, fp16 or fp32; fp64 counts as
+    fp32), read from the safetensors headers: what a compressed checkpoint of it is written in."""
+    stored: dict[str, int] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        for entry in read_header(path).values():
+            if entry["dtype"] in _STORED_FLOAT_DTYPES:
+                begin, end = entry["data_offsets"]
+                stored[entry["dtype"]] = stored.get(entry["dtype"], 0) + end - begin
+    return _STORED_FLOAT_DTYPES[max(stored, key=stored.get)] if stored else torch.float32
+
+
 def default_device() -> str:
     """"cuda" when a GPU is visible, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,6 +173,7 @@ __all__ = [
     "check_config_values",
     "check_device",
     "check_weights",
+    "stored_dtype",
     "default_device",
     "load_model",
     "read_config_dict",
