@@ -176,3 +176,8 @@ def test_the_pass_refuses_a_low_rank_graph_and_leaves_it_unchanged(refused_dirs,
     with pytest.raises(GraphPassError, match="projection (gate|up|down) is 'lowrank-[a-z-]*int4b16', not dense and quantized"):
         GraphPassManager(ort_qmoe_passes())(model)
     assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_the_target_runs_the_fusion_then_the_clean_up():
+    names = [type(p).__name__ for p in m.ExportConfig(target="ort-qmoe").graph_passes()]
+    assert names == ["FuseQMoEPass", "RemoveUnusedNodesPass", "RemoveUnusedFunctionsPass", "RemoveUnusedOpsetsPass"]
