@@ -12,7 +12,9 @@ rounds (batch 1) and prints decode p50 ms/token, its ratio to ours fp32, and byt
 int4 (target mcsmoe) is also timed at MatMulNBits accuracy level 0 (float32 compute; the default is
 onnxruntime's level 4, int8 activations). Only expert projections of ours are quantized; attention
 and LM head stay fp32 (the builder's int4 quantizes every MatMul). --only NAME... times a subset
-(ours-fp32 is always timed: the ratios' baseline).
+(ours-fp32 is always timed: the ratios' baseline). --blocks also times the first MoE block of each int4
+graph alone (benchmarks/_moe_block.py: one token per call, float32 compute unless `acc4`), against
+ours-int4's block: the MoE target's own effect, which attention and LM head in fp32 dilute above.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--blocks", action="store_true", help="also time the first MoE block of the int4 graphs")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="time these contestants (and ours-fp32) only")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -145,6 +148,27 @@ def main(argv: list[str] | None = None) -> None:
         p50 = float(np.median(values))
         on_disk = _bytes(graphs[name.split("@")[0]])
         print(f"{name:26s} decode p50 {p50:7.3f} ms/token ({p50 / base:5.2f}x ours-fp32)  on disk {on_disk / 1e6:7.1f} MB")
+    if args.blocks:
+        print_blocks(graphs, args.work, args.threads, args.rounds)
+
+
+def print_blocks(graphs: dict[str, Path], work: Path, threads: int, rounds: int) -> None:
+    """The first MoE block of every int4 graph of ours timed alone, one token per call (see --blocks)."""
+    from benchmarks._moe_block import extract_first_block, time_blocks
+
+    names = [n for n in graphs if n.startswith("ours-") and "int4" in n and "r0.25" not in n]
+    blocks = {}
+    for name in names:
+        block = extract_first_block(graphs[name], work / f"block-{name}.onnx")
+        blocks[name] = (block, 0)
+        if "qmoe" not in name:  # MatMulNBits at onnxruntime's default, int8 activations, as -qmoe-acc4
+            blocks[name + "@acc4"] = (block, 4)
+    times = time_blocks(blocks, CONFIG["hidden_size"], CONFIG["num_local_experts"], threads, rounds, calls=200)
+    base = float(np.median(times["ours-int4"]))
+    print(f"first MoE block alone, 1 token per call, {rounds} alternating rounds x 200 calls")
+    for name, values in times.items():
+        p50 = float(np.median(values))
+        print(f"{'block ' + name:30s} p50 {1000 * p50:8.1f} us ({p50 / base:5.2f}x ours-int4 block)")
 
 
 if __name__ == "__main__":

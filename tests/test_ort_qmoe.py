@@ -149,7 +149,8 @@ def refused_dirs(tiny_dirs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case,message", [
-    ("lowrank", "low rank (rank 16); QMoE takes dense experts"), ("float", "in float; QMoE takes quantized experts"), ("dense", "it is not compressed")])
+    ("lowrank", "low rank (rank 16); QMoE takes dense experts"), ("float", "in float; QMoE takes quantized experts"),
+    ("dense", "it is not compressed")])
 def test_unsuitable_checkpoints_are_refused_in_one_line(case, message, refused_dirs, tmp_path, capsys):
     out = tmp_path / "model.onnx"
     with pytest.raises(UserError) as error:
@@ -173,7 +174,8 @@ def test_the_pass_refuses_a_low_rank_graph_and_leaves_it_unchanged(refused_dirs,
     m.export_model(refused_dirs["lowrank"], ours, with_past=False, validate=False)
     model = ir.load(ours)
     before = ir.to_proto(model).SerializeToString()
-    with pytest.raises(GraphPassError, match="projection (gate|up|down) is 'lowrank-[a-z-]*int4b16', not dense and quantized"):
+    with pytest.raises(GraphPassError, match="projection (gate|up|down) is 'lowrank-[a-z-]*int4b16', not dense and "
+                                             "quantized"):
         GraphPassManager(ort_qmoe_passes())(model)
     assert ir.to_proto(model).SerializeToString() == before
 

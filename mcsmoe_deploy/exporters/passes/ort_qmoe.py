@@ -214,15 +214,20 @@ def _group_weights(graph: ir.Graph, node: ir.Node, fusion: QMoEFusion) -> tuple[
 
     def add(op: str, inputs: list[ir.Value], *attributes: ir.Attr) -> ir.Value:
         new = ir.Node("", op, inputs, attributes, name=f"{prefix}/qmoe_routing/{op}_{len(nodes)}")
+        new.outputs[0].name = _unique_name(f"{prefix}.qmoe_routing.{len(nodes)}_{op.lower()}", graph)
         nodes.append(new)
         return new.outputs[0]
 
-    routed = logits if logits.dtype == ir.DataType.FLOAT else add("Cast", [logits], ir.AttrInt64("to", ir.DataType.FLOAT))
+    routed = logits
+    if logits.dtype not in (None, ir.DataType.FLOAT):
+        routed = add("Cast", [logits], ir.AttrInt64("to", ir.DataType.FLOAT))
     probs = add("Softmax", [routed], ir.AttrInt64("axis", -1))  # in float32 like route_top_k
     top = ir.Node("", "TopK", [probs, k], [ir.AttrInt64("axis", -1)], num_outputs=2,
                   name=f"{prefix}/qmoe_routing/TopK")
     nodes.append(top)
     weights, index = top.outputs
+    weights.name = _unique_name(f"{prefix}.qmoe_routing.top_k_weights", graph)
+    index.name = _unique_name(f"{prefix}.qmoe_routing.top_k_experts", graph)
     if fusion.normalize_topk:
         weights = add("Div", [weights, add("ReduceSum", [weights, _initializer(
             graph, f"{prefix}.qmoe_axes", np.array([-1], np.int64))], ir.AttrInt64("keepdims", 1))])
@@ -313,7 +318,8 @@ def qmoe_refusal(section: dict) -> str | None:
                 return f"layer {layer_name} stores {name} in float; QMoE takes quantized experts"
             quants.append(QuantSpec.from_dict(proj["quant"]))
         if len(set(quants)) > 1:
-            return f"layer {layer_name} quantizes its projections differently; QMoE takes one bits/block/zero-point setting"
+            return (f"layer {layer_name} quantizes its projections differently; QMoE takes one bits, block and "
+                    "zero-point setting")
     return None
 
 
