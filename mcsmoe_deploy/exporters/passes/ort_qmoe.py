@@ -250,6 +250,9 @@ class FuseQMoEPass(ir.passes.InPlacePass):
     for int4), weights_prepacked 0 (the raw layout). Routing as the module docstring says.
     The replaced inputs, functions and the ai.mcsmoe import are left for the unused-removal
     passes (see `ort_qmoe_passes`).
+
+    Memory: one block at a time, its codes unpacked to one byte each while repacked; the new
+    tensors hold as many bytes as the per-group inputs they replace.
     """
 
     def requires(self, model: ir.Model) -> None:
