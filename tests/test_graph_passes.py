@@ -154,7 +154,7 @@ def test_metadata_pass_reports_a_change_only_when_it_makes_one():
 
 
 def test_export_config_validates_in_its_own_terms():
-    with pytest.raises(UserError, match=r"^unknown export target 'tensorrt'; one of mcsmoe, ort-fused$"):
+    with pytest.raises(UserError, match=r"^unknown export target 'tensorrt'; one of mcsmoe, ort-fused, ort-qmoe$"):
         ExportConfig(target="tensorrt")
     with pytest.raises(UserError, match=r"^opset 17 is too old: the op's function body needs opset >= 18$"):
         ExportConfig(opset=17)

@@ -61,7 +61,10 @@ def add_parsers(sub) -> None:
     export.add_argument("--no-past", action="store_true", help="a plain logits graph without KV cache")
     export.add_argument("--target", choices=TARGETS, default=ExportConfig.target,
                         help="mcsmoe: the GroupedLowRankMoE op (default); ort-fused: dense SwiGLU experts as "
-                             "onnxruntime's com.microsoft.MoE, a baseline for comparison (dense checkpoints only)")
+                             "onnxruntime's com.microsoft.MoE, a baseline for comparison (dense checkpoints only); "
+                             "ort-qmoe: quantized checkpoints whose experts are dense SwiGLU (mcsmoe compress "
+                             "--quantize int4|int8, merged or not, no low rank) as onnxruntime's "
+                             "com.microsoft.QMoE (int4 exact; int8 runs with int8 activations, ~1%% error)")
     export.add_argument("--inline", action="store_true",
                         help="also write OUT.inlined.onnx with every function inlined (standard ops only), "
                              "for runtimes that reject custom domains")

@@ -5,7 +5,7 @@ its semantics as a model-local ONNX function made of standard ops (see docs/ops.
 torch_export: a compressed decoder-only model -> one logits graph (torch.onnx, dynamo).
 kv_export: the same with past_key_values in and present out (prefill and decode in one graph).
 switch_export: Switch Transformers -> encoder.onnx + decoder.onnx (with KV cache), expert capacity kept.
-passes: graph transforms as onnx-ir passes (ort-fused mapping, inlining, TensorRT preparation) and their manager.
+passes: graph transforms as onnx-ir passes (ort-fused and ort-qmoe mappings, inlining, TensorRT preparation) and their manager.
 ort_fused: dense SwiGLU blocks as onnxruntime's com.microsoft.MoE (a baseline), on an onnx.ModelProto.
 dense: dense checkpoints through the same op (G = E, identity grouping).
 onnx_file: checked, atomic saving with external data; the functions-inlined copy.

@@ -10,7 +10,7 @@ import torch
 from ..errors import UserError
 from ..models.base import ExpertLayout
 
-TARGETS = ("mcsmoe", "ort-fused")
+TARGETS = ("mcsmoe", "ort-fused", "ort-qmoe")
 # graph dtypes -> torch dtypes. bf16 is not offered: ONNX's TopK (the op's routing) takes no bf16
 # before opset 24 and onnxruntime's CPU provider has no bf16 MatMul, Softmax or TopK kernels, so
 # a bf16 graph could neither run nor be validated here
@@ -23,7 +23,8 @@ class ExportConfig:
     """How to export a model to ONNX.
 
     target: "mcsmoe" (every MoE block one ai.mcsmoe::GroupedLowRankMoE node), or
-        "ort-fused" (dense SwiGLU checkpoints only: onnxruntime's com.microsoft.MoE).
+        "ort-fused" (dense SwiGLU checkpoints only: onnxruntime's com.microsoft.MoE), or "ort-qmoe"
+        (quantized checkpoints with dense SwiGLU experts, merged or not: com.microsoft.QMoE, passes/ort_qmoe.py).
     with_past: one graph for prefill and decode with `past_key_values.N.*` inputs and
         `present.N.*` outputs (see kv_export); False: a plain logits graph.
     validate: compare onnxruntime with the torch reference on random tokens (export_model).
@@ -61,8 +62,8 @@ class ExportConfig:
                             "CPU provider has no bf16 MatMul/Softmax/TopK kernels; export fp16 or fp32")
         if self.dtype not in DTYPES:
             raise UserError(f"unknown graph dtype {self.dtype!r}; one of {', '.join(DTYPES)}")
-        if self.dtype != "fp32" and self.target == "ort-fused":
-            raise UserError("target 'ort-fused' exports fp32 graphs only")
+        if self.dtype != "fp32" and self.target in ("ort-fused", "ort-qmoe"):
+            raise UserError(f"target {self.target!r} exports fp32 graphs only")
         object.__setattr__(self, "passes", tuple(self.passes))
 
     @property
@@ -80,14 +81,17 @@ class ExportConfig:
         if encoder_decoder and self.dtype == "fp16":
             # T5-family activations pass fp16's range (65504) in the feed-forward blocks
             raise UserError(f"{family} exports fp32 graphs only: its activations overflow fp16")
+        if self.target == "ort-qmoe":
+            _check_qmoe_checkpoint(source, compressed)
         if encoder_decoder and not self.with_past:
             raise UserError(f"{family} exports an encoder graph and a decoder graph with KV cache; "
                             "a graph without KV cache (with_past=False) is for decoder-only models")
 
     def check_experts(self, family: str, layout: ExpertLayout) -> None:
-        """UserError unless the target can express experts of `layout` (ort-fused: SwiGLU only)."""
-        if self.target == "ort-fused" and not (layout.gated and layout.activation in ("silu", "swish")):
-            raise UserError(f"target 'ort-fused' needs a dense checkpoint with SwiGLU experts; {family} experts are "
+        """UserError unless the target can express experts of `layout` (ort-fused, ort-qmoe: SwiGLU only)."""
+        if self.target in ("ort-fused", "ort-qmoe") and not (layout.gated and layout.activation in ("silu", "swish")):
+            what = "a dense checkpoint" if self.target == "ort-fused" else "a quantized checkpoint"
+            raise UserError(f"target {self.target!r} needs {what} with SwiGLU experts; {family} experts are "
                             f"{'gated' if layout.gated else 'plain'} {layout.activation}")
 
     def graph_passes(self) -> list[ir.passes.PassBase]:
@@ -97,7 +101,24 @@ class ExportConfig:
             from .passes.ort_moe import ort_fusion_passes
 
             target_passes = ort_fusion_passes()
+        elif self.target == "ort-qmoe":
+            from .passes.ort_qmoe import ort_qmoe_passes
+
+            target_passes = ort_qmoe_passes()
         return [*target_passes, *self.passes]
+
+
+def _check_qmoe_checkpoint(source: str, compressed: bool) -> None:
+    """UserError unless checkpoint `source` stores every MoE projection dense and quantized (QMoE's input)."""
+    from ..models import read_config_dict
+    from .passes.ort_qmoe import qmoe_refusal
+
+    section = read_config_dict(source).get("mcsmoe") if compressed else None
+    reason = "it is not compressed" if section is None else qmoe_refusal(section)
+    if reason is not None:
+        raise UserError(f"target 'ort-qmoe' maps quantized dense SwiGLU experts to com.microsoft.QMoE; {source}: "
+                        f"{reason} (quantize with `mcsmoe compress --quantize int4|int8 --rank-ratio 1`, or export "
+                        "with target 'mcsmoe')")
 
 
 __all__ = ["DTYPES", "MIN_OPSET", "TARGETS", "ExportConfig"]
