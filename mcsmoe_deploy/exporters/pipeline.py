@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +14,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import is_compressed_checkpoint, is_quantized_checkpoint, load_compressed
 from ..contract import DECODER_FILE, ENCODER_FILE, external_data_path, inlined_path
-from ..files import prepare_output_dir, with_default_permissions
+from ..corpus import copy_tokenizer_files
+from ..files import check_output, staged_output
 from ..errors import UserError
 from ..memory import peak_rss_bytes
 from ..models import adapter_for_config, check_weights, load_model, read_config_dict
@@ -31,15 +29,18 @@ from .torch_export import check_exportable, finish_staged, logits_graph_spec, st
 from .validate import ExportReport, check_parity, describe, describe_files
 
 
-def check_output_file(out_path: str | Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
-    """UserError unless `out_path` may be written: the shared output rules (apart from `inputs`), plus a
-    writable parent, not a folder."""
-    out_path = prepare_output_dir(out_path, force, inputs)
-    if out_path.is_dir():
+def check_output_file(out_path: str | Path, force: bool, inputs: tuple[str | Path, ...] = (),
+                      companions: tuple[str, ...] = ()) -> Path:
+    """UserError unless `out_path` (and its `companions` beside it) may be written: files.check_output's
+    rules (apart from `inputs`, parent writable), and not a folder."""
+    if Path(out_path).is_dir() and not Path(out_path).is_symlink():
         raise UserError(f"output {out_path} is a directory; give a file name such as model.onnx")
-    if not os.access(out_path.parent, os.W_OK):
-        raise UserError(f"cannot write to {out_path.parent}")
-    return out_path
+    return check_output(out_path, force=force, inputs=inputs, kind="file", companions=companions)
+
+
+def _graph_companions(out_path: Path, inline: bool) -> tuple[str, ...]:
+    """Files written beside a decoder graph: its external data, and the inlined copy (which shares that data)."""
+    return (external_data_path(out_path).name, *((inlined_path(out_path).name,) if inline else ()))
 
 
 def _load_reference(model_dir: str | Path, compressed: bool):
@@ -64,29 +65,19 @@ def _check_output_folder(out_path: str | Path, family: str, force: bool, inputs:
     if out_path.suffix == ".onnx":
         raise UserError(f"{family} exports two graphs ({ENCODER_FILE}, {DECODER_FILE}) into a folder; "
                         f"give a folder name, not {out_path.name}")
-    out_path = prepare_output_dir(out_path, force, inputs)
-    if not os.access(out_path.parent, os.W_OK):
-        raise UserError(f"cannot write to {out_path.parent}")
-    return out_path
+    return check_output(out_path, force=force, inputs=inputs, kind="dir")
 
 
-def _export_encoder_decoder(model, adapter, out_dir: Path, config: ExportConfig):
-    """Switch: both graphs into a staging folder beside `out_dir`, renamed into place when all are written."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".staging", dir=out_dir.parent))
-    try:
+def _export_encoder_decoder(model, adapter, model_dir: Path, out_dir: Path, config: ExportConfig):
+    """Switch: both graphs and the tokenizer files into one folder, written through `staged_output`."""
+    with staged_output(out_dir, force=config.force, inputs=(model_dir,)) as staging:
         written = export_switch(model, adapter, staging, config)
         graphs = [written.encoder, written.decoder]
         report = describe_files([onnx.load(str(p), load_external_data=False) for p in graphs], graphs, out_dir)
         pairs = [(ENCODER_FILE, DECODER_FILE)]
         if config.inline:
             pairs.append(tuple(write_inlined_copy(p).name for p in graphs))
-        with_default_permissions(staging)
-        if out_dir.exists():  # --force: checked by _check_output_folder
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        copy_tokenizer_files(model_dir, staging)  # the folder is served on its own (`mcsmoe run OUT/`)
     files = [(out_dir / encoder, out_dir / decoder) for encoder, decoder in pairs]
     report.file_bytes = sum(p.stat().st_size for p in out_dir.iterdir())
     if config.inline:
@@ -130,9 +121,7 @@ def export_model(
     if adapter.encoder_decoder:
         out_path = _check_output_folder(out_path, adapter.family, config.force, (model_dir,))
     else:
-        out_path = check_output_file(out_path, config.force, (model_dir,))
-        if config.inline:
-            check_output_file(inlined_path(out_path), config.force, (model_dir,))
+        out_path = check_output_file(out_path, config.force, (model_dir,), _graph_companions(out_path, config.inline))
 
     inline_stage = config.inline and not adapter.encoder_decoder
     stages = tqdm(total=2 + inline_stage + config.validate, desc="loading", unit="stage",
@@ -145,20 +134,24 @@ def export_model(
         group_dense_experts(model, adapter)
     _next_stage(stages, "tracing and saving")
     if adapter.encoder_decoder:
-        report, files = _export_encoder_decoder(model, adapter, out_path, config)
+        report, files = _export_encoder_decoder(model, adapter, Path(model_dir), out_path, config)
     else:
         check_exportable(adapter, config.opset)
         make_spec = past_graph_spec if config.with_past else logits_graph_spec
-        staged = stage_graph(model, adapter, make_spec(model), out_path, config.opset)
-        del model  # the staged file holds the weights now: free them before the graph is reloaded
-        gc.collect()
-        model_proto = finish_staged(staged, out_path, config)
+        with staged_output(out_path, force=config.force, inputs=(model_dir,), kind="file",
+                           companions=_graph_companions(out_path, config.inline)) as target:
+            staged = stage_graph(model, adapter, make_spec(model), target, config.opset)
+            del model  # the staged file holds the weights now: free them before the graph is reloaded
+            gc.collect()
+            model_proto = finish_staged(staged, target, config)
+            if config.inline:
+                _next_stage(stages, "writing the inlined copy")
+                write_inlined_copy(target)
         report = describe(model_proto, out_path)
         del model_proto
         files = [out_path]
         if config.inline:
-            _next_stage(stages, "writing the inlined copy")
-            files.append(write_inlined_copy(out_path))
+            files.append(inlined_path(out_path))
             report.inlined_path = str(files[-1])
     report.target, report.with_past, report.compressed = config.target, config.with_past, compressed
     if config.validate:

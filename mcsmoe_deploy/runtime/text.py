@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 from ..contract import ENCODER_FILE, read_graph
-from ..corpus import load_tokenizer_from
+from ..corpus import TOKENIZER_FILES, load_tokenizer_from
 from ..errors import UserError
 from .generation import GenerationConfig, GenerationResult, generate, left_pad
 from .session import DecoderSession, Seq2SeqSession, is_seq2seq_export, open_session
@@ -15,12 +15,15 @@ from .session import DecoderSession, Seq2SeqSession, is_seq2seq_export, open_ses
 
 def tokenizer_dir_for(model: str | Path, tokenizer: str | Path | None = None) -> Path:
     """Where the tokenizer of `model` lives: `tokenizer` if given; a checkpoint directory itself; for an
-    ONNX file or an encoder-decoder export folder, the checkpoint it was exported from
-    (`mcsmoe.source_model` metadata), else the file's own folder."""
+    encoder-decoder export folder, the folder when it holds tokenizer files; for an ONNX file (or an
+    older export folder), the checkpoint it was exported from (`mcsmoe.source_model` metadata), else
+    the file's own folder."""
     if tokenizer is not None:
         return Path(tokenizer)
     model = Path(model)
     if model.is_dir() and is_seq2seq_export(model):
+        if any((model / name).is_file() for name in TOKENIZER_FILES):  # copied in by the export
+            return model
         model = model / ENCODER_FILE
     if model.is_dir():
         return model
