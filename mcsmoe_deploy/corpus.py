@@ -89,7 +89,8 @@ def read_text(path: str | Path) -> str:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"calibration file not found: {path}")
+        raise UserError(f"calibration file not found: {path}" if not path.exists()
+                        else f"calibration file {path} is not a file (give a .txt or .jsonl file)")
     raw = _decoded_text(path)
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         texts = []

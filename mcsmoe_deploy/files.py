@@ -70,7 +70,8 @@ def check_output(target: str | Path, *, force: bool = False, inputs: Sequence[st
     if kind == "dir" and target.exists() and not target.is_dir():
         raise UserError(f"output {target} is a file, not a folder; remove it or give another name")
     if not target.parent.is_dir():
-        raise UserError(f"parent folder of the output does not exist: {target.parent}")
+        raise UserError(f"parent folder of the output does not exist: {target.parent}" if not target.parent.exists()
+                        else f"parent of the output is not a folder: {target.parent}")
     if not os.access(target.parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {target.parent}")
     return target
@@ -126,6 +127,8 @@ def clear_stale_staging(target: str | Path) -> list[Path]:
     was never replaced), then the folder is deleted. Folders of live processes are left alone.
     """
     target = Path(target)
+    if target.is_symlink():
+        return []
     removed = []
     for leftover in staging_leftovers(target):
         role, pid = _aside_pattern(target.name).match(leftover.name).groups()
@@ -215,8 +218,8 @@ def staged_output(target: str | Path, *, force: bool = False, inputs: Sequence[s
     file of an earlier `--force` run). Raises UserError (one line) when `target` may not be
     written (`check_output`) or the disk fills or refuses a write.
     """
+    clear_stale_staging(target)  # first: an old output a killed swap set aside is back before the checks
     target = check_output(target, force=force, inputs=inputs, kind=kind, companions=companions)
-    clear_stale_staging(target)
     staging = _aside_name(target, _STAGING)
     with _terminate_raises():
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..contract import DECODER_FILE, ENCODER_FILE, read_graph
 from ..errors import UserError
 from ..files import check_output
 
@@ -73,6 +74,9 @@ def _contestants(models: list[str], backends: list[str] | None, provider: str | 
         if not chosen:
             kind = {("ort",): "encoder-decoder export folder", ("torch",): "checkpoint directory"}.get(kinds, "graph file")
             raise UserError(f"{model}: none of the backends {', '.join(backends)} runs a {kind}")
+        if kinds != ("torch",):  # a graph that is unreadable or reads outside its folder: told before any timing
+            for graph in ((Path(model) / ENCODER_FILE, Path(model) / DECODER_FILE) if kinds == ("ort",) else (model,)):
+                read_graph(graph)
         for backend in chosen:
             options = {"provider": provider} if backend == "ort" and provider else {}
             contestants.append(Contestant(model, backend, options=options))

@@ -10,7 +10,7 @@ from ..contract import ENCODER_FILE, read_graph
 from ..corpus import TOKENIZER_FILES, load_tokenizer_from
 from ..errors import UserError
 from .generation import GenerationConfig, GenerationResult, generate, left_pad
-from .session import DecoderSession, Seq2SeqSession, is_seq2seq_export, open_session
+from .session import DecoderSession, Seq2SeqSession, check_model_path, is_seq2seq_export, open_session
 
 
 def tokenizer_dir_for(model: str | Path, tokenizer: str | Path | None = None) -> Path:
@@ -57,6 +57,8 @@ def generate_text(
     (or end-of-text). Pass an open `session` to reuse it. An encoder-decoder session encodes
     the prompts (left-padded) and generates from its decoder's start token.
     """
+    if session is None:
+        check_model_path(model, backend)  # before the tokenizer: a wrong model is named as such
     tok = load_tokenizer_from(tokenizer_dir_for(model, tokenizer), "pass --tokenizer DIR, the checkpoint directory")
     eos = tok.eos_token_id
     config = config or GenerationConfig()
