@@ -477,3 +477,66 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_output(writer, force, small_d
         assert old.read_text() == "the old output"
     else:
         assert not out.exists()
+
+
+# ---- the mechanism itself (files.staged_output) ----------------------------------------------------------
+
+def test_a_failure_inside_the_block_removes_the_staging_and_keeps_the_old_output(tmp_path):
+    from mcsmoe_deploy.files import staged_output
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ZeroDivisionError):
+        with staged_output(target, force=True) as staging:
+            assert staging.parent == tmp_path and DEBRIS.match(staging.name)
+            assert signal.getsignal(signal.SIGTERM) is not handler  # SIGTERM raises Terminated in the block
+            (staging / "new.txt").write_text("new")
+            1 / 0
+    assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "old.txt").read_text() == "old"
+
+
+def test_sigterm_inside_the_block_is_an_exception_that_removes_the_staging(tmp_path):
+    from mcsmoe_deploy.errors import Terminated
+    from mcsmoe_deploy.files import staged_output
+
+    with pytest.raises(Terminated):
+        with staged_output(tmp_path / "out") as staging:
+            (staging / "part").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this returns
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_output_swaps_in_with_its_companions_and_drops_stale_ones(tmp_path):
+    from mcsmoe_deploy.files import staged_output
+
+    target = tmp_path / "m.onnx"
+    target.write_text("old graph")
+    (tmp_path / "m.onnx.data").write_text("old data")  # stale: the new output keeps its weights inside
+    (tmp_path / "m.inlined.onnx").write_text("old inlined")
+    with staged_output(target, force=True, kind="file", companions=("m.onnx.data", "m.inlined.onnx")) as staged:
+        assert staged.name == "m.onnx" and staged.parent.parent == tmp_path
+        staged.write_text("new graph")
+        staged.with_name("m.inlined.onnx").write_text("new inlined")
+        staged.with_name("scratch").write_text("not an output: stays behind in the staging folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.inlined.onnx", "m.onnx"]
+    assert target.read_text() == "new graph" and (tmp_path / "m.inlined.onnx").read_text() == "new inlined"
+
+
+def test_a_live_writers_staging_folder_is_left_alone(tmp_path):
+    from mcsmoe_deploy.files import clear_stale_staging
+
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".out.staging-{writer.pid}-00c0ffee"
+        dead = tmp_path / f".out.staging-{dead_pid()}-00c0ffee"
+        live.mkdir()
+        dead.mkdir()
+        assert clear_stale_staging(tmp_path / "out") == [dead]
+        assert live.exists() and not dead.exists()
+    finally:
+        writer.kill()
+        writer.wait()
