@@ -168,11 +168,11 @@ def check_model_path(model: str | Path, backend: str) -> Path:
     path = Path(model)
     if backend not in BACKEND_CLASSES:
         raise UserError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    session_class = backend_class(backend)
     if not path.exists():
-        raise UserError(f"model not found: {path}")
+        raise UserError(f"model not found: {path}" if session_class.opens_directory else f"ONNX file not found: {path}")
     if backend in SEQ2SEQ_CLASSES and path.is_dir() and is_seq2seq_export(path):
         return path
-    session_class = backend_class(backend)
     if session_class.opens_directory and not path.is_dir():
         raise UserError(f"the {backend} backend loads a checkpoint directory, not {path.name}")
     if not session_class.opens_directory and path.is_dir():
