@@ -144,6 +144,17 @@ def clear_stale_staging(target: str | Path) -> list[Path]:
     return removed
 
 
+def public_path(path: str | Path) -> Path:
+    """`path` as the user will see it once every staging folder on it is swapped in (for messages)."""
+    parts = list(Path(path).parts)
+    for i in reversed(range(len(parts) - 1)):  # the innermost first
+        match = re.match(rf"^\.(.+)\.{_STAGING}-\d+-[0-9a-f]+$", parts[i])
+        if match:  # a file output's staging folder holds the file itself; a folder's staging folder becomes it
+            home = [] if parts[i + 1] == match.group(1) else [match.group(1)]
+            return public_path(Path(*parts[:i], *home, *parts[i + 1:]))
+    return Path(path)
+
+
 def _raise_terminated(signum, frame):
     raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
 
@@ -229,10 +240,13 @@ def staged_output(target: str | Path, *, force: bool = False, inputs: Sequence[s
             _swap_in(staging, target, kind, companions)
         except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
-            reason = _disk_error(exc) if isinstance(exc, Exception) else None
-            if reason is not None and not isinstance(exc, UserError):
-                raise UserError(f"cannot write {target}: {reason}; nothing was written") from None
-            raise
+            reason = _disk_error(exc) if isinstance(exc, Exception) and not isinstance(exc, UserError) else None
+            if reason is None:
+                raise
+            # a denied read (of an input) says which file; a full or read-only disk is the output's
+            where = getattr(exc, "filename", None) if reason == "permission denied" else None
+            raise UserError(f"cannot write {public_path(target)}: {reason}{f' ({where})' if where else ''}; "
+                            "nothing was written") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -260,5 +274,5 @@ def write_file_atomically(path: str | Path, data: str | bytes, inputs: Sequence[
     return Path(path)
 
 
-__all__ = ["check_output", "clear_stale_staging", "new_staging_dir", "prepare_output_dir", "staged_output", "staging_leftovers",
-           "with_default_permissions", "write_file_atomically"]
+__all__ = ["check_output", "clear_stale_staging", "new_staging_dir", "prepare_output_dir", "public_path",
+           "staged_output", "staging_leftovers", "with_default_permissions", "write_file_atomically"]

@@ -269,3 +269,12 @@ def test_a_live_writers_staging_folder_is_left_alone(tmp_path):
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_messages_name_the_output_not_its_staging_folder():
+    from mcsmoe_deploy.files import public_path
+
+    nested_file = "/d/.out.onnx.staging-12-ab/.out.onnx.staging-13-cd/out.onnx"  # export_model, then finish_staged
+    in_folder = "/d/.sw.staging-1-ab/.encoder.onnx.staging-2-cd/encoder.onnx"  # a Switch folder's graph
+    assert [str(public_path(p)) for p in (nested_file, in_folder, "/d/x/out")] == [
+        "/d/out.onnx", "/d/sw/encoder.onnx", "/d/x/out"]
