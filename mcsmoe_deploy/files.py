@@ -48,11 +48,14 @@ def check_output(target: str | Path, *, force: bool = False, inputs: Sequence[st
 
     Refused: a symbolic link (even dangling); a path equal to, inside or containing an
     input; an existing output without `force`; a folder where a file is asked for (and the
-    reverse); a missing or unwritable parent folder.
+    reverse); a missing or unwritable parent folder. What killed writers of `target` left
+    beside it is cleared first (`clear_stale_staging`), so an old output a killed swap set
+    aside is back before the checks.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     target = Path(target)
+    clear_stale_staging(target)
     for path in (target, *(target.with_name(name) for name in companions)):
         if path.is_symlink():
             raise UserError(f"output {path} is a symbolic link; give the real path")
@@ -229,7 +232,6 @@ def staged_output(target: str | Path, *, force: bool = False, inputs: Sequence[s
     file of an earlier `--force` run). Raises UserError (one line) when `target` may not be
     written (`check_output`) or the disk fills or refuses a write.
     """
-    clear_stale_staging(target)  # first: an old output a killed swap set aside is back before the checks
     target = check_output(target, force=force, inputs=inputs, kind=kind, companions=companions)
     staging = _aside_name(target, _STAGING)
     with _terminate_raises():
