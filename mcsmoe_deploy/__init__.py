@@ -14,7 +14,9 @@ from .checkpoint import is_compressed_checkpoint, is_quantized_checkpoint, load_
 from .compress import *  # noqa: F403 - the compress stage's public API
 from .compress import __all__ as _compress_all
 from .corpus import builtin_corpus, calibration_text, read_text, token_blocks
-from .errors import ParameterError, UserError
+from .contract import external_data_files, read_graph
+from .errors import ParameterError, Terminated, UserError
+from .files import check_output, clear_stale_staging, staged_output, staging_leftovers
 from .evaluate import perplexity
 from .exporters import (
     ExportConfig,
@@ -79,11 +81,14 @@ __all__ = [
     "Routing",
     "SUPPORTED_FAMILIES",
     "SizeReport",
+    "Terminated",
     "UserError",
     "adapter_for_config",
     "builtin_corpus",
     "calibration_text",
+    "check_output",
     "check_parity",
+    "clear_stale_staging",
     "compare_reports",
     "dequantize",
     "export_compressed",
@@ -92,6 +97,7 @@ __all__ = [
     "route_top_k",
     "export_model",
     "export_switch",
+    "external_data_files",
     "genai_config",
     "generate",
     "generate_text",
@@ -107,10 +113,13 @@ __all__ = [
     "open_session",
     "perplexity",
     "quantize",
+    "read_graph",
     "read_text",
     "run_bench",
     "save_compressed",
     "size_report",
+    "staged_output",
+    "staging_leftovers",
     "token_blocks",
     "write_inlined_copy",
 ]

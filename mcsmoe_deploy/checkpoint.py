@@ -7,21 +7,20 @@
                        sparse_rows|sparse_values}` and `<layer>.experts.expert_to_group`
     tokenizer files    copied from the source model
 
-Writing goes to a temporary folder beside the target, renamed into place at the end.
+Writing goes through files.staged_output: a staging folder beside the target, swapped in at the end.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import UserError
-from .files import prepare_output_dir, with_default_permissions
+from .files import staged_output
 from .grouped_experts import GroupedLowRankExperts, ProjectionSpec
 from .memory import read_weights_without_mmap, return_large_frees_to_os
 from .models import FamilyAdapter, adapter_for_config, check_weights, read_config_dict
@@ -47,9 +46,8 @@ def save_compressed(
     """
     from safetensors.torch import save_file
 
-    out_dir = prepare_output_dir(out_dir, force, inputs=() if source_dir is None else (source_dir,))
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    out_dir = Path(out_dir)
+    with staged_output(out_dir, force=force, inputs=() if source_dir is None else (source_dir,)) as staging:
         if source_dir is not None:
             for item in Path(source_dir).iterdir():
                 if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(_NOT_COPIED_SUFFIXES):
@@ -58,13 +56,6 @@ def save_compressed(
         config["mcsmoe"] = {"format_version": FORMAT_VERSION, **mcsmoe_section}
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(weights_to_save(model), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        with_default_permissions(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

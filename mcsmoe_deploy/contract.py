@@ -15,7 +15,7 @@ imports the other. It holds:
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import UserError
@@ -94,17 +94,77 @@ def inlined_path(graph_path: str | Path) -> Path:
     return graph_path.with_name(f"{graph_path.stem}.inlined{graph_path.suffix or '.onnx'}")
 
 
-def read_graph(path: str | Path) -> onnx.ModelProto:
-    """A user's ONNX file without its weights (graph, I/O, metadata); one UserError line when it is not one."""
+def _tensors(graph: onnx.GraphProto):
+    """Every TensorProto of a graph: initializers, sparse initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _attribute_tensors(graph.node)
+
+
+def _attribute_tensors(nodes):
+    for node in nodes:
+        for attr in node.attribute:
+            yield from ([attr.t] if attr.HasField("t") else [])
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(sub)
+
+
+def external_data_files(model: onnx.ModelProto, folder: str | Path) -> list[Path]:
+    """The external data files `model` refers to, as `folder / location` (sorted, each once), checked.
+
+    A graph's file is untrusted: each location must be a relative path without `..`, and must
+    resolve (symbolic links followed) to a regular file inside `folder`, the graph's own
+    folder. One UserError line otherwise (an absolute path, an escape, a missing file).
+    """
+    from onnx import TensorProto
+
+    folder = Path(folder)
+    root = folder.resolve()
+    tensors = [*_tensors(model.graph), *(t for f in model.functions for t in _attribute_tensors(f.node))]
+    locations = sorted({entry.value for tensor in tensors if tensor.data_location == TensorProto.EXTERNAL
+                        for entry in tensor.external_data if entry.key == "location"})
+    files = []
+    for location in locations:
+        relative, windows = Path(location), PureWindowsPath(location)
+        if not location or relative.is_absolute() or windows.is_absolute() or windows.drive:
+            raise UserError(f"the graph's external data location {location!r} is not a relative path inside "
+                            f"{folder}; refusing to read it")
+        if ".." in relative.parts or ".." in windows.parts:
+            raise UserError(f"the graph's external data location {location!r} leaves {folder} ('..'); "
+                            "refusing to read it")
+        path = folder / relative
+        if not path.exists() and not path.is_symlink():
+            raise UserError(f"the graph's external data file {path} is missing (copy it beside the graph)")
+        resolved = path.resolve()
+        if root not in resolved.parents:
+            raise UserError(f"the graph's external data file {path} is a link to {resolved}, outside {folder}; "
+                            "refusing to read it")
+        if not resolved.is_file():
+            raise UserError(f"the graph's external data file {path} is not a regular file")
+        files.append(path)
+    return files
+
+
+def read_graph(path: str | Path, check_external_data: bool = True) -> onnx.ModelProto:
+    """A user's ONNX file without its weights (graph, I/O, metadata); one UserError line when it is not one,
+    or (`check_external_data`) when its external data lies outside its folder or is missing
+    (`external_data_files`)."""
     import onnx
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"ONNX file not found: {path}" if not path.exists() else f"{path} is not a file")
     try:
-        return onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and onnx's own errors
         raise UserError(f"{path} is not a readable ONNX file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if check_external_data:
+        external_data_files(model, path.parent)
+    return model
 
 
 def geometry_from_graph(path: str | Path) -> tuple[KVGeometry, int]:
@@ -138,6 +198,7 @@ __all__ = [
     "decoder_past_names",
     "decoder_present_names",
     "encoder_present_names",
+    "external_data_files",
     "external_data_path",
     "geometry_from_graph",
     "inlined_path",

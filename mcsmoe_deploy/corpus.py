@@ -18,6 +18,21 @@ from .errors import UserError
 HELDOUT_EVERY = 10
 # files any Hugging Face tokenizer is saved with (one of them at least)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+# the files a tokenizer may need beside those
+TOKENIZER_SIDE_FILES = ("special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja")
+
+
+def copy_tokenizer_files(source: str | Path, destination: str | Path) -> list[str]:
+    """Copy the tokenizer files of folder `source` (regular files only, not links) into `destination`."""
+    import shutil
+
+    copied = []
+    for name in (*TOKENIZER_FILES, *TOKENIZER_SIDE_FILES):
+        item = Path(source) / name
+        if item.is_file() and not item.is_symlink():
+            shutil.copyfile(item, Path(destination) / name)
+            copied.append(name)
+    return copied
 
 
 def load_tokenizer_from(directory: str | Path, why: str):
@@ -74,7 +89,8 @@ def read_text(path: str | Path) -> str:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"calibration file not found: {path}")
+        raise UserError(f"calibration file not found: {path}" if not path.exists()
+                        else f"calibration file {path} is not a file (give a .txt or .jsonl file)")
     raw = _decoded_text(path)
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         texts = []

@@ -23,3 +23,8 @@ class ParameterError(UserError):
     def renamed(self, name: str) -> str:
         """The message with the parameter called `name` (e.g. "--rank-ratio must be in (0, 1], not 0")."""
         return f"{name} {self.problem}"
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while an output was being written (see files.staged_output); like KeyboardInterrupt,
+    it is not an Exception, so no `except Exception` swallows it."""

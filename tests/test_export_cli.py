@@ -152,7 +152,9 @@ def test_switch_exports_an_encoder_and_a_decoder_folder(tiny_dirs, tmp_path, cap
     out = tmp_path / "switch"
     assert main(["export", str(tiny_dirs["switch_transformers"]), str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx"]
+    # the tokenizer comes along, so the folder is served on its own (`mcsmoe run OUT/`)
+    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "tokenizer.json",
+                                                     "tokenizer_config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["switch"]  # no staging folder left
     umask = os.umask(0)
     os.umask(umask)

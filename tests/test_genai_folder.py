@@ -13,7 +13,7 @@ import pytest
 
 import mcsmoe_deploy as m
 from mcsmoe_deploy.cli import main
-from mcsmoe_deploy.exporters.genai_folder import TOKENIZER_FILES
+from mcsmoe_deploy.corpus import TOKENIZER_FILES, TOKENIZER_SIDE_FILES
 from mcsmoe_deploy.runtime import GenerationConfig, generate, open_session
 
 og = pytest.importorskip(
@@ -78,7 +78,7 @@ def test_dense_genai_folder_generates_our_tokens(family, tiny_dirs, tmp_path):
     _export_genai(source, folder)
     names = {p.name for p in folder.iterdir()}
     assert {"genai_config.json", "model.onnx", "tokenizer.json"} <= names
-    assert names - {"genai_config.json", "model.onnx"} <= set(TOKENIZER_FILES)
+    assert names - {"genai_config.json", "model.onnx"} <= {*TOKENIZER_FILES, *TOKENIZER_SIDE_FILES}
     config = json.loads((folder / "genai_config.json").read_text())
     source = json.loads((source / "config.json").read_text())
     decoder = config["model"]["decoder"]

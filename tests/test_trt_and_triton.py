@@ -317,7 +317,7 @@ def test_triton_repository_parses_as_model_config_with_the_graph_io(external_gra
 def test_triton_repository_refuses_to_overwrite_without_force(graph, tmp_path):
     write_triton_repository(graph, tmp_path, name="m")
     (tmp_path / "m" / "stale.txt").write_text("from an earlier run")
-    with pytest.raises(UserError, match="exists; pass --force to replace it"):
+    with pytest.raises(UserError, match=r"already exists \(use --force to replace it\)"):
         write_triton_repository(graph, tmp_path, name="m")
     assert (tmp_path / "m" / "stale.txt").exists()  # untouched
     write_triton_repository(graph, tmp_path, name="m", max_batch_size=0, force=True)
@@ -353,4 +353,4 @@ def test_triton_command(graph, tmp_path, capsys):
     assert "wrote Triton model 'moe' (onnxruntime, max_batch_size 2" in capsys.readouterr().out
     assert parse_config(tmp_path / "repo" / "moe" / "config.pbtxt")[1].max_batch_size == 2
     assert main(["triton", str(graph), str(tmp_path / "repo"), "--name", "moe"]) == 2
-    assert capsys.readouterr().err.strip().endswith("exists; pass --force to replace it")
+    assert capsys.readouterr().err.strip().endswith("already exists (use --force to replace it)")

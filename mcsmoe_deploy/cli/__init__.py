@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from ..errors import ParameterError, UserError
+from ..errors import ParameterError, Terminated, UserError
 from . import compress, export, serve
 
 
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mcsmoe: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("mcsmoe: terminated (SIGTERM)", file=sys.stderr)
+        return 143
 
 
 def main_export(argv: list[str] | None = None) -> int:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..contract import DECODER_FILE, ENCODER_FILE, read_graph
 from ..errors import UserError
+from ..files import check_output
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -18,6 +20,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                   seed=args.seed)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if args.save_optimized:
+        check_output(args.save_optimized, force=True, inputs=[args.model], kind="file")
     options = {} if args.backend == "trt" else {"threads": args.threads}  # a TensorRT engine runs on the GPU
     if args.backend == "ort":
         options.update(provider=args.provider, opt_level=args.opt_level, optimized_model_path=args.save_optimized)
@@ -60,13 +64,19 @@ def _add_run_parser(sub) -> None:
 def _contestants(models: list[str], backends: list[str] | None, provider: str | None):
     from ..runtime.bench import Contestant
 
+    from ..runtime.session import is_seq2seq_export
+
     contestants = []
     for model in models:
-        kinds = ("torch",) if Path(model).is_dir() else ("ort", "trt")
+        # an encoder-decoder export folder runs on onnxruntime, like a graph file
+        kinds = ("ort",) if is_seq2seq_export(model) else ("torch",) if Path(model).is_dir() else ("ort", "trt")
         chosen = [b for b in (backends or kinds[:1]) if b in kinds]
         if not chosen:
-            raise UserError(f"{model}: none of the backends {', '.join(backends)} runs a "
-                            f"{'checkpoint directory' if kinds == ('torch',) else 'graph file'}")
+            kind = {("ort",): "encoder-decoder export folder", ("torch",): "checkpoint directory"}.get(kinds, "graph file")
+            raise UserError(f"{model}: none of the backends {', '.join(backends)} runs a {kind}")
+        if kinds != ("torch",):  # a graph that is unreadable or reads outside its folder: told before any timing
+            for graph in ((Path(model) / ENCODER_FILE, Path(model) / DECODER_FILE) if kinds == ("ort",) else (model,)):
+                read_graph(graph)
         for backend in chosen:
             options = {"provider": provider} if backend == "ort" and provider else {}
             contestants.append(Contestant(model, backend, options=options))
@@ -80,12 +90,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig(batch=args.batch, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
                          warmup=args.warmup, iterations=args.iterations, threads=args.threads, seed=args.seed)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UserError(f"parent folder of {args.json} does not exist")
+    if args.json:  # checked before the long run: never a model being measured, never a folder or a link
+        check_output(args.json, force=True, inputs=args.models, kind="file")
     report = run_bench(_contestants(args.models, args.backend, args.provider), config, progress=not args.quiet)
     print(format_bench(report))
     if args.json:
-        report.save(args.json)
+        report.save(args.json, inputs=args.models)
         print(f"wrote {args.json}")
     return 0
 

@@ -14,7 +14,6 @@ the folder is the graph plus two kinds of files written here.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from ..contract import (
     ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_PREFIX, POSITION_IDS, PRESENT_PREFIX,
     geometry_from_graph,
 )
+from ..corpus import copy_tokenizer_files
 from ..errors import UserError
 from ..models import adapter_for_config, read_config_dict
 
@@ -30,8 +30,6 @@ GRAPH_FILE = "model.onnx"
 # genai's own model types with the plain decoder-only path, one per family (genai 0.18 does not
 # know the MoE names; the type selects input handling, not kernels: the graph carries those)
 GENAI_MODEL_TYPES = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "olmoe": "olmo"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "vocab.json", "merges.txt")
 # generation_config.json keys genai's "search" section takes under the same name
 _SEARCH_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams", "length_penalty",
                 "no_repeat_ngram_size", "min_length", "diversity_penalty", "num_return_sequences",
@@ -134,12 +132,7 @@ def write_genai_files(model_dir: str | Path, graph_path: str | Path) -> list[Pat
     folder = Path(graph_path).parent
     config_path = folder / GENAI_CONFIG
     config_path.write_text(json.dumps(genai_config(model_dir, graph_path), indent=2) + "\n", encoding="utf-8")
-    written = [config_path]
-    for name in TOKENIZER_FILES:
-        source = Path(model_dir) / name
-        if source.is_file() and not source.is_symlink():  # never follow a link out of the model's folder
-            written.append(Path(shutil.copyfile(source, folder / name)))
-    return written
+    return [config_path, *(folder / name for name in copy_tokenizer_files(model_dir, folder))]
 
 
 __all__ = ["GENAI_CONFIG", "GENAI_MODEL_TYPES", "check_genai_source", "genai_config", "special_tokens",

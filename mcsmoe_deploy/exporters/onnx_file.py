@@ -1,8 +1,8 @@
 """Writing ONNX files: checked, with optional external data, never half-written; and the inlined copy.
 
-A model is saved into a staging folder beside the target, checked there with
-onnx.checker (full_check, by path so external data works past protobuf's 2 GB), and
-only then renamed into place: the data file first, the graph last. A failure leaves
+A model is saved into a staging folder beside the target (files.staged_output), checked
+there with onnx.checker (full_check, by path so external data works past protobuf's 2 GB),
+and only then renamed into place: the data file first, the graph last. A failure leaves
 nothing behind. `write_passes_result` does the same for an `ir.Model` after graph passes,
 streaming its weights from disk.
 """
@@ -10,15 +10,13 @@ streaming its weights from disk.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
 from ..contract import external_data_path, inlined_path
-from ..files import with_default_permissions
+from ..files import staged_output, with_default_permissions
 from .passes import GraphPassManager
 from .passes.inline import inline_passes
 
@@ -40,16 +38,13 @@ def save_checked(model_proto: onnx.ModelProto, out_path: str | Path, external_da
         # summed per tensor: ByteSize() of the whole message overflows past 2 GB
         external_data = sum(t.ByteSize() for t in model_proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".staging", dir=out_path.parent))
-    try:
-        write_staged(model_proto, staging / out_path.name, out_path, external_data)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_output(out_path, force=True, kind="file", companions=(external_data_path(out_path).name,)) as target:
+        write_staged(model_proto, target, target, external_data)
     return out_path
 
 
 def write_staged(model_proto: onnx.ModelProto, staged: Path, out_path: str | Path, external_data: bool) -> Path:
-    """Write `model_proto` to `staged` (in a staging folder beside `out_path`), check it, move it into place.
+    """Write `model_proto` to `staged`, check it, move it to `out_path` (both in a `staged_output` folder).
 
     external_data: write the weights `model_proto` holds into `STAGED.data`. Tensors that
     already refer to an external file keep referring to it; that file must already sit
@@ -70,8 +65,6 @@ def write_staged(model_proto: onnx.ModelProto, staged: Path, out_path: str | Pat
             with_default_permissions(item)  # ir.save writes its data file through a private temp file
     if staged_data.exists():
         os.replace(staged_data, external_data_path(out_path))
-    elif external_data_path(out_path).exists():
-        external_data_path(out_path).unlink()  # a stale data file from an earlier --force run
     os.replace(staged, out_path)
     return out_path
 
@@ -90,8 +83,6 @@ def write_staged_as_one_file(model_proto: onnx.ModelProto, staged: Path, out_pat
     single = staged.with_name(staged.name + ".single")
     stream_one_file(model_proto, staged.parent, single)
     with_default_permissions(single)
-    if external_data_path(out_path).exists():
-        external_data_path(out_path).unlink()  # a stale data file from an earlier --force run
     os.replace(single, out_path)
     return out_path
 
@@ -196,10 +187,21 @@ def write_passes_result(model: ir.Model, staged: Path, out_path: str | Path, ext
         single = fresh / (staged.name + ".single")
         stream_one_file(written, fresh, single)
         with_default_permissions(single)
-        if external_data_path(out_path).exists():
-            external_data_path(out_path).unlink()  # a stale data file from an earlier --force run
         os.replace(single, out_path)
     return written
+
+
+def _external_weights_as_inputs(model_proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model_proto` whose externally stored initializers are graph inputs (same type and shape)."""
+    from onnx.external_data_helper import uses_external_data
+
+    checked = onnx.ModelProto()
+    checked.CopyFrom(model_proto)
+    external = [t for t in checked.graph.initializer if uses_external_data(t)]
+    for tensor in external:
+        checked.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        checked.graph.initializer.remove(tensor)
+    return checked
 
 
 def write_inlined_copy(path: str | Path, out_path: str | Path | None = None) -> Path:
@@ -217,24 +219,15 @@ def write_inlined_copy(path: str | Path, out_path: str | Path | None = None) -> 
         raise ValueError("an inlined copy of a model with external data must sit in the same folder")
     model = ir.from_proto(onnx.load_model(path, load_external_data=False))  # external tensors stay references
     inlined = ir.to_proto(GraphPassManager(inline_passes())(model).model)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".staging", dir=out_path.parent))
-    try:
-        staged = staging / out_path.name
+    with staged_output(out_path, force=True, kind="file") as staged:
         onnx.save_model(inlined, staged)
         if external_data_path(path).exists():
-            # the checker resolves external data relative to the model: check the staged
-            # copy beside the real data file
-            os.replace(staged, out_path)
-            try:
-                onnx.checker.check_model(str(out_path), full_check=True)
-            except Exception:
-                out_path.unlink()
-                raise
+            # the weights stay in the original's data file, checked when it was written; the checker looks
+            # for that file beside the staged copy (refusing a link, and a copy would double the bytes), so
+            # check the graph with its external weights as inputs of the same type and shape
+            onnx.checker.check_model(_external_weights_as_inputs(inlined), full_check=True)
         else:
             onnx.checker.check_model(str(staged), full_check=True)
-            os.replace(staged, out_path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_path
 
 

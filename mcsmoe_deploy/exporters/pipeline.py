@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +14,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import is_compressed_checkpoint, is_quantized_checkpoint, load_compressed
 from ..contract import DECODER_FILE, ENCODER_FILE, external_data_path, inlined_path
-from ..files import prepare_output_dir, with_default_permissions
+from ..corpus import copy_tokenizer_files
+from ..files import check_output, staged_output
 from ..errors import UserError
 from ..memory import peak_rss_bytes
 from ..models import adapter_for_config, check_weights, load_model, read_config_dict
@@ -32,15 +30,18 @@ from .torch_export import check_exportable, finish_staged, logits_graph_spec, st
 from .validate import ExportReport, check_parity, describe, describe_files
 
 
-def check_output_file(out_path: str | Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
-    """UserError unless `out_path` may be written: the shared output rules (apart from `inputs`), plus a
-    writable parent, not a folder."""
-    out_path = prepare_output_dir(out_path, force, inputs)
-    if out_path.is_dir():
+def check_output_file(out_path: str | Path, force: bool, inputs: tuple[str | Path, ...] = (),
+                      companions: tuple[str, ...] = ()) -> Path:
+    """UserError unless `out_path` (and its `companions` beside it) may be written: files.check_output's
+    rules (apart from `inputs`, parent writable), and not a folder."""
+    if Path(out_path).is_dir() and not Path(out_path).is_symlink():
         raise UserError(f"output {out_path} is a directory; give a file name such as model.onnx")
-    if not os.access(out_path.parent, os.W_OK):
-        raise UserError(f"cannot write to {out_path.parent}")
-    return out_path
+    return check_output(out_path, force=force, inputs=inputs, kind="file", companions=companions)
+
+
+def _graph_companions(out_path: Path, inline: bool) -> tuple[str, ...]:
+    """Files written beside a decoder graph: its external data, and the inlined copy (which shares that data)."""
+    return (external_data_path(out_path).name, *((inlined_path(out_path).name,) if inline else ()))
 
 
 def _load_reference(model_dir: str | Path, compressed: bool, dtype: torch.dtype):
@@ -67,29 +68,19 @@ def _check_output_folder(out_path: str | Path, what: str, force: bool, inputs: t
     out_path = Path(out_path)
     if out_path.suffix == ".onnx":
         raise UserError(f"{what} into a folder; give a folder name, not {out_path.name}")
-    out_path = prepare_output_dir(out_path, force, inputs)
-    if not os.access(out_path.parent, os.W_OK):
-        raise UserError(f"cannot write to {out_path.parent}")
-    return out_path
+    return check_output(out_path, force=force, inputs=inputs, kind="dir")
 
 
-def _export_encoder_decoder(model, adapter, out_dir: Path, config: ExportConfig):
-    """Switch: both graphs into a staging folder beside `out_dir`, renamed into place when all are written."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".staging", dir=out_dir.parent))
-    try:
+def _export_encoder_decoder(model, adapter, model_dir: Path, out_dir: Path, config: ExportConfig):
+    """Switch: both graphs and the tokenizer files into one folder, written through `staged_output`."""
+    with staged_output(out_dir, force=config.force, inputs=(model_dir,)) as staging:
         written = export_switch(model, adapter, staging, config)
         graphs = [written.encoder, written.decoder]
         report = describe_files([onnx.load(str(p), load_external_data=False) for p in graphs], graphs, out_dir)
         pairs = [(ENCODER_FILE, DECODER_FILE)]
         if config.inline:
             pairs.append(tuple(write_inlined_copy(p).name for p in graphs))
-        with_default_permissions(staging)
-        if out_dir.exists():  # --force: checked by _check_output_folder
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        copy_tokenizer_files(model_dir, staging)  # the folder is served on its own (`mcsmoe run OUT/`)
     files = [(out_dir / encoder, out_dir / decoder) for encoder, decoder in pairs]
     report.file_bytes = sum(p.stat().st_size for p in out_dir.iterdir())
     if config.inline:
@@ -97,41 +88,42 @@ def _export_encoder_decoder(model, adapter, out_dir: Path, config: ExportConfig)
     return report, files
 
 
-def _export_decoder(model, adapter, out_path: Path, config: ExportConfig, stages: tqdm):
-    """A decoder-only graph (and its inlined copy) at `out_path`; `model` is consumed (its weights freed)."""
+def _write_decoder(model, adapter, target: Path, config: ExportConfig, stages: tqdm) -> onnx.ModelProto:
+    """A decoder-only graph (and its inlined copy) at `target`, a path inside a staging folder; `model`'s
+    weights are freed once the staged file holds them."""
     check_exportable(adapter, config.opset)
     make_spec = past_graph_spec if config.with_past else logits_graph_spec
-    staged = stage_graph(model, adapter, make_spec(model), out_path, config.opset)
+    staged = stage_graph(model, adapter, make_spec(model), target, config.opset)
     model.to("meta")  # the staged file holds the weights now: free them before the graph is reloaded
     gc.collect()
-    model_proto = finish_staged(staged, out_path, config)
-    report = describe(model_proto, out_path)
-    del model_proto
-    files = [out_path]
+    model_proto = finish_staged(staged, target, config)
     if config.inline:
         _next_stage(stages, "writing the inlined copy")
-        files.append(write_inlined_copy(out_path))
-        report.inlined_path = str(files[-1])
-    return report, files
+        write_inlined_copy(target)
+    return model_proto
+
+
+def _export_decoder(model, adapter, model_dir: str | Path, out_path: Path, config: ExportConfig, stages: tqdm):
+    """One decoder graph file (with its data and inlined copy beside it), written through `staged_output`."""
+    with staged_output(out_path, force=config.force, inputs=(model_dir,), kind="file",
+                       companions=_graph_companions(out_path, config.inline)) as target:
+        model_proto = _write_decoder(model, adapter, target, config, stages)
+    return _describe_decoder(model_proto, out_path, config)
 
 
 def _export_genai_folder(model, adapter, model_dir: str | Path, out_dir: Path, config: ExportConfig, stages: tqdm):
-    """The decoder graph plus genai_config.json and tokenizer files, staged beside `out_dir` and renamed in."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".staging", dir=out_dir.parent))
-    try:
-        graph = staging / GRAPH_FILE
-        report, files = _export_decoder(model, adapter, graph, config, stages)
-        write_genai_files(model_dir, graph)
-        with_default_permissions(staging)
-        if out_dir.exists():  # --force: checked by _check_output_folder
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    files = [out_dir / path.name for path in files]
-    report.path = str(out_dir / GRAPH_FILE)
+    """The decoder graph plus genai_config.json and tokenizer files in one folder, through `staged_output`."""
+    with staged_output(out_dir, force=config.force, inputs=(model_dir,)) as staging:
+        model_proto = _write_decoder(model, adapter, staging / GRAPH_FILE, config, stages)
+        write_genai_files(model_dir, staging / GRAPH_FILE)
+    return _describe_decoder(model_proto, out_dir / GRAPH_FILE, config)
+
+
+def _describe_decoder(model_proto: onnx.ModelProto, graph: Path, config: ExportConfig):
+    report = describe(model_proto, graph)
+    files = [graph]
     if config.inline:
+        files.append(inlined_path(graph))
         report.inlined_path = str(files[-1])
     return report, files
 
@@ -179,9 +171,7 @@ def export_model(
         out_path = _check_output_folder(out_path, f"{adapter.family} exports two graphs ({ENCODER_FILE}, "
                                         f"{DECODER_FILE})", config.force, (model_dir,))
     else:
-        out_path = check_output_file(out_path, config.force, (model_dir,))
-        if config.inline:
-            check_output_file(inlined_path(out_path), config.force, (model_dir,))
+        out_path = check_output_file(out_path, config.force, (model_dir,), _graph_companions(out_path, config.inline))
 
     inline_stage = config.inline and not adapter.encoder_decoder
     stages = tqdm(total=2 + inline_stage + config.validate, desc="loading", unit="stage",
@@ -194,11 +184,11 @@ def export_model(
         group_dense_experts(model, adapter)
     _next_stage(stages, "tracing and saving")
     if adapter.encoder_decoder:
-        report, files = _export_encoder_decoder(model, adapter, out_path, config)
+        report, files = _export_encoder_decoder(model, adapter, Path(model_dir), out_path, config)
     elif config.genai:
         report, files = _export_genai_folder(model, adapter, model_dir, out_path, config, stages)
     else:
-        report, files = _export_decoder(model, adapter, out_path, config, stages)
+        report, files = _export_decoder(model, adapter, model_dir, out_path, config, stages)
     del model
     report.target, report.with_past, report.compressed = config.target, config.with_past, compressed
     if config.validate:

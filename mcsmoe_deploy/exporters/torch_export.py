@@ -17,7 +17,6 @@ and renames into place.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from ..models.base import FamilyAdapter
 from .custom_op import TORCH_OP, ForwardFactory, moe_blocks_as_custom_op, patched_forward, translate
 from .moe_op import MoEOpSpec, register_op_schema
 from ..contract import external_data_path
+from ..files import new_staging_dir, staged_output
 from .export_config import ExportConfig
 from .onnx_file import EXTERNAL_DATA_THRESHOLD, write_passes_result, write_staged, write_staged_as_one_file
 from .passes import GraphPassManager
@@ -124,7 +124,7 @@ def stage_graph(
             )
     finally:
         model.train(was_training)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".staging", dir=out_path.parent))
+    staging = new_staging_dir(out_path)
     try:
         staged = staging / out_path.name
         ir.save(program.model, staged, external_data=external_data_path(out_path).name,
@@ -161,22 +161,24 @@ def finish_staged(staged: StagedGraph, out_path: str | Path, config: ExportConfi
     afresh (`write_passes_result`). A failing pass raises `GraphPassError` naming it.
     Returns the final graph without weight values.
     """
+    companions = (external_data_path(out_path).name,)
     try:
-        data = external_data_path(staged.path)
-        data_bytes = data.stat().st_size if data.exists() else 0
-        external = config.external_data if config.external_data is not None else data_bytes > EXTERNAL_DATA_THRESHOLD
-        model = ir.from_proto(onnx.load(str(staged.path), load_external_data=False))
-        ir.external_data.set_base_dir(model.graph, staged.staging)
-        passes = [FinishCustomNodesPass(staged.specs), *config.graph_passes()]
-        model = GraphPassManager(passes)(model).model
-        if _holds_weights(model):
-            return write_passes_result(model, staged.path, out_path, external)
-        model_proto = ir.to_proto(model)  # external tensors stay references to the staged data
-        del model
-        if external:
-            write_staged(model_proto, staged.path, out_path, external_data=False)
-        else:
-            write_staged_as_one_file(model_proto, staged.path, out_path)
+        with staged_output(out_path, force=True, kind="file", companions=companions) as target:
+            data = external_data_path(staged.path)
+            data_bytes = data.stat().st_size if data.exists() else 0
+            external = config.external_data if config.external_data is not None else data_bytes > EXTERNAL_DATA_THRESHOLD
+            model = ir.from_proto(onnx.load(str(staged.path), load_external_data=False))
+            ir.external_data.set_base_dir(model.graph, staged.staging)
+            passes = [FinishCustomNodesPass(staged.specs), *config.graph_passes()]
+            model = GraphPassManager(passes)(model).model
+            if _holds_weights(model):
+                return write_passes_result(model, staged.path, target, external)
+            model_proto = ir.to_proto(model)  # external tensors stay references to the staged data
+            del model
+            if external:
+                write_staged(model_proto, staged.path, target, external_data=False)
+            else:
+                write_staged_as_one_file(model_proto, staged.path, target)
     finally:
         shutil.rmtree(staged.staging, ignore_errors=True)
     return model_proto

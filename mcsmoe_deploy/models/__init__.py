@@ -24,6 +24,9 @@ def adapter_for_config(config) -> FamilyAdapter:
     """The adapter for a transformers config (or a config.json dict); UserError if unsupported."""
     as_dict = config if isinstance(config, dict) else config.to_dict()
     model_type = as_dict.get("model_type", "")
+    if not model_type:
+        raise UserError("config.json has no model_type; it is not a Hugging Face model config "
+                        f"(supported families: {SUPPORTED_FAMILIES})")
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
@@ -146,16 +149,24 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dt
     try:
         if device == "auto":
             auto_class = AutoModelForSeq2SeqLM if adapter.encoder_decoder else AutoModelForCausalLM
-            model = auto_class.from_pretrained(model_dir, config=config, dtype=dtype, device_map="auto",
-                                               use_safetensors=True)  # never a pickle beside them
+            model, info = auto_class.from_pretrained(model_dir, config=config, dtype=dtype, device_map="auto",
+                                                     use_safetensors=True,  # never a pickle beside them
+                                                     output_loading_info=True)
         else:
             # our own pread-backed state dict: one copy of the weights in memory, not two (see memory.py)
             mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if adapter.encoder_decoder else MODEL_FOR_CAUSAL_LM_MAPPING
             weights = read_weights_without_mmap(model_dir)
-            model = mapping[type(config)].from_pretrained(None, config=config, state_dict=weights, dtype=dtype)
+            model, info = mapping[type(config)].from_pretrained(None, config=config, state_dict=weights, dtype=dtype,
+                                                                output_loading_info=True)
             del weights
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot load {model_dir}: {str(exc).splitlines()[0]}") from None
+    # transformers fills weights the files lack with random values: a decoy or partial file would be
+    # compressed and exported as if it were the model
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise UserError(f"the safetensors weights in {model_dir} lack {len(missing)} of the model's tensors "
+                        f"(first: {missing[0]}); they do not hold this model")
     if device != "auto":
         model.to(device)
     return model.eval(), adapter

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..contract import DOMAIN, OP_TYPE, read_graph
+from ..contract import DECODER_FILE, DOMAIN, OP_TYPE, read_graph
 from ..models import adapter_for_config
 
 _SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -37,7 +37,11 @@ def bytes_on_disk(model: str | Path) -> int:
 
 def active_weight_bytes(model: str | Path, backend: str) -> int:
     """Weight bytes read per decoded token (batch 1) of an ONNX graph (ort, trt) or a checkpoint (torch)."""
-    return _checkpoint_active_bytes(Path(model)) if backend == "torch" else _onnx_active_bytes(Path(model))
+    if backend == "torch":
+        return _checkpoint_active_bytes(Path(model))
+    if Path(model).is_dir():  # an encoder-decoder export: each decoded token runs the decoder only
+        return _onnx_active_bytes(Path(model) / DECODER_FILE)
+    return _onnx_active_bytes(Path(model))
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:

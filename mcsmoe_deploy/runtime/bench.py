@@ -5,7 +5,8 @@ so its peak RSS is its own; the parent measures memory bandwidth once and writes
 report. An iteration is a prefill of `prompt_len` random tokens (seeded; the same for all)
 from an empty cache, then `decode_tokens` greedy decode steps; `warmup` iterations are
 not recorded. Latencies are wall-clock times of `DecoderSession.step` alone, as `generate`
-(the one decode loop) records them.
+(the one decode loop) records them. An encoder-decoder export (Switch) encodes the prompt
+once, counted in its prefill, then decodes from its start token.
 
 The decode floor is the time one decode step would take if it only had to read the
 weights it uses once from memory: active weight bytes per token / measured bandwidth.
@@ -24,8 +25,8 @@ import numpy as np
 from ..errors import UserError
 from ..memory import peak_rss_bytes
 from .active_bytes import active_weight_bytes, bytes_on_disk
-from .generation import GenerationConfig, generate
-from .session import DecoderSession, open_session
+from .generation import GenerationConfig, GenerationResult, generate
+from .session import Seq2SeqSession, open_session
 from .timing import LatencyStats, summarize
 
 
@@ -102,14 +103,12 @@ def measure(contestant: Contestant, config: BenchConfig, bandwidth: float) -> Ba
     start = time.perf_counter()
     session = open_session(contestant.model, contestant.backend, threads=config.threads, **contestant.options)
     load_seconds = time.perf_counter() - start
-    if not isinstance(session, DecoderSession):
-        raise UserError(f"bench times decoder-only models; {contestant.model} is an encoder-decoder export")
     rng = np.random.default_rng(config.seed)
     prompt = rng.integers(0, session.vocab_size, (config.batch, config.prompt_len), dtype=np.int64)
     greedy = GenerationConfig(max_new_tokens=config.decode_tokens + 1)  # the last pick needs no step
     prefill_times, decode_times = [], []
     for iteration in range(config.warmup + config.iterations):
-        timed = generate(session, prompt, greedy)
+        timed = _timed_generate(session, prompt, greedy)
         if iteration >= config.warmup:
             prefill_times.append(timed.prefill_seconds)
             decode_times += timed.decode_seconds
@@ -135,6 +134,19 @@ def measure(contestant: Contestant, config: BenchConfig, bandwidth: float) -> Ba
     )
     session.close()
     return result
+
+
+def _timed_generate(session, prompt: np.ndarray, config: GenerationConfig) -> GenerationResult:
+    """`generate` over [B, P] prompt tokens; an encoder-decoder encodes them once and decodes from its start
+    token, the encoding counted in the prefill time."""
+    if not isinstance(session, Seq2SeqSession):
+        return generate(session, prompt, config)
+    start = time.perf_counter()
+    encoded = session.encode(prompt, np.ones_like(prompt))
+    encode_seconds = time.perf_counter() - start
+    timed = generate(session.decoder(encoded), [[session.decoder_start_token_id]] * len(prompt), config)
+    timed.prefill_seconds += encode_seconds
+    return timed
 
 
 def _child(contestant: Contestant, config: BenchConfig, bandwidth: float, queue) -> None:

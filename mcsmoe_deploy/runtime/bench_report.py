@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -82,9 +83,9 @@ class BenchReport:
             machine=data["machine"], schema=data["schema"],
         )
 
-    def save(self, path: str | Path) -> Path:
-        """Write the JSON atomically (temp file in the target folder, then rename)."""
-        return write_file_atomically(path, json.dumps(self.to_dict(), indent=2) + "\n")
+    def save(self, path: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
+        """Write the JSON atomically (`files.write_file_atomically`), never over one of `inputs` (the models)."""
+        return write_file_atomically(path, json.dumps(self.to_dict(), indent=2) + "\n", inputs=inputs)
 
     @classmethod
     def load(cls, path: str | Path) -> BenchReport:

@@ -27,6 +27,7 @@ from ..contract import (
     KVGeometry,
     geometry_from_graph,
     past_name,
+    read_graph,
 )
 from ..errors import UserError
 from .session import DecoderSession, EncoderOutput, Seq2SeqSession, StepOutput
@@ -57,6 +58,7 @@ def load_session(path: Path, provider: str | None, options):
     import onnxruntime as ort
 
     providers = choose_providers(provider)
+    read_graph(path)  # one clear line for a file that is not a graph, or external data outside its folder
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph types

@@ -156,20 +156,30 @@ def open_session(model: str | Path, backend: str = "ort", **options) -> DecoderS
     ort also opens an encoder-decoder export folder (Switch's encoder.onnx + decoder.onnx)
     as a Seq2SeqSession (OrtSeq2SeqSession).
     """
+    path = check_model_path(model, backend)
+    if backend in SEQ2SEQ_CLASSES and path.is_dir() and is_seq2seq_export(path):
+        return _load(SEQ2SEQ_CLASSES[backend]).from_folder(path, **options)
+    return backend_class(backend)(path, **options)
+
+
+def check_model_path(model: str | Path, backend: str) -> Path:
+    """UserError unless `model` is what `backend` opens (a graph file, an export folder, a checkpoint
+    directory); cheap, so callers check it before other work."""
     path = Path(model)
     if backend not in BACKEND_CLASSES:
         raise UserError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
-    if not path.exists():
-        raise UserError(f"model not found: {path}")
-    if backend in SEQ2SEQ_CLASSES and path.is_dir() and is_seq2seq_export(path):
-        return _load(SEQ2SEQ_CLASSES[backend]).from_folder(path, **options)
     session_class = backend_class(backend)
+    if not path.exists():
+        raise UserError(f"model not found: {path}" if session_class.opens_directory else f"ONNX file not found: {path}")
+    if backend in SEQ2SEQ_CLASSES and path.is_dir() and is_seq2seq_export(path):
+        return path
     if session_class.opens_directory and not path.is_dir():
         raise UserError(f"the {backend} backend loads a checkpoint directory, not {path.name}")
     if not session_class.opens_directory and path.is_dir():
-        raise UserError(f"the {backend} backend runs an ONNX file from `mcsmoe export`; {path} is a directory")
-    return session_class(path, **options)
+        raise UserError(f"the {backend} backend runs an ONNX file from `mcsmoe export` (or a Switch export folder); "
+                        f"{path} is a directory")
+    return path
 
 
 __all__ = ["BACKENDS", "BACKEND_CLASSES", "DecoderSession", "EncodedDecoder", "EncoderOutput", "KVGeometry",
-           "SEQ2SEQ_CLASSES", "Seq2SeqSession", "StepOutput", "backend_class", "is_seq2seq_export", "open_session"]
+           "SEQ2SEQ_CLASSES", "Seq2SeqSession", "StepOutput", "backend_class", "check_model_path", "is_seq2seq_export", "open_session"]

@@ -7,20 +7,23 @@ from pathlib import Path
 
 
 from ..contract import ENCODER_FILE, read_graph
-from ..corpus import load_tokenizer_from
+from ..corpus import TOKENIZER_FILES, load_tokenizer_from
 from ..errors import UserError
 from .generation import GenerationConfig, GenerationResult, generate, left_pad
-from .session import DecoderSession, Seq2SeqSession, is_seq2seq_export, open_session
+from .session import DecoderSession, Seq2SeqSession, check_model_path, is_seq2seq_export, open_session
 
 
 def tokenizer_dir_for(model: str | Path, tokenizer: str | Path | None = None) -> Path:
     """Where the tokenizer of `model` lives: `tokenizer` if given; a checkpoint directory itself; for an
-    ONNX file or an encoder-decoder export folder, the checkpoint it was exported from
-    (`mcsmoe.source_model` metadata), else the file's own folder."""
+    encoder-decoder export folder, the folder when it holds tokenizer files; for an ONNX file (or an
+    older export folder), the checkpoint it was exported from (`mcsmoe.source_model` metadata), else
+    the file's own folder."""
     if tokenizer is not None:
         return Path(tokenizer)
     model = Path(model)
     if model.is_dir() and is_seq2seq_export(model):
+        if any((model / name).is_file() for name in TOKENIZER_FILES):  # copied in by the export
+            return model
         model = model / ENCODER_FILE
     if model.is_dir():
         return model
@@ -54,6 +57,8 @@ def generate_text(
     (or end-of-text). Pass an open `session` to reuse it. An encoder-decoder session encodes
     the prompts (left-padded) and generates from its decoder's start token.
     """
+    if session is None:
+        check_model_path(model, backend)  # before the tokenizer: a wrong model is named as such
     tok = load_tokenizer_from(tokenizer_dir_for(model, tokenizer), "pass --tokenizer DIR, the checkpoint directory")
     eos = tok.eos_token_id
     config = config or GenerationConfig()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +32,8 @@ import onnx
 from onnx import TensorProto
 
 from ..errors import UserError
-from ..contract import read_graph
-from .trt_graph import onnx_model_files
+from ..contract import external_data_files, read_graph
+from ..files import staged_output
 
 BACKENDS = ("onnxruntime", "tensorrt")
 TRITON_TYPES = {
@@ -128,8 +127,10 @@ def write_triton_repository(model_onnx: str | Path, repo_dir: str | Path, name: 
     name: default the ONNX file's stem; max_batch_size: 0 turns batching off (dims then
     include the batch axis); backend: onnxruntime (model.onnx) or tensorrt (engine_path
     copied to model.plan; the ONNX file still gives the inputs and outputs). The folder is
-    built in a staging folder and renamed into place; an existing one is replaced only
-    with `force`. Files are hard-linked where possible.
+    written through `files.staged_output` (an existing one is replaced only with `force`,
+    and stays whole until the new one is complete). Files are hard-linked where possible;
+    external data files must lie inside the model's folder (`contract.external_data_files`):
+    nothing from elsewhere is linked or copied.
     """
     model_onnx, repo_dir = Path(model_onnx), Path(repo_dir)
     name = name if name is not None else model_onnx.stem
@@ -144,33 +145,20 @@ def write_triton_repository(model_onnx: str | Path, repo_dir: str | Path, name: 
     if backend == "tensorrt" and (engine_path is None or not Path(engine_path).is_file()):
         raise UserError("the tensorrt backend serves an engine: pass engine_path (a .plan file built for this model)")
     target = repo_dir / name
-    if target.exists() and not force:
-        raise UserError(f"{target} exists; pass --force to replace it")
-    inputs, outputs = tensor_specs(model_onnx, batched=max_batch_size > 0)
+    inputs, outputs = tensor_specs(model_onnx, batched=max_batch_size > 0)  # external data checked here
     if backend == "tensorrt":
         sources = {"1/model.plan": Path(engine_path)}
     else:
-        graph, *data = onnx_model_files(model_onnx)
-        sources = {"1/model.onnx": graph, **{f"1/{d.relative_to(model_onnx.parent)}": d for d in data}}
+        data = external_data_files(read_graph(model_onnx), model_onnx.parent)
+        sources = {"1/model.onnx": model_onnx, **{f"1/{d.relative_to(model_onnx.parent)}": d for d in data}}
+    if repo_dir.is_symlink() or (repo_dir.exists() and not repo_dir.is_dir()):
+        raise UserError(f"repository {repo_dir} is not a folder" + (" (a symbolic link)" if repo_dir.is_symlink() else ""))
     repo_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".staging", dir=repo_dir))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; a server may run as another user
+    with staged_output(target, force=force, inputs=list(sources.values())) as staging:
         for relative, src in sources.items():
-            if not src.is_file():
-                raise UserError(f"{model_onnx.name} refers to {src.name}, which is missing")
             _place(src, staging / relative)
         (staging / "config.pbtxt").write_text(config_pbtxt(name, backend, max_batch_size, inputs, outputs,
                                                            queue_delay_us))
-        if target.exists():  # a folder cannot be replaced by rename: move the old one aside first
-            old = staging.with_suffix(".old")
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     files = [Path("config.pbtxt"), *map(Path, sources)]
     return TritonRepository(target, name, backend, max_batch_size, inputs, outputs, files)
 

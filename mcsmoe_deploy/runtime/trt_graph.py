@@ -33,7 +33,7 @@ from onnx import TensorProto
 from onnx_ir.passes.common import ShapeInferencePass
 
 from ..contract import DOMAIN as OP_DOMAIN
-from ..contract import OP_TYPE, PAST_PREFIX
+from ..contract import OP_TYPE, PAST_PREFIX, external_data_files, read_graph
 from ..exporters.passes import GraphPassManager
 from ..exporters.passes.inline import inline_passes
 from ..exporters.passes.requirements import moe_nodes
@@ -54,24 +54,11 @@ class PreparedGraph:
     rewrites: dict[str, int] = field(default_factory=dict)  # rewrite -> nodes rewritten
 
 
-def _tensors(graph: onnx.GraphProto):
-    """Every TensorProto of a graph: initializers and node attributes, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            yield from ([attr.t] if attr.HasField("t") else [])
-            yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _tensors(sub)
-
-
 def onnx_model_files(path: str | Path) -> list[Path]:
-    """The graph file and every external data file it refers to (sorted, each once)."""
+    """The graph file and every external data file it refers to (sorted, each once; each checked to lie
+    inside the graph's folder: `contract.external_data_files`)."""
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {entry.value for tensor in _tensors(model.graph) if tensor.data_location == TensorProto.EXTERNAL
-                 for entry in tensor.external_data if entry.key == "location"}
-    return [path, *(path.parent / loc for loc in sorted(locations))]
+    return [path, *external_data_files(read_graph(path), path.parent)]
 
 
 def graph_float_type(path: str | Path) -> str:
