@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..exporters.export_config import TARGETS, ExportConfig
+from ..exporters.export_config import TARGET_HELP, TARGETS, ExportConfig
 
 
 def quiet_torch_onnx() -> None:
@@ -49,11 +49,11 @@ def add_parsers(sub) -> None:
     export.add_argument("out", help="ONNX file to write, e.g. model.onnx (a folder for Switch Transformers)")
     export.add_argument("--no-past", action="store_true", help="a plain logits graph without KV cache")
     export.add_argument("--target", choices=TARGETS, default=ExportConfig.target,
-                        help="mcsmoe: the GroupedLowRankMoE op (default); ort-fused: dense SwiGLU experts as "
-                             "onnxruntime's com.microsoft.MoE, a baseline for comparison (dense checkpoints only)")
+                        help="; ".join(f"{name}: {text}" for name, text in TARGET_HELP.items()))
     export.add_argument("--inline", action="store_true",
-                        help="also write OUT.inlined.onnx with every function inlined (standard ops only), "
-                             "for runtimes that reject custom domains")
+                        help="also write OUT.inlined.onnx with every function inlined (no ai.mcsmoe node), "
+                             "for runtimes that reject custom domains; combine with --target portable for standard "
+                             "ops only (the 'ort' target's attention and norms stay onnxruntime contrib ops)")
     export.add_argument("--external-data", action="store_true",
                         help="store the weights in OUT.onnx.data (automatic beyond about 1.8 GB)")
     export.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")

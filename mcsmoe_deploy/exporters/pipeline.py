@@ -134,6 +134,11 @@ def export_model(
         if config.inline:
             check_output_file(inlined_path(out_path), config.force, (model_dir,))
 
+    fusion_note = None
+    if adapter.encoder_decoder and config.fuses_ort:
+        # T5-style attention (relative position bias, no rotary) has no GroupQueryAttention form
+        config = replace(config, target="portable")
+        fusion_note = f"{adapter.family}: no fused attention for encoder-decoder graphs; exported as 'portable'"
     inline_stage = config.inline and not adapter.encoder_decoder
     stages = tqdm(total=2 + inline_stage + config.validate, desc="loading", unit="stage",
                   disable=not config.progress, bar_format="{desc:<28} {n_fmt}/{total_fmt} stages [{elapsed}]")
@@ -149,7 +154,9 @@ def export_model(
     else:
         check_exportable(adapter, config.opset)
         make_spec = past_graph_spec if config.with_past else logits_graph_spec
-        staged = stage_graph(model, adapter, make_spec(model), out_path, config.opset)
+        staged = stage_graph(model, adapter, make_spec(model), out_path, config.opset, fuse_ort=config.fuses_ort)
+        if staged.fusion is not None:
+            fusion_note = staged.fusion.summary()
         del model  # the staged file holds the weights now: free them before the graph is reloaded
         gc.collect()
         model_proto = finish_staged(staged, out_path, config)
@@ -161,6 +168,7 @@ def export_model(
             files.append(write_inlined_copy(out_path))
             report.inlined_path = str(files[-1])
     report.target, report.with_past, report.compressed = config.target, config.with_past, compressed
+    report.fusion = fusion_note
     if config.validate:
         _next_stage(stages, "validating in onnxruntime")
         # reloaded: for a dense checkpoint, transformers' own model rather than our regrouping of it
