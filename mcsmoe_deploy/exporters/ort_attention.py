@@ -18,9 +18,11 @@ keeps the [B, kv_heads, P+S, head_dim] layout of the portable graph. Rows of pad
 These per-graph tensors are computed once, in a forward pre-hook of the model, from its
 `attention_mask` and `input_ids`.
 
-A module that does not fit keeps its transformers forward (`FusionPlan.kept` says why):
-sliding-window layers, rotary that depends on the sequence length (rope "dynamic"/"longrope"),
-cos/sin that are not two equal halves, or a module without q/k/v/o projections.
+Sliding-window layers (Mixtral/Qwen3-MoE `sliding_window`, Qwen2-MoE's sliding layer types) get
+GroupQueryAttention's `local_window_size` (see `local_window`).
+A module that does not fit keeps its transformers forward (`FusionPlan.kept` says why): rotary
+that depends on the sequence length (rope "dynamic"/"longrope"), cos/sin that are not two equal
+halves, or a module without q/k/v/o projections.
 """
 
 from __future__ import annotations
@@ -92,18 +94,24 @@ def _rotary_caches(model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Te
     return cos[:, :half].contiguous(), sin[:, :half].contiguous()
 
 
-def _sliding(config, layer_idx: int) -> bool:
+def local_window(config, layer_idx: int) -> int:
+    """GroupQueryAttention's local_window_size for layer `layer_idx`: -1 (full causal), or W for a
+    sliding window of W keys (transformers keeps key k for query q when q - W < k <= q; so does
+    onnxruntime's kernel with local_window_size W)."""
     layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "model_type", "") == "olmoe":  # OLMoE builds a plain causal mask whatever the config says
+        return -1
     if layer_types:
-        return layer_types[layer_idx] == "sliding_attention"
-    return getattr(config, "sliding_window", None) is not None
+        sliding = layer_types[layer_idx] == "sliding_attention"
+    else:  # Mixtral, Qwen3-MoE: the model builds a sliding mask whenever sliding_window is set
+        sliding = window is not None
+    return int(window) if sliding and window else -1
 
 
-def _why_not_attention(module: torch.nn.Module, config) -> str | None:
+def _why_not_attention(module: torch.nn.Module) -> str | None:
     if not all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "layer_idx")):
         return "attention without q/k/v/o projections"
-    if _sliding(config, module.layer_idx):
-        return "sliding-window attention"
     return None
 
 
@@ -135,7 +143,7 @@ def _fused_attention_forward(inputs: _GraphInputs, cos: torch.Tensor, sin: torch
             past_k = past_v = hidden_states.new_zeros(batch, kv_heads, 0, head_dim)
         out, present_k, present_v = torch.ops.mcsmoe_ort.gqa(
             q, k, v, past_k, past_v, inputs.seqlens_k, inputs.total_length, inputs.bias, inputs.query_lengths,
-            heads, kv_heads, float(self.scaling),
+            heads, kv_heads, float(self.scaling), local_window(config, self.layer_idx),
         )
         if layer is not None:  # the caller reads presents from the cache, as after cache.update
             layer.keys, layer.values = present_k, present_v
@@ -189,7 +197,7 @@ def ort_modules_fused(model: torch.nn.Module):
                 patch(module, _norm_forward)
                 plan.norms.append(name)
             elif _is_attention(name, module):
-                why = caches if isinstance(caches, str) else _why_not_attention(module, model.config)
+                why = caches if isinstance(caches, str) else _why_not_attention(module)
                 if why is None:
                     patch(module, _fused_attention_forward(inputs, *caches))
                     plan.attention.append(name)

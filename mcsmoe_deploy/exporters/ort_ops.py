@@ -8,7 +8,8 @@ fake (shapes only) and an ONNX translation that emits one bare onnxruntime node:
   `com.microsoft.SkipSimplifiedLayerNormalization`)
 - `mcsmoe_ort::rotary`     -> `com.microsoft.RotaryEmbedding` (rotate-half, explicit position ids)
 - `mcsmoe_ort::gqa`        -> `com.microsoft.GroupQueryAttention` (BNSH past/present, causal,
-  additive attention bias; rotary not inside: the caller rotates with explicit positions)
+  optional local window, additive attention bias; rotary not inside: the caller rotates with
+  explicit positions)
 
 onnxscript needs an OpSchema to emit a node; the contrib schemas are built here and handed to
 `onnxscript.values.Op` without registering them with onnx, except SimplifiedLayerNormalization:
@@ -68,13 +69,15 @@ def _(x, position_ids, cos, sin, num_heads):
 @torch.library.custom_op(f"{TORCH_NAMESPACE}::gqa", mutates_args=())
 def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
         seqlens_k: torch.Tensor, total_length: torch.Tensor, bias: torch.Tensor, query_lengths: torch.Tensor,
-        num_heads: int, kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        num_heads: int, kv_heads: int, scale: float, window: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal grouped-query attention over past + new keys; (output [B, S, N*D], present k, v [B, kv, P+S, D]).
 
     q [B, S, N*D], k/v [B, S, kv*D], past k/v [B, kv, P, D], bias [B, 1, S, P+S] added to the
     scores (the attention mask: 0 or a large negative). seqlens_k ([B] int32, P+S-1) and
     total_length (int32 scalar, P+S) and query_lengths ([B] int32, S) are what onnxruntime's kernel
     reads (every row holds P+S positions, padding is in `bias`); here they are implied.
+    window > 0: a query at position t sees the `window` keys t - window + 1 .. t only (onnxruntime's
+    local_window_size, checked against its kernel); -1: all keys up to t.
     """
     batch, seq, _ = q.shape
     head_dim = q.shape[-1] // num_heads
@@ -88,13 +91,17 @@ def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
     values = present_v.repeat_interleave(groups, dim=1)
     scores = queries @ keys.transpose(2, 3) * scale + bias
     query_pos = torch.arange(total - seq, total)[:, None]
-    scores = scores.masked_fill(torch.arange(total)[None, :] > query_pos, float("-inf"))
+    key_pos = torch.arange(total)[None, :]
+    blocked = key_pos > query_pos
+    if window > 0:
+        blocked = blocked | (key_pos <= query_pos - window)
+    scores = scores.masked_fill(blocked, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ values
     return out.transpose(1, 2).reshape(batch, seq, num_heads * head_dim), present_k, present_v
 
 
 @gqa.register_fake
-def _(q, k, v, past_k, past_v, seqlens_k, total_length, bias, query_lengths, num_heads, kv_heads, scale):
+def _(q, k, v, past_k, past_v, seqlens_k, total_length, bias, query_lengths, num_heads, kv_heads, scale, window=-1):
     batch, kv, past, head_dim = past_k.shape
     present = past_k.new_empty(batch, kv, past + k.shape[1], head_dim)
     return torch.empty_like(q), present, torch.empty_like(present)
@@ -155,7 +162,8 @@ def _op(name: str):
                  ("head_sink?", "T"), ("k_scale?", "tensor(float)"), ("v_scale?", "tensor(float)"),
                  ("q_norm_weight?", "T"), ("k_norm_weight?", "T"), ("query_seqlens?", "tensor(int32)")],
                 [("output", "T"), ("present_key", "T"), ("present_value", "T")],
-                [("num_heads", _attr("INT")), ("kv_num_heads", _attr("INT")), ("scale", _attr("FLOAT"))],
+                [("num_heads", _attr("INT")), ("kv_num_heads", _attr("INT")), ("scale", _attr("FLOAT")),
+                 ("local_window_size", _attr("INT"))],
             )
         _ops[name] = onnxscript.values.Op(onnxscript.values.Opset(schema.domain, 1), name, schema)
     return _ops[name]
@@ -185,13 +193,14 @@ def _translate_rotary(x, position_ids, cos, sin, num_heads):
 
 
 def _translate_gqa(q, k, v, past_k, past_v, seqlens_k, total_length, bias, query_lengths, num_heads, kv_heads,
-                   scale):
+                   scale, window=-1):
     # the optional cos/sin caches and position ids stay empty: rotary ran before, with our positions;
     # query_seqlens (all S) lets a batch of several rows run a multi-token step after a past
     return _op("GroupQueryAttention")(
         q, k, v, past_k, past_v, seqlens_k, total_length, None, None, None, bias, None, None, None, None, None,
         query_lengths,
-        num_heads=int(num_heads), kv_num_heads=int(kv_heads), scale=float(scale), _num_outputs=3,
+        num_heads=int(num_heads), kv_num_heads=int(kv_heads), scale=float(scale), local_window_size=int(window),
+        _num_outputs=3,
     )
 
 
