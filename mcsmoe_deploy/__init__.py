@@ -19,6 +19,7 @@ from .evaluate import perplexity
 from .exporters import (
     ExportConfig,
     ExportReport,
+    FusionPlan,
     MoEOpSpec,
     ParityCheck,
     check_parity,
@@ -31,6 +32,7 @@ from .exporters import (
     greedy_generate_onnx,
     greedy_generate_switch_onnx,
     grouped_moe_function,
+    ort_modules_fused,
 )
 from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec, grouped_moe_forward, route_top_k
 from .models import ExpertLayout, FamilyAdapter, MoELayer, Routing, SUPPORTED_FAMILIES, adapter_for_config, load_model
@@ -64,6 +66,7 @@ __all__ = [
     "TextGeneration",
     "ExportConfig",
     "ExportReport",
+    "FusionPlan",
     "MoEOpSpec",
     "FamilyAdapter",
     "GroupedLowRankExperts",
@@ -82,6 +85,7 @@ __all__ = [
     "builtin_corpus",
     "calibration_text",
     "check_parity",
+    "ort_modules_fused",
     "compare_reports",
     "dequantize",
     "export_compressed",

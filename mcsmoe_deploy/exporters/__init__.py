@@ -6,6 +6,8 @@ torch_export: a compressed decoder-only model -> one logits graph (torch.onnx, d
 kv_export: the same with past_key_values in and present out (prefill and decode in one graph).
 switch_export: Switch Transformers -> encoder.onnx + decoder.onnx (with KV cache), expert capacity kept.
 passes: graph transforms as onnx-ir passes (ort-fused mapping, inlining, TensorRT preparation) and their manager.
+ort_ops, ort_attention: target "ort": attention and RMSNorms traced as onnxruntime's fused ops
+(GroupQueryAttention, RotaryEmbedding, SimplifiedLayerNormalization), the MoE op kept.
 ort_fused: dense SwiGLU blocks as onnxruntime's com.microsoft.MoE (a baseline), on an onnx.ModelProto.
 dense: dense checkpoints through the same op (G = E, identity grouping).
 onnx_file: checked, atomic saving with external data; the functions-inlined copy.
@@ -27,6 +29,7 @@ from .dense import group_dense_experts
 from .kv_export import export_compressed_with_past, greedy_generate_onnx
 from .onnx_file import save_checked, write_inlined_copy
 from .export_config import TARGETS, ExportConfig
+from .ort_attention import FusionPlan, ort_modules_fused
 from .pipeline import export_model
 from .switch_export import export_switch, greedy_generate_switch_onnx
 from .torch_export import export_compressed
@@ -36,6 +39,7 @@ __all__ = [
     "DOMAIN",
     "ExportConfig",
     "ExportReport",
+    "FusionPlan",
     "ParityCheck",
     "TARGETS",
     "check_parity",
@@ -55,6 +59,7 @@ __all__ = [
     "greedy_generate_switch_onnx",
     "grouped_moe_function",
     "make_moe_node",
+    "ort_modules_fused",
     "register_op_schema",
     "standalone_model",
 ]
