@@ -127,6 +127,14 @@ def test_sliding_window_becomes_the_local_window_and_matches_torch(tmp_path):
     assert tokens.tokens[0] == expected
 
 
+def test_inlined_copy_of_the_fused_graph_keeps_onnxruntime_ops(tiny_dirs, tmp_path):
+    report = m.export_model(tiny_dirs["mixtral"], tmp_path / "ort.onnx", inline=True)
+    flat = onnx.load(str(tmp_path / "ort.inlined.onnx"))
+    assert not flat.functions and "ai.mcsmoe" not in {n.domain for n in flat.graph.node}
+    assert Counter(n.op_type for n in flat.graph.node)["GroupQueryAttention"] == LAYERS
+    assert len(report.parity) == 2 and report.max_rel_error <= 1e-4
+
+
 def _norm_graph(skip_shape: list) -> ir.Model:
     x = ir.Value(name="x", shape=ir.Shape(["b", "s", 8]), type=ir.TensorType(ir.DataType.FLOAT))
     r = ir.Value(name="r", shape=ir.Shape(skip_shape), type=ir.TensorType(ir.DataType.FLOAT))

@@ -122,6 +122,9 @@ def _fused_attention_forward(inputs: _GraphInputs, cos: torch.Tensor, sin: torch
         if position_ids is None:
             raise RuntimeError(f"{type(self).__name__} was called without position_ids: cannot trace fused rotary")
         batch, seq, _ = hidden_states.shape
+        if isinstance(position_ids.shape[0], int) and position_ids.shape[0] == 1:
+            # a graph without position_ids input: the model's own [1, S] arange; the kernel wants [B, S]
+            position_ids = position_ids.expand(batch, -1)
         config, head_dim = self.config, self.head_dim
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
