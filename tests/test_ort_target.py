@@ -15,7 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import LAYERS, save_tiny
+from conftest import LAYERS, save_tiny, tiny_model
 
 import mcsmoe_deploy as m
 from mcsmoe_deploy.exporters.passes.skip_norm import SkipNormFusionPass
@@ -135,6 +135,24 @@ def test_inlined_copy_of_the_fused_graph_keeps_onnxruntime_ops(tiny_dirs, tmp_pa
     assert len(report.parity) == 2 and report.max_rel_error <= 1e-4
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_modules_compute_what_transformers_does_in_torch(family):
+    # the torch custom ops' eager references, called by the patched modules, against transformers itself
+    model = tiny_model(family).eval()
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        with m.ort_modules_fused(model) as plan:
+            got = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        assert "forward" not in vars(model.model.layers[0].self_attn)  # restored on exit
+    assert len(plan.attention) == LAYERS and not plan.kept
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
 def _norm_graph(skip_shape: list) -> ir.Model:
     x = ir.Value(name="x", shape=ir.Shape(["b", "s", 8]), type=ir.TensorType(ir.DataType.FLOAT))
     r = ir.Value(name="r", shape=ir.Shape(skip_shape), type=ir.TensorType(ir.DataType.FLOAT))
@@ -155,6 +173,8 @@ def test_skip_norm_pass_folds_a_residual_add_exactly():
     before = ort.InferenceSession(ir.to_proto(model).SerializeToString()).run(None, feeds)[0]
     assert SkipNormFusionPass()(model).modified
     assert [n.op_type for n in model.graph] == ["SkipSimplifiedLayerNormalization", "Add"]
+    fused = ir.to_proto(model).graph.node[0]
+    assert fused.domain == "com.microsoft" and list(fused.output)[1:3] == ["", ""]
     after = ort.InferenceSession(ir.to_proto(model).SerializeToString()).run(None, feeds)[0]
     np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
 

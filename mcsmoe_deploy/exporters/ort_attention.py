@@ -85,8 +85,11 @@ def _rotary_caches(model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Te
         return f"rope type {rope_type!r} depends on the sequence length"
     limit = int(getattr(model.config, "max_position_embeddings", 4096))
     positions = torch.arange(limit)[None]
-    with torch.no_grad():
-        cos, sin = rotary(torch.zeros(1, dtype=dtype), positions)
+    try:
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, dtype=dtype), positions)
+    except (TypeError, ValueError) as error:  # a rotary module that needs more than (x, position_ids)
+        return f"rotary_emb cannot be called with positions alone ({error})"
     cos, sin = cos[0].to(dtype), sin[0].to(dtype)
     half = cos.shape[-1] // 2
     if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):

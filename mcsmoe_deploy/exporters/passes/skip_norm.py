@@ -45,7 +45,8 @@ class SkipNormFusionPass(ir.passes.InPlacePass):
                 attributes=[ir.AttrFloat32("epsilon", epsilon)], num_outputs=4,
                 name=f"{norm.name}_skip" if norm.name else None,
             )
-            y, _mean, _inv_std, summed = fused.outputs
+            y, mean, inv_std, summed = fused.outputs
+            mean.name = inv_std.name = ""  # absent outputs: the kernel skips computing them
             y.shape, y.type = norm.outputs[0].shape, norm.outputs[0].type
             summed.shape, summed.type = total.shape, total.type
             graph.insert_before(add, fused)
