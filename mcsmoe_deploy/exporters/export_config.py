@@ -13,7 +13,7 @@ from ..models.base import ExpertLayout
 TARGET_HELP = {
     "ort": "onnxruntime (default): the GroupedLowRankMoE op, attention as com.microsoft.GroupQueryAttention "
            "with RotaryEmbedding, RMSNorms as (Skip)SimplifiedLayerNormalization; onnxruntime only",
-    "portable": "the GroupedLowRankMoE op and standard ONNX ops only: for TensorRT, Triton and other runtimes",
+    "portable": "the GroupedLowRankMoE op and standard ONNX ops only: for TensorRT and runtimes other than onnxruntime",
     "mcsmoe": "the former name of 'portable' (accepted, recorded as 'portable')",
     "ort-fused": "dense SwiGLU checkpoints only: experts as onnxruntime's com.microsoft.MoE, a baseline",
 }
