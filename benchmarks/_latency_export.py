@@ -101,7 +101,7 @@ def export(kind: str, model_dir: Path, out: Path) -> None:
     if kind == "transformers":
         export_transformers(model_dir, out)
     elif kind in ("ours", "compressed"):
-        export_ours(model_dir, out, "mcsmoe")
+        export_ours(model_dir, out, "portable")
     elif kind == "ort-fused":
         export_ours(model_dir, out, "ort-fused")
     else:

@@ -4,7 +4,7 @@ Contestants, all from one seeded random Mixtral-family checkpoint (benchmarks/ca
 
     transformers  transformers.exporters.OnnxExporter.export_for_generation, ort_fusions="cpu":
                   prefill.onnx + decode.onnx with KV cache (the dense peer to beat)
-    ours          our dense export: one KV-cache graph, each MoE block one ai.mcsmoe::GroupedLowRankMoE node
+    ours          our dense export (target portable): one KV-cache graph, each MoE block one GroupedLowRankMoE node
     ort-fused     ours with every MoE block mapped to com.microsoft::MoE (`--target ort-fused`)
     compressed    ours on the MC-SMoE checkpoint (--experts of 8 groups, --rank-ratio, --sparse-keep)
 

@@ -21,6 +21,7 @@ from .evaluate import perplexity
 from .exporters import (
     ExportConfig,
     ExportReport,
+    FusionPlan,
     MoEOpSpec,
     ParityCheck,
     check_parity,
@@ -35,6 +36,7 @@ from .exporters import (
     greedy_generate_switch_onnx,
     grouped_moe_function,
     write_genai_files,
+    ort_modules_fused,
 )
 from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec, grouped_moe_forward, route_top_k
 from .models import ExpertLayout, FamilyAdapter, MoELayer, Routing, SUPPORTED_FAMILIES, adapter_for_config, load_model
@@ -68,6 +70,7 @@ __all__ = [
     "TextGeneration",
     "ExportConfig",
     "ExportReport",
+    "FusionPlan",
     "MoEOpSpec",
     "FamilyAdapter",
     "GroupedLowRankExperts",
@@ -89,6 +92,7 @@ __all__ = [
     "check_output",
     "check_parity",
     "clear_stale_staging",
+    "ort_modules_fused",
     "compare_reports",
     "dequantize",
     "export_compressed",

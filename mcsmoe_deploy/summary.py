@@ -133,8 +133,11 @@ def format_export(report: ExportReport) -> str:
         f"wrote {report.path} ({human_bytes(report.file_bytes)}): {kind} of a {source} model, target {report.target}",
         f"nodes: {report.nodes}   custom nodes: {custom}   functions: {report.functions}",
     ]
+    if report.fusion:
+        lines.append(f"fused for onnxruntime: {report.fusion}")
     if report.inlined_path:
-        lines.append(f"wrote {report.inlined_path}: the same graph with functions inlined (standard ops)")
+        ops = "onnxruntime contrib ops kept" if report.target == "ort" else "standard ops"
+        lines.append(f"wrote {report.inlined_path}: the same graph with functions inlined ({ops})")
     for check in report.parity:
         runs = ", ".join(f"{b}x{s}" for b, s in check.shapes) + (" + 1 decode step each" if check.with_past else "")
         names = " + ".join(Path(p).name for p in check.path.split(" + "))

@@ -51,7 +51,8 @@ def test_export_writes_a_validated_graph(extra, compressed_dir, tmp_path, capsys
 
 def test_dense_export_with_inlined_copy_and_external_data(tiny_dirs, tmp_path, capsys, export_reports):
     out = tmp_path / "dense.onnx"
-    assert main(["export", str(tiny_dirs["mixtral"]), str(out), "--inline", "--external-data"]) == 0
+    assert main(["export", str(tiny_dirs["mixtral"]), str(out), "--target", "portable", "--inline",
+                 "--external-data"]) == 0
     printed = capsys.readouterr().out
     inlined = tmp_path / "dense.inlined.onnx"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.inlined.onnx", "dense.onnx", "dense.onnx.data"]

@@ -154,7 +154,7 @@ def test_metadata_pass_reports_a_change_only_when_it_makes_one():
 
 
 def test_export_config_validates_in_its_own_terms():
-    with pytest.raises(UserError, match=r"^unknown export target 'tensorrt'; one of mcsmoe, ort-fused, ort-qmoe$"):
+    with pytest.raises(UserError, match=r"^unknown export target 'tensorrt'; one of ort, portable, mcsmoe, ort-fused, ort-qmoe$"):
         ExportConfig(target="tensorrt")
     with pytest.raises(UserError, match=r"^opset 17 is too old: the op's function body needs opset >= 18$"):
         ExportConfig(opset=17)
@@ -162,7 +162,7 @@ def test_export_config_validates_in_its_own_terms():
     with pytest.raises(UserError) as error:
         fused.check_checkpoint("ckpt", "mixtral", encoder_decoder=False, compressed=True)
     assert str(error.value) == ("target 'ort-fused' maps dense experts to com.microsoft.MoE; ckpt is a compressed "
-                                "checkpoint (export it with target 'mcsmoe')")
+                                "checkpoint (export it with target 'ort' or 'portable')")
     with pytest.raises(UserError, match=r"needs a dense checkpoint with SwiGLU experts; switch_transformers "
                                         r"experts are plain relu$"):
         fused.check_experts("switch_transformers", ExpertLayout(False, "relu", 8, 16))
@@ -173,7 +173,11 @@ def test_export_config_validates_in_its_own_terms():
     names = [type(p).__name__ for p in ExportConfig(target="ort-fused", passes=[_Idle()]).graph_passes()]
     assert names == ["FuseMoEForOrtPass", "RemoveUnusedNodesPass", "RemoveUnusedFunctionsPass",
                      "RemoveUnusedOpsetsPass", "_Idle"]
-    assert [type(p).__name__ for p in ExportConfig().graph_passes()] == []
+    assert [type(p).__name__ for p in ExportConfig().graph_passes()] == ["SkipNormFusionPass"]
+    assert [type(p).__name__ for p in ExportConfig(target="portable").graph_passes()] == []
+    # the former name of the portable target is accepted and recorded under the new one
+    assert ExportConfig(target="mcsmoe").target == "portable" and not ExportConfig(target="mcsmoe").fuses_ort
+    assert ExportConfig().target == "ort" and ExportConfig().fuses_ort
 
 
 def test_export_model_takes_a_config_or_its_fields_not_both(tmp_path):
@@ -206,10 +210,11 @@ class _WeightsOnDisk(ir.passes.InPlacePass):
 def test_export_runs_passes_on_a_graph_whose_weights_stay_on_disk(tiny_dirs, tmp_path):
     _WeightsOnDisk.seen = {}
     out = tmp_path / "model.onnx"
-    export_model(tiny_dirs["mixtral"], out, ExportConfig(with_past=False, validate=False, passes=(_WeightsOnDisk(),)))
+    export_model(tiny_dirs["mixtral"], out, ExportConfig(target="mcsmoe", with_past=False, validate=False,
+                                                         passes=(_WeightsOnDisk(),)))
     assert len(_WeightsOnDisk.seen) >= 6 and all(_WeightsOnDisk.seen.values())  # gate/up/down x 2 layers at least
     metadata = {p.key: p.value for p in onnx.load(out, load_external_data=False).metadata_props}
-    assert metadata["mcsmoe.target"] == "mcsmoe"
+    assert metadata["mcsmoe.target"] == "portable"
 
     with pytest.raises(GraphPassError, match="graph pass _Broken failed: no luck"):
         export_model(tiny_dirs["mixtral"], tmp_path / "broken.onnx",

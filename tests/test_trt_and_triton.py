@@ -33,9 +33,9 @@ GEOMETRY = KVGeometry(num_layers=2, kv_heads=2, head_dim=8)  # the tiny models o
 
 @pytest.fixture(scope="module")
 def graph(tiny_dirs, tmp_path_factory) -> Path:
-    """The tiny Mixtral's KV-cache graph (functions not inlined)."""
+    """The tiny Mixtral's portable KV-cache graph (functions not inlined)."""
     path = tmp_path_factory.mktemp("trt") / "mixtral.onnx"
-    export_model(tiny_dirs["mixtral"], path, validate=False)
+    export_model(tiny_dirs["mixtral"], path, validate=False, target="portable")
     return path
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from ..exporters.export_config import TARGETS, ExportConfig
+from ..exporters.export_config import TARGET_HELP, TARGETS, ExportConfig
 
 
 def quiet_torch_onnx() -> None:
@@ -43,7 +43,8 @@ def add_parsers(sub) -> None:
         description="Export a Hugging Face MoE checkpoint, dense or compressed by `mcsmoe compress`, to ONNX. "
                     "Each MoE block becomes one ai.mcsmoe::GroupedLowRankMoE node whose semantics ship in the "
                     "file as an ONNX function (docs/ops.md), so onnxruntime runs it as it is; everything else is "
-                    "traced from the transformers model. By default one graph serves prefill and decode "
+                    "traced from the transformers model, attention and RMSNorms as onnxruntime's fused ops unless "
+                    "--target portable. By default one graph serves prefill and decode "
                     "(inputs input_ids, attention_mask, position_ids, past_key_values.N.key/value; outputs "
                     "logits, present.N.key/value). The file passes onnx.checker's full check and its logits are "
                     "compared with the torch reference in onnxruntime. Families: mixtral, qwen2_moe, qwen3_moe, "
@@ -60,14 +61,11 @@ def add_parsers(sub) -> None:
                              "onnxruntime_genai.Model(DIR) generates with it (decoder-only families)")
     export.add_argument("--no-past", action="store_true", help="a plain logits graph without KV cache")
     export.add_argument("--target", choices=TARGETS, default=ExportConfig.target,
-                        help="mcsmoe: the GroupedLowRankMoE op (default); ort-fused: dense SwiGLU experts as "
-                             "onnxruntime's com.microsoft.MoE, a baseline for comparison (dense checkpoints only); "
-                             "ort-qmoe: quantized checkpoints whose experts are dense SwiGLU (mcsmoe compress "
-                             "--quantize int4|int8, merged or not, no low rank) as onnxruntime's "
-                             "com.microsoft.QMoE (int4 exact; int8 runs with int8 activations, ~1%% error)")
+                        help="; ".join(f"{name}: {text}" for name, text in TARGET_HELP.items()))
     export.add_argument("--inline", action="store_true",
-                        help="also write OUT.inlined.onnx with every function inlined (standard ops only), "
-                             "for runtimes that reject custom domains")
+                        help="also write OUT.inlined.onnx with every function inlined (no ai.mcsmoe node), "
+                             "for runtimes that reject custom domains; combine with --target portable for standard "
+                             "ops only (the 'ort' target's attention and norms stay onnxruntime contrib ops)")
     export.add_argument("--external-data", action="store_true",
                         help="store the weights in OUT.onnx.data (automatic beyond about 1.8 GB)")
     export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=ExportConfig.dtype,

@@ -6,6 +6,8 @@ torch_export: a compressed decoder-only model -> one logits graph (torch.onnx, d
 kv_export: the same with past_key_values in and present out (prefill and decode in one graph).
 switch_export: Switch Transformers -> encoder.onnx + decoder.onnx (with KV cache), expert capacity kept.
 passes: graph transforms as onnx-ir passes (ort-fused and ort-qmoe mappings, inlining, TensorRT preparation) and their manager.
+ort_ops, ort_attention: target "ort": attention and RMSNorms traced as onnxruntime's fused ops
+(GroupQueryAttention, RotaryEmbedding, SimplifiedLayerNormalization), the MoE op kept.
 ort_fused: dense SwiGLU blocks as onnxruntime's com.microsoft.MoE (a baseline), on an onnx.ModelProto.
 dense: dense checkpoints through the same op (G = E, identity grouping).
 onnx_file: checked, atomic saving with external data; the functions-inlined copy.
@@ -29,6 +31,7 @@ from .kv_export import export_compressed_with_past, greedy_generate_onnx
 from .onnx_file import save_checked, write_inlined_copy
 from .export_config import TARGETS, ExportConfig
 from .genai_folder import genai_config, write_genai_files
+from .ort_attention import FusionPlan, ort_modules_fused
 from .pipeline import export_model
 from .switch_export import export_switch, greedy_generate_switch_onnx
 from .torch_export import export_compressed
@@ -38,6 +41,7 @@ __all__ = [
     "DOMAIN",
     "ExportConfig",
     "ExportReport",
+    "FusionPlan",
     "ParityCheck",
     "TARGETS",
     "check_parity",
@@ -59,6 +63,7 @@ __all__ = [
     "grouped_moe_function",
     "write_genai_files",
     "make_moe_node",
+    "ort_modules_fused",
     "register_op_schema",
     "standalone_model",
 ]

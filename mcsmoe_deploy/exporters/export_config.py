@@ -10,7 +10,19 @@ import torch
 from ..errors import UserError
 from ..models.base import ExpertLayout
 
-TARGETS = ("mcsmoe", "ort-fused", "ort-qmoe")
+# target name -> what it exports (the CLI's --target help); a new target adds one entry
+TARGET_HELP = {
+    "ort": "onnxruntime (default): the GroupedLowRankMoE op, attention as com.microsoft.GroupQueryAttention "
+           "with RotaryEmbedding, RMSNorms as (Skip)SimplifiedLayerNormalization; onnxruntime only",
+    "portable": "the GroupedLowRankMoE op and standard ONNX ops only: for TensorRT and runtimes other than onnxruntime",
+    "mcsmoe": "the former name of 'portable' (accepted, recorded as 'portable')",
+    "ort-fused": "dense SwiGLU checkpoints only: experts as onnxruntime's com.microsoft.MoE, a baseline",
+    "ort-qmoe": "quantized checkpoints whose experts are dense SwiGLU (mcsmoe compress --quantize int4|int8, merged "
+                "or not, no low rank): experts as onnxruntime's com.microsoft.QMoE (int4 exact; int8 runs with int8 "
+                "activations, ~1%% error), attention and norms fused as in 'ort'",
+}
+TARGETS = tuple(TARGET_HELP)
+TARGET_ALIASES = {"mcsmoe": "portable"}
 # graph dtypes -> torch dtypes. bf16 is not offered: ONNX's TopK (the op's routing) takes no bf16
 # before opset 24 and onnxruntime's CPU provider has no bf16 MatMul, Softmax or TopK kernels, so
 # a bf16 graph could neither run nor be validated here
@@ -22,13 +34,17 @@ MIN_OPSET = 18  # the op's function body needs opset 18
 class ExportConfig:
     """How to export a model to ONNX.
 
-    target: "mcsmoe" (every MoE block one ai.mcsmoe::GroupedLowRankMoE node), or
-        "ort-fused" (dense SwiGLU checkpoints only: onnxruntime's com.microsoft.MoE), or "ort-qmoe"
-        (quantized checkpoints with dense SwiGLU experts, merged or not: com.microsoft.QMoE, passes/ort_qmoe.py).
+    target: "ort" (default: every MoE block one ai.mcsmoe::GroupedLowRankMoE node, attention
+        and RMSNorms as onnxruntime's fused contrib ops, see ort_attention; onnxruntime only),
+        "portable" (the MoE op and standard ops only; "mcsmoe" is its former name and becomes
+        "portable"), "ort-fused" (dense SwiGLU checkpoints only: onnxruntime's com.microsoft.MoE), or "ort-qmoe"
+        (quantized checkpoints with dense SwiGLU experts, merged or not: com.microsoft.QMoE, passes/ort_qmoe.py;
+        attention and norms as "ort").
     with_past: one graph for prefill and decode with `past_key_values.N.*` inputs and
         `present.N.*` outputs (see kv_export); False: a plain logits graph.
     validate: compare onnxruntime with the torch reference on random tokens (export_model).
-    inline: also write `inlined_path(out)`, every function inlined (standard ops only).
+    inline: also write `inlined_path(out)`, every function inlined (no ai.mcsmoe node; with
+        target "ort" the copy keeps onnxruntime's contrib ops: standard ops only needs "portable").
     external_data: weights in `OUT.onnx.data`: True, False, or None for "when over ~1.8 GB".
     opset: the default-domain opset of the traced graph (>= 18).
     force: replace existing outputs (export_model).
@@ -40,7 +56,7 @@ class ExportConfig:
         tokenizer files; see genai_folder) instead of one ONNX file; decoder-only, with_past.
     """
 
-    target: str = "mcsmoe"
+    target: str = "ort"
     with_past: bool = True
     validate: bool = True
     inline: bool = False
@@ -55,6 +71,7 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise UserError(f"unknown export target {self.target!r}; one of {', '.join(TARGETS)}")
+        object.__setattr__(self, "target", TARGET_ALIASES.get(self.target, self.target))
         if self.opset < MIN_OPSET:
             raise UserError(f"opset {self.opset} is too old: the op's function body needs opset >= {MIN_OPSET}")
         if self.dtype == "bf16":
@@ -75,7 +92,7 @@ class ExportConfig:
         """UserError unless this config can export checkpoint `source` of `family` (compressed or dense)."""
         if self.target == "ort-fused" and compressed:
             raise UserError("target 'ort-fused' maps dense experts to com.microsoft.MoE; "
-                            f"{source} is a compressed checkpoint (export it with target 'mcsmoe')")
+                            f"{source} is a compressed checkpoint (export it with target 'ort' or 'portable')")
         if self.genai and not self.with_past:
             raise UserError("an onnxruntime-genai folder needs the KV-cache graph; drop --no-past")
         if encoder_decoder and self.dtype == "fp16":
@@ -94,6 +111,11 @@ class ExportConfig:
             raise UserError(f"target {self.target!r} needs {what} with SwiGLU experts; {family} experts are "
                             f"{'gated' if layout.gated else 'plain'} {layout.activation}")
 
+    @property
+    def fuses_ort(self) -> bool:
+        """Whether attention and RMSNorms trace to onnxruntime's fused ops (targets "ort" and "ort-qmoe")."""
+        return self.target in ("ort", "ort-qmoe")
+
     def graph_passes(self) -> list[ir.passes.PassBase]:
         """The passes each finished graph goes through: the target's (fresh instances), then `passes`."""
         target_passes: list[ir.passes.PassBase] = []
@@ -105,6 +127,10 @@ class ExportConfig:
             from .passes.ort_qmoe import ort_qmoe_passes
 
             target_passes = ort_qmoe_passes()
+        if self.fuses_ort:
+            from .passes.skip_norm import SkipNormFusionPass
+
+            target_passes.append(SkipNormFusionPass())
         return [*target_passes, *self.passes]
 
 
@@ -118,7 +144,7 @@ def _check_qmoe_checkpoint(source: str, compressed: bool) -> None:
     if reason is not None:
         raise UserError(f"target 'ort-qmoe' maps quantized dense SwiGLU experts to com.microsoft.QMoE; {source}: "
                         f"{reason} (quantize with `mcsmoe compress --quantize int4|int8 --rank-ratio 1`, or export "
-                        "with target 'mcsmoe')")
+                        "with target 'ort')")
 
 
-__all__ = ["DTYPES", "MIN_OPSET", "TARGETS", "ExportConfig"]
+__all__ = ["DTYPES", "MIN_OPSET", "TARGETS", "TARGET_ALIASES", "TARGET_HELP", "ExportConfig"]

@@ -40,7 +40,10 @@ class _PastWrapper(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        # no config: plain full-length layers for every layer type. With the config, sliding-window
+        # layers keep only the last window - 1 past positions, and present.N would stop matching
+        # the contract's [B, kv_heads, P+S, head_dim] (the sliding mask is applied either way)
+        cache = DynamicCache()
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(

@@ -88,39 +88,41 @@ def _export_encoder_decoder(model, adapter, model_dir: Path, out_dir: Path, conf
     return report, files
 
 
-def _write_decoder(model, adapter, target: Path, config: ExportConfig, stages: tqdm) -> onnx.ModelProto:
+def _write_decoder(model, adapter, target: Path, config: ExportConfig, stages: tqdm):
     """A decoder-only graph (and its inlined copy) at `target`, a path inside a staging folder; `model`'s
-    weights are freed once the staged file holds them."""
+    weights are freed once the staged file holds them. Returns (the graph without weights, what was
+    fused for onnxruntime or None)."""
     check_exportable(adapter, config.opset)
     make_spec = past_graph_spec if config.with_past else logits_graph_spec
-    staged = stage_graph(model, adapter, make_spec(model), target, config.opset)
+    staged = stage_graph(model, adapter, make_spec(model), target, config.opset, fuse_ort=config.fuses_ort)
     model.to("meta")  # the staged file holds the weights now: free them before the graph is reloaded
     gc.collect()
     model_proto = finish_staged(staged, target, config)
     if config.inline:
         _next_stage(stages, "writing the inlined copy")
         write_inlined_copy(target)
-    return model_proto
+    return model_proto, staged.fusion
 
 
 def _export_decoder(model, adapter, model_dir: str | Path, out_path: Path, config: ExportConfig, stages: tqdm):
     """One decoder graph file (with its data and inlined copy beside it), written through `staged_output`."""
     with staged_output(out_path, force=config.force, inputs=(model_dir,), kind="file",
                        companions=_graph_companions(out_path, config.inline)) as target:
-        model_proto = _write_decoder(model, adapter, target, config, stages)
-    return _describe_decoder(model_proto, out_path, config)
+        model_proto, fusion = _write_decoder(model, adapter, target, config, stages)
+    return _describe_decoder(model_proto, out_path, config, fusion)
 
 
 def _export_genai_folder(model, adapter, model_dir: str | Path, out_dir: Path, config: ExportConfig, stages: tqdm):
     """The decoder graph plus genai_config.json and tokenizer files in one folder, through `staged_output`."""
     with staged_output(out_dir, force=config.force, inputs=(model_dir,)) as staging:
-        model_proto = _write_decoder(model, adapter, staging / GRAPH_FILE, config, stages)
+        model_proto, fusion = _write_decoder(model, adapter, staging / GRAPH_FILE, config, stages)
         write_genai_files(model_dir, staging / GRAPH_FILE)
-    return _describe_decoder(model_proto, out_dir / GRAPH_FILE, config)
+    return _describe_decoder(model_proto, out_dir / GRAPH_FILE, config, fusion)
 
 
-def _describe_decoder(model_proto: onnx.ModelProto, graph: Path, config: ExportConfig):
+def _describe_decoder(model_proto: onnx.ModelProto, graph: Path, config: ExportConfig, fusion):
     report = describe(model_proto, graph)
+    report.fusion = None if fusion is None else fusion.summary()
     files = [graph]
     if config.inline:
         files.append(inlined_path(graph))
@@ -173,6 +175,11 @@ def export_model(
     else:
         out_path = check_output_file(out_path, config.force, (model_dir,), _graph_companions(out_path, config.inline))
 
+    fusion_note = None
+    if adapter.encoder_decoder and config.fuses_ort:
+        # T5-style attention (relative position bias, no rotary) has no GroupQueryAttention form
+        config = replace(config, target="portable")
+        fusion_note = f"{adapter.family}: no fused attention for encoder-decoder graphs; exported as 'portable'"
     inline_stage = config.inline and not adapter.encoder_decoder
     stages = tqdm(total=2 + inline_stage + config.validate, desc="loading", unit="stage",
                   disable=not config.progress, bar_format="{desc:<28} {n_fmt}/{total_fmt} stages [{elapsed}]")
@@ -191,6 +198,7 @@ def export_model(
         report, files = _export_decoder(model, adapter, model_dir, out_path, config, stages)
     del model
     report.target, report.with_past, report.compressed = config.target, config.with_past, compressed
+    report.fusion = fusion_note or report.fusion
     if config.validate:
         _next_stage(stages, "validating in onnxruntime")
         # reloaded: for a dense checkpoint, transformers' own model rather than our regrouping of it

@@ -35,7 +35,7 @@ block passes them through unchanged). Padding tokens count as well, as in transf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -217,7 +217,8 @@ def export_switch(
     after `group_dense_experts`). Layout in the module docstring; batch and every length
     are dynamic. Both graphs are checked with onnx.checker full_check before they are saved.
     `config` (opset, graph passes, external data) applies to both graphs, as in
-    `export_with_custom_moe`; `config.with_past` is not read (both graphs have KV cache).
+    `export_with_custom_moe`; `config.with_past` is not read (both graphs have KV cache). Target
+    "ort" exports as "portable": T5-style attention has no GroupQueryAttention form.
     """
     if adapter.family != "switch_transformers":
         raise ValueError(f"export_switch exports Switch Transformers, not {adapter.family!r}")
@@ -225,6 +226,8 @@ def export_switch(
         raise RuntimeError("this onnx cannot register op schemas from Python; upgrade onnx")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if config.fuses_ort:
+        config = replace(config, target="portable")
     geometry = SwitchGeometry.from_config(model.config)
     layers, heads, head_dim = geometry.num_layers, geometry.num_heads, geometry.head_dim
     dtype = next(model.parameters()).dtype

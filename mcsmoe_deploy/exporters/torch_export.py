@@ -16,6 +16,7 @@ and renames into place.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from .moe_op import MoEOpSpec, register_op_schema
 from ..contract import external_data_path
 from ..files import new_staging_dir, staged_output
 from .export_config import ExportConfig
+from .ort_attention import FusionPlan, ort_modules_fused
+from .ort_ops import register_norm_schema, translation_table as ort_translation_table
 from .onnx_file import EXTERNAL_DATA_THRESHOLD, write_passes_result, write_staged, write_staged_as_one_file
 from .passes import GraphPassManager
 from .passes.custom_nodes import FinishCustomNodesPass
@@ -57,6 +60,7 @@ class StagedGraph:
 
     path: Path
     specs: list[MoEOpSpec]
+    fusion: FusionPlan | None = None  # target "ort": which attention / norm modules became onnxruntime ops
 
     @property
     def staging(self) -> Path:
@@ -100,16 +104,26 @@ def stage_graph(
     out_path: str | Path,
     opset: int = 18,
     make_forward: ForwardFactory = patched_forward,
+    fuse_ort: bool = False,
 ) -> StagedGraph:
-    """Trace `spec.wrapper(*spec.args)` with MoE blocks as custom nodes and stream it into a staging folder."""
+    """Trace `spec.wrapper(*spec.args)` with MoE blocks as custom nodes and stream it into a staging folder.
+
+    fuse_ort: attention and RMSNorm modules trace to onnxruntime's fused ops (target "ort",
+    see ort_attention); the plan of what was fused is kept in the StagedGraph.
+    """
     if not register_op_schema():  # onnxscript only emits the bare node for an op it has a schema of
         raise RuntimeError("this onnx cannot register op schemas from Python; upgrade onnx")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
+    table = {getattr(torch.ops.mcsmoe, TORCH_OP.split("::")[1]).default: translate}
+    fused_modules = ort_modules_fused(model) if fuse_ort else contextlib.nullcontext()
+    if fuse_ort:
+        register_norm_schema()
+        table.update(ort_translation_table())
     try:
-        with torch.no_grad(), moe_blocks_as_custom_op(model, adapter, make_forward) as specs:
+        with torch.no_grad(), moe_blocks_as_custom_op(model, adapter, make_forward) as specs, fused_modules as plan:
             program = torch.onnx.export(
                 spec.wrapper,
                 tuple(spec.args),
@@ -118,7 +132,7 @@ def stage_graph(
                 input_names=list(spec.input_names),
                 output_names=list(spec.output_names),
                 dynamic_shapes=spec.dynamic_shapes,
-                custom_translation_table={getattr(torch.ops.mcsmoe, TORCH_OP.split("::")[1]).default: translate},
+                custom_translation_table=table,
                 optimize=True,
                 verbose=False,
             )
@@ -138,7 +152,7 @@ def stage_graph(
         # the weights outlive the caller's model and the export holds them twice
         for value in program.model.graph.initializers.values():
             value.const_value = None
-    return StagedGraph(staged, list(specs.values()))
+    return StagedGraph(staged, list(specs.values()), plan)
 
 
 def _holds_weights(model: ir.Model) -> bool:
@@ -193,7 +207,7 @@ def export_with_custom_moe(
     make_forward: ForwardFactory = patched_forward,
 ) -> onnx.ModelProto:
     """`stage_graph` then `finish_staged`, for a caller that keeps its model (see the module docstring)."""
-    staged = stage_graph(model, adapter, spec, out_path, config.opset, make_forward)
+    staged = stage_graph(model, adapter, spec, out_path, config.opset, make_forward, config.fuses_ort)
     return finish_staged(staged, out_path, config)
 
 
@@ -224,7 +238,7 @@ def export_graph(
 ) -> onnx.ModelProto:
     """Check the family and opset, then `stage_graph` and `finish_staged` the graph `make_spec(model)` describes."""
     check_exportable(adapter, config.opset)
-    staged = stage_graph(model, adapter, make_spec(model), out_path, config.opset)
+    staged = stage_graph(model, adapter, make_spec(model), out_path, config.opset, fuse_ort=config.fuses_ort)
     return finish_staged(staged, out_path, config)
 
 

@@ -47,7 +47,8 @@ class ExportReport:
     custom_nodes: dict[str, int]  # "domain::op_type" -> count, custom domains only
     functions: int
     op_types: dict[str, int] = field(default_factory=dict)
-    target: str = "mcsmoe"
+    target: str = "ort"
+    fusion: str | None = None  # target "ort": what became onnxruntime's fused ops, and what was kept and why
     with_past: bool = True
     compressed: bool = True
     inlined_path: str | None = None

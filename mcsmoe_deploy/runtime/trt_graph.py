@@ -36,7 +36,8 @@ from ..contract import DOMAIN as OP_DOMAIN
 from ..contract import OP_TYPE, PAST_PREFIX, external_data_files, read_graph
 from ..exporters.passes import GraphPassManager
 from ..exporters.passes.inline import inline_passes
-from ..exporters.passes.requirements import moe_nodes
+from ..errors import UserError
+from ..exporters.passes.requirements import moe_nodes, onnxruntime_only_ops
 from ..exporters.passes.tensorrt import FOLD_SIZE_LIMIT, ParserRewritesPass, TagMoEForPluginPass
 
 FLOAT_TYPES = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}
@@ -98,6 +99,11 @@ def prepare_for_tensorrt(src: str | Path, out_path: str | Path, plugin: bool = F
     GroupedLowRankMoE plugin instead of inlining their functions."""
     src, out_path = Path(src), Path(out_path)
     model = ir.load(str(src))  # weights stay on disk until the rewrites fold constants
+    foreign = onnxruntime_only_ops(model.graph)
+    if foreign:
+        ops = ", ".join(f"{op} x{count}" for op, count in foreign.items())
+        raise UserError(f"{src} holds onnxruntime-only ops ({ops}) of export target 'ort'; TensorRT needs "
+                        "the standard-op graph: export it with --target portable")
     nodes_before = len(model.graph)
     tagged = len(moe_nodes(model.graph)) if plugin else 0
     applied = GraphPassManager(preparation_passes(plugin, fold_constants))(model)

@@ -43,7 +43,7 @@ class MoEFusion:
 def _refuse(node: ir.Node, reason: str) -> ValueError:
     return ValueError(
         f"cannot map {DOMAIN}::{OP_TYPE} node {node.name!r} to {ORT_DOMAIN}::{ORT_MOE}: {reason}; "
-        "target 'ort-fused' is only for dense SwiGLU models (export compressed models with target 'mcsmoe')"
+        "target 'ort-fused' is only for dense SwiGLU models (export compressed models with target 'ort' or 'portable')"
     )
 
 

@@ -15,6 +15,17 @@ def moe_nodes(graph: ir.Graph) -> list[ir.Node]:
     return [node for node in graph if (node.domain, node.op_type) == (DOMAIN, OP_TYPE)]
 
 
+def onnxruntime_only_ops(graph: ir.Graph) -> dict[str, int]:
+    """{"domain::op_type": count} of the nodes only onnxruntime runs: the com.microsoft contrib ops and
+    SimplifiedLayerNormalization (onnxruntime's, in the default domain) that export target "ort" writes."""
+    found: dict[str, int] = {}
+    for node in graph:
+        if node.domain == "com.microsoft" or (node.domain == "" and node.op_type == "SimplifiedLayerNormalization"):
+            key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+            found[key] = found.get(key, 0) + 1
+    return found
+
+
 def require_weight_values(values: Iterable[ir.Value], who: str) -> None:
     """Precondition: each initializer's bytes can be read (in memory, or an external file that exists).
 
@@ -32,4 +43,4 @@ def require_weight_values(values: Iterable[ir.Value], who: str) -> None:
             )
 
 
-__all__ = ["moe_nodes", "require_weight_values"]
+__all__ = ["moe_nodes", "onnxruntime_only_ops", "require_weight_values"]

@@ -1,0 +1,195 @@
+"""Export target 'ort': attention as GroupQueryAttention + RotaryEmbedding, RMSNorms as (Skip)SimplifiedLayerNormalization.
+
+Every decoder family against the torch reference (prefill, decode, a left-padded batch) and
+against its own portable graph; what onnxruntime's optimizer leaves; per-module fallback; the
+residual-Add fold; what refuses the fused graph (TensorRT preparation).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import LAYERS, save_tiny, tiny_model
+
+import mcsmoe_deploy as m
+from mcsmoe_deploy.exporters.passes.skip_norm import SkipNormFusionPass
+from mcsmoe_deploy.runtime import GenerationConfig, generate, open_session
+from mcsmoe_deploy.runtime.generation import left_pad
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def _ops(path) -> Counter:
+    return Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fused(request, tiny_dirs, tmp_path_factory):
+    family = request.param
+    root = tmp_path_factory.mktemp(f"ort_{family}")
+    report = m.export_model(tiny_dirs[family], root / "ort.onnx", validate=False)
+    m.export_model(tiny_dirs[family], root / "portable.onnx", validate=False, target="portable")
+    return family, report, root
+
+
+def test_every_attention_and_norm_is_fused(fused):
+    family, report, root = fused
+    ops = _ops(root / "ort.onnx")
+    qk_norms = 2 * LAYERS if family in ("qwen3_moe", "olmoe") else 0
+    assert report.target == "ort"
+    assert report.fusion == f"{LAYERS}/{LAYERS} attention as GroupQueryAttention, {2 * LAYERS + 1 + qk_norms} " \
+                            "RMSNorm as SimplifiedLayerNormalization"
+    assert ops["GroupQueryAttention"] == LAYERS and ops["RotaryEmbedding"] == 2 * LAYERS
+    assert ops["GroupedLowRankMoE"] == LAYERS
+    # residual Adds folded: 2 per layer (the last one into the final norm); layer 0's input norm has none
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * LAYERS
+    assert ops["SimplifiedLayerNormalization"] == 1 + qk_norms
+    assert not {"Softmax", "ReduceMean", "Pow", "Sqrt"} & set(ops)
+    assert len(onnx.load(str(root / "ort.onnx")).graph.node) < len(onnx.load(str(root / "portable.onnx")).graph.node)
+    metadata = {p.key: p.value for p in onnx.load(str(root / "ort.onnx"), load_external_data=False).metadata_props}
+    assert metadata["mcsmoe.target"] == "ort"
+
+
+def test_left_padded_batch_matches_torch_and_the_portable_graph(fused, tiny_dirs):
+    family, _, root = fused
+    model, _ = m.load_model(tiny_dirs[family], device="cpu")
+    ids, mask, positions = left_pad([[5, 17, 99, 3, 250, 41, 9], [7, 8, 9]], 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(positions), use_cache=True)
+        step = model(input_ids=torch.tensor([[11], [12]]), attention_mask=torch.tensor(np.pad(mask, ((0, 0), (0, 1)),
+                     constant_values=1)), position_ids=torch.tensor(positions[:, -1:] + 1),
+                     past_key_values=out.past_key_values, use_cache=True)
+    real = mask.astype(bool)
+    for name in ("ort.onnx", "portable.onnx"):
+        session = open_session(root / name, "ort", threads=1)
+        first = session.step(ids, mask, positions, session.empty_past(2))
+        expected = out.logits.numpy()
+        assert np.abs(first.logits - expected)[real].max() <= 1e-4 * np.abs(expected).max()
+        second = session.step(np.array([[11], [12]]), np.pad(mask, ((0, 0), (0, 1)), constant_values=1),
+                              positions[:, -1:] + 1, first.past)
+        expected = step.logits.numpy()
+        assert np.abs(second.logits - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_greedy_tokens_equal_the_portable_graphs(fused):
+    _, _, root = fused
+    prompts = [[5, 17, 99, 3, 250, 41], [7, 8, 9], [100]]
+    config = GenerationConfig(max_new_tokens=8)
+    tokens = [generate(open_session(root / name, "ort", threads=1), [p], config).tokens
+              for p in prompts for name in ("ort.onnx", "portable.onnx")]
+    assert tokens[0::2] == tokens[1::2]
+
+
+def _optimized_ops(path, out) -> Counter:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return _ops(out)
+
+
+def test_onnxruntime_optimizer_keeps_the_fused_ops(fused, tmp_path):
+    _, _, root = fused
+    ops = _optimized_ops(root / "ort.onnx", tmp_path / "ort.onnx")
+    assert ops["GroupQueryAttention"] == LAYERS and ops["SkipSimplifiedLayerNormalization"] == 2 * LAYERS
+    assert ops["RotaryEmbedding"] == 2 * LAYERS
+    # onnxruntime inlines the MoE op's function in both graphs (no kernel claims the node)
+    portable = _optimized_ops(root / "portable.onnx", tmp_path / "portable.onnx")
+    assert "GroupQueryAttention" not in portable
+    assert sum(ops.values()) < sum(portable.values())
+
+
+def test_sliding_window_becomes_the_local_window_and_matches_torch(tmp_path):
+    import json
+
+    save_tiny("mixtral", tmp_path / "src")
+    config_path = tmp_path / "src" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["sliding_window"] = 4  # shorter than the validation's 9-token prompts
+    config_path.write_text(json.dumps(config))
+    report = m.export_model(tmp_path / "src", tmp_path / "ort.onnx")
+    assert report.fusion.startswith(f"{LAYERS}/{LAYERS} attention as GroupQueryAttention")
+    windows = [a.i for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node if n.op_type == "GroupQueryAttention"
+               for a in n.attribute if a.name == "local_window_size"]
+    assert windows == [4] * LAYERS
+    assert report.max_rel_error <= 1e-4  # prefill of 9 tokens and a decode step, against transformers' sliding mask
+    model, _ = m.load_model(tmp_path / "src", device="cpu")
+    ids = np.arange(3, 15)[None]
+    tokens = generate(open_session(tmp_path / "ort.onnx", "ort", threads=1), ids, GenerationConfig(max_new_tokens=6))
+    with torch.no_grad():
+        expected = model.generate(torch.tensor(ids), max_new_tokens=6, do_sample=False)[0, 12:].tolist()
+    assert tokens.tokens[0] == expected
+
+
+def test_inlined_copy_of_the_fused_graph_keeps_onnxruntime_ops(tiny_dirs, tmp_path):
+    report = m.export_model(tiny_dirs["mixtral"], tmp_path / "ort.onnx", inline=True)
+    flat = onnx.load(str(tmp_path / "ort.inlined.onnx"))
+    assert not flat.functions and "ai.mcsmoe" not in {n.domain for n in flat.graph.node}
+    assert Counter(n.op_type for n in flat.graph.node)["GroupQueryAttention"] == LAYERS
+    assert len(report.parity) == 2 and report.max_rel_error <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_modules_compute_what_transformers_does_in_torch(family):
+    # the torch custom ops' eager references, called by the patched modules, against transformers itself
+    model = tiny_model(family).eval()
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        with m.ort_modules_fused(model) as plan:
+            got = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        assert "forward" not in vars(model.model.layers[0].self_attn)  # restored on exit
+    assert len(plan.attention) == LAYERS and not plan.kept
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def _norm_graph(skip_shape: list) -> ir.Model:
+    x = ir.Value(name="x", shape=ir.Shape(["b", "s", 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    r = ir.Value(name="r", shape=ir.Shape(skip_shape), type=ir.TensorType(ir.DataType.FLOAT))
+    gamma = ir.Value(name="gamma", const_value=ir.tensor(np.linspace(0.5, 1.5, 8, dtype=np.float32)))
+    add = ir.node("Add", [x, r])
+    add.outputs[0].shape = ir.Shape(["b", "s", 8] if len(skip_shape) == 3 else skip_shape)
+    norm = ir.node("SimplifiedLayerNormalization", [add.outputs[0], gamma], {"axis": -1, "epsilon": 1e-5})
+    out = ir.node("Add", [add.outputs[0], norm.outputs[0]])  # the next residual reads the sum too
+    out.outputs[0].name = "y"
+    graph = ir.Graph([x, r], [out.outputs[0]], nodes=[add, norm, out], initializers=[gamma], opset_imports={"": 18})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_skip_norm_pass_folds_a_residual_add_exactly():
+    model = _norm_graph(["b", "s", 8])
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.normal(size=(2, 3, 8)).astype(np.float32), "r": rng.normal(size=(2, 3, 8)).astype(np.float32)}
+    before = ort.InferenceSession(ir.to_proto(model).SerializeToString()).run(None, feeds)[0]
+    assert SkipNormFusionPass()(model).modified
+    assert [n.op_type for n in model.graph] == ["SkipSimplifiedLayerNormalization", "Add"]
+    fused = ir.to_proto(model).graph.node[0]
+    assert fused.domain == "com.microsoft" and list(fused.output)[1:3] == ["", ""]
+    after = ort.InferenceSession(ir.to_proto(model).SerializeToString()).run(None, feeds)[0]
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
+def test_skip_norm_pass_leaves_a_broadcasting_add():
+    model = _norm_graph([8])
+    assert not SkipNormFusionPass()(model).modified
+    assert [n.op_type for n in model.graph] == ["Add", "SimplifiedLayerNormalization", "Add"]
+
+
+def test_tensorrt_preparation_refuses_the_fused_graph(fused, tmp_path):
+    from mcsmoe_deploy.runtime.trt_graph import prepare_for_tensorrt
+
+    _, _, root = fused
+    with pytest.raises(m.UserError, match=r"holds onnxruntime-only ops \(.*com.microsoft::GroupQueryAttention x2.*\) "
+                                          r"of export target 'ort'; TensorRT needs the standard-op graph: export it "
+                                          r"with --target portable$"):
+        prepare_for_tensorrt(root / "ort.onnx", tmp_path / "trt.onnx")
