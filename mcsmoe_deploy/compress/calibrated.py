@@ -16,11 +16,12 @@ from torch import nn
 
 from ..checkpoint import save_compressed
 from ..corpus import calibration_text, load_tokenizer_from, token_blocks
-from ..errors import UserError
+from ..errors import ParameterError, UserError
 from ..models import adapter_for_config, check_config_values, check_device, load_model, read_config_dict
 from .distill import DistillReport, distill
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
-from .quantize import quantize_experts
+from ..quantized_linear import check_quantizable_linears, quantize_linears
+from .quantize import linears_to_quantize, quantize_experts
 from .recipe import CompressionRecipe
 from .stats import RoutingStats, collect_routing_stats
 
@@ -110,6 +111,11 @@ class CalibratedModel:
         if int(self.blocks.max()) >= vocab:
             raise UserError(f"the tokenizer in {model_dir} does not match the model: token id {int(self.blocks.max())} "
                             f"is beyond its vocabulary of {vocab}")
+        if recipe.quant_spec is not None and recipe.quant_scope == "all":  # before the long work
+            try:
+                check_quantizable_linears(self.model, linears_to_quantize(self.model, self.adapter), recipe.quant_spec)
+            except UserError as error:
+                raise ParameterError("quant_block", str(error).removeprefix("quantization block ")) from None
         self._stats: RoutingStats | None = None
         self._dense = True  # False once a recipe compressed `model` in place
 
@@ -154,11 +160,15 @@ class CalibratedModel:
         return compressed.distill
 
     def quantize(self, compressed: CompressedModel) -> None:
-        """Quantize `compressed`'s experts by its recipe (see compress/quantize.py), in place; its
-        `applied` plan then records the quantization of every projection."""
-        quant = compressed.recipe.quant_spec
+        """Quantize `compressed` by its recipe (see compress/quantize.py), in place: its experts (its
+        `applied` plan then records the quantization of every projection) and, with quant_scope "all",
+        its other linear layers (the checkpoint records them from the model)."""
+        recipe = compressed.recipe
+        quant = recipe.quant_spec
         if quant is not None:
             compressed.applied = quantize_experts(compressed.model, compressed.applied, quant)
+            if recipe.quant_scope == "all":
+                quantize_linears(compressed.model, linears_to_quantize(compressed.model, self.adapter), quant)
 
     def save(self, compressed: CompressedModel, out_dir: str | Path, force: bool = False) -> Path:
         """Write `compressed` as a checkpoint directory (see checkpoint.save_compressed); returns its path."""
