@@ -13,6 +13,7 @@ from torch import nn
 
 from .grouped_experts import GroupedProjection
 from .models import FamilyAdapter
+from .quantized_linear import QuantizedLinear
 
 
 @dataclass
@@ -49,7 +50,7 @@ def _count(module: nn.Module) -> tuple[int, int]:
     quantized = sum(
         m.num_groups * sum(rows * cols for rows, cols in map(m.spec.factor_shape, m.spec.factors))
         for m in module.modules() if isinstance(m, GroupedProjection) and m.spec.quant is not None
-    )
+    ) + sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, QuantizedLinear))
     params = sum(t.numel() for t in module.parameters()) + quantized
     size = sum(t.numel() * t.element_size() for t in _tensors(module))
     return params, size

@@ -16,12 +16,12 @@ from torch import nn
 
 from ..checkpoint import save_compressed
 from ..corpus import calibration_text, load_tokenizer_from, token_blocks
-from ..errors import ParameterError, UserError
+from ..errors import UserError
 from ..models import adapter_for_config, check_config_values, check_device, load_model, read_config_dict
 from .distill import DistillReport, distill
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
-from ..quantized_linear import check_quantizable_linears, quantize_linears
-from .quantize import linears_to_quantize, quantize_experts
+from ..quantized_linear import quantize_linears
+from .quantize import check_quantizable, linears_to_quantize, quantize_experts
 from .recipe import CompressionRecipe
 from .stats import RoutingStats, collect_routing_stats
 
@@ -112,10 +112,7 @@ class CalibratedModel:
             raise UserError(f"the tokenizer in {model_dir} does not match the model: token id {int(self.blocks.max())} "
                             f"is beyond its vocabulary of {vocab}")
         if recipe.quant_spec is not None and recipe.quant_scope == "all":  # before the long work
-            try:
-                check_quantizable_linears(self.model, linears_to_quantize(self.model, self.adapter), recipe.quant_spec)
-            except UserError as error:
-                raise ParameterError("quant_block", str(error).removeprefix("quantization block ")) from None
+            check_quantizable(self.model, self.adapter, recipe.quant_spec, recipe.quant_scope)
         self._stats: RoutingStats | None = None
         self._dense = True  # False once a recipe compressed `model` in place
 

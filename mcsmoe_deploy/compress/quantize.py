@@ -15,10 +15,11 @@ import dataclasses
 from torch import nn
 
 from ..checkpoint import compressed_layers
-from ..errors import UserError
+from ..errors import ParameterError
+from ..grouped_experts import GroupedLowRankExperts
 from ..models import FamilyAdapter
 from ..quantization import QuantSpec, quantize
-from ..quantized_linear import QuantizeWeight, check_quantizable_linears, quantize_linears
+from ..quantized_linear import QuantizeWeight, quantize_linears
 from .plan import AppliedPlan
 from .recipe import QUANT_SCOPES
 
@@ -38,15 +39,21 @@ def linears_to_quantize(model: nn.Module, adapter: FamilyAdapter) -> list[str]:
 
 
 def check_quantizable(model: nn.Module, adapter: FamilyAdapter, quant: QuantSpec, scope: str) -> None:
-    """UserError (one line, naming the layer) unless `quant` can quantize what `scope` covers of `model`."""
+    """ParameterError (one line, naming the weight) unless `quant` can quantize what `scope` covers of
+    `model`: `quant.block` must divide the input size of every expert factor and (scope "all") linear layer."""
     if scope not in QUANT_SCOPES:
-        raise UserError(f"quantization scope must be one of {', '.join(QUANT_SCOPES)}, not {scope!r}")
-    for experts in compressed_layers(model):
-        for name, projection in experts.projections.items():
-            for factor in projection.spec.factors:
-                quant.check_shape(projection.spec.factor_shape(factor), f"the {factor} factor of the {name} projection")
+        raise ParameterError("quant_scope", f"must be one of {', '.join(QUANT_SCOPES)}, not {scope!r}")
+    inputs = [(f"{layer_name}.projections.{name}.{factor}", projection.spec.factor_shape(factor)[1])
+              for layer_name, layer in model.named_modules() if isinstance(layer, GroupedLowRankExperts)
+              for name, projection in layer.projections.items() for factor in projection.spec.factors]
     if scope == "all":
-        check_quantizable_linears(model, linears_to_quantize(model, adapter), quant)
+        inputs += [(name, model.get_submodule(name).in_features) for name in linears_to_quantize(model, adapter)]
+    for where, size in inputs:
+        if size % quant.block:
+            sizes = {size for _, size in inputs}
+            fits = [b for b in (256, 128, 64, 32, 16) if all(s % b == 0 for s in sizes)]
+            hint = f"; {fits[0]} divides every one" if fits else ""
+            raise ParameterError("quant_block", f"{quant.block} does not divide the input size {size} of {where}{hint}")
 
 
 def quantize_model(

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from ..errors import UserError
+from ..compress.recipe import QUANT_SCOPES, QUANTIZATIONS
+from ..errors import ParameterError, UserError
 from ..models.base import ExpertLayout
+from ..quantization import DEFAULT_BLOCK, QuantSpec
 
 TARGETS = ("mcsmoe", "ort-fused")
 MIN_OPSET = 18  # the op's function body needs opset 18
@@ -28,6 +30,11 @@ class ExportConfig:
     force: replace existing outputs (export_model).
     progress: a bar over the stages on stderr (export_model).
     passes: more onnx-ir passes, run on each finished graph after the target's own.
+    quantize: None, "int4" or "int8": quantize a dense or compressed, not yet quantized checkpoint
+        in memory before tracing (the arithmetic of `mcsmoe compress --quantize`; dense experts as
+        one group each), and validate against that quantized torch model (export_model).
+    quant_block, quant_symmetric, quant_scope: as in CompressionRecipe (values per block, zero
+        points or not, "all" linear layers but routers and embeddings, or "experts" only).
     """
 
     target: str = "mcsmoe"
@@ -39,19 +46,43 @@ class ExportConfig:
     force: bool = False
     progress: bool = False
     passes: tuple[ir.passes.PassBase, ...] = ()
+    quantize: str | None = None
+    quant_block: int = DEFAULT_BLOCK
+    quant_symmetric: bool = True
+    quant_scope: str = "all"
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise UserError(f"unknown export target {self.target!r}; one of {', '.join(TARGETS)}")
         if self.opset < MIN_OPSET:
             raise UserError(f"opset {self.opset} is too old: the op's function body needs opset >= {MIN_OPSET}")
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZATIONS:
+                raise ParameterError("quantize", f"must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
+            if self.quant_block < 16 or self.quant_block & (self.quant_block - 1):
+                raise ParameterError("quant_block", f"must be a power of two >= 16, not {self.quant_block}")
+            if self.quant_scope not in QUANT_SCOPES:
+                raise ParameterError("quant_scope", f"must be one of {', '.join(QUANT_SCOPES)}, not {self.quant_scope!r}")
+            if self.target == "ort-fused":
+                raise UserError("target 'ort-fused' maps dense float experts to com.microsoft.MoE; quantize with "
+                                "target 'mcsmoe'")
         object.__setattr__(self, "passes", tuple(self.passes))
+
+    @property
+    def quant_spec(self) -> QuantSpec | None:
+        """How the export quantizes the model in memory; None: it does not."""
+        if self.quantize is None:
+            return None
+        return QuantSpec(QUANTIZATIONS[self.quantize], self.quant_block, self.quant_symmetric)
 
     def check_checkpoint(self, source: str, family: str, encoder_decoder: bool, compressed: bool) -> None:
         """UserError unless this config can export checkpoint `source` of `family` (compressed or dense)."""
         if self.target == "ort-fused" and compressed:
             raise UserError("target 'ort-fused' maps dense experts to com.microsoft.MoE; "
                             f"{source} is a compressed checkpoint (export it with target 'mcsmoe')")
+        if self.quantize is not None and encoder_decoder:
+            raise UserError(f"quantized export is built for decoder-only families (mixtral, qwen2_moe, qwen3_moe, "
+                            f"olmoe), not {family}")
         if encoder_decoder and not self.with_past:
             raise UserError(f"{family} exports an encoder graph and a decoder graph with KV cache; "
                             "a graph without KV cache (with_past=False) is for decoder-only models")
