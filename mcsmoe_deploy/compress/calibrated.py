@@ -20,8 +20,7 @@ from ..errors import UserError
 from ..models import adapter_for_config, check_config_values, check_device, load_model, read_config_dict
 from .distill import DistillReport, distill
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
-from ..quantized_linear import quantize_linears
-from .quantize import check_quantizable, linears_to_quantize, quantize_experts
+from .quantize import applied_with_quantized_experts, check_quantizable, quantize_model
 from .recipe import CompressionRecipe
 from .stats import RoutingStats, collect_routing_stats
 
@@ -163,9 +162,8 @@ class CalibratedModel:
         recipe = compressed.recipe
         quant = recipe.quant_spec
         if quant is not None:
-            compressed.applied = quantize_experts(compressed.model, compressed.applied, quant)
-            if recipe.quant_scope == "all":
-                quantize_linears(compressed.model, linears_to_quantize(compressed.model, self.adapter), quant)
+            quantize_model(compressed.model, self.adapter, quant, recipe.quant_scope)
+            compressed.applied = applied_with_quantized_experts(compressed.model, compressed.applied)
 
     def save(self, compressed: CompressedModel, out_dir: str | Path, force: bool = False) -> Path:
         """Write `compressed` as a checkpoint directory (see checkpoint.save_compressed); returns its path."""

@@ -20,7 +20,7 @@ from ..contract import DECODER_FILE, ENCODER_FILE, external_data_path, inlined_p
 from ..files import prepare_output_dir, with_default_permissions
 from ..errors import UserError
 from ..memory import peak_rss_bytes
-from ..models import adapter_for_config, check_weights, load_model, read_config_dict
+from ..models import FamilyAdapter, adapter_for_config, check_weights, load_model, read_config_dict
 from ..compress.quantize import quantize_model
 from .dense import group_dense_experts
 from .export_config import TARGETS, ExportConfig
@@ -43,12 +43,12 @@ def check_output_file(out_path: str | Path, force: bool, inputs: tuple[str | Pat
     return out_path
 
 
-def _load_reference(model_dir: str | Path, compressed: bool, config: ExportConfig = ExportConfig()):
+def _load_reference(model_dir: str | Path, compressed: bool, adapter: FamilyAdapter,
+                    config: ExportConfig = ExportConfig()):
     # the torch model users know: transformers' own for dense, load_compressed for compressed;
     # with config.quantize, that model quantized in memory (dense experts first grouped one per group)
     model = load_compressed(model_dir) if compressed else load_model(model_dir, device="cpu")[0]
     if config.quant_spec is not None:
-        adapter = adapter_for_config(model.config.to_dict())
         group_dense_experts(model, adapter)
         quantize_model(model, adapter, config.quant_spec, config.quant_scope)
     return model
@@ -149,7 +149,7 @@ def export_model(
                   disable=not config.progress, bar_format="{desc:<28} {n_fmt}/{total_fmt} stages [{elapsed}]")
     # each graph goes through the target's passes, then records its source, then the caller's passes
     config = replace(config, passes=(source_metadata(model_dir, compressed, config.target), *config.passes))
-    model = _load_reference(model_dir, compressed, config)
+    model = _load_reference(model_dir, compressed, adapter, config)
     config.check_experts(adapter.family, adapter.expert_layout(model.config))
     if not compressed:
         group_dense_experts(model, adapter)
@@ -176,7 +176,7 @@ def export_model(
         # reloaded: for a dense checkpoint, transformers' own model rather than our regrouping of it
         model = None
         gc.collect()
-        model = _load_reference(model_dir, compressed, config)  # quantizing again gives the same codes
+        model = _load_reference(model_dir, compressed, adapter, config)  # quantizing again gives the same codes
         report.parity = [check_parity(path, model, config.with_past) for path in files]
     _next_stage(stages, "done")
     stages.close()
