@@ -17,7 +17,6 @@ from mcsmoe_deploy.cli import main
 from mcsmoe_deploy.compress import CalibratedModel
 from mcsmoe_deploy.contract import DOMAIN
 from mcsmoe_deploy.exporters import pipeline
-from mcsmoe_deploy.exporters.quantized_linear_export import TRACE_DOMAIN
 from mcsmoe_deploy.quantization import QuantSpec, dequantize, quantize
 from mcsmoe_deploy.quantized_linear import QuantizedLinear
 from mcsmoe_deploy.runtime.ort_session import load_session, session_options
@@ -95,7 +94,8 @@ def test_scope_all_checkpoint_reloads_exactly_and_exports_to_matmul_nbits(family
         assert check.with_past and check.max_rel_error < 1e-4, check
 
     graph = onnx.load(str(graph_path), load_external_data=False)
-    assert TRACE_DOMAIN not in {i.domain for i in graph.opset_import}
+    assert {i.domain for i in graph.opset_import} == {"", DOMAIN}  # the placeholder domain is gone
+    assert all(node.domain in ("", DOMAIN) for node in graph.graph.node)
     assert {i.domain: i.version for i in graph.opset_import}[""] == 21
     initializers = {t.name: t for t in graph.graph.initializer}
     for name in _expected_linears(family):  # transposed int4 codes [in, out]; no float copy of the weight
