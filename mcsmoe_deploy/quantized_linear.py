@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .errors import UserError
 from .quantization import QuantizedWeight, QuantSpec, dequantize_stored, quantize
 
 QUANTIZED_MATMUL_OP = "mcsmoe::quantized_matmul"
@@ -139,8 +140,6 @@ def quantize_linears(model: nn.Module, names: list[str], spec: QuantSpec,
 
 def check_quantizable_linears(model: nn.Module, names: list[str], spec: QuantSpec) -> None:
     """UserError naming the first layer in `names` that is not an nn.Linear whose input size `spec.block` divides."""
-    from .errors import UserError
-
     for name in names:
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
