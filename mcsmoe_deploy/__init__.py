@@ -41,6 +41,7 @@ from .exporters import (
 from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec, grouped_moe_forward, route_top_k
 from .models import ExpertLayout, FamilyAdapter, MoELayer, Routing, SUPPORTED_FAMILIES, adapter_for_config, load_model
 from .quantization import QuantSpec, QuantizedWeight, dequantize, quantize
+from .quantized_linear import QuantizedLinear, install_quantized_linears, quantize_linears, quantized_linear_specs
 from .report import SizeReport, size_report
 from .runtime import (
     BenchConfig,
@@ -80,6 +81,7 @@ __all__ = [
     "ParityCheck",
     "ProjectionSpec",
     "QuantSpec",
+    "QuantizedLinear",
     "QuantizedWeight",
     "Routing",
     "SUPPORTED_FAMILIES",
@@ -118,6 +120,9 @@ __all__ = [
     "perplexity",
     "quantize",
     "read_graph",
+    "quantize_linears",
+    "quantized_linear_specs",
+    "install_quantized_linears",
     "read_text",
     "run_bench",
     "save_compressed",

@@ -2,7 +2,9 @@
 
     config.json        the model's own config plus an "mcsmoe" section (format, family,
                        per layer: G, expert_to_group, dominant experts, frequencies and
-                       per-projection rank / sparse rows; the recipe; calibration facts)
+                       per-projection rank / sparse rows and quantization; the recipe;
+                       calibration facts; "quantized_linears": {module: quantization} of
+                       linear layers stored as QuantizedLinear, when any)
     model.safetensors  every tensor, experts as `<layer>.experts.projections.<name>.{weight|left|right|
                        sparse_rows|sparse_values}` and `<layer>.experts.expert_to_group`
     tokenizer files    copied from the source model
@@ -23,9 +25,13 @@ from .errors import UserError
 from .files import staged_output
 from .grouped_experts import GroupedLowRankExperts, ProjectionSpec
 from .memory import read_weights_without_mmap, return_large_frees_to_os
+from .quantization import QuantSpec
+from .quantized_linear import install_quantized_linears, quantized_linear_specs
 from .models import FamilyAdapter, adapter_for_config, check_weights, read_config_dict
 
 FORMAT_VERSION = 1
+# the "mcsmoe" section's {module name: QuantSpec dict} of linear layers stored as QuantizedLinear
+QUANTIZED_LINEARS = "quantized_linears"
 WEIGHTS_NAME = "model.safetensors"
 # files of a source model directory that describe weights we rewrite, so they are not copied
 _NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
@@ -54,6 +60,9 @@ def save_compressed(
                     shutil.copy2(item, staging / item.name)
         config = model.config.to_dict()
         config["mcsmoe"] = {"format_version": FORMAT_VERSION, **mcsmoe_section}
+        linears = quantized_linear_specs(model)
+        if linears:  # absent when only experts (or nothing) are quantized: older readers see what they know
+            config["mcsmoe"][QUANTIZED_LINEARS] = {name: spec.to_dict() for name, spec in linears.items()}
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(weights_to_save(model), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
     return out_dir
@@ -110,12 +119,14 @@ def load_compressed(model_dir: str | Path, device: str = "cpu") -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(config)
     install_compressed_experts(model, adapter, section)
+    linears = {name: QuantSpec.from_dict(spec) for name, spec in section.get(QUANTIZED_LINEARS, {}).items()}
+    install_quantized_linears(model, linears)
     return_large_frees_to_os()
     state = {name: tensor_slice[:] for name, tensor_slice in read_weights_without_mmap(model_dir).items()}
     model.load_state_dict(state, strict=False, assign=True)
     del state
     model.tie_weights()
-    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    missing = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if missing:
         raise UserError(f"{model_dir}/{WEIGHTS_NAME} lacks {len(missing)} tensors, e.g. {missing[0]}")
     return model.to(device).eval()
@@ -140,9 +151,10 @@ def is_compressed_checkpoint(model_dir: str | Path) -> bool:
 
 
 def is_quantized_checkpoint(model_dir: str | Path) -> bool:
-    """Whether a compressed checkpoint stores any projection quantized (`--quantize`)."""
+    """Whether a compressed checkpoint stores any weight quantized (`--quantize`): an expert projection,
+    or a linear layer listed under "quantized_linears"."""
     section = read_config_dict(model_dir).get("mcsmoe") or {}
-    return any(spec.get("quant") for layer in section.get("layers", {}).values()
+    return bool(section.get(QUANTIZED_LINEARS)) or any(spec.get("quant") for layer in section.get("layers", {}).values()
                for spec in layer.get("projections", {}).values())
 
 
@@ -154,6 +166,7 @@ def compressed_layers(model: nn.Module) -> list[GroupedLowRankExperts]:
 __all__ = [
     "FORMAT_VERSION",
     "cast_to_stored_dtype",
+    "QUANTIZED_LINEARS",
     "compressed_layers",
     "is_compressed_checkpoint",
     "is_quantized_checkpoint",

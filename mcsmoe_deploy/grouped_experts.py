@@ -34,7 +34,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .models.base import ExpertLayout, ExpertWeights, dispatch_to_index
-from .quantization import QuantSpec, dequantize_stored, quantize
+from .quantization import QuantizedWeight, QuantSpec, dequantize_stored, quantize
 
 
 @dataclass(frozen=True)
@@ -242,9 +242,11 @@ class GroupedProjection(nn.Module):
             groups.append(weight)
         return torch.stack(groups)
 
-    def quantized(self, quant: QuantSpec) -> GroupedProjection:
-        """A copy whose factors are quantized by `quant` (round to nearest, group by group); sparse rows
-        are copied as they are. UserError when `quant.block` does not divide a factor's columns."""
+    def quantized(self, quant: QuantSpec, quantize_weight: Callable[..., QuantizedWeight] = quantize
+                  ) -> GroupedProjection:
+        """A copy whose factors are quantized by `quant`, group by group, by `quantize_weight(W [rows, cols],
+        quant)` (default: round to nearest); sparse rows are copied as they are. UserError when
+        `quant.block` does not divide a factor's columns."""
         if self.spec.quant is not None:
             raise ValueError("the projection is already quantized")
         spec = dataclasses.replace(self.spec, quant=quant)
@@ -254,7 +256,7 @@ class GroupedProjection(nn.Module):
         with torch.no_grad():
             for factor in spec.factors:
                 for g in range(self.num_groups):
-                    result = quantize(getattr(self, factor)[g], quant)
+                    result = quantize_weight(getattr(self, factor)[g], quant)
                     getattr(copy, f"{factor}_codes")[g] = result.packed_codes()
                     getattr(copy, f"{factor}_scales")[g] = result.scales
                     if result.zero_points is not None:

@@ -45,9 +45,11 @@ def test_a_quantized_projection_computes_with_exactly_the_dequantized_weights():
 @pytest.mark.parametrize("family", ["mixtral", "switch_transformers"])
 def test_quantized_checkpoint_reloads_to_the_same_logits_and_is_smaller(family, tiny_dirs, tmp_path):
     plain = compress_model(tiny_dirs[family], tmp_path / "plain", CompressionRecipe(experts=4, **FAST), progress=False)
-    recipe = CompressionRecipe(experts=4, quantize="int4", quant_block=16, **FAST)
+    # experts only: what every quantized checkpoint was before quant_scope (tests/test_quantized_linear.py: "all")
+    recipe = CompressionRecipe(experts=4, quantize="int4", quant_block=16, quant_scope="experts", **FAST)
     result = compress_model(tiny_dirs[family], tmp_path / "int4", recipe, progress=False)
     section = json.loads((tmp_path / "int4" / "config.json").read_text())["mcsmoe"]
+    assert "quantized_linears" not in section  # readable by earlier versions
     specs = [spec for layer in section["layers"].values() for spec in layer["projections"].values()]
     assert specs and all(spec["quant"] == {"bits": 4, "block": 16, "symmetric": True} for spec in specs)
     # int4 codes plus fp32 scales per 16 weights: 0.75 bytes a weight instead of 4

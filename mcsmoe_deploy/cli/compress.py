@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .export import quiet_torch_onnx
+from .export import QUANTIZE_SCOPE_HELP, quiet_torch_onnx
 
 # recipe field -> its flag, so that an error in the field's own terms names the flag the user typed
 RECIPE_FLAGS = {
@@ -25,6 +25,7 @@ RECIPE_FLAGS = {
     "quantize": "--quantize",
     "quant_block": "--quant-block",
     "quant_symmetric": "--quant-asymmetric",
+    "quant_scope": "--quantize-scope",
     "seed": "--seed",
 }
 
@@ -37,7 +38,8 @@ DEMO_FLAGS = {
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     from ..compress import GROUPINGS, LOW_RANK_KINDS, SIMILARITIES, WEIGHTINGS
-    from ..compress.recipe import COMPRESSED_DISTILL_LR, MERGED_DISTILL_LR, QUANTIZATIONS, CompressionRecipe
+    from ..compress.recipe import (COMPRESSED_DISTILL_LR, MERGED_DISTILL_LR, QUANT_SCOPES, QUANTIZATIONS,
+                                   CompressionRecipe)
 
     defaults = CompressionRecipe()
     group = parser.add_argument_group("merging (M-SMoE)")
@@ -73,14 +75,17 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                             "weights (beyond the paper)")
     group = parser.add_argument_group("quantization (after merging, low rank and recovery)")
     group.add_argument("--quantize", choices=tuple(QUANTIZATIONS), default=None,
-                       help="store every merged expert's factors (dense weights, or low-rank left and right) as "
-                            "blockwise int4 or int8 codes with a scale per block, rounded to nearest; low-rank ranks "
-                            "are rounded to a multiple of the block (default: no quantization)")
+                       help="store every merged expert's factors (dense weights, or low-rank left and right) and, by "
+                            "--quantize-scope, the other linear layers as blockwise int4 or int8 codes with a scale "
+                            "per block, rounded to nearest; low-rank ranks are rounded to a multiple of the block "
+                            "(default: no quantization)")
     group.add_argument("--quant-block", type=int, default=defaults.quant_block, metavar="N",
                        help="values per quantization block along each factor's input dimension; must divide the "
-                            "experts' hidden and intermediate sizes (default: %(default)s)")
+                            "input size of every quantized weight (default: %(default)s)")
     group.add_argument("--quant-asymmetric", action="store_true",
                        help="a zero point per block as well as a scale (more accurate, slightly larger)")
+    group.add_argument("--quantize-scope", choices=QUANT_SCOPES, default=defaults.quant_scope,
+                       help=QUANTIZE_SCOPE_HELP)
     group = parser.add_argument_group("calibration and recovery")
     group.add_argument("--calib", default=None, metavar="FILE",
                        help="calibration text: a .txt file, or .jsonl with a 'text' field per line "
@@ -117,6 +122,7 @@ def _recipe_from(args: argparse.Namespace):
         quantize=args.quantize,
         quant_block=args.quant_block,
         quant_symmetric=not args.quant_asymmetric,
+        quant_scope=args.quantize_scope,
         seed=args.seed,
     )
 

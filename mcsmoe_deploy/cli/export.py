@@ -8,6 +8,15 @@ from ..errors import UserError
 from ..exporters.export_config import TARGET_HELP, TARGETS, ExportConfig
 
 
+# ExportConfig field -> its flag, so that an error in the field's own terms names the flag the user typed
+EXPORT_FLAGS = {"quantize": "--quantize", "quant_block": "--quant-block", "quant_scope": "--quantize-scope"}
+QUANTIZE_SCOPE_HELP = (
+    "what --quantize covers: 'all' (default) quantizes every linear layer of a decoder-only model but its routers: "
+    "experts, attention q/k/v/o (biases stay float), a shared expert and its gate, and the LM head (the input "
+    "embeddings stay float, untied from a tied LM head), which is what makes decoding fast; 'experts' quantizes "
+    "the experts only. Switch Transformers always quantizes its experts only")
+
+
 def quiet_torch_onnx() -> None:
     import logging
     import warnings
@@ -30,6 +39,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         target=args.target, with_past=not args.no_past, validate=not args.no_validate, inline=args.inline,
         external_data=True if args.external_data else None, force=args.force, progress=not args.quiet,
         genai=args.genai is not None, dtype=args.dtype,
+        quantize=args.quantize, quant_block=args.quant_block, quant_symmetric=not args.quant_asymmetric,
+        quant_scope=args.quantize_scope,
     )
     report = export_model(args.model_dir, args.out or args.genai, config)
     print(format_export(report))
@@ -76,6 +87,20 @@ def add_parsers(sub) -> None:
                              "bf16: refused, with the reason (no bf16 kernels to run or validate it on CPU). The "
                              "compressed checkpoint itself keeps its source's dtype either way")
     export.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
+    group = export.add_argument_group("quantization at export (a checkpoint not quantized by mcsmoe compress)")
+    # no argparse choices: a bad value is one error line from ExportConfig, like every other option error
+    group.add_argument("--quantize", default=None, metavar="int4|int8",
+                       help="quantize the model in memory before export, blockwise round to nearest as mcsmoe "
+                            "compress --quantize does (dense experts one per group), and validate against that "
+                            "quantized torch model; the graph stores DequantizeLinear + MatMul, which onnxruntime "
+                            "fuses to MatMulNBits (default: no quantization)")
+    group.add_argument("--quant-block", type=int, default=ExportConfig.quant_block, metavar="N",
+                       help="values per quantization block along each weight's input dimension; must divide every "
+                            "quantized weight's input size (default: %(default)s)")
+    group.add_argument("--quant-asymmetric", action="store_true",
+                       help="a zero point per block as well as a scale (more accurate, slightly larger)")
+    group.add_argument("--quantize-scope", default=ExportConfig.quant_scope, metavar="all|experts",
+                       help=QUANTIZE_SCOPE_HELP)
     export.add_argument("--force", action="store_true", help="replace the output if it exists")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
-    export.set_defaults(run=_cmd_export)
+    export.set_defaults(run=_cmd_export, parameter_flags=EXPORT_FLAGS)

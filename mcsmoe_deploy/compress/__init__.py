@@ -40,16 +40,20 @@ from .plan import (
     plan_compression,
     quantizable_rank,
 )
-from .quantize import quantize_experts
-from .recipe import QUANTIZATIONS, CompressionRecipe
+from .quantize import check_quantizable, linears_to_quantize, quantize_experts, quantize_model
+from .recipe import QUANT_SCOPES, QUANTIZATIONS, CompressionRecipe
 from .registry import Registry
 from .calibrated import CalibratedModel, CompressedModel, calibration_blocks, load_tokenizer
 from .stats import SIMILARITIES, LayerRoutingStats, RoutingStats, collect_routing_stats, register_similarity
 
 __all__ = [
     "QUANTIZATIONS",
+    "QUANT_SCOPES",
+    "check_quantizable",
+    "linears_to_quantize",
     "quantizable_rank",
     "quantize_experts",
+    "quantize_model",
     "GROUPINGS",
     "LOW_RANK_KINDS",
     "SIMILARITIES",

@@ -27,7 +27,7 @@ from ..models import (
 )
 from .distill import DistillReport, distill
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
-from .quantize import quantize_experts
+from .quantize import applied_with_quantized_experts, check_quantizable, quantize_model
 from .recipe import CompressionRecipe
 from .stats import RoutingStats, collect_routing_stats
 
@@ -118,6 +118,8 @@ class CalibratedModel:
         if int(self.blocks.max()) >= vocab:
             raise UserError(f"the tokenizer in {model_dir} does not match the model: token id {int(self.blocks.max())} "
                             f"is beyond its vocabulary of {vocab}")
+        if recipe.quant_spec is not None and recipe.quant_scope == "all":  # before the long work
+            check_quantizable(self.model, self.adapter, recipe.quant_spec, recipe.quant_scope)
         self._stats: RoutingStats | None = None
         self._dense = True  # False once a recipe compressed `model` in place
 
@@ -162,11 +164,14 @@ class CalibratedModel:
         return compressed.distill
 
     def quantize(self, compressed: CompressedModel) -> None:
-        """Quantize `compressed`'s experts by its recipe (see compress/quantize.py), in place; its
-        `applied` plan then records the quantization of every projection."""
-        quant = compressed.recipe.quant_spec
+        """Quantize `compressed` by its recipe (see compress/quantize.py), in place: its experts (its
+        `applied` plan then records the quantization of every projection) and, with quant_scope "all",
+        its other linear layers (the checkpoint records them from the model)."""
+        recipe = compressed.recipe
+        quant = recipe.quant_spec
         if quant is not None:
-            compressed.applied = quantize_experts(compressed.model, compressed.applied, quant)
+            quantize_model(compressed.model, self.adapter, quant, recipe.quant_scope)
+            compressed.applied = applied_with_quantized_experts(compressed.model, compressed.applied)
 
     def to_stored_dtype(self, compressed: CompressedModel) -> None:
         """Cast `compressed` to the source checkpoint's dtype (bf16 in, bf16 out), in place: the last stage."""

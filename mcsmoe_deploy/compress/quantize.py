@@ -1,8 +1,11 @@
-"""The quantization stage: every merged expert's factors to blockwise int4 / int8 codes (round to nearest).
+"""The quantization stage: weights to blockwise int4 / int8 codes (round to nearest), experts and beyond.
 
-It runs last, after merging, low rank and distillation, on the GroupedLowRankExperts of a
-compressed model; the arithmetic is quantization.py's, and the result is what
-`load_compressed` of the saved checkpoint computes.
+It runs last, after merging, low rank and distillation. Scope "experts" quantizes every
+projection factor of the compressed experts (GroupedLowRankExperts); scope "all" also replaces
+every other linear layer of a decoder-only model (attention q/k/v/o, a shared expert and its
+gate, the LM head; routers and embeddings stay float) by a QuantizedLinear. The arithmetic is
+quantization.py's, and the result is what `load_compressed` of the saved checkpoint computes.
+`mcsmoe-export --quantize` runs the same `quantize_model` on a model in memory.
 """
 
 from __future__ import annotations
@@ -12,11 +15,68 @@ import dataclasses
 from torch import nn
 
 from ..checkpoint import compressed_layers
-from ..quantization import QuantSpec
+from ..errors import ParameterError
+from ..grouped_experts import GroupedLowRankExperts
+from ..models import FamilyAdapter
+from ..quantization import QuantSpec, quantize
+from ..quantized_linear import QuantizeWeight, quantize_linears
 from .plan import AppliedPlan
+from .recipe import QUANT_SCOPES
 
 
-def quantize_experts(model: nn.Module, applied: AppliedPlan, quant: QuantSpec) -> AppliedPlan:
+def linears_to_quantize(model: nn.Module, adapter: FamilyAdapter) -> list[str]:
+    """Names of the nn.Linear layers scope "all" quantizes besides the experts, in module order.
+
+    Every linear layer of a decoder-only model except the MoE routers (whose logits pick the
+    experts; tiny, and read as float by the exported graph). Encoder-decoder families (Switch
+    Transformers) give none: their dense layers read their weight's dtype, so they keep float layers.
+    """
+    if adapter.encoder_decoder:
+        return []
+    routers = {id(adapter.router(layer.block)) for layer in adapter.moe_layers(model)}
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and id(module) not in routers]
+
+
+def check_quantizable(model: nn.Module, adapter: FamilyAdapter, quant: QuantSpec, scope: str) -> None:
+    """ParameterError (one line, naming the weight) unless `quant` can quantize what `scope` covers of
+    `model`: `quant.block` must divide the input size of every expert factor and (scope "all") linear layer."""
+    if scope not in QUANT_SCOPES:
+        raise ParameterError("quant_scope", f"must be one of {', '.join(QUANT_SCOPES)}, not {scope!r}")
+    inputs = [(f"{layer_name}.projections.{name}.{factor}", projection.spec.factor_shape(factor)[1])
+              for layer_name, layer in model.named_modules() if isinstance(layer, GroupedLowRankExperts)
+              for name, projection in layer.projections.items() for factor in projection.spec.factors]
+    if scope == "all":
+        inputs += [(name, model.get_submodule(name).in_features) for name in linears_to_quantize(model, adapter)]
+    for where, size in inputs:
+        if size % quant.block:
+            sizes = {size for _, size in inputs}
+            fits = [b for b in (256, 128, 64, 32, 16) if all(s % b == 0 for s in sizes)]
+            hint = f"; {fits[0]} divides every one" if fits else ""
+            raise ParameterError("quant_block", f"{quant.block} does not divide the input size {size} of {where}{hint}")
+
+
+def quantize_model(
+    model: nn.Module, adapter: FamilyAdapter, quant: QuantSpec, scope: str = "all",
+    quantize_weight: QuantizeWeight = quantize,
+) -> list[str]:
+    """Quantize `model` in place: every compressed experts' projection factor and, with scope "all",
+    the layers `linears_to_quantize` names. Returns those layers' names (empty for "experts").
+
+    Everything is checked (`check_quantizable`) before anything changes. `quantize_weight` is the
+    one function turning a weight [out, in] into codes (default: round to nearest).
+    """
+    check_quantizable(model, adapter, quant, scope)
+    for experts in compressed_layers(model):
+        for name, projection in list(experts.projections.items()):
+            experts.projections[name] = projection.quantized(quant, quantize_weight)
+    names = linears_to_quantize(model, adapter) if scope == "all" else []
+    quantize_linears(model, names, quant, quantize_weight)
+    return names
+
+
+def quantize_experts(model: nn.Module, applied: AppliedPlan, quant: QuantSpec,
+                     quantize_weight: QuantizeWeight = quantize) -> AppliedPlan:
     """Replace every projection of `model`'s compressed experts by its quantized copy, in place.
 
     Returns `applied` with each projection's spec carrying `quant` (what the checkpoint records).
@@ -24,13 +84,27 @@ def quantize_experts(model: nn.Module, applied: AppliedPlan, quant: QuantSpec) -
     modules = compressed_layers(model)
     if len(modules) != len(applied.layers):
         raise ValueError(f"the model has {len(modules)} compressed layers, the plan {len(applied.layers)}")
-    layers = []
-    for experts, layer in zip(modules, applied.layers):
+    for experts in modules:
         for name, projection in list(experts.projections.items()):
-            experts.projections[name] = projection.quantized(quant)
-        specs = {name: experts.projections[name].spec for name in layer.projections}
-        layers.append(dataclasses.replace(layer, projections=specs))
+            experts.projections[name] = projection.quantized(quant, quantize_weight)
+    return applied_with_quantized_experts(model, applied)
+
+
+def applied_with_quantized_experts(model: nn.Module, applied: AppliedPlan) -> AppliedPlan:
+    """`applied` with each layer's projection specs read from `model`'s (quantized) experts."""
+    modules = compressed_layers(model)
+    if len(modules) != len(applied.layers):
+        raise ValueError(f"the model has {len(modules)} compressed layers, the plan {len(applied.layers)}")
+    layers = [dataclasses.replace(layer, projections={name: experts.projections[name].spec for name in layer.projections})
+              for experts, layer in zip(modules, applied.layers)]
     return dataclasses.replace(applied, layers=layers)
 
 
-__all__ = ["quantize_experts"]
+__all__ = [
+    "QUANT_SCOPES",
+    "applied_with_quantized_experts",
+    "check_quantizable",
+    "linears_to_quantize",
+    "quantize_experts",
+    "quantize_model",
+]

@@ -19,6 +19,8 @@ from .stats import SIMILARITIES
 # 400 steps: 26.4 at 1e-3, 29.0 at 3e-4).
 MERGED_DISTILL_LR = 3e-4
 QUANTIZATIONS = {"int4": 4, "int8": 8}
+# what `quantize` covers: every linear layer but the routers (decoder-only families), or the experts only
+QUANT_SCOPES = ("all", "experts")
 COMPRESSED_DISTILL_LR = 1e-3
 
 
@@ -51,6 +53,10 @@ class CompressionRecipe:
         nearest (quantization.py); low-rank ranks are rounded to a multiple of `quant_block`.
     quant_block: values per quantization block along a factor's input dimension (a power of two >= 16).
     quant_symmetric: symmetric codes (no zero points) or asymmetric (a zero point per block).
+    quant_scope: what `quantize` covers: "all" (default) also quantizes every other linear layer of a
+        decoder-only model (attention q/k/v/o, a shared expert and its gate, the LM head; routers and
+        embeddings stay float, biases too); "experts" only the merged experts. Switch Transformers
+        quantizes its experts only.
     """
 
     experts: int | None = None
@@ -72,6 +78,7 @@ class CompressionRecipe:
     quantize: str | None = None
     quant_block: int = DEFAULT_BLOCK
     quant_symmetric: bool = True
+    quant_scope: str = "all"
     seed: int = 0
 
     def validate(self) -> None:
@@ -99,6 +106,8 @@ class CompressionRecipe:
             raise ParameterError("quantize", f"must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
         if self.quant_block < 16 or self.quant_block & (self.quant_block - 1):
             raise ParameterError("quant_block", f"must be a power of two >= 16, not {self.quant_block}")
+        if self.quant_scope not in QUANT_SCOPES:
+            raise ParameterError("quant_scope", f"must be one of {', '.join(QUANT_SCOPES)}, not {self.quant_scope!r}")
 
     @property
     def quant_spec(self) -> QuantSpec | None:

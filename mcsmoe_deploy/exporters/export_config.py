@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import torch
 
-from ..errors import UserError
+from ..compress.recipe import QUANT_SCOPES, QUANTIZATIONS
+from ..errors import ParameterError, UserError
 from ..models.base import ExpertLayout
+from ..quantization import DEFAULT_BLOCK, QuantSpec
 
 # target name -> what it exports (the CLI's --target help); a new target adds one entry
 TARGET_HELP = {
@@ -54,6 +56,11 @@ class ExportConfig:
         and logits (see DTYPES for bf16); the checkpoint is cast (bf16 -> fp16 rounds).
     genai: the output is an onnxruntime-genai model folder (OUT/model.onnx, genai_config.json,
         tokenizer files; see genai_folder) instead of one ONNX file; decoder-only, with_past.
+    quantize: None, "int4" or "int8": quantize a dense or compressed, not yet quantized checkpoint
+        in memory before tracing (the arithmetic of `mcsmoe compress --quantize`; dense experts as
+        one group each), and validate against that quantized torch model (export_model).
+    quant_block, quant_symmetric, quant_scope: as in CompressionRecipe (values per block, zero
+        points or not, "all" linear layers but routers and embeddings, or "experts" only).
     """
 
     target: str = "ort"
@@ -67,6 +74,10 @@ class ExportConfig:
     passes: tuple[ir.passes.PassBase, ...] = ()
     genai: bool = False
     dtype: str = "fp32"
+    quantize: str | None = None
+    quant_block: int = DEFAULT_BLOCK
+    quant_symmetric: bool = True
+    quant_scope: str = "all"
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -81,12 +92,31 @@ class ExportConfig:
             raise UserError(f"unknown graph dtype {self.dtype!r}; one of {', '.join(DTYPES)}")
         if self.dtype != "fp32" and self.target in ("ort-fused", "ort-qmoe"):
             raise UserError(f"target {self.target!r} exports fp32 graphs only")
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZATIONS:
+                raise ParameterError("quantize", f"must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
+            if self.quant_block < 16 or self.quant_block & (self.quant_block - 1):
+                raise ParameterError("quant_block", f"must be a power of two >= 16, not {self.quant_block}")
+            if self.quant_scope not in QUANT_SCOPES:
+                raise ParameterError("quant_scope", f"must be one of {', '.join(QUANT_SCOPES)}, not {self.quant_scope!r}")
+            if self.target == "ort-fused":
+                raise UserError("target 'ort-fused' maps dense float experts to com.microsoft.MoE; quantize with "
+                                "target 'ort'")
+        if self.quantize is not None and self.dtype != "fp32":
+            raise UserError("quantized graphs are fp32 (their scales feed fp32 MatMuls); drop --dtype or --quantize")
         object.__setattr__(self, "passes", tuple(self.passes))
 
     @property
     def torch_dtype(self) -> torch.dtype:
         """The graph's floating type as a torch dtype."""
         return DTYPES[self.dtype]
+
+    @property
+    def quant_spec(self) -> QuantSpec | None:
+        """How the export quantizes the model in memory; None: it does not."""
+        if self.quantize is None:
+            return None
+        return QuantSpec(QUANTIZATIONS[self.quantize], self.quant_block, self.quant_symmetric)
 
     def check_checkpoint(self, source: str, family: str, encoder_decoder: bool, compressed: bool) -> None:
         """UserError unless this config can export checkpoint `source` of `family` (compressed or dense)."""
@@ -100,6 +130,9 @@ class ExportConfig:
             raise UserError(f"{family} exports fp32 graphs only: its activations overflow fp16")
         if self.target == "ort-qmoe":
             _check_qmoe_checkpoint(source, compressed)
+        if self.quantize is not None and encoder_decoder:
+            raise UserError(f"quantized export is built for decoder-only families (mixtral, qwen2_moe, qwen3_moe, "
+                            f"olmoe), not {family}")
         if encoder_decoder and not self.with_past:
             raise UserError(f"{family} exports an encoder graph and a decoder graph with KV cache; "
                             "a graph without KV cache (with_past=False) is for decoder-only models")

@@ -18,7 +18,8 @@ from ..corpus import copy_tokenizer_files
 from ..files import check_output, staged_output
 from ..errors import UserError
 from ..memory import peak_rss_bytes
-from ..models import adapter_for_config, check_weights, load_model, read_config_dict
+from ..models import FamilyAdapter, adapter_for_config, check_weights, load_model, read_config_dict
+from ..compress.quantize import quantize_model
 from .dense import group_dense_experts
 from .export_config import TARGETS, ExportConfig
 from .genai_folder import GRAPH_FILE, check_genai_source, write_genai_files
@@ -44,10 +45,15 @@ def _graph_companions(out_path: Path, inline: bool) -> tuple[str, ...]:
     return (external_data_path(out_path).name, *((inlined_path(out_path).name,) if inline else ()))
 
 
-def _load_reference(model_dir: str | Path, compressed: bool, dtype: torch.dtype):
-    # the torch model users know: transformers' own for dense, load_compressed for compressed; in the
-    # graph's dtype whatever the checkpoint's (a bf16 checkpoint's weights upcast to fp32 exactly)
+def _load_reference(model_dir: str | Path, compressed: bool, adapter: FamilyAdapter, config: ExportConfig,
+                    dtype: torch.dtype):
+    # the torch model users know: transformers' own for dense, load_compressed for compressed; with
+    # config.quantize, that model quantized in memory (dense experts first grouped one per group); in
+    # `dtype` whatever the checkpoint's (a bf16 checkpoint's weights upcast to fp32 exactly)
     model = load_compressed(model_dir) if compressed else load_model(model_dir, device="cpu")[0]
+    if config.quant_spec is not None:
+        group_dense_experts(model, adapter)
+        quantize_model(model, adapter, config.quant_spec, config.quant_scope)
     return model.to(dtype)
 
 
@@ -144,7 +150,8 @@ def export_model(
     force, progress, passes); or give its fields as keyword `options`, e.g.
     `export_model(src, "model.onnx", with_past=False, validate=False)`; not both.
     Validation compares onnxruntime with the torch reference (transformers' model for a
-    dense checkpoint, `load_compressed` for a compressed one) on random tokens; progress
+    dense checkpoint, `load_compressed` for a compressed one; with `quantize`, that model
+    quantized in memory as `compress.quantize.quantize_model` does) on random tokens; progress
     shows a bar over the stages (load, trace and save, inline, validate) on stderr.
     Decoder-only families (mixtral, qwen2_moe, qwen3_moe, olmoe) write one file;
     Switch Transformers writes `out_path/encoder.onnx` and `out_path/decoder.onnx` (a
@@ -160,6 +167,8 @@ def export_model(
     config.check_checkpoint(str(model_dir), adapter.family, adapter.encoder_decoder, compressed)
     if config.dtype != "fp32" and compressed and is_quantized_checkpoint(model_dir):
         raise UserError(f"{model_dir} stores quantized weights, whose fp32 scales feed fp32 MatMuls: export it as fp32")
+    if config.quantize is not None and compressed and is_quantized_checkpoint(model_dir):
+        raise UserError(f"{model_dir} is already quantized; export it without --quantize")
     if compressed and adapter.encoder_decoder and is_quantized_checkpoint(model_dir):
         # the graphs build and run, but parity with load_compressed was 8e-4 relative on the tiny
         # merged Switch model (1e-5 low rank), above the 1e-4 every export promises: not offered yet
@@ -185,7 +194,7 @@ def export_model(
                   disable=not config.progress, bar_format="{desc:<28} {n_fmt}/{total_fmt} stages [{elapsed}]")
     # each graph goes through the target's passes, then records its source, then the caller's passes
     config = replace(config, passes=(source_metadata(model_dir, compressed, config.target), *config.passes))
-    model = _load_reference(model_dir, compressed, config.torch_dtype)
+    model = _load_reference(model_dir, compressed, adapter, config, config.torch_dtype)
     config.check_experts(adapter.family, adapter.expert_layout(model.config))
     if not compressed:
         group_dense_experts(model, adapter)
@@ -206,7 +215,7 @@ def export_model(
         gc.collect()
         # in fp32 for any graph dtype: the function the checkpoint defines (torch's own fp16 CPU
         # arithmetic rounds differently from onnxruntime's, and neither is the authority)
-        model = _load_reference(model_dir, compressed, torch.float32)
+        model = _load_reference(model_dir, compressed, adapter, config, torch.float32)  # quantizing again: same codes
         report.parity = [check_parity(path, model, config.with_past) for path in files]
     _next_stage(stages, "done")
     stages.close()

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..grouped_experts import ProjectionSpec
+from ..quantization import QuantSpec
 from .op_spec import MoEOpSpec
 
 # DequantizeLinear with block_size and int4 types needs the default-domain opset 21
@@ -44,24 +45,38 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def transposed_quantized_initializers(
+    graph: ir.Graph, names: list[str], quant: QuantSpec, packed: np.ndarray, scales: np.ndarray,
+    zero_points: np.ndarray | None,
+) -> list[ir.Value]:
+    """One stored weight [rows, cols] -> initializers [q, scale[, zero point]] of the B [cols, rows] of a MatMul.
+
+    packed [rows, cols * bits / 8] uint8, scales and zero points [rows, cols / block]; `names`
+    name the new initializers. q [cols, rows] is signed INT4/INT8 `code - 2^(bits-1)` when
+    symmetric, else UINT4/UINT8 with zero points [cols / block, rows]; scales [cols / block, rows].
+    Then `DequantizeLinear(q, scale[, zp], axis=0, block_size=quant.block)` is the weight, transposed.
+    """
+    q = _unpack(packed, quant.bits).T.astype(np.int16)  # [cols, rows]
+    if quant.symmetric:
+        q = q - quant.symmetric_zero_point
+    values = [_initializer(graph, names[0], q.astype(_codes_type(quant.bits, quant.symmetric))),
+              _initializer(graph, names[1], scales.T)]
+    if zero_points is not None:
+        values.append(_initializer(graph, names[2], zero_points.T.astype(_codes_type(quant.bits, False))))
+    return values
+
+
 def _per_group_factor(graph: ir.Graph, proj: ProjectionSpec, stored: list[ir.Value]) -> list[list[ir.Value]]:
     """One factor's stacked codes, scales[, zero points] -> per group [q, scale[, zero point]] initializers."""
-    quant = proj.quant
-    codes = _unpack(stored[0].const_value.numpy(), quant.bits)  # [G, rows, cols]
-    scales = stored[1].const_value.numpy()
+    codes, scales = stored[0].const_value.numpy(), stored[1].const_value.numpy()  # [G, rows, ...]
     zero_points = stored[2].const_value.numpy() if len(stored) > 2 else None
-    out = []
-    for g in range(codes.shape[0]):
-        q = codes[g].T.astype(np.int16)  # [cols, rows]
-        if quant.symmetric:
-            q = q - quant.symmetric_zero_point
-        group = [_initializer(graph, f"{stored[0].name}.q{g}", q.astype(_codes_type(quant.bits, quant.symmetric))),
-                 _initializer(graph, f"{stored[1].name}.t{g}", scales[g].T)]
-        if zero_points is not None:
-            zp = zero_points[g].T.astype(_codes_type(quant.bits, False))
-            group.append(_initializer(graph, f"{stored[2].name}.t{g}", zp))
-        out.append(group)
-    return out
+    return [
+        transposed_quantized_initializers(
+            graph, [f"{stored[0].name}.q{g}", f"{stored[1].name}.t{g}", f"{stored[-1].name}.t{g}"], proj.quant,
+            codes[g], scales[g], None if zero_points is None else zero_points[g],
+        )
+        for g in range(codes.shape[0])
+    ]
 
 
 def split_quantized_inputs(graph: ir.Graph, node: ir.Node, spec: MoEOpSpec) -> None:
@@ -96,4 +111,4 @@ def split_quantized_inputs(graph: ir.Graph, node: ir.Node, spec: MoEOpSpec) -> N
             del graph.initializers[value.name]
 
 
-__all__ = ["QUANTIZED_MIN_OPSET", "split_quantized_inputs"]
+__all__ = ["QUANTIZED_MIN_OPSET", "split_quantized_inputs", "transposed_quantized_initializers"]

@@ -2,7 +2,8 @@
 
 Everything but the experts (embeddings, attention, norms, Qwen2-MoE's shared expert and
 its gate) is traced from the real transformers model; each MoE block becomes one
-`ai.mcsmoe::GroupedLowRankMoE` node (see custom_op).
+`ai.mcsmoe::GroupedLowRankMoE` node (see custom_op), and each QuantizedLinear a blocked
+DequantizeLinear + MatMul (see quantized_linear_export).
 
 Export happens in two steps so that a caller can hold the weights only once:
 `stage_graph` traces and streams the traced graph, weights as external data, into a
@@ -37,6 +38,8 @@ from .ort_attention import FusionPlan, ort_modules_fused
 from .ort_ops import register_norm_schema, translation_table as ort_translation_table
 from .onnx_file import EXTERNAL_DATA_THRESHOLD, write_passes_result, write_staged, write_staged_as_one_file
 from .passes import GraphPassManager
+from ..quantized_linear import quantized_matmul
+from .quantized_linear_export import FinishQuantizedMatMulsPass, register_trace_schema, translate_quantized_matmul
 from .passes.custom_nodes import FinishCustomNodesPass
 
 _INLINE_BYTES = 1024  # tensors up to this size stay in the graph file (as onnx's size_threshold)
@@ -111,13 +114,17 @@ def stage_graph(
     fuse_ort: attention and RMSNorm modules trace to onnxruntime's fused ops (target "ort",
     see ort_attention); the plan of what was fused is kept in the StagedGraph.
     """
-    if not register_op_schema():  # onnxscript only emits the bare node for an op it has a schema of
+    # onnxscript only emits the bare nodes of ops it has a schema of
+    if not (register_op_schema() and register_trace_schema()):
         raise RuntimeError("this onnx cannot register op schemas from Python; upgrade onnx")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
-    table = {getattr(torch.ops.mcsmoe, TORCH_OP.split("::")[1]).default: translate}
+    table = {
+        getattr(torch.ops.mcsmoe, TORCH_OP.split("::")[1]).default: translate,
+        quantized_matmul._opoverload: translate_quantized_matmul,  # QuantizedLinear
+    }
     fused_modules = ort_modules_fused(model) if fuse_ort else contextlib.nullcontext()
     if fuse_ort:
         register_norm_schema()
@@ -183,7 +190,8 @@ def finish_staged(staged: StagedGraph, out_path: str | Path, config: ExportConfi
             external = config.external_data if config.external_data is not None else data_bytes > EXTERNAL_DATA_THRESHOLD
             model = ir.from_proto(onnx.load(str(staged.path), load_external_data=False))
             ir.external_data.set_base_dir(model.graph, staged.staging)
-            passes = [FinishCustomNodesPass(staged.specs), *config.graph_passes()]
+            # QuantizedLinear placeholders first: they may raise the opset the MoE functions are built for
+            passes = [FinishQuantizedMatMulsPass(), FinishCustomNodesPass(staged.specs), *config.graph_passes()]
             model = GraphPassManager(passes)(model).model
             if _holds_weights(model):
                 return write_passes_result(model, staged.path, target, external)
