@@ -88,7 +88,7 @@ def test_scope_all_checkpoint_reloads_exactly_and_exports_to_matmul_nbits(family
         assert torch.equal(reloaded(**inputs).logits, compressed.model(**inputs).logits)
 
     graph_path = tmp_path / "model.onnx"
-    report = m.export_model(out, graph_path, inline=True)
+    report = m.export_model(out, graph_path, target="portable", inline=True)  # standard ops: the inlined copy too
     assert len(report.parity) == 2
     for check in report.parity:  # prefill and decode steps, MatMulNBits accuracy level 0
         assert check.with_past and check.max_rel_error < 1e-4, check
@@ -112,6 +112,20 @@ def test_scope_all_checkpoint_reloads_exactly_and_exports_to_matmul_nbits(family
     inlined = onnx.load(report.inlined_path, load_external_data=False)
     assert {node.domain for node in inlined.graph.node} <= {""}
     assert {i.domain for i in inlined.opset_import} == {""}
+
+
+@pytest.mark.parametrize("family", ("mixtral", "qwen3_moe"))
+def test_quantized_projections_feed_the_fused_attention_of_target_ort(family, tiny_dirs, tmp_path):
+    # target ort (the default): q/k/v/o are DequantizeLinear + MatMul feeding GroupQueryAttention
+    graph_path = tmp_path / "model.onnx"
+    report = m.export_model(tiny_dirs[family], graph_path, quantize="int4", quant_block=16)
+    assert all(check.max_rel_error < 1e-4 for check in report.parity), report.parity
+    ops = [node.op_type for node in _optimized_graph(graph_path, tmp_path).graph.node]
+    assert ops.count("GroupQueryAttention") == 2
+    fused = {node.input[1] for node in _optimized_graph(graph_path, tmp_path).graph.node
+             if node.op_type == "MatMulNBits"}
+    for name in _expected_linears(family):
+        assert any(b.startswith(f"model.{name}.weight.q") for b in fused), (name, sorted(fused))
 
 
 def test_export_quantizes_a_dense_checkpoint_and_validates_against_it(tiny_dirs, tmp_path, returned_by, capsys):
