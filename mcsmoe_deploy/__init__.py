@@ -34,7 +34,7 @@ from .exporters import (
 )
 from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec, grouped_moe_forward, route_top_k
 from .models import ExpertLayout, FamilyAdapter, MoELayer, Routing, SUPPORTED_FAMILIES, adapter_for_config, load_model
-from .quantization import QuantSpec, QuantizedWeight, dequantize, quantize
+from .quantization import QuantSpec, QuantizedWeight, block_grid, dequantize, quantize, round_to_grid
 from .report import SizeReport, size_report
 from .runtime import (
     BenchConfig,
@@ -79,6 +79,7 @@ __all__ = [
     "SizeReport",
     "UserError",
     "adapter_for_config",
+    "block_grid",
     "builtin_corpus",
     "calibration_text",
     "check_parity",
@@ -104,6 +105,7 @@ __all__ = [
     "perplexity",
     "quantize",
     "read_text",
+    "round_to_grid",
     "run_bench",
     "save_compressed",
     "size_report",

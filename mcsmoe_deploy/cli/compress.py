@@ -25,6 +25,7 @@ RECIPE_FLAGS = {
     "quantize": "--quantize",
     "quant_block": "--quant-block",
     "quant_symmetric": "--quant-asymmetric",
+    "quant_method": "--quant-method",
     "seed": "--seed",
 }
 
@@ -37,7 +38,9 @@ DEMO_FLAGS = {
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     from ..compress import GROUPINGS, LOW_RANK_KINDS, SIMILARITIES, WEIGHTINGS
-    from ..compress.recipe import COMPRESSED_DISTILL_LR, MERGED_DISTILL_LR, QUANTIZATIONS, CompressionRecipe
+    from ..compress.recipe import (
+        COMPRESSED_DISTILL_LR, MERGED_DISTILL_LR, QUANT_METHODS, QUANTIZATIONS, CompressionRecipe,
+    )
 
     defaults = CompressionRecipe()
     group = parser.add_argument_group("merging (M-SMoE)")
@@ -81,6 +84,11 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                             "experts' hidden and intermediate sizes (default: %(default)s)")
     group.add_argument("--quant-asymmetric", action="store_true",
                        help="a zero point per block as well as a scale (more accurate, slightly larger)")
+    group.add_argument("--quant-method", choices=QUANT_METHODS, default=defaults.quant_method,
+                       help="how codes are chosen, in one stored format: rtn rounds each weight to nearest; gptq "
+                            "quantizes input channels in order and feeds each one's rounding error into the ones "
+                            "left, fitted to the calibration tokens each merged expert sees, layer by layer "
+                            "(GPTQ; one extra partial forward pass per MoE layer) (default: %(default)s)")
     group = parser.add_argument_group("calibration and recovery")
     group.add_argument("--calib", default=None, metavar="FILE",
                        help="calibration text: a .txt file, or .jsonl with a 'text' field per line "
@@ -117,6 +125,7 @@ def _recipe_from(args: argparse.Namespace):
         quantize=args.quantize,
         quant_block=args.quant_block,
         quant_symmetric=not args.quant_asymmetric,
+        quant_method=args.quant_method,
         seed=args.seed,
     )
 

@@ -40,14 +40,21 @@ from .plan import (
     plan_compression,
     quantizable_rank,
 )
-from .quantize import quantize_experts
-from .recipe import QUANTIZATIONS, CompressionRecipe
+from .gptq import ExpertInputMoments, gptq_projection, gptq_quantize, gptq_quantize_batch
+from .quantize import InputMoments, quantize_experts
+from .recipe import QUANT_METHODS, QUANTIZATIONS, CompressionRecipe
 from .registry import Registry
 from .calibrated import CalibratedModel, CompressedModel, calibration_blocks, load_tokenizer
 from .stats import SIMILARITIES, LayerRoutingStats, RoutingStats, collect_routing_stats, register_similarity
 
 __all__ = [
+    "QUANT_METHODS",
     "QUANTIZATIONS",
+    "ExpertInputMoments",
+    "InputMoments",
+    "gptq_projection",
+    "gptq_quantize",
+    "gptq_quantize_batch",
     "quantizable_rank",
     "quantize_experts",
     "GROUPINGS",

@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..models import adapter_for_config, check_config_values, check_device, load_model, read_config_dict
 from .distill import DistillReport, distill
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
+from .gptq import ExpertInputMoments
 from .quantize import quantize_experts
 from .recipe import CompressionRecipe
 from .stats import RoutingStats, collect_routing_stats
@@ -154,11 +155,16 @@ class CalibratedModel:
         return compressed.distill
 
     def quantize(self, compressed: CompressedModel) -> None:
-        """Quantize `compressed`'s experts by its recipe (see compress/quantize.py), in place; its
+        """Quantize `compressed`'s experts by its recipe's method (see compress/quantize.py), in place; its
         `applied` plan then records the quantization of every projection."""
         quant = compressed.recipe.quant_spec
-        if quant is not None:
-            compressed.applied = quantize_experts(compressed.model, compressed.applied, quant)
+        if quant is None:
+            return
+        moments = None
+        if compressed.recipe.quant_method == "gptq":  # fitted to the calibration blocks, layer by layer
+            moments = ExpertInputMoments(compressed.model, self.adapter, self.blocks, progress=self.progress,
+                                         max_tokens=compressed.recipe.activation_samples)
+        compressed.applied = quantize_experts(compressed.model, compressed.applied, quant, moments)
 
     def save(self, compressed: CompressedModel, out_dir: str | Path, force: bool = False) -> Path:
         """Write `compressed` as a checkpoint directory (see checkpoint.save_compressed); returns its path."""

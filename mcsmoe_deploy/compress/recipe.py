@@ -19,6 +19,9 @@ from .stats import SIMILARITIES
 # 400 steps: 26.4 at 1e-3, 29.0 at 3e-4).
 MERGED_DISTILL_LR = 3e-4
 QUANTIZATIONS = {"int4": 4, "int8": 8}
+# how codes are chosen (the stored format is the same): round to nearest, or GPTQ's error feedback
+# fitted to the calibration inputs (compress/gptq.py)
+QUANT_METHODS = ("rtn", "gptq")
 COMPRESSED_DISTILL_LR = 1e-3
 
 
@@ -40,7 +43,8 @@ class CompressionRecipe:
     sparse_keep: share of rows of the low-rank residual kept as structured-sparse rows.
     low_rank: lowrank.LOW_RANK_KINDS, how factors are fitted: "svd" (the paper, weight error) or
         "activation-aware" (fit to calibration activations, minimising the output error; not in the
-        paper), from the first `activation_samples` calibration tokens of each layer.
+        paper), from the first `activation_samples` calibration tokens of each layer (GPTQ fits to the
+        same number of tokens).
     calib: calibration text file (.txt or .jsonl) or None for the built-in corpus.
     max_calib_tokens, calib_seq_len: calibration budget in tokens and block length.
     distill_steps: knowledge-distillation steps from the original model (0: none).
@@ -51,6 +55,8 @@ class CompressionRecipe:
         nearest (quantization.py); low-rank ranks are rounded to a multiple of `quant_block`.
     quant_block: values per quantization block along a factor's input dimension (a power of two >= 16).
     quant_symmetric: symmetric codes (no zero points) or asymmetric (a zero point per block).
+    quant_method: QUANT_METHODS, "rtn" (round to nearest) or "gptq" (error feedback fitted to the
+        calibration tokens each merged expert sees, layer by layer; compress/gptq.py).
     """
 
     experts: int | None = None
@@ -72,6 +78,7 @@ class CompressionRecipe:
     quantize: str | None = None
     quant_block: int = DEFAULT_BLOCK
     quant_symmetric: bool = True
+    quant_method: str = "rtn"
     seed: int = 0
 
     def validate(self) -> None:
@@ -97,6 +104,10 @@ class CompressionRecipe:
                                                 f"{self.rank_ratio}")
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             raise ParameterError("quantize", f"must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
+        if self.quant_method not in QUANT_METHODS:
+            raise ParameterError("quant_method", f"must be one of {', '.join(QUANT_METHODS)}, not {self.quant_method!r}")
+        if self.quant_method != "rtn" and self.quantize is None:
+            raise ParameterError("quant_method", f"{self.quant_method} chooses quantization codes: it needs quantize")
         if self.quant_block < 16 or self.quant_block & (self.quant_block - 1):
             raise ParameterError("quant_block", f"must be a power of two >= 16, not {self.quant_block}")
 
