@@ -121,7 +121,8 @@ def sweep(
             quantize_seconds = None
             if recipe.quant_spec is not None:  # last, as `mcsmoe compress` does: after recovery
                 quantize_start = time.perf_counter()
-                moments = (mc.ExpertInputMoments(model, adapter, calib, progress=False)
+                moments = (mc.ExpertInputMoments(model, adapter, calib, progress=False,
+                                                   max_tokens=recipe.activation_samples)
                            if recipe.quant_method == "gptq" else None)
                 mc.quantize_experts(model, applied, recipe.quant_spec, moments)
                 quantize_seconds = round(time.perf_counter() - quantize_start, 2)

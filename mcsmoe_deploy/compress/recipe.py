@@ -107,7 +107,7 @@ class CompressionRecipe:
         if self.quant_method not in QUANT_METHODS:
             raise ParameterError("quant_method", f"must be one of {', '.join(QUANT_METHODS)}, not {self.quant_method!r}")
         if self.quant_method != "rtn" and self.quantize is None:
-            raise ParameterError("quant_method", f"{self.quant_method} chooses quantization codes: it needs quantize")
+            raise ParameterError("quant_method", f"{self.quant_method} needs quantize int4 or int8")
         if self.quant_block < 16 or self.quant_block & (self.quant_block - 1):
             raise ParameterError("quant_block", f"must be a power of two >= 16, not {self.quant_block}")
 
