@@ -26,8 +26,8 @@ BASELINES = {
 }
 # quantized rows (experts only, int4/int8 after recovery): the uncompressed model as G = E groups,
 # M-SMoE, and MC-SMoE at each rank ratio; round to nearest, and "-gptq" with GPTQ (compress/gptq.py)
-GPTQ = {"quant_method": "gptq"}
-DENSE_QUANTIZED = {"dense-int8": {"quantize": "int8"}, "dense-int4": {"quantize": "int4"},
+GPTQ, RTN = {"quant_method": "gptq"}, {"quant_method": "rtn"}
+DENSE_QUANTIZED = {"dense-int8": {"quantize": "int8", **RTN}, "dense-int4": {"quantize": "int4", **RTN},
                    "dense-int8-gptq": {"quantize": "int8", **GPTQ}, "dense-int4-gptq": {"quantize": "int4", **GPTQ}}
 MERGED_QUANTIZED = ("msmoe-int4", "msmoe-int4-gptq", "mcsmoe-int4", "mcsmoe-int4-gptq")
 METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware", *DENSE_QUANTIZED, *MERGED_QUANTIZED)
@@ -99,7 +99,7 @@ def sweep(
     aware = {"sparse_keep": sparse_keep, "low_rank": "activation-aware"}
     runs += [("mcsmoe-activation-aware", {"rank_ratio": r, **aware}, r) for r in rank_ratios]
     if block is not None:
-        for suffix, method in (("", {}), ("-gptq", GPTQ)):
+        for suffix, method in (("", RTN), ("-gptq", GPTQ)):
             runs += [(f"msmoe-int4{suffix}", {**quantized, **method}, 1.0)]
             runs += [(f"mcsmoe-int4{suffix}", {"rank_ratio": r, "sparse_keep": sparse_keep, **quantized, **method}, r)
                      for r in rank_ratios]

@@ -122,11 +122,13 @@ def test_input_moments_are_the_routed_tokens_second_moments(tiny_dirs):
     assert torch.equal(few(0, experts)["down"][1], torch.eye(experts.projections["down"].spec.in_features).double())
 
 
-@pytest.mark.parametrize("low_rank", [False, True], ids=["merged", "lowrank"])
-def test_gptq_checkpoint_reloads_to_the_same_logits_and_exports_to_them(low_rank, tiny_dirs, tmp_path):
+@pytest.mark.parametrize("family,low_rank", [("mixtral", False), ("mixtral", True), ("switch_transformers", False)],
+                         ids=["mixtral-merged", "mixtral-lowrank", "switch-merged"])
+def test_gptq_checkpoint_reloads_to_the_same_logits_and_exports_to_them(family, low_rank, tiny_dirs, tmp_path):
     extra = dict(rank_ratio=0.5, sparse_keep=0.1, quant_symmetric=False) if low_rank else {}
-    recipe = m.CompressionRecipe(quantize="int4", quant_method="gptq", **FAST, **extra)
-    source = m.CalibratedModel(tiny_dirs["mixtral"], recipe, progress=False)
+    recipe = m.CompressionRecipe(quantize="int4", **FAST, **extra)
+    assert recipe.quant_method == "gptq"  # the default
+    source = m.CalibratedModel(tiny_dirs[family], recipe, progress=False)
     compressed = source.compress()
     unquantized = copy.deepcopy(compressed)
     source.quantize(compressed)
@@ -134,24 +136,31 @@ def test_gptq_checkpoint_reloads_to_the_same_logits_and_exports_to_them(low_rank
     section = json.loads((out / "config.json").read_text())["mcsmoe"]
     assert section["recipe"]["quant_method"] == "gptq"
     reloaded = m.load_compressed(out)
-    inputs = model_inputs("mixtral")
+    inputs = model_inputs(family)
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, compressed.model(**inputs).logits)
     # the codes are not round to nearest's
     rtn = copy.deepcopy(unquantized)
-    m.quantize_experts(rtn.model, rtn.applied, recipe.quant_spec)
+    m.quantize_experts(rtn.model, rtn.applied, recipe.quant_spec)  # no input moments: round to nearest
     factor = "right" if low_rank else "weight"
-    gptq_codes = getattr(compressed_layers(compressed.model)[0].projections["down"], f"{factor}_codes")
-    rtn_codes = getattr(compressed_layers(rtn.model)[0].projections["down"], f"{factor}_codes")
+    name = compressed_layers(compressed.model)[0].layout.output_projections[0]  # down, or wo
+    gptq_codes = getattr(compressed_layers(compressed.model)[0].projections[name], f"{factor}_codes")
+    rtn_codes = getattr(compressed_layers(rtn.model)[0].projections[name], f"{factor}_codes")
     assert not torch.equal(gptq_codes, rtn_codes)
     if low_rank:  # the exported graph computes what the checkpoint does (prefill and decode, 1e-4 relative)
         report = m.export_model(out, tmp_path / "model.onnx")
         assert len(report.parity) == 1 and report.parity[0].with_past and report.parity[0].max_rel_error < 1e-4
 
 
-def test_quant_method_without_quantize_is_one_line_and_writes_nothing(tiny_dirs, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["compress", str(tiny_dirs["mixtral"]), str(out), "--quiet", "--quant-method", "gptq"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--quant-method gptq needs quantize int4 or int8" in err[0]
-    assert not out.exists()
+def test_the_cli_records_the_method_and_refuses_an_unknown_one(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "rtn"
+    argv = ["compress", str(tiny_dirs["mixtral"]), str(out), "--experts", "4", "--max-calib-tokens", "1024",
+            "--quantize", "int4", "--quant-block", "16", "--quiet"]
+    assert main(argv + ["--quant-method", "rtn"]) == 0
+    assert json.loads((out / "config.json").read_text())["mcsmoe"]["recipe"]["quant_method"] == "rtn"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv[:2] + [str(tmp_path / "bad")] + argv[3:] + ["--quant-method", "awq"])
+    assert exited.value.code == 2
+    assert "argument --quant-method: invalid choice: 'awq'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -145,7 +145,9 @@ class ExpertInputMoments:
     def __init__(
         self, model: nn.Module, adapter: FamilyAdapter, blocks: torch.Tensor, batch_size: int = 8,
         progress: bool = True, min_tokens: int = MIN_GROUP_TOKENS, max_tokens: int | None = None,
+        routing_weighted: bool = False,
     ):
+        self.routing_weighted = routing_weighted
         self.model = model
         self.adapter = adapter
         self.blocks = blocks if max_tokens is None else blocks[: max(1, -(-max_tokens // blocks.shape[1]))]
@@ -165,18 +167,22 @@ class ExpertInputMoments:
 
         def hook(module: GroupedLowRankExperts, args: tuple, kwargs: dict) -> None:
             names = ("hidden_states", "top_k_index", "top_k_weights")
-            hidden, picked = (args + tuple(kwargs[n] for n in names[len(args):]))[:2]
-            picked = dispatch_to_index(picked) if module.one_hot_dispatch else picked
+            hidden, picked, picked_weights = args + tuple(kwargs[n] for n in names[len(args):])
+            if module.one_hot_dispatch:
+                picked, picked_weights = dispatch_to_index(picked), picked_weights.reshape(-1, 1)
             hidden = hidden.reshape(-1, hidden.shape[-1])
             groups = module.expert_to_group[picked.clamp(min=0)]
             groups = torch.where(picked >= 0, groups, -1)
             for group in range(module.num_groups):
-                x = hidden[(groups == group).any(dim=-1)]
+                mine = groups == group
+                tokens = mine.any(dim=-1)
+                x = hidden[tokens]
                 if len(x) == 0:
                     continue
                 counts[group] += len(x)
+                weight = (picked_weights * mine).sum(dim=-1)[tokens, None].float()
                 for kind, inputs in zip(kinds, (x, module.hidden_activations(x, group))):
-                    inputs = inputs.float()
+                    inputs = inputs.float() * (weight if self.routing_weighted else 1.0)
                     sums[kind][group] += (inputs.T @ inputs).double()
             raise _Enough
 
