@@ -117,6 +117,17 @@ def test_input_moments_are_the_routed_tokens_second_moments(tiny_dirs):
         with torch.no_grad():
             hidden = experts.hidden_activations(x.float(), group).double()
         assert_close_to_scale(moments["down"][group], hidden.T @ hidden)
+    # weighted by the routing: the sum of w^2 x x^T, w the token's routing weight in the group
+    weighted = ExpertInputMoments(compressed.model, source.adapter, source.blocks, progress=False,
+                                  routing_weighted=True)(0, experts)
+    with torch.no_grad():
+        _, weights, picks = compressed.model.model.layers[0].mlp.gate(inputs)  # Mixtral's router
+    assert torch.equal(picks, assigned)
+    for group in range(experts.num_groups):
+        mine = groups == group
+        w = (weights * mine).sum(dim=-1)[mine.any(dim=-1)]
+        x = inputs[mine.any(dim=-1)].double() * w[:, None].double()
+        assert_close_to_scale(weighted["gate"][group], x.T @ x, rel=1e-4)
     # a group seeing fewer tokens than min_tokens is rounded to nearest: the identity
     few = ExpertInputMoments(compressed.model, source.adapter, source.blocks, progress=False, min_tokens=10**6)
     assert torch.equal(few(0, experts)["down"][1], torch.eye(experts.projections["down"].spec.in_features).double())

@@ -119,7 +119,8 @@ def gptq_projection(
     for factor in spec.factors:
         quant.check_shape(spec.factor_shape(factor), f"{factor} factor")
     if spec.dense:
-        return projection.quantized(quant, {"weight": gptq_quantize_batch(projection.weight.detach(), hessians, quant, damp)})
+        weight = gptq_quantize_batch(projection.weight.detach(), hessians, quant, damp)
+        return projection.quantized(quant, {"weight": weight})
     right = gptq_quantize_batch(projection.right.detach(), hessians, quant, damp)
     restored = _stacked_dequantized(right).to(hessians.device)
     left_hessians = restored @ hessians.double() @ restored.transpose(1, 2)
@@ -136,10 +137,14 @@ class ExpertInputMoments:
 
     Called with a layer's index (in `compressed_layers` order) and its experts module, it runs the
     model on the first `max_tokens` tokens (whole blocks; None: all) of `blocks` [N, S] up to that
-    layer and returns {projection: [G, in, in] float64}, sums of
-    x x^T over the tokens routed to each group (gate and up share one tensor). Run it on layer i
-    after layers < i are quantized, as `quantize_experts` does, so each layer is fitted to the inputs
-    the quantized model gives it. Memory: one layer's moments at a time.
+    layer and returns {projection: [G, in, in] float64}, sums of x x^T over the tokens routed to each
+    group (gate and up share one tensor). Run it on layer i after layers < i are quantized, as
+    `quantize_experts` does, so each layer is fitted to the inputs the quantized model gives it.
+    Memory: one layer's moments at a time.
+
+    routing_weighted: weight each token's x x^T by the square of its routing weight in the group
+    (the group's output enters the block's output scaled by it). Not the default: on the embedded
+    LM it was within noise of unweighted (int4 G=8: 19.10 vs 19.21, G=4: 20.96 vs 20.93).
     """
 
     def __init__(
@@ -147,13 +152,13 @@ class ExpertInputMoments:
         progress: bool = True, min_tokens: int = MIN_GROUP_TOKENS, max_tokens: int | None = None,
         routing_weighted: bool = False,
     ):
-        self.routing_weighted = routing_weighted
         self.model = model
         self.adapter = adapter
         self.blocks = blocks if max_tokens is None else blocks[: max(1, -(-max_tokens // blocks.shape[1]))]
         self.batch_size = batch_size
         self.progress = progress
         self.min_tokens = min_tokens
+        self.routing_weighted = routing_weighted
 
     @torch.no_grad()
     def __call__(self, index: int, experts: GroupedLowRankExperts) -> dict[str, torch.Tensor]:
@@ -180,9 +185,9 @@ class ExpertInputMoments:
                 if len(x) == 0:
                     continue
                 counts[group] += len(x)
-                weight = (picked_weights * mine).sum(dim=-1)[tokens, None].float()
+                weight = (picked_weights * mine).sum(dim=-1)[tokens, None].float() if self.routing_weighted else 1.0
                 for kind, inputs in zip(kinds, (x, module.hidden_activations(x, group))):
-                    inputs = inputs.float() * (weight if self.routing_weighted else 1.0)
+                    inputs = inputs.float() * weight
                     sums[kind][group] += (inputs.T @ inputs).double()
             raise _Enough
 
