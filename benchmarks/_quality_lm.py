@@ -33,6 +33,12 @@ MERGED_QUANTIZED = ("msmoe-int4", "msmoe-int4-gptq", "mcsmoe-int4", "mcsmoe-int4
 METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware", *DENSE_QUANTIZED, *MERGED_QUANTIZED)
 
 
+def chosen(method: str, methods: list[str] | None) -> bool:
+    """Whether `method` runs: one of `methods`, or by default every method but the "-gptq" ones (a
+    calibration pass per layer each: asked for by name)."""
+    return method in methods if methods is not None else not method.endswith("-gptq")
+
+
 def quant_block_for(layout: mc.ExpertLayout) -> int | None:
     """The largest of 32 and 16 dividing every expert projection's input size (None: neither)."""
     sizes = [layout.projection_shape(name)[1] for name in layout.projections]
@@ -103,12 +109,12 @@ def sweep(
             runs += [(f"msmoe-int4{suffix}", {**quantized, **method}, 1.0)]
             runs += [(f"mcsmoe-int4{suffix}", {"rank_ratio": r, "sparse_keep": sparse_keep, **quantized, **method}, r)
                      for r in rank_ratios]
-    runs = [run for run in runs if methods is None or run[0] in methods]
+    runs = [run for run in runs if chosen(run[0], methods)]
     plans = [(experts, method, overrides, rank_ratio) for experts in experts_list
              for method, overrides, rank_ratio in runs]
     if block is not None:  # the uncompressed experts quantized: G = E groups of one expert each
         plans = [(num_experts, name, {**overrides, "quant_block": block}, 1.0)
-                 for name, overrides in DENSE_QUANTIZED.items() if methods is None or name in methods] + plans
+                 for name, overrides in DENSE_QUANTIZED.items() if chosen(name, methods)] + plans
     for experts, method, overrides, rank_ratio in plans:
         recipe = mc.CompressionRecipe(experts=experts, distill_lr=distill_lr, **overrides)
         plan = mc.plan_compression(stats, num_experts, recipe, adapter.family)
