@@ -137,8 +137,7 @@ def test_input_moments_are_the_routed_tokens_second_moments(tiny_dirs):
                          ids=["mixtral-merged", "mixtral-lowrank", "switch-merged"])
 def test_gptq_checkpoint_reloads_to_the_same_logits_and_exports_to_them(family, low_rank, tiny_dirs, tmp_path):
     extra = dict(rank_ratio=0.5, sparse_keep=0.1, quant_symmetric=False) if low_rank else {}
-    recipe = m.CompressionRecipe(quantize="int4", **FAST, **extra)
-    assert recipe.quant_method == "gptq"  # the default
+    recipe = m.CompressionRecipe(quantize="int4", quant_method="gptq", **FAST, **extra)
     source = m.CalibratedModel(tiny_dirs[family], recipe, progress=False)
     compressed = source.compress()
     unquantized = copy.deepcopy(compressed)
@@ -175,3 +174,12 @@ def test_the_cli_records_the_method_and_refuses_an_unknown_one(tiny_dirs, tmp_pa
     assert exited.value.code == 2
     assert "argument --quant-method: invalid choice: 'awq'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_gptq_without_quantize_is_one_line_and_writes_nothing(tiny_dirs, tmp_path, capsys):
+    assert m.CompressionRecipe(quantize="int4").quant_method == "rtn"  # the default
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_dirs["mixtral"]), str(out), "--quiet", "--quant-method", "gptq"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mcsmoe: error: --quant-method gptq needs quantize int4 or int8"]
+    assert not out.exists()

@@ -45,7 +45,7 @@ def test_a_quantized_projection_computes_with_exactly_the_dequantized_weights():
 @pytest.mark.parametrize("family", ["mixtral", "switch_transformers"])
 def test_quantized_checkpoint_reloads_to_the_same_logits_and_is_smaller(family, tiny_dirs, tmp_path):
     plain = compress_model(tiny_dirs[family], tmp_path / "plain", CompressionRecipe(experts=4, **FAST), progress=False)
-    recipe = CompressionRecipe(experts=4, quantize="int4", quant_block=16, quant_method="rtn", **FAST)
+    recipe = CompressionRecipe(experts=4, quantize="int4", quant_block=16, **FAST)
     result = compress_model(tiny_dirs[family], tmp_path / "int4", recipe, progress=False)
     section = json.loads((tmp_path / "int4" / "config.json").read_text())["mcsmoe"]
     specs = [spec for layer in section["layers"].values() for spec in layer["projections"].values()]

@@ -85,13 +85,12 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quant-asymmetric", action="store_true",
                        help="a zero point per block as well as a scale (more accurate, slightly larger)")
     group.add_argument("--quant-method", choices=QUANT_METHODS, default=defaults.quant_method,
-                       help="how codes are chosen, in one stored format: gptq quantizes input channels in order "
-                            "and feeds each one's rounding error into the ones left, fitted to the calibration "
-                            "tokens each merged expert sees, layer by layer (GPTQ); rtn rounds each weight to "
-                            "nearest. Default gptq: on the embedded model it halves rtn's int4 perplexity loss "
-                            "for about one more calibration pass (a partial forward per MoE layer on the first "
-                            "4096 tokens; memory: one layer's input moments, G x (hidden^2 + intermediate^2) "
-                            "float64) (default: %(default)s)")
+                       help="how codes are chosen, in one stored format: rtn rounds each weight to nearest; "
+                            "gptq quantizes input channels in order and feeds each one's rounding error into the "
+                            "ones left, fitted to the calibration tokens each merged expert sees, layer by layer "
+                            "(GPTQ; a partial forward per MoE layer on the first 4096 calibration tokens). On the "
+                            "embedded model gptq lowers int4 perplexity at 4 experts per layer, not at 2, so rtn "
+                            "stays the default (default: %(default)s)")
     group = parser.add_argument_group("calibration and recovery")
     group.add_argument("--calib", default=None, metavar="FILE",
                        help="calibration text: a .txt file, or .jsonl with a 'text' field per line "
