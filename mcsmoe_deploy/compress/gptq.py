@@ -10,16 +10,15 @@ they stand when the block starts, i.e. after the error feedback of the blocks be
 does with groups. Codes, scales and zero points are those of quantization.py, so `dequantize`, the
 checkpoint and the exported graph compute exactly what they compute for round to nearest.
 
-Exact properties: with a diagonal H (uncorrelated inputs) U is diagonal, nothing is fed back and the
-result is round to nearest, bit for bit; in general the output error on the calibration inputs is
-at most round to nearest's in practice (GPTQ is greedy, not a guarantee) and lower with correlated
-inputs.
+Exact property: with a diagonal H (uncorrelated inputs) U is diagonal, nothing is fed back and the
+result is round to nearest, bit for bit. Otherwise GPTQ is greedy: it usually, not provably, lowers
+the output error on the calibration inputs, the more the more correlated they are.
 
 For the experts of a compressed model (`ExpertInputMoments`, `gptq_projection`): H is accumulated
 over the calibration tokens routed to each merged expert, streaming (nothing grows with the tokens),
 layer by layer in order, each layer's inputs coming from the model whose earlier layers are already
 quantized (GPTQ's sequential order). Gate/up (wi) see the block's hidden states, down (wo) the
-expert's own hidden activations. A low-rank projection W = L R (+ sparse rows) quantizes R [r, in]
+expert's own hidden activations, computed with the layer's gate/up before they are quantized. A low-rank projection W = L R (+ sparse rows) quantizes R [r, in]
 with H of its input x, then L [out, r] with R̂ H R̂^T, the second moment of its actual input R̂ x
 (R̂ the quantized R); sparse rows stay float and are not part of the fit. A group that saw fewer
 than MIN_GROUP_TOKENS tokens is rounded to nearest (an identity H), too few inputs to fit to.
