@@ -24,10 +24,19 @@ BASELINES = {
     "prune-frequency": {"grouping": "drop"},
     "no-permute": {"permute": False},
 }
-# quantized rows (experts only, int4/int8 round to nearest after recovery): the uncompressed model as
-# G = E groups, M-SMoE, and MC-SMoE at each rank ratio
-DENSE_QUANTIZED = ("dense-int8", "dense-int4")
-METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware", *DENSE_QUANTIZED, "msmoe-int4", "mcsmoe-int4")
+# quantized rows (experts only, int4/int8 after recovery): the uncompressed model as G = E groups,
+# M-SMoE, and MC-SMoE at each rank ratio; round to nearest, and "-gptq" with GPTQ (compress/gptq.py)
+GPTQ, RTN = {"quant_method": "gptq"}, {"quant_method": "rtn"}
+DENSE_QUANTIZED = {"dense-int8": {"quantize": "int8", **RTN}, "dense-int4": {"quantize": "int4", **RTN},
+                   "dense-int8-gptq": {"quantize": "int8", **GPTQ}, "dense-int4-gptq": {"quantize": "int4", **GPTQ}}
+MERGED_QUANTIZED = ("msmoe-int4", "msmoe-int4-gptq", "mcsmoe-int4", "mcsmoe-int4-gptq")
+METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware", *DENSE_QUANTIZED, *MERGED_QUANTIZED)
+
+
+def chosen(method: str, methods: list[str] | None) -> bool:
+    """Whether `method` runs: one of `methods`, or by default every method but the "-gptq" ones (a
+    calibration pass per layer each: asked for by name)."""
+    return method in methods if methods is not None else not method.endswith("-gptq")
 
 
 def quant_block_for(layout: mc.ExpertLayout) -> int | None:
@@ -60,7 +69,9 @@ def sweep(
     the same blocks, see compress/stats.py).
     recover(model, steps, lr): the setting's distillation of a compressed model from `dense`, at peak
     rate `distill_lr`, or by default the recipe's (`CompressionRecipe.distill_learning_rate`).
-    Rows: {"setting", "method", "experts", "rank_ratio", "distill_steps", "expert_memory_ratio", "metric", "value"}.
+    Rows: {"setting", "method", "experts", "rank_ratio", "distill_steps", "expert_memory_ratio", "metric", "value"},
+    and for quantized methods "quantize_seconds": wall time of the quantization step alone (GPTQ's
+    calibration passes included).
     """
     recipe = mc.CompressionRecipe()
     stats = mc.collect_routing_stats(dense, adapter, calib, progress=False, keep_inputs=recipe.activation_samples)
@@ -94,14 +105,16 @@ def sweep(
     aware = {"sparse_keep": sparse_keep, "low_rank": "activation-aware"}
     runs += [("mcsmoe-activation-aware", {"rank_ratio": r, **aware}, r) for r in rank_ratios]
     if block is not None:
-        runs += [("msmoe-int4", quantized, 1.0)]
-        runs += [("mcsmoe-int4", {"rank_ratio": r, "sparse_keep": sparse_keep, **quantized}, r) for r in rank_ratios]
-    runs = [run for run in runs if methods is None or run[0] in methods]
+        for suffix, method in (("", RTN), ("-gptq", GPTQ)):
+            runs += [(f"msmoe-int4{suffix}", {**quantized, **method}, 1.0)]
+            runs += [(f"mcsmoe-int4{suffix}", {"rank_ratio": r, "sparse_keep": sparse_keep, **quantized, **method}, r)
+                     for r in rank_ratios]
+    runs = [run for run in runs if chosen(run[0], methods)]
     plans = [(experts, method, overrides, rank_ratio) for experts in experts_list
              for method, overrides, rank_ratio in runs]
     if block is not None:  # the uncompressed experts quantized: G = E groups of one expert each
-        plans = [(num_experts, name, {"quantize": name.split("-")[1], "quant_block": block}, 1.0)
-                 for name in DENSE_QUANTIZED if methods is None or name in methods] + plans
+        plans = [(num_experts, name, {**overrides, "quant_block": block}, 1.0)
+                 for name, overrides in DENSE_QUANTIZED.items() if chosen(name, methods)] + plans
     for experts, method, overrides, rank_ratio in plans:
         recipe = mc.CompressionRecipe(experts=experts, distill_lr=distill_lr, **overrides)
         plan = mc.plan_compression(stats, num_experts, recipe, adapter.family)
@@ -111,9 +124,17 @@ def sweep(
             applied = mc.apply_plan(model, adapter, plan, recipe, progress=False)
             if steps:
                 recover(model, steps, recipe.distill_learning_rate)
+            quantize_seconds = None
             if recipe.quant_spec is not None:  # last, as `mcsmoe compress` does: after recovery
-                mc.quantize_experts(model, applied, recipe.quant_spec)
+                quantize_start = time.perf_counter()
+                moments = (mc.ExpertInputMoments(model, adapter, calib, progress=False,
+                                                   max_tokens=recipe.activation_samples)
+                           if recipe.quant_method == "gptq" else None)
+                mc.quantize_experts(model, applied, recipe.quant_spec, moments)
+                quantize_seconds = round(time.perf_counter() - quantize_start, 2)
             rows.append(row(method, model, experts, rank_ratio, steps))
+            if quantize_seconds is not None:
+                rows[-1]["quantize_seconds"] = quantize_seconds
             print(f"[{setting}] {method:24s} G={experts} r={rank_ratio:<5g} distill={steps:<4d} "
                   f"{metric}={rows[-1]['value']:8.4f} mem={rows[-1]['expert_memory_ratio']:.3f}  "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)

@@ -21,6 +21,9 @@ One routing-statistics pass per setting; each method is applied to a fresh copy 
     dense-int8, dense-int4   the uncompressed experts (G = E) quantized blockwise, round to nearest
     msmoe-int4, mcsmoe-int4  M-SMoE, and MC-SMoE at each rank ratio, then int4 (after any recovery, as
                              `mcsmoe compress --quantize` does); blocks of 32, or 16 where 32 does not divide
+    <any of these>-gptq      the same with GPTQ codes (`--quant-method gptq`) instead of round to nearest;
+                             only when named in --methods; quantized rows also carry "quantize_seconds",
+                             the quantization step's wall time
 
 The memory axis is bytes: quantized experts count their codes and scales.
 

@@ -40,7 +40,7 @@ from .exporters import (
 )
 from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec, grouped_moe_forward, route_top_k
 from .models import ExpertLayout, FamilyAdapter, MoELayer, Routing, SUPPORTED_FAMILIES, adapter_for_config, load_model
-from .quantization import QuantSpec, QuantizedWeight, dequantize, quantize
+from .quantization import QuantSpec, QuantizedWeight, block_grid, dequantize, quantize, round_to_grid
 from .quantized_linear import QuantizedLinear, install_quantized_linears, quantize_linears, quantized_linear_specs
 from .report import SizeReport, size_report
 from .runtime import (
@@ -89,6 +89,7 @@ __all__ = [
     "Terminated",
     "UserError",
     "adapter_for_config",
+    "block_grid",
     "builtin_corpus",
     "calibration_text",
     "check_output",
@@ -124,6 +125,7 @@ __all__ = [
     "quantized_linear_specs",
     "install_quantized_linears",
     "read_text",
+    "round_to_grid",
     "run_bench",
     "save_compressed",
     "size_report",

@@ -242,11 +242,17 @@ class GroupedProjection(nn.Module):
             groups.append(weight)
         return torch.stack(groups)
 
-    def quantized(self, quant: QuantSpec, quantize_weight: Callable[..., QuantizedWeight] = quantize
-                  ) -> GroupedProjection:
+    def quantized(
+        self, quant: QuantSpec, quantize_weight: Callable[..., QuantizedWeight] = quantize,
+        factors: Mapping[str, Sequence[QuantizedWeight]] | None = None,
+    ) -> GroupedProjection:
         """A copy whose factors are quantized by `quant`, group by group, by `quantize_weight(W [rows, cols],
         quant)` (default: round to nearest); sparse rows are copied as they are. UserError when
-        `quant.block` does not divide a factor's columns."""
+        `quant.block` does not divide a factor's columns.
+
+        factors: each factor's quantized weights, one per group, made by another quantizer with the
+        same `quant` (compress/gptq.py), used instead of `quantize_weight`.
+        """
         if self.spec.quant is not None:
             raise ValueError("the projection is already quantized")
         spec = dataclasses.replace(self.spec, quant=quant)
@@ -256,7 +262,10 @@ class GroupedProjection(nn.Module):
         with torch.no_grad():
             for factor in spec.factors:
                 for g in range(self.num_groups):
-                    result = quantize_weight(getattr(self, factor)[g], quant)
+                    result = quantize_weight(getattr(self, factor)[g], quant) if factors is None else factors[factor][g]
+                    if result.spec != quant or result.shape != spec.factor_shape(factor):
+                        raise ValueError(f"{factor} factor of group {g}: quantized {result.shape} by {result.spec}, "
+                                         f"expected {spec.factor_shape(factor)} by {quant}")
                     getattr(copy, f"{factor}_codes")[g] = result.packed_codes()
                     getattr(copy, f"{factor}_scales")[g] = result.scales
                     if result.zero_points is not None:
@@ -305,6 +314,15 @@ class GroupedLowRankExperts(nn.Module):
                 for group, expert in enumerate(experts):
                     module.projections[name].weight[group] = expert[name]
         return module
+
+    def hidden_activations(self, x: torch.Tensor, group: int) -> torch.Tensor:
+        """Group `group`'s hidden activations [n, I] on block inputs x [n, H]: the input of its output
+        projection (down, or wo), as the forward computes them."""
+        act = _activation(self.layout.activation)
+        projections = self.projections
+        if self.layout.gated:
+            return act(projections["gate"](x, group)) * projections["up"](x, group)
+        return act(projections["wi"](x, group))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.one_hot_dispatch:

@@ -110,6 +110,38 @@ def _blocks(weight: torch.Tensor, block: int) -> torch.Tensor:
     return weight.reshape(out, inp // block, block)
 
 
+def block_grid(blocks: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The grid of each block of `blocks` [..., block] (float32): scales [...] in `dtype` and, when
+    asymmetric, zero points [...] uint8 (None when symmetric)."""
+    if spec.symmetric:
+        half = spec.symmetric_zero_point - 1  # 7 for int4, 127 for int8
+        return (blocks.abs().amax(dim=-1) / half).to(dtype), None
+    low = blocks.amin(dim=-1).clamp(max=0)
+    high = blocks.amax(dim=-1).clamp(min=0)
+    scales = ((high - low) / spec.max_code).to(dtype)
+    zero = torch.round(-low / _divisor(scales)).clamp(0, spec.max_code)
+    return scales, zero.to(torch.uint8)
+
+
+def _divisor(scales: torch.Tensor) -> torch.Tensor:
+    """The scales as float32 divisors; an all-zero block (scale 0) divides by 1, and its codes restore 0."""
+    return torch.where(scales == 0, torch.ones_like(scales), scales).float()
+
+
+def round_to_grid(
+    values: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, spec: QuantSpec
+) -> torch.Tensor:
+    """Codes [..., n] uint8 of `values` [..., n] on a given grid: scales [...] and zero points [...]
+    (None: symmetric), rounded to nearest (half to even) in float32 and clamped to the code range."""
+    scaled = torch.round(values.float() / _divisor(scales)[..., None])
+    if spec.symmetric:
+        half = spec.symmetric_zero_point - 1
+        codes = scaled.clamp(-half, half) + spec.symmetric_zero_point
+    else:
+        codes = (scaled + zero_points.float()[..., None]).clamp(0, spec.max_code)
+    return codes.to(torch.uint8)
+
+
 def quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest blockwise quantization of `weight` [out, in] (see the module docstring).
 
@@ -119,21 +151,9 @@ def quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """
     spec.check_shape(tuple(weight.shape))
     blocks = _blocks(weight.detach().float(), spec.block)
-    if spec.symmetric:
-        half = spec.symmetric_zero_point - 1  # 7 for int4, 127 for int8
-        scales = (blocks.abs().amax(dim=-1) / half).to(weight.dtype)
-        divisor = torch.where(scales == 0, torch.ones_like(scales), scales).float()
-        codes = torch.round(blocks / divisor[..., None]).clamp(-half, half) + spec.symmetric_zero_point
-        zero_points = None
-    else:
-        low = blocks.amin(dim=-1).clamp(max=0)
-        high = blocks.amax(dim=-1).clamp(min=0)
-        scales = ((high - low) / spec.max_code).to(weight.dtype)
-        divisor = torch.where(scales == 0, torch.ones_like(scales), scales).float()
-        zero = torch.round(-low / divisor).clamp(0, spec.max_code)
-        codes = (torch.round(blocks / divisor[..., None]) + zero[..., None]).clamp(0, spec.max_code)
-        zero_points = zero.to(torch.uint8)
-    return QuantizedWeight(spec, codes.to(torch.uint8).reshape(weight.shape), scales, zero_points)
+    scales, zero_points = block_grid(blocks, spec, weight.dtype)
+    codes = round_to_grid(blocks, scales, zero_points, spec)
+    return QuantizedWeight(spec, codes.reshape(weight.shape), scales, zero_points)
 
 
 def dequantize(quantized: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -179,9 +199,11 @@ __all__ = [
     "DEFAULT_BLOCK",
     "QuantSpec",
     "QuantizedWeight",
+    "block_grid",
     "dequantize",
     "dequantize_stored",
     "pack_codes",
     "quantize",
+    "round_to_grid",
     "unpack_codes",
 ]

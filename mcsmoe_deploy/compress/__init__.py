@@ -40,17 +40,24 @@ from .plan import (
     plan_compression,
     quantizable_rank,
 )
-from .quantize import check_quantizable, linears_to_quantize, quantize_experts, quantize_model
-from .recipe import QUANT_SCOPES, QUANTIZATIONS, CompressionRecipe
+from .gptq import ExpertInputMoments, gptq_projection, gptq_quantize, gptq_quantize_batch
+from .quantize import InputMoments, check_quantizable, linears_to_quantize, quantize_experts, quantize_model
+from .recipe import QUANT_METHODS, QUANT_SCOPES, QUANTIZATIONS, CompressionRecipe
 from .registry import Registry
 from .calibrated import CalibratedModel, CompressedModel, calibration_blocks, load_tokenizer
 from .stats import SIMILARITIES, LayerRoutingStats, RoutingStats, collect_routing_stats, register_similarity
 
 __all__ = [
+    "QUANT_METHODS",
     "QUANTIZATIONS",
     "QUANT_SCOPES",
     "check_quantizable",
     "linears_to_quantize",
+    "ExpertInputMoments",
+    "InputMoments",
+    "gptq_projection",
+    "gptq_quantize",
+    "gptq_quantize_batch",
     "quantizable_rank",
     "quantize_experts",
     "quantize_model",

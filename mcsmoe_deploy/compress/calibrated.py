@@ -27,6 +27,7 @@ from ..models import (
 )
 from .distill import DistillReport, distill
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
+from .gptq import ExpertInputMoments
 from .quantize import applied_with_quantized_experts, check_quantizable, quantize_model
 from .recipe import CompressionRecipe
 from .stats import RoutingStats, collect_routing_stats
@@ -164,14 +165,19 @@ class CalibratedModel:
         return compressed.distill
 
     def quantize(self, compressed: CompressedModel) -> None:
-        """Quantize `compressed` by its recipe (see compress/quantize.py), in place: its experts (its
-        `applied` plan then records the quantization of every projection) and, with quant_scope "all",
-        its other linear layers (the checkpoint records them from the model)."""
+        """Quantize `compressed` by its recipe (see compress/quantize.py), in place: its experts, by the
+        recipe's method (its `applied` plan then records the quantization of every projection) and, with
+        quant_scope "all", its other linear layers, round to nearest (the checkpoint records them)."""
         recipe = compressed.recipe
         quant = recipe.quant_spec
-        if quant is not None:
-            quantize_model(compressed.model, self.adapter, quant, recipe.quant_scope)
-            compressed.applied = applied_with_quantized_experts(compressed.model, compressed.applied)
+        if quant is None:
+            return
+        moments = None
+        if recipe.quant_method == "gptq":  # fitted to the calibration blocks, layer by layer
+            moments = ExpertInputMoments(compressed.model, self.adapter, self.blocks, progress=self.progress,
+                                         max_tokens=recipe.activation_samples)
+        quantize_model(compressed.model, self.adapter, quant, recipe.quant_scope, input_moments=moments)
+        compressed.applied = applied_with_quantized_experts(compressed.model, compressed.applied)
 
     def to_stored_dtype(self, compressed: CompressedModel) -> None:
         """Cast `compressed` to the source checkpoint's dtype (bf16 in, bf16 out), in place: the last stage."""

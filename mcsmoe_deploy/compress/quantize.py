@@ -6,12 +6,18 @@ every other linear layer of a decoder-only model (attention q/k/v/o, a shared ex
 gate, the LM head; routers and embeddings stay float) by a QuantizedLinear. The arithmetic is
 quantization.py's, and the result is what `load_compressed` of the saved checkpoint computes.
 `mcsmoe-export --quantize` runs the same `quantize_model` on a model in memory.
+
+Two methods for the experts, one stored format: "rtn" rounds each weight to nearest; "gptq"
+(gptq.py) fits the codes to the calibration inputs each expert sees, given a provider of input
+second moments called layer by layer. The other linear layers are rounded to nearest.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 
+import torch
 from torch import nn
 
 from ..checkpoint import compressed_layers
@@ -20,8 +26,13 @@ from ..grouped_experts import GroupedLowRankExperts
 from ..models import FamilyAdapter
 from ..quantization import QuantSpec, quantize
 from ..quantized_linear import QuantizeWeight, quantize_linears
+from .gptq import gptq_projection
 from .plan import AppliedPlan
 from .recipe import QUANT_SCOPES
+
+# (layer index, its experts) -> {projection name: second moment of its inputs per group [G, in, in]};
+# called for layer i after layers < i are quantized (gptq.ExpertInputMoments runs the model for it)
+InputMoments = Callable[[int, GroupedLowRankExperts], Mapping[str, torch.Tensor]]
 
 
 def linears_to_quantize(model: nn.Module, adapter: FamilyAdapter) -> list[str]:
@@ -56,37 +67,46 @@ def check_quantizable(model: nn.Module, adapter: FamilyAdapter, quant: QuantSpec
             raise ParameterError("quant_block", f"{quant.block} does not divide the input size {size} of {where}{hint}")
 
 
+def _quantize_expert_layers(model: nn.Module, quant: QuantSpec, quantize_weight: QuantizeWeight,
+                            input_moments: InputMoments | None) -> None:
+    for index, experts in enumerate(compressed_layers(model)):
+        moments = None if input_moments is None else input_moments(index, experts)
+        for name, projection in list(experts.projections.items()):
+            experts.projections[name] = (projection.quantized(quant, quantize_weight) if moments is None
+                                         else gptq_projection(projection, quant, moments[name]))
+
+
 def quantize_model(
     model: nn.Module, adapter: FamilyAdapter, quant: QuantSpec, scope: str = "all",
-    quantize_weight: QuantizeWeight = quantize,
+    quantize_weight: QuantizeWeight = quantize, input_moments: InputMoments | None = None,
 ) -> list[str]:
     """Quantize `model` in place: every compressed experts' projection factor and, with scope "all",
     the layers `linears_to_quantize` names. Returns those layers' names (empty for "experts").
 
     Everything is checked (`check_quantizable`) before anything changes. `quantize_weight` is the
-    one function turning a weight [out, in] into codes (default: round to nearest).
+    one function turning a weight [out, in] into codes (default: round to nearest). input_moments:
+    None quantizes the experts by `quantize_weight`; given, each layer's expert projections are
+    quantized by GPTQ with the moments it returns for that layer (see gptq.py).
     """
     check_quantizable(model, adapter, quant, scope)
-    for experts in compressed_layers(model):
-        for name, projection in list(experts.projections.items()):
-            experts.projections[name] = projection.quantized(quant, quantize_weight)
+    _quantize_expert_layers(model, quant, quantize_weight, input_moments)
     names = linears_to_quantize(model, adapter) if scope == "all" else []
     quantize_linears(model, names, quant, quantize_weight)
     return names
 
 
 def quantize_experts(model: nn.Module, applied: AppliedPlan, quant: QuantSpec,
+                     input_moments: InputMoments | None = None,
                      quantize_weight: QuantizeWeight = quantize) -> AppliedPlan:
-    """Replace every projection of `model`'s compressed experts by its quantized copy, in place.
+    """Replace every projection of `model`'s compressed experts by its quantized copy, in place
+    (input_moments and quantize_weight as in `quantize_model`).
 
     Returns `applied` with each projection's spec carrying `quant` (what the checkpoint records).
     """
-    modules = compressed_layers(model)
-    if len(modules) != len(applied.layers):
-        raise ValueError(f"the model has {len(modules)} compressed layers, the plan {len(applied.layers)}")
-    for experts in modules:
-        for name, projection in list(experts.projections.items()):
-            experts.projections[name] = projection.quantized(quant, quantize_weight)
+    if len(compressed_layers(model)) != len(applied.layers):
+        raise ValueError(f"the model has {len(compressed_layers(model))} compressed layers, the plan "
+                         f"{len(applied.layers)}")
+    _quantize_expert_layers(model, quant, quantize_weight, input_moments)
     return applied_with_quantized_experts(model, applied)
 
 
@@ -101,6 +121,7 @@ def applied_with_quantized_experts(model: nn.Module, applied: AppliedPlan) -> Ap
 
 
 __all__ = [
+    "InputMoments",
     "QUANT_SCOPES",
     "applied_with_quantized_experts",
     "check_quantizable",
