@@ -119,12 +119,12 @@ def gptq_projection(
         quant.check_shape(spec.factor_shape(factor), f"{factor} factor")
     if spec.dense:
         weight = gptq_quantize_batch(projection.weight.detach(), hessians, quant, damp)
-        return projection.quantized(quant, {"weight": weight})
+        return projection.quantized(quant, factors={"weight": weight})
     right = gptq_quantize_batch(projection.right.detach(), hessians, quant, damp)
     restored = _stacked_dequantized(right).to(hessians.device)
     left_hessians = restored @ hessians.double() @ restored.transpose(1, 2)
     left = gptq_quantize_batch(projection.left.detach(), left_hessians, quant, damp)
-    return projection.quantized(quant, {"left": left, "right": right})
+    return projection.quantized(quant, factors={"left": left, "right": right})
 
 
 class _Enough(Exception):
