@@ -69,7 +69,7 @@ def add_parsers(sub) -> None:
                         help="write an onnxruntime-genai model folder instead of OUT: DIR/model.onnx, "
                              "genai_config.json (our input/output names, KV geometry, special tokens, search "
                              "defaults from generation_config.json) and the tokenizer files, so "
-                             "onnxruntime_genai.Model(DIR) generates with it (decoder-only families)")
+                             "onnxruntime-genai generates with DIR as it is (decoder-only families)")
     export.add_argument("--no-past", action="store_true", help="a plain logits graph without KV cache")
     export.add_argument("--target", choices=TARGETS, default=ExportConfig.target,
                         help="; ".join(f"{name}: {text}" for name, text in TARGET_HELP.items()))
