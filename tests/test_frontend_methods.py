@@ -147,10 +147,15 @@ def test_standard_merged_model_uses_the_dominant_router_rows():
     applied = compress_loaded(model, adapter, calibration(), recipe, progress=False)
     standard = to_standard_model(model, adapter, applied)
     assert standard.config.num_experts == 4
-    for router, layer, built in zip(dense_router, adapter.moe_layers(standard), applied.layers):
+    for router, layer, ours, built in zip(dense_router, adapter.moe_layers(standard), adapter.moe_layers(model),
+                                          applied.layers):
         assert torch.equal(layer.block.gate.weight, router[built.grouping.dominant_experts])
-        merged = adapter.moe_layers(model)[built and 0].block  # noqa: F841 - the source stays in our format
-        assert layer.block.experts.gate_up_proj.shape[0] == 4
+        merged = ours.block.experts.projections
+        expected = torch.cat([merged["gate"].weight, merged["up"].weight], dim=1)
+        assert torch.equal(layer.block.experts.gate_up_proj, expected)
+        assert torch.equal(layer.block.experts.down_proj, merged["down"].weight)
+        # the shared expert is carried over as it is
+        assert torch.equal(layer.block.shared_expert.up_proj.weight, ours.block.shared_expert.up_proj.weight)
 
 
 def test_standard_checkpoint_loads_with_plain_transformers(tiny_dirs, tmp_path):
@@ -171,11 +176,19 @@ def test_standard_checkpoint_loads_with_plain_transformers(tiny_dirs, tmp_path):
     reference_dir = tmp_path / "ours"
     compress_model(tiny_dirs["mixtral"], reference_dir, CompressionRecipe(**{**recipe.to_dict(), "output_format": "mcsmoe"}),
                    progress=False)
+    section = json.loads((reference_dir / "config.json").read_text())["mcsmoe"]
+    layer = next(iter(section["layers"].values()))
+    assert layer["expert_to_group"] == [0, 1, 2, 3] and layer["router_rows"] == layer["dominant_experts"]
     reference = load_compressed(reference_dir)
     inputs = model_inputs("mixtral")
     with torch.no_grad():
         expected, got = reference(**inputs).logits, loaded(**inputs).logits
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-6
+    # our pruned checkpoint exports too: its op scores the 4 kept experts (validated against load_compressed)
+    from mcsmoe_deploy import export_model
+
+    report = export_model(reference_dir, tmp_path / "reap.onnx", with_past=False, progress=False)
+    assert report.moe_nodes == 2 and report.max_rel_error < 1e-4
 
 
 def test_router_calibration_trains_routers_only_and_lowers_the_kl():
@@ -219,3 +232,25 @@ def test_standard_format_refusals(tiny_dirs, tmp_path):
         compress_model(tiny_dirs["switch_transformers"], tmp_path / "x", CompressionRecipe(output_format="standard"),
                        progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_standard_checkpoint_exports_to_onnxruntime_moe(tiny_dirs, tmp_path, capsys):
+    import onnx
+    from transformers import AutoModelForCausalLM
+
+    from mcsmoe_deploy.cli import main
+
+    standard = tmp_path / "standard"
+    argv = ["compress", str(tiny_dirs["mixtral"]), str(standard), "--experts", "4", "--grouping", "hc", "--format",
+            "standard", "--calibrate-router", "--router-steps", "2", "--max-calib-tokens", "512", "--quiet"]
+    assert main(argv) == 0
+    assert "router calibration: 2 steps" in capsys.readouterr().out
+    loaded = AutoModelForCausalLM.from_pretrained(standard)
+    assert loaded.config.num_local_experts == 4 and loaded.config.mcsmoe_standard["family"] == "mixtral"
+    out = tmp_path / "fused.onnx"
+    assert main(["export", str(standard), str(out), "--target", "ort-fused", "--no-past", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "com.microsoft::MoE x2" in printed
+    moe = [n for n in onnx.load(out).graph.node if n.op_type == "MoE"]
+    weights = {i.name: i for i in onnx.load(out).graph.initializer}
+    assert len(moe) == 2 and list(weights[moe[0].input[2]].dims)[0] == 4  # fc1 weights of 4 experts
