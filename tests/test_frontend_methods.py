@@ -56,6 +56,13 @@ def test_hc_uses_average_linkage():
     assert [[ga == gb for gb in grouping.expert_to_group] for ga in grouping.expert_to_group] == same
 
 
+def test_hc_gives_g_groups_when_experts_are_identical():
+    # upcycled, untrained experts: every distance ties at 0; still exactly G groups
+    outputs = torch.ones(6, 4, dtype=torch.float64)
+    grouping = cluster_by_outputs(outputs, torch.tensor([0.1, 0.3, 0.1, 0.2, 0.2, 0.1]), 3)
+    assert grouping.num_groups == 3 and sorted(set(grouping.expert_to_group)) == [0, 1, 2]
+
+
 def test_reap_keeps_the_most_salient_experts():
     saliency = torch.tensor([0.3, 0.9, 0.0, 0.5, 0.9, 0.1, 0.2, 0.4], dtype=torch.float64)
     grouping = prune_by_saliency(saliency, 3)

@@ -190,7 +190,8 @@ def add_parsers(sub) -> None:
         description="Group each layer's experts by routing statistics on calibration text, align and merge each "
                     "group into one expert, then store merged projections as low-rank factors plus sparse rows. "
                     "Writes an ordinary Hugging Face directory holding G experts per layer; "
-                    "load it with mcsmoe_deploy.load_compressed. Families: mixtral, qwen2_moe, qwen3_moe, olmoe, "
+                    "load it with mcsmoe_deploy.load_compressed, or with --format standard a plain checkpoint of the "
+                    "source family that transformers loads alone. Families: mixtral, qwen2_moe, qwen3_moe, olmoe, "
                     "switch_transformers.",
     )
     compress.add_argument("model_dir", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 
 from ..errors import ParameterError
@@ -90,10 +90,11 @@ def cluster_by_outputs(mean_output: torch.Tensor, frequency: torch.Tensor, num_g
         distance = (1.0 - unit @ unit.T).clamp(min=0.0).numpy()
         np.fill_diagonal(distance, 0.0)
         distance = (distance + distance.T) / 2  # exactly symmetric, as squareform requires
-        labels = fcluster(linkage(squareform(distance, checks=False), method="average"), num_groups, "maxclust")
+        # cutting the tree (not a distance threshold) gives exactly num_groups clusters even when
+        # experts are identical (zero distances tie); average linkage is monotonic, as cut_tree needs
+        tree = linkage(squareform(distance, checks=False), method="average")
+        labels = cut_tree(tree, n_clusters=num_groups)[:, 0]
     clusters = [[e for e in range(num_experts) if labels[e] == label] for label in sorted(set(labels.tolist()))]
-    if len(clusters) != num_groups:  # only with tied distances, which merge several clusters at one height
-        raise ValueError(f"hierarchical clustering gave {len(clusters)} clusters, not {num_groups}")
     leads = [min(members, key=lambda e: (-float(frequency[e]), e)) for members in clusters]
     order = sorted(range(num_groups), key=lambda g: leads[g])
     expert_to_group = [0] * num_experts
