@@ -261,3 +261,24 @@ def test_cli_standard_checkpoint_exports_to_onnxruntime_moe(tiny_dirs, tmp_path,
     moe = [n for n in onnx.load(out).graph.node if n.op_type == "MoE"]
     weights = {i.name: i for i in onnx.load(out).graph.initializer}
     assert len(moe) == 2 and list(weights[moe[0].input[2]].dims)[0] == 4  # fc1 weights of 4 experts
+
+
+@pytest.mark.parametrize("family", ["switch_transformers", "olmoe"])
+def test_pruned_checkpoint_reloads_with_kept_router_rows(family, tiny_dirs, tmp_path):
+    recipe = CompressionRecipe(experts=5, grouping="reap", max_calib_tokens=1024, calib_seq_len=32)
+    out = tmp_path / "reap"
+    compress_model(tiny_dirs[family], out, recipe, progress=False)
+    reloaded = load_compressed(out)
+    adapter = adapter_for_config(reloaded.config)
+    section = json.loads((out / "config.json").read_text())["mcsmoe"]
+    model = tiny_model(family)
+    dense_layers = adapter.moe_layers(model)
+    for layer, dense_layer in zip(adapter.moe_layers(reloaded), dense_layers):
+        rows = section["layers"][layer.name]["router_rows"]
+        assert len(rows) == 5 and torch.equal(adapter.router_weight(layer.block),
+                                              adapter.router_weight(dense_layer.block)[rows])
+    compress_loaded(model, adapter, calibration(), recipe, progress=False)
+    inputs = model_inputs(family)
+    with torch.no_grad():
+        expected, got = model(**inputs).logits, reloaded(**inputs).logits
+    assert float((got - expected).abs().max() / expected.abs().max()) < 1e-5
