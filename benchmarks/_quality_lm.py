@@ -19,6 +19,8 @@ from mcsmoe_deploy.demo import EVAL_SEQ_LEN, embedded_model_dir
 
 BASELINES = {
     "msmoe": {},
+    "hc": {"grouping": "hc"},
+    "reap": {"grouping": "reap"},
     "uniform": {"weighting": "uniform"},
     "random": {"grouping": "random"},
     "prune-frequency": {"grouping": "drop"},
@@ -30,6 +32,8 @@ GPTQ, RTN = {"quant_method": "gptq"}, {"quant_method": "rtn"}
 DENSE_QUANTIZED = {"dense-int8": {"quantize": "int8", **RTN}, "dense-int4": {"quantize": "int4", **RTN},
                    "dense-int8-gptq": {"quantize": "int8", **GPTQ}, "dense-int4-gptq": {"quantize": "int4", **GPTQ}}
 MERGED_QUANTIZED = ("msmoe-int4", "msmoe-int4-gptq", "mcsmoe-int4", "mcsmoe-int4-gptq")
+# a method's row after router calibration is named "<method>+router" (merge-only methods)
+ROUTER_SUFFIX = "+router"
 METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware", *DENSE_QUANTIZED, *MERGED_QUANTIZED)
 
 
@@ -59,6 +63,8 @@ def sweep(
     sparse_keep: float,
     distill_lr: float | None = None,
     methods: list[str] | None = None,
+    router_steps: int = 0,
+    calibrate: Callable[[nn.Module, int], object] | None = None,
 ) -> list[dict]:
     """One row per (method, G, rank ratio, distillation steps), after the dense rows.
 
@@ -69,12 +75,15 @@ def sweep(
     the same blocks, see compress/stats.py).
     recover(model, steps, lr): the setting's distillation of a compressed model from `dense`, at peak
     rate `distill_lr`, or by default the recipe's (`CompressionRecipe.distill_learning_rate`).
+    router_steps, calibrate(model, steps): with router_steps > 0, each merge-only baseline also gets a
+    row "<method>+router" after `calibrate` trained its routers alone (after any recovery).
     Rows: {"setting", "method", "experts", "rank_ratio", "distill_steps", "expert_memory_ratio", "metric", "value"},
     and for quantized methods "quantize_seconds": wall time of the quantization step alone (GPTQ's
     calibration passes included).
     """
     recipe = mc.CompressionRecipe()
-    stats = mc.collect_routing_stats(dense, adapter, calib, progress=False, keep_inputs=recipe.activation_samples)
+    stats = mc.collect_routing_stats(dense, adapter, calib, progress=False, keep_inputs=recipe.activation_samples,
+                                     expert_outputs=True)
     dense_bytes = mc.size_report(dense, adapter).expert_bytes
     num_experts = adapter.num_experts(dense.config)
 
@@ -138,6 +147,12 @@ def sweep(
             print(f"[{setting}] {method:24s} G={experts} r={rank_ratio:<5g} distill={steps:<4d} "
                   f"{metric}={rows[-1]['value']:8.4f} mem={rows[-1]['expert_memory_ratio']:.3f}  "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
+            if router_steps and calibrate is not None and method in BASELINES:
+                start = time.perf_counter()
+                calibrate(model, router_steps)
+                rows.append(row(method + ROUTER_SUFFIX, model, experts, rank_ratio, steps))
+                print(f"[{setting}] {method + ROUTER_SUFFIX:24s} G={experts} r={rank_ratio:<5g} distill={steps:<4d} "
+                      f"{metric}={rows[-1]['value']:8.4f}  ({time.perf_counter() - start:.1f} s)", flush=True)
     return rows
 
 
@@ -173,11 +188,14 @@ def lm_rows(
     distill_lr: float | None = None,
     methods: list[str] | None = None,
     shuffled: bool = False,
+    router_steps: int = 0,
+    router_lr: float = mc.CompressionRecipe().router_lr,
 ) -> list[dict]:
     """The "lm" setting: held-out perplexity of the embedded Mixtral-family model (or `model_dir`).
 
     shuffled: the "lm-shuffled" setting instead: the same model with each expert's neurons
     reordered (`shuffle_expert_neurons`), measured with SHUFFLED_METHODS only.
+    router_steps, router_lr: router calibration of the merge-only methods (rows "<method>+router").
     """
     model_dir = model_dir or embedded_model_dir()
     dense, adapter = mc.load_model(model_dir)
@@ -191,7 +209,11 @@ def lm_rows(
     def recover(student: nn.Module, steps: int, lr: float) -> None:
         mc.distill(student, dense, adapter, calib, steps, lr=lr, progress=False)
 
+    def calibrate(student: nn.Module, steps: int) -> None:
+        mc.calibrate_routers(student, dense, adapter, calib, steps, lr=router_lr, progress=False)
+
     return sweep(
         "lm-shuffled" if shuffled else "lm", "perplexity", lambda model: mc.perplexity(model, heldout), dense,
         adapter, calib, recover, experts_list, rank_ratios, distill_steps_list, sparse_keep, distill_lr, methods,
+        router_steps, calibrate,
     )

@@ -12,11 +12,16 @@ One routing-statistics pass per setting; each method is applied to a fresh copy 
 
     dense                    the original model
     msmoe                    M-SMoE: similarity groups, permutation alignment, frequency-weighted merge
+    hc                       HC-SMoE: average-linkage clusters of the experts' mean outputs, aligned to and
+                             led by the most used member, frequency-weighted merge
+    reap                     REAP: keep the G experts of highest routing weight x output norm, remove the rest
+                             with their router rows
+    <method>+router          a merge-only method after --router-steps of router calibration (lm settings)
     mcsmoe                   M-SMoE then low-rank + sparse rows at each --rank-ratios value
     mcsmoe-activation-aware  the same, low-rank factors fitted to the experts' calibration inputs
     uniform                  same groups, alignment, plain average
     random                   random groups, alignment, frequency-weighted merge
-    prune-frequency          keep the G most used experts, remove the rest
+    prune-frequency          keep the G most used experts, remove the rest (with their router rows)
     no-permute               M-SMoE without alignment
     dense-int8, dense-int4   the uncompressed experts (G = E) quantized blockwise, round to nearest
     msmoe-int4, mcsmoe-int4  M-SMoE, and MC-SMoE at each rank ratio, then int4 (after any recovery, as
@@ -82,6 +87,8 @@ def run(
     methods: list[str] | None = None,
     lm_model: str | None = None,
     retrain: bool = False,
+    router_steps: int = 0,
+    router_lr: float | None = None,
 ) -> list[dict]:
     """Rows of every requested setting, in order (see the module docstring)."""
     torch.manual_seed(0)
@@ -89,7 +96,9 @@ def run(
     for setting in ("lm", "lm-shuffled"):
         if setting in settings:
             shuffled = setting == "lm-shuffled"
-            rows += lm_rows(experts, rank_ratios, distill_steps, sparse_keep, lm_model, distill_lr, methods, shuffled)
+            extra = {} if router_lr is None else {"router_lr": router_lr}
+            rows += lm_rows(experts, rank_ratios, distill_steps, sparse_keep, lm_model, distill_lr, methods, shuffled,
+                            router_steps, **extra)
     if "switch-news" in settings:
         size = QUICK if quick else FULL
         rows += switch_rows(size, experts, rank_ratios, distill_steps, sparse_keep, distill_lr, methods, retrain)
@@ -112,6 +121,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--distill-lr", type=float, default=None,
                         help="peak distillation rate of every method "
                              "(default: the recipe's, 3e-4 merged, 1e-3 low rank)")
+    parser.add_argument("--router-steps", type=int, default=0, metavar="N",
+                        help="also measure each merge-only method after N steps of router calibration (lm settings; "
+                             "default: 0, none)")
+    parser.add_argument("--router-lr", type=float, default=None, help="peak rate of router calibration "
+                        "(default: the recipe's)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="only these (default: all)")
     parser.add_argument("--model", default=None, help="another causal-LM MoE directory for the lm setting")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
@@ -136,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.settings, args.quick,
             args.experts or defaults["experts"], args.rank_ratios or defaults["rank_ratios"],
             args.distill_steps or defaults["distill_steps"], args.sparse_keep, args.distill_lr, args.methods,
-            args.model, args.retrain,
+            args.model, args.retrain, args.router_steps, args.router_lr,
         )
     except ParameterError as error:  # a bad --experts, --rank-ratios ...: one line naming the flag
         flag = RECIPE_FLAGS.get(error.parameter)

@@ -10,7 +10,9 @@ The public API, stage by stage:
     measure     perplexity, size_report
 """
 
-from .checkpoint import is_compressed_checkpoint, is_quantized_checkpoint, load_compressed, save_compressed
+from .checkpoint import (
+    is_compressed_checkpoint, is_quantized_checkpoint, load_compressed, save_compressed, save_standard, write_model_dir,
+)
 from .compress import *  # noqa: F403 - the compress stage's public API
 from .compress import __all__ as _compress_all
 from .corpus import builtin_corpus, calibration_text, read_text, token_blocks
@@ -128,6 +130,8 @@ __all__ = [
     "round_to_grid",
     "run_bench",
     "save_compressed",
+    "save_standard",
+    "write_model_dir",
     "size_report",
     "staged_output",
     "staging_leftovers",

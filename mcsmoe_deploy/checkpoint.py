@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,12 +53,7 @@ def save_compressed(
     """
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    with staged_output(out_dir, force=force, inputs=() if source_dir is None else (source_dir,)) as staging:
-        if source_dir is not None:
-            for item in Path(source_dir).iterdir():
-                if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(_NOT_COPIED_SUFFIXES):
-                    shutil.copy2(item, staging / item.name)
+    def write(staging: Path) -> None:
         config = model.config.to_dict()
         config["mcsmoe"] = {"format_version": FORMAT_VERSION, **mcsmoe_section}
         linears = quantized_linear_specs(model)
@@ -65,6 +61,29 @@ def save_compressed(
             config["mcsmoe"][QUANTIZED_LINEARS] = {name: spec.to_dict() for name, spec in linears.items()}
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(weights_to_save(model), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    return write_model_dir(write, out_dir, source_dir, force)
+
+
+def save_standard(model: nn.Module, out_dir: str | Path, source_dir: str | Path | None = None,
+                  force: bool = False) -> Path:
+    """Write an ordinary transformers model (no compressed experts) with `save_pretrained`: the family's
+    own config and tensor names, loadable by `AutoModelForCausalLM.from_pretrained` without this
+    package. Tokenizer and other small files of `source_dir` are copied. Returns the written directory."""
+    return write_model_dir(lambda staging: model.save_pretrained(staging), out_dir, source_dir, force)
+
+
+def write_model_dir(write: Callable[[Path], None], out_dir: str | Path, source_dir: str | Path | None = None,
+                    force: bool = False) -> Path:
+    """Make the model directory `out_dir` through `staged_output`: the small files of `source_dir`
+    (tokenizer ...) copied, then `write(folder)` adds config and weights."""
+    out_dir = Path(out_dir)
+    with staged_output(out_dir, force=force, inputs=() if source_dir is None else (source_dir,)) as staging:
+        if source_dir is not None:
+            for item in Path(source_dir).iterdir():
+                if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(_NOT_COPIED_SUFFIXES):
+                    shutil.copy2(item, staging / item.name)
+        write(staging)
     return out_dir
 
 
@@ -141,6 +160,8 @@ def install_compressed_experts(model: nn.Module, adapter: FamilyAdapter, section
             raise UserError(f"compressed checkpoint describes no layer {layer.name!r}")
         described = layers[layer.name]
         specs = {name: ProjectionSpec.from_dict(spec) for name, spec in described["projections"].items()}
+        if described.get("router_rows") is not None:  # removed experts took their router rows with them
+            adapter.keep_router_rows(layer.block, described["router_rows"])
         module = GroupedLowRankExperts(layout, described["expert_to_group"], specs, adapter.one_hot_dispatch)
         adapter.install_experts(layer.block, module)
 
@@ -172,4 +193,6 @@ __all__ = [
     "is_quantized_checkpoint",
     "load_compressed",
     "save_compressed",
+    "save_standard",
+    "write_model_dir",
 ]

@@ -71,6 +71,10 @@ def format_compression(result: CompressionResult) -> str:
         report = result.distill
         parts.append(f"distillation: {report.steps} steps at peak rate {report.lr:g}, "
                      f"loss {report.first_loss:.3f} -> {report.last_loss:.3f}")
+    if result.router_calibration is not None:
+        report = result.router_calibration
+        parts.append(f"router calibration: {report.steps} steps at peak rate {report.lr:g}, "
+                     f"KL to dense {report.first_loss:.4f} -> {report.last_loss:.4f}")
     if result.out_dir is not None:
         parts.append(f"wrote {result.out_dir}")
     return "\n".join(parts)

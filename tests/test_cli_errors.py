@@ -78,6 +78,18 @@ CASES = [
       for r in ("0", "1.5", "-0.1")],
     pytest.param("mixtral", ["--sparse-keep", "1.5"], ["--sparse-keep", "[0, 1]", "1.5"], id="sparse-keep=1.5"),
     pytest.param("mixtral", ["--distill-lr", "0"], ["--distill-lr", "positive", "0"], id="distill-lr=0"),
+    pytest.param("mixtral", ["--format", "standard", "--adaptive"], ["--format standard", "layer-adaptive G"],
+                 id="standard-adaptive"),
+    pytest.param("mixtral", ["--format", "standard", "--rank-ratio", "0.5"], ["--format standard", "low-rank"],
+                 id="standard-low-rank"),
+    pytest.param("mixtral", ["--format", "standard", "--quantize", "int8"], ["--format standard", "quantized"],
+                 id="standard-quantized"),
+    pytest.param("mixtral", ["--router-steps", "5"], ["--router-steps needs --calibrate-router"],
+                 id="router-steps-alone"),
+    pytest.param("mixtral", ["--calibrate-router", "--router-lr", "0"], ["--router-lr", "positive", "0"],
+                 id="router-lr=0"),
+    pytest.param("mixtral", ["--calibrate-router", "--router-steps", "0"], ["--router-steps", "at least 1"],
+                 id="router-steps=0"),
     pytest.param("mixtral", ["--calib", "{calib}/empty.txt"], ["calibration file is empty", "{calib}/empty.txt"],
                  id="calib-empty"),
     pytest.param("mixtral", ["--calib", "{calib}/missing.txt"], ["calibration file not found", "{calib}/missing.txt"],
@@ -195,4 +207,4 @@ def test_strategy_flags_offer_what_the_registries_hold(capsys):
     assert (args.grouping, args.low_rank, args.weighting) == ("every-expert-alone", "activation-aware", "uniform")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compress", "in", "out", "--grouping", "every-expert-alone"])
-    assert "invalid choice: 'every-expert-alone' (choose from 'similarity', 'random', 'drop')" in capsys.readouterr().err
+    assert "invalid choice: 'every-expert-alone' (choose from 'similarity', 'random', 'drop', 'hc', 'reap')" in capsys.readouterr().err

@@ -157,7 +157,7 @@ def test_parameters_are_checked_in_their_own_terms():
         "experts": (dict(experts=0), "experts must be at least 1, not 0"),
         "sparse_keep": (dict(sparse_keep=1.5), "sparse_keep must be in [0, 1], not 1.5"),
         "rank_energy": (dict(rank_energy=2.0), "rank_energy must be in (0, 1], not 2.0"),
-        "grouping": (dict(grouping="hc"), "grouping must be one of similarity, random, drop, not 'hc'"),
+        "grouping": (dict(grouping="hcsmoe"), "grouping must be one of similarity, random, drop, hc, reap, not 'hcsmoe'"),
         "low_rank": (dict(low_rank="qr"), "low_rank must be one of svd, activation-aware, not 'qr'"),
         "distill_lr": (dict(distill_lr=0.0), "distill_lr must be a positive finite number, not 0.0"),
     }

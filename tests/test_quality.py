@@ -43,7 +43,7 @@ def test_every_expected_row_is_present_and_finite(quick):
         shuffled = setting == "lm-shuffled"
         for experts in args["experts"]:
             for steps in args["distill_steps"]:
-                for method in ("msmoe", "uniform", "random", "prune-frequency", "no-permute"):
+                for method in ("msmoe", "hc", "reap", "uniform", "random", "prune-frequency", "no-permute"):
                     if not shuffled or method in ("msmoe", "no-permute"):
                         expected.add((setting, method, experts, 1.0, steps))
                 for method in ("mcsmoe", "mcsmoe-activation-aware", "mcsmoe-int4"):

@@ -27,6 +27,10 @@ RECIPE_FLAGS = {
     "quant_symmetric": "--quant-asymmetric",
     "quant_scope": "--quantize-scope",
     "quant_method": "--quant-method",
+    "calibrate_router": "--calibrate-router",
+    "router_steps": "--router-steps",
+    "router_lr": "--router-lr",
+    "output_format": "--format",
     "seed": "--seed",
 }
 
@@ -40,7 +44,8 @@ DEMO_FLAGS = {
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     from ..compress import GROUPINGS, LOW_RANK_KINDS, SIMILARITIES, WEIGHTINGS
     from ..compress.recipe import (
-        COMPRESSED_DISTILL_LR, MERGED_DISTILL_LR, QUANT_METHODS, QUANT_SCOPES, QUANTIZATIONS, CompressionRecipe,
+        COMPRESSED_DISTILL_LR, FORMATS, MERGED_DISTILL_LR, QUANT_METHODS, QUANT_SCOPES, QUANTIZATIONS, ROUTER_LR,
+        ROUTER_STEPS, CompressionRecipe,
     )
 
     defaults = CompressionRecipe()
@@ -53,8 +58,13 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                        help="how experts join a dominant expert: cosine of router-logit columns on calibration "
                             f"text or of router weight rows (default: {defaults.similarity})")
     group.add_argument("--grouping", choices=GROUPINGS.names(), default=defaults.grouping,
-                       help="how the other experts join the dominant ones: by similarity (M-SMoE), or the "
-                            "baselines random and drop (remove them) (default: %(default)s)")
+                       help="how each layer's E experts become G: similarity (M-SMoE: the G most used lead, the "
+                            "others join the most similar by --similarity); hc (HC-SMoE: average-linkage hierarchical "
+                            "clustering of the experts' mean outputs on the calibration tokens, cosine, each cluster "
+                            "aligned to and led by its most used expert); reap (REAP: keep the G experts of highest "
+                            "mean routing weight x output norm over their routed tokens, remove the rest, exactly); "
+                            "the baselines random, and drop (keep the G most used). Removed experts lose their "
+                            "router rows (default: %(default)s)")
     group.add_argument("--weighting", choices=WEIGHTINGS.names(), default=defaults.weighting,
                        help="how a group's members are averaged (default: %(default)s, by routing frequency)")
     group.add_argument("--no-permute", action="store_true", help="merge without neuron permutation alignment")
@@ -107,13 +117,38 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                        help="peak learning rate of distillation, decaying linearly to 0 (default: "
                             f"{MERGED_DISTILL_LR:g} for a merge-only recipe, which a higher rate undoes; "
                             f"{COMPRESSED_DISTILL_LR:g} with low rank, which recovers more with it)")
+    group.add_argument("--calibrate-router", action="store_true",
+                       help="after compression (and distillation), train the routers alone on the calibration text "
+                            "to match the dense model's next-token distribution (KL); expert weights stay bit for bit")
+    group.add_argument("--router-steps", type=int, default=None, metavar="N",
+                       help=f"router calibration steps of 8 blocks (default: {ROUTER_STEPS}; needs --calibrate-router)")
+    group.add_argument("--router-lr", type=float, default=None, metavar="LR",
+                       help=f"peak rate of router calibration, decaying linearly to 0 (default: {ROUTER_LR:g}; "
+                            "needs --calibrate-router)")
     group.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: 0)")
+    group = parser.add_argument_group("output")
+    group.add_argument("--format", choices=FORMATS, default=defaults.output_format, dest="output_format",
+                       help="mcsmoe: our checkpoint (load_compressed; exported with the GroupedLowRankMoE op). "
+                            "standard: a plain checkpoint of the source family with G experts and a G-row router, "
+                            "loadable by transformers.AutoModelForCausalLM alone and exported as a dense model. "
+                            "Pruning (reap, drop) is the same function in both; merging is not: the standard router "
+                            "keeps each group's dominant expert's row and picks top-k among G, where ours scores E "
+                            "experts and maps them to groups, so add --calibrate-router. Merge only: no low rank, "
+                            "no quantization, no --adaptive (default: %(default)s)")
 
 
 def _recipe_from(args: argparse.Namespace):
     from ..compress import CompressionRecipe
+    from ..errors import UserError
 
+    router = {"router_steps": args.router_steps, "router_lr": args.router_lr}
+    for field, value in router.items():
+        if value is not None and not args.calibrate_router:
+            raise UserError(f"{RECIPE_FLAGS[field]} needs --calibrate-router")
     return CompressionRecipe(
+        calibrate_router=args.calibrate_router,
+        **{field: value for field, value in router.items() if value is not None},
+        output_format=args.output_format,
         experts=args.experts,
         adaptive=args.adaptive,
         similarity=args.similarity,
@@ -170,7 +205,8 @@ def add_parsers(sub) -> None:
         description="Group each layer's experts by routing statistics on calibration text, align and merge each "
                     "group into one expert, then store merged projections as low-rank factors plus sparse rows. "
                     "Writes an ordinary Hugging Face directory holding G experts per layer; "
-                    "load it with mcsmoe_deploy.load_compressed. Families: mixtral, qwen2_moe, qwen3_moe, olmoe, "
+                    "load it with mcsmoe_deploy.load_compressed, or with --format standard a plain checkpoint of the "
+                    "source family that transformers loads alone. Families: mixtral, qwen2_moe, qwen3_moe, olmoe, "
                     "switch_transformers.",
     )
     compress.add_argument("model_dir", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")

@@ -6,12 +6,15 @@ LOW_RANK_KINDS); `register_grouping` and its siblings add a method without editi
 """
 
 from .activation_aware import projection_input_moments, second_moment
-from .distill import DistillReport, distill, distillation_loss, train_compressed_experts
+from .distill import DistillReport, distill, distillation_loss, train_compressed_experts, train_parameters
 from .grouping import (
     GROUPINGS,
+    NEEDS_EXPERT_OUTPUTS,
     GroupingContext,
     LayerGrouping,
+    cluster_by_outputs,
     drop_least_used,
+    prune_by_saliency,
     group_by_similarity,
     group_randomly,
     groups_per_layer,
@@ -42,13 +45,35 @@ from .plan import (
 )
 from .gptq import ExpertInputMoments, gptq_projection, gptq_quantize, gptq_quantize_batch
 from .quantize import InputMoments, check_quantizable, linears_to_quantize, quantize_experts, quantize_model
-from .recipe import QUANT_METHODS, QUANT_SCOPES, QUANTIZATIONS, CompressionRecipe
+from .recipe import FORMATS, QUANT_METHODS, QUANT_SCOPES, QUANTIZATIONS, CompressionRecipe
+from .router_calibration import calibrate_routers, kl_to_teacher, router_parameters
+from .standard import check_standard, to_standard_model
 from .registry import Registry
 from .calibrated import CalibratedModel, CompressedModel, calibration_blocks, load_tokenizer
-from .stats import SIMILARITIES, LayerRoutingStats, RoutingStats, collect_routing_stats, register_similarity
+from .stats import (
+    SIMILARITIES,
+    LayerRoutingStats,
+    RoutingStats,
+    accumulate_expert_outputs,
+    collect_routing_stats,
+    register_similarity,
+    routing_weights,
+)
 
 __all__ = [
     "QUANT_METHODS",
+    "FORMATS",
+    "NEEDS_EXPERT_OUTPUTS",
+    "accumulate_expert_outputs",
+    "calibrate_routers",
+    "check_standard",
+    "cluster_by_outputs",
+    "kl_to_teacher",
+    "prune_by_saliency",
+    "router_parameters",
+    "routing_weights",
+    "to_standard_model",
+    "train_parameters",
     "QUANTIZATIONS",
     "QUANT_SCOPES",
     "check_quantizable",

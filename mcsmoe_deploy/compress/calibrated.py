@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import cast_to_stored_dtype, save_compressed
+from ..checkpoint import cast_to_stored_dtype, save_compressed, save_standard
 from ..corpus import calibration_text, load_tokenizer_from, token_blocks
 from ..errors import UserError
 from ..models import (
@@ -30,6 +30,8 @@ from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
 from .gptq import ExpertInputMoments
 from .quantize import applied_with_quantized_experts, check_quantizable, quantize_model
 from .recipe import CompressionRecipe
+from .router_calibration import calibrate_routers
+from .standard import check_standard, to_standard_model
 from .stats import RoutingStats, collect_routing_stats
 
 # recipe fields that decide the calibration blocks: recipes sharing one statistics pass must agree on them
@@ -50,6 +52,8 @@ def check_experts(model_dir: str | Path, recipe: CompressionRecipe) -> None:
     check_config_values(adapter, config_dict, Path(model_dir) / "config.json")
     config = AutoConfig.from_pretrained(model_dir)
     recipe.check_model(adapter.num_experts(config))
+    if recipe.output_format == "standard" and (adapter.num_experts_key is None or adapter.encoder_decoder):
+        raise UserError(f"--format standard is not available for the {adapter.family} family; use our format")
     recipe.check_layout(adapter.expert_layout(config))
 
 
@@ -81,14 +85,17 @@ def check_finite(model: nn.Module, stage: str) -> None:
 
 @dataclass
 class CompressedModel:
-    """A compressed model in memory: the recipe it was made with, the plan, what was built, and its
-    distillation once done."""
+    """A compressed model in memory: the recipe it was made with, the plan, what was built, its
+    distillation and router calibration once done; `standard` once `model` is a plain model of the
+    source family (see compress/standard.py)."""
 
     model: nn.Module
     recipe: CompressionRecipe
     plan: CompressionPlan
     applied: AppliedPlan
     distill: DistillReport | None = None
+    router_calibration: DistillReport | None = None
+    standard: bool = False
 
 
 class CalibratedModel:
@@ -130,7 +137,7 @@ class CalibratedModel:
         if self._stats is None:
             self._stats = collect_routing_stats(
                 self.model, self.adapter, self.blocks, progress=self.progress,
-                keep_inputs=self.recipe.calibration_inputs,
+                keep_inputs=self.recipe.calibration_inputs, expert_outputs=self.recipe.needs_expert_outputs,
             )
         return self._stats
 
@@ -140,6 +147,8 @@ class CalibratedModel:
         recipe = recipe or self.recipe
         recipe.validate()
         differ = [name for name in CALIBRATION_FIELDS if getattr(recipe, name) != getattr(self.recipe, name)]
+        if recipe.needs_expert_outputs and not self.recipe.needs_expert_outputs:
+            differ.append("expert outputs")
         if differ or recipe.calibration_inputs > self.recipe.calibration_inputs:
             raise ValueError(f"the recipe calibrates differently from the statistics pass ({', '.join(differ)})")
         if not self._dense:
@@ -156,13 +165,33 @@ class CalibratedModel:
         """Recover `compressed` by its recipe's distillation from the dense model (reloaded if it was
         compressed in place); the report is also kept in `compressed.distill`."""
         recipe = compressed.recipe
-        teacher = self.model if self._dense else load_model(self.model_dir, device=self.device)[0]
         compressed.distill = distill(
-            compressed.model, teacher, self.adapter, self.blocks, recipe.distill_steps, lr=recipe.distill_learning_rate,
+            compressed.model, self._teacher(), self.adapter, self.blocks, recipe.distill_steps, lr=recipe.distill_learning_rate,
             seed=recipe.seed, progress=self.progress,
         )
         check_finite(compressed.model, f"distillation at peak rate {recipe.distill_learning_rate:g}")
         return compressed.distill
+
+    def _teacher(self) -> nn.Module:
+        """The dense model (reloaded if it was compressed in place)."""
+        return self.model if self._dense else load_model(self.model_dir, device=self.device)[0]
+
+    def to_standard(self, compressed: CompressedModel) -> None:
+        """Replace `compressed.model` by a plain model of the source family with G experts per layer
+        (compress/standard.py); UserError in one line if the recipe built what a standard config cannot hold."""
+        compressed.model = to_standard_model(compressed.model, self.adapter, compressed.applied)
+        compressed.standard = True
+
+    def calibrate_router(self, compressed: CompressedModel) -> DistillReport:
+        """Train `compressed`'s routers alone to match the dense model on the calibration text, by its
+        recipe's router_steps and router_lr; the report is also kept in `compressed.router_calibration`."""
+        recipe = compressed.recipe
+        compressed.router_calibration = calibrate_routers(
+            compressed.model, self._teacher(), self.adapter, self.blocks, recipe.router_steps, recipe.router_lr,
+            seed=recipe.seed, progress=self.progress,
+        )
+        check_finite(compressed.model, f"router calibration at peak rate {recipe.router_lr:g}")
+        return compressed.router_calibration
 
     def quantize(self, compressed: CompressedModel) -> None:
         """Quantize `compressed` by its recipe (see compress/quantize.py), in place: its experts, by the
@@ -184,6 +213,9 @@ class CalibratedModel:
         cast_to_stored_dtype(compressed.model, self.stored_dtype)
 
     def save(self, compressed: CompressedModel, out_dir: str | Path, force: bool = False) -> Path:
-        """Write `compressed` as a checkpoint directory (see checkpoint.save_compressed); returns its path."""
+        """Write `compressed` as a checkpoint directory (checkpoint.save_compressed, or save_standard once
+        it is a standard model); returns its path."""
+        if compressed.standard:
+            return save_standard(compressed.model, out_dir, source_dir=self.model_dir, force=force)
         section = mcsmoe_section(compressed.applied, compressed.recipe, str(self.model_dir), compressed.distill)
         return save_compressed(compressed.model, section, out_dir, source_dir=self.model_dir, force=force)

@@ -82,6 +82,21 @@ def train_compressed_experts(
     trainable = [p for m in student.modules() if isinstance(m, GroupedLowRankExperts) for p in m.parameters()]
     if not trainable:
         raise ValueError("the student has no compressed experts to train")
+    return train_parameters(student, trainable, batch_loss, steps, lr, progress, desc)
+
+
+def train_parameters(
+    student: nn.Module,
+    trainable: list[nn.Parameter],
+    batch_loss: Callable[[int], torch.Tensor],
+    steps: int,
+    lr: float,
+    progress: bool = True,
+    desc: str = "training",
+) -> DistillReport:
+    """Minimise `batch_loss(step)` over `trainable` (parameters of `student`) alone: `steps` AdamW steps
+    without weight decay, the rate decaying linearly from `lr` to 0; every other parameter is frozen
+    and never handed to the optimizer, so it stays bit for bit as it was. The student stays in eval mode."""
     for parameter in student.parameters():
         parameter.requires_grad_(False)
     for parameter in trainable:

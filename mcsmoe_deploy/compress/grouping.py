@@ -5,7 +5,11 @@ the dominant expert it is most similar to. With an adaptive budget, one global
 frequency threshold over all layers picks the dominant experts, so busy layers
 keep more groups; the total stays G x layers and every layer keeps at least one.
 
-How the other experts join is a grouping method, registered by name in GROUPINGS.
+How the other experts join is a grouping method, registered by name in GROUPINGS. Beyond
+M-SMoE: "hc" (HC-SMoE) clusters experts by what they compute, the cosine of their mean outputs
+on the calibration tokens, with average-linkage hierarchical clustering, each cluster led by its
+most used member; "reap" (REAP) keeps the G experts of highest saliency (mean routing weight x
+output norm over the tokens routed to them) and removes the others.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy.cluster.hierarchy import cut_tree, linkage
+from scipy.spatial.distance import squareform
 
 from ..errors import ParameterError
 from .registry import Registry
@@ -69,6 +76,40 @@ def drop_least_used(frequency: torch.Tensor, num_groups: int) -> LayerGrouping:
     return _group(frequency, num_groups, lambda e, leads: -1)
 
 
+def cluster_by_outputs(mean_output: torch.Tensor, frequency: torch.Tensor, num_groups: int) -> LayerGrouping:
+    """HC-SMoE: experts clustered by the cosine of their mean outputs [E, H], average linkage, into
+    `num_groups` clusters; each cluster's most used expert (frequency [E]; ties: lower index) leads it.
+    Groups are numbered by their dominant expert, ascending."""
+    num_experts = len(frequency)
+    if num_groups == num_experts:
+        return LayerGrouping(list(range(num_experts)), list(range(num_experts)))
+    if num_groups == 1:
+        labels = np.ones(num_experts, dtype=int)
+    else:
+        unit = mean_output.double() / mean_output.double().norm(dim=-1, keepdim=True).clamp(min=1e-30)
+        distance = (1.0 - unit @ unit.T).clamp(min=0.0).numpy()
+        np.fill_diagonal(distance, 0.0)
+        distance = (distance + distance.T) / 2  # exactly symmetric, as squareform requires
+        # cutting the tree (not a distance threshold) gives exactly num_groups clusters even when
+        # experts are identical (zero distances tie); average linkage is monotonic, as cut_tree needs
+        tree = linkage(squareform(distance, checks=False), method="average")
+        labels = cut_tree(tree, n_clusters=num_groups)[:, 0]
+    clusters = [[e for e in range(num_experts) if labels[e] == label] for label in sorted(set(labels.tolist()))]
+    leads = [min(members, key=lambda e: (-float(frequency[e]), e)) for members in clusters]
+    order = sorted(range(num_groups), key=lambda g: leads[g])
+    expert_to_group = [0] * num_experts
+    for group, cluster in enumerate(order):
+        for e in clusters[cluster]:
+            expert_to_group[e] = group
+    return LayerGrouping(expert_to_group, [leads[c] for c in order])
+
+
+def prune_by_saliency(saliency: torch.Tensor, num_groups: int) -> LayerGrouping:
+    """REAP: keep the `num_groups` experts of highest saliency [E] (ties: lower index) as they are and
+    remove the others (group -1)."""
+    return _group(saliency, num_groups, lambda e, leads: -1)
+
+
 @dataclass
 class GroupingContext:
     """What a grouping method may use beyond the layer's statistics.
@@ -100,6 +141,20 @@ def _random(layer: LayerRoutingStats, num_groups: int, context: GroupingContext)
 @register_grouping("drop")
 def _drop(layer: LayerRoutingStats, num_groups: int, context: GroupingContext) -> LayerGrouping:
     return drop_least_used(layer.frequency, num_groups)
+
+
+@register_grouping("hc")
+def _hc(layer: LayerRoutingStats, num_groups: int, context: GroupingContext) -> LayerGrouping:
+    return cluster_by_outputs(layer.mean_output, layer.frequency, num_groups)
+
+
+@register_grouping("reap")
+def _reap(layer: LayerRoutingStats, num_groups: int, context: GroupingContext) -> LayerGrouping:
+    return prune_by_saliency(layer.saliency, num_groups)
+
+
+# groupings that read expert outputs, which the statistics pass collects only when asked
+NEEDS_EXPERT_OUTPUTS = frozenset({"hc", "reap"})
 
 
 def groups_per_layer(frequencies: list[torch.Tensor], num_groups: int, adaptive: bool) -> list[int]:

@@ -16,6 +16,7 @@ from .distill import DistillReport
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
 from .recipe import CompressionRecipe
 from .calibrated import CalibratedModel
+from .standard import check_standard
 from .stats import collect_routing_stats
 
 
@@ -31,6 +32,7 @@ class CompressionResult:
     after: SizeReport
     seconds: float
     distill: DistillReport | None = None
+    router_calibration: DistillReport | None = None
 
 
 def compress_loaded(
@@ -41,7 +43,8 @@ def compress_loaded(
     progress: bool = True,
 ) -> AppliedPlan:
     """Routing statistics on `blocks` [N, S], a plan, and the plan applied to `model` in place."""
-    stats = collect_routing_stats(model, adapter, blocks, progress=progress, keep_inputs=recipe.calibration_inputs)
+    stats = collect_routing_stats(model, adapter, blocks, progress=progress, keep_inputs=recipe.calibration_inputs,
+                                  expert_outputs=recipe.needs_expert_outputs)
     plan = plan_compression(stats, adapter.num_experts(model.config), recipe, adapter.family)
     return apply_plan(model, adapter, plan, recipe, progress=progress)
 
@@ -68,12 +71,19 @@ def compress_model(
     source = CalibratedModel(model_dir, recipe, device=device, progress=progress)
     before = size_report(source.model, source.adapter, source.stored_dtype)
     compressed = source.compress(recipe, in_place=True)
+    if recipe.output_format == "standard":  # refused now, in one line, before any training
+        check_standard(source.adapter, compressed.applied)
     if recipe.distill_steps:
         source.distill(compressed)
+    if recipe.output_format == "standard":
+        source.to_standard(compressed)
+    if recipe.calibrate_router:
+        source.calibrate_router(compressed)
     source.quantize(compressed)
     source.to_stored_dtype(compressed)
     after = size_report(compressed.model, source.adapter)
     if out_dir is not None:
         out_dir = source.save(compressed, out_dir, force=force)
     seconds = time.perf_counter() - start
-    return CompressionResult(out_dir, compressed.plan, compressed.applied, before, after, seconds, compressed.distill)
+    return CompressionResult(out_dir, compressed.plan, compressed.applied, before, after, seconds, compressed.distill,
+                             compressed.router_calibration)

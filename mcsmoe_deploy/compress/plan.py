@@ -46,22 +46,38 @@ class CompressionPlan:
 @dataclass
 class AppliedLayer:
     """What `apply_plan` built for one MoE layer: its grouping and how each projection is stored
-    (rank and kept sparse rows per projection, or dense)."""
+    (rank and kept sparse rows per projection, or dense).
+
+    router_rows: when the grouping removed experts, the experts (original indices, ascending) whose
+    router rows were kept: the router then scores only those, and a token's top-k is taken among
+    them (pruning as REAP defines it); None when no expert was removed.
+    """
 
     name: str
     frequency: list[float]
     grouping: LayerGrouping
     projections: dict[str, ProjectionSpec]
+    router_rows: list[int] | None = None
+
+    @property
+    def expert_to_group(self) -> list[int]:
+        """The group of each expert the router scores (the kept ones when experts were removed)."""
+        if self.router_rows is None:
+            return self.grouping.expert_to_group
+        return [self.grouping.expert_to_group[e] for e in self.router_rows]
 
     def to_dict(self) -> dict:
         """The layer's entry in the compressed checkpoint's config.json."""
-        return {
+        data = {
             "num_groups": self.grouping.num_groups,
-            "expert_to_group": self.grouping.expert_to_group,
+            "expert_to_group": self.expert_to_group,
             "dominant_experts": self.grouping.dominant_experts,
             "frequency": [round(f, 6) for f in self.frequency],
             "projections": {name: spec.to_dict() for name, spec in self.projections.items()},
         }
+        if self.router_rows is not None:
+            data["router_rows"] = self.router_rows
+        return data
 
 
 @dataclass
@@ -159,6 +175,9 @@ def apply_plan(
 ) -> AppliedPlan:
     """Rewrite every MoE layer of `model` in place: align, merge, compress, install G experts.
 
+    Experts the grouping removed (group -1) also lose their router rows, so the router picks its
+    top-k among the remaining experts: pruning is then exact for the kept ones.
+
     Returns what was built: per layer its grouping and each projection's storage (rank, sparse rows).
     The plan itself is left as it was.
     """
@@ -183,10 +202,13 @@ def apply_plan(
         moments = None
         if not recipe.merge_only:
             moments = low_rank.input_moments(merged, layer_plan.calibration_samples, layer_plan.grouping, layout)
-        module = build_grouped_experts(
-            merged, layer_plan.grouping.expert_to_group, specs, layout, adapter.one_hot_dispatch, moments
-        )
+        kept = [e for e, g in enumerate(layer_plan.grouping.expert_to_group) if g >= 0]
+        router_rows = kept if len(kept) < len(layer_plan.grouping.expert_to_group) else None
+        if router_rows is not None:
+            adapter.keep_router_rows(layer.block, router_rows)
+        built = AppliedLayer(layer_plan.name, layer_plan.frequency, layer_plan.grouping, specs, router_rows)
+        module = build_grouped_experts(merged, built.expert_to_group, specs, layout, adapter.one_hot_dispatch, moments)
         device = adapter.router_weight(layer.block).device
         adapter.install_experts(layer.block, module.to(device))
-        applied.append(AppliedLayer(layer_plan.name, layer_plan.frequency, layer_plan.grouping, specs))
+        applied.append(built)
     return AppliedPlan(family=plan.family, layers=applied, calibration_tokens=plan.calibration_tokens)

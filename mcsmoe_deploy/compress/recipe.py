@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from ..errors import ParameterError
 from ..models.base import ExpertLayout
 from ..quantization import DEFAULT_BLOCK, QuantSpec
-from .grouping import GROUPINGS
+from .grouping import GROUPINGS, NEEDS_EXPERT_OUTPUTS
 from .lowrank import LOW_RANK_KINDS, check_rank_energy, check_rank_ratio, check_sparse_keep
 from .merge import WEIGHTINGS
 from .stats import SIMILARITIES
@@ -25,6 +25,15 @@ QUANT_SCOPES = ("all", "experts")
 # fitted to the calibration inputs (compress/gptq.py)
 QUANT_METHODS = ("rtn", "gptq")
 COMPRESSED_DISTILL_LR = 1e-3
+# router calibration defaults. Measured on the embedded model (G = 4, 25 steps of 8 blocks): a standard-format
+# M-SMoE model (dominant experts' router rows) went from 21.61 to 21.34 held-out perplexity at 1e-3 (21.47 at
+# 3e-4); in our format, whose E-row router already reproduces the dense routing, it did not help (M-SMoE 20.64 ->
+# 20.77, hc 21.20 -> 21.20, reap 22.13 -> 22.13; 3e-3 was worse still)
+ROUTER_STEPS = 200
+ROUTER_LR = 1e-3
+# output formats: "mcsmoe" (our checkpoint: E-row router, expert -> group map, the GroupedLowRankMoE op)
+# or "standard" (the source family's own checkpoint with G experts and a G-row router)
+FORMATS = ("mcsmoe", "standard")
 
 
 @dataclass
@@ -36,8 +45,10 @@ class CompressionRecipe:
     The named strategies are looked up in their registries, which list every choice:
     similarity: stats.SIMILARITIES, "router-logits" (cosine of logit columns on calibration text) or
         "router-weights".
-    grouping: grouping.GROUPINGS, "similarity" (M-SMoE), or the baselines "random" and "drop" (keep the
-        most used, remove the rest).
+    grouping: grouping.GROUPINGS, "similarity" (M-SMoE), "hc" (HC-SMoE: average-linkage clustering of
+        the experts' mean outputs), "reap" (REAP: keep the G experts of highest routing weight x output
+        norm, remove the rest), or the baselines "random" and "drop" (keep the most used, remove the rest).
+        Removed experts also lose their router rows.
     weighting: merge.WEIGHTINGS, "frequency" (M-SMoE) or "uniform" averaging inside a group.
     permute: align each member's neurons to its dominant expert before merging.
     rank_ratio: share of a dense projection's parameters kept by its low-rank factors; 1 = merge only.
@@ -66,6 +77,13 @@ class CompressionRecipe:
         compress/gptq.py). Round to nearest stays the default: on the embedded LM, blocks of 16, GPTQ
         lowers int4 perplexity at G = 4 (21.19 -> 20.93) but not at G = 2 (22.48 -> 22.50), for a
         quantization step several times longer (benchmarks/results/quality-quantized.md).
+    calibrate_router: after compression (and distillation), train the routers alone for `router_steps`
+        AdamW steps at peak rate `router_lr` (linear decay) on the calibration text, minimising the KL
+        divergence from the dense model's next-token distribution; expert weights do not change.
+    output_format: "mcsmoe" (our checkpoint) or "standard": a plain checkpoint of the source family
+        with G experts and a G-row router (pruning: the kept rows; merging: each group's dominant
+        expert's row, a different function from the E-row router + expert -> group map, which
+        `calibrate_router` can then fit). Merge-only, unquantized, one G for every layer.
     """
 
     experts: int | None = None
@@ -89,6 +107,10 @@ class CompressionRecipe:
     quant_symmetric: bool = True
     quant_scope: str = "all"
     quant_method: str = "rtn"
+    calibrate_router: bool = False
+    router_steps: int = ROUTER_STEPS
+    router_lr: float = ROUTER_LR
+    output_format: str = "mcsmoe"
     seed: int = 0
 
     def validate(self) -> None:
@@ -123,7 +145,25 @@ class CompressionRecipe:
             raise ParameterError("quant_block", f"must be a power of two >= 16, not {self.quant_block}")
         if self.quant_scope not in QUANT_SCOPES:
             raise ParameterError("quant_scope", f"must be one of {', '.join(QUANT_SCOPES)}, not {self.quant_scope!r}")
+        if self.router_steps < 1:
+            raise ParameterError("router_steps", f"must be at least 1, not {self.router_steps}")
+        if not 0 < self.router_lr < math.inf:
+            raise ParameterError("router_lr", f"must be a positive finite number, not {self.router_lr}")
+        self.check_output_format()
 
+    def check_output_format(self) -> None:
+        """ParameterError if `output_format` cannot hold what the recipe builds."""
+        if self.output_format not in FORMATS:
+            raise ParameterError("output_format", f"must be one of {', '.join(FORMATS)}, not {self.output_format!r}")
+        if self.output_format != "standard":
+            return
+        if self.adaptive:
+            raise ParameterError("output_format", "standard cannot express layer-adaptive G (a standard config "
+                                                  "has one expert count for every layer)")
+        if not self.merge_only:
+            raise ParameterError("output_format", "standard holds plain experts; low-rank factors need our format")
+        if self.quantize is not None:
+            raise ParameterError("output_format", "standard holds plain experts; quantized experts need our format")
     @property
     def quant_spec(self) -> QuantSpec | None:
         """How merged experts are quantized; None: not at all."""
@@ -158,6 +198,11 @@ class CompressionRecipe:
     def calibration_inputs(self) -> int:
         """Block inputs per layer the statistics pass must keep for this recipe's low-rank kind (0: none)."""
         return self.activation_samples if LOW_RANK_KINDS.lookup(self.low_rank).needs_calibration_inputs else 0
+
+    @property
+    def needs_expert_outputs(self) -> bool:
+        """Whether the statistics pass must run every expert on every calibration token (hc, reap)."""
+        return self.grouping in NEEDS_EXPERT_OUTPUTS
 
     @property
     def merge_only(self) -> bool:

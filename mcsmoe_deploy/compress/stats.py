@@ -2,8 +2,10 @@
 
 For each MoE layer: how often each expert is picked (share of all top-k
 assignments) and the E x E Gram matrix of router-logit columns summed over
-tokens, from which the cosine similarity of experts follows. Nothing grows
-with the number of tokens.
+tokens, from which the cosine similarity of experts follows. Asked for, the same
+pass also runs every expert on every calibration token and sums its outputs (for
+HC-SMoE's output similarity) and, over the tokens routed to it, its router weight x
+output L2 norm (REAP's saliency). Nothing grows with the number of tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import FamilyAdapter
+from ..models import FamilyAdapter, Routing
 from .registry import Registry
 
 
@@ -29,6 +31,10 @@ class LayerRoutingStats:
     sample_inputs [n, H], sample_assigned [n, k]: the block's inputs and the experts
         they were routed to, for the first n calibration tokens (n = 0 unless asked for);
         activation-aware compression fits each merged expert to them.
+    output_sum [E, H]: sum over all calibration tokens of each expert's output (float64; None
+        unless expert outputs were asked for).
+    saliency_sum [E]: sum over the tokens routed to each expert of its routing weight x the L2 norm
+        of its output (float64; None unless asked for).
     """
 
     name: str
@@ -38,6 +44,24 @@ class LayerRoutingStats:
     sample_inputs: list[torch.Tensor] = field(default_factory=list, repr=False)
     sample_assigned: list[torch.Tensor] = field(default_factory=list, repr=False)
     tokens: int = 0
+    output_sum: torch.Tensor | None = field(default=None, repr=False)
+    saliency_sum: torch.Tensor | None = field(default=None, repr=False)
+
+    def _expert_outputs(self, what: str) -> torch.Tensor:
+        if self.output_sum is None or self.saliency_sum is None:
+            raise ValueError(f"{what} needs expert outputs: collect_routing_stats(..., expert_outputs=True)")
+        return self.output_sum if what == "mean output" else self.saliency_sum
+
+    @property
+    def mean_output(self) -> torch.Tensor:
+        """Each expert's output averaged over every calibration token [E, H] (float64)."""
+        return self._expert_outputs("mean output") / max(self.tokens, 1)
+
+    @property
+    def saliency(self) -> torch.Tensor:
+        """REAP saliency [E] (float64): mean over the tokens routed to each expert of routing weight x
+        output L2 norm; 0 for an expert no token was routed to."""
+        return self._expert_outputs("saliency") / self.assignment_counts.clamp(min=1)
 
     def samples(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(inputs [n, H], assigned experts [n, k]) kept during the pass, or None."""
@@ -93,6 +117,36 @@ def forward_inputs(model: nn.Module, adapter: FamilyAdapter, batch: torch.Tensor
     return {"input_ids": batch}
 
 
+def routing_weights(logits: torch.Tensor, assigned: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Each pick's routing weight [T, k] (0 where no expert was assigned): the softmax probability of
+    the picked expert, divided by the sum over the token's picks when the family renormalises."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    valid = assigned >= 0
+    weights = torch.where(valid, probs.gather(1, assigned.clamp(min=0)), torch.zeros((), dtype=probs.dtype))
+    if routing.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+    return weights
+
+
+def accumulate_expert_outputs(
+    layer_stats: LayerRoutingStats,
+    adapter: FamilyAdapter,
+    block: nn.Module,
+    hidden: torch.Tensor,
+    logits: torch.Tensor,
+    assigned: torch.Tensor,
+    routing: Routing,
+) -> None:
+    """Add one batch to `output_sum` and `saliency_sum`: hidden [T, H] (the block's input), logits [T, E],
+    assigned [T, k] (-1: none). One expert at a time, so memory stays O(T x H)."""
+    weights = routing_weights(logits, assigned.to(logits.device), routing)
+    for expert in range(layer_stats.assignment_counts.numel()):
+        out = adapter.expert_output(block, expert, hidden).double()  # [T, H]
+        layer_stats.output_sum[expert] += out.sum(dim=0).cpu()
+        gate = (weights * (assigned.to(weights.device) == expert)).sum(dim=-1)  # [T]: 0 unless routed to expert
+        layer_stats.saliency_sum[expert] += float((gate * out.norm(dim=-1)).sum())
+
+
 @torch.no_grad()
 def collect_routing_stats(
     model: nn.Module,
@@ -101,11 +155,14 @@ def collect_routing_stats(
     batch_size: int = 8,
     progress: bool = True,
     keep_inputs: int = 0,
+    expert_outputs: bool = False,
 ) -> RoutingStats:
     """One pass over calibration blocks [N, S], recording every MoE layer's routing.
 
     keep_inputs: also keep each layer's first `keep_inputs` input vectors and
     their routing (for activation-aware compression); 0 keeps none.
+    expert_outputs: also run every expert on every token of the block (E expert evaluations per
+    token instead of k) and accumulate `output_sum` and `saliency_sum` (HC-SMoE and REAP).
 
     Hooks read each router's input and output, so what is counted is exactly
     what the model routes (Switch Transformers' capacity drops included); the
@@ -120,11 +177,14 @@ def collect_routing_stats(
             assignment_counts=torch.zeros(num_experts, dtype=torch.float64),
             logit_gram=torch.zeros(num_experts, num_experts, dtype=torch.float64),
             router_weight=adapter.router_weight(layer.block).detach().float().cpu(),
+            output_sum=torch.zeros(num_experts, hidden, dtype=torch.float64) if expert_outputs else None,
+            saliency_sum=torch.zeros(num_experts, dtype=torch.float64) if expert_outputs else None,
         )
         for layer in layers
     ]
+    routing = adapter.routing(model.config)
 
-    def make_hook(layer_stats: LayerRoutingStats):
+    def make_hook(layer_stats: LayerRoutingStats, block: nn.Module):
         def hook(_module, inputs, output):
             logits, assigned = adapter.routing_from_router_output(output)
             wanted = keep_inputs - sum(len(x) for x in layer_stats.sample_inputs)
@@ -136,10 +196,14 @@ def collect_routing_stats(
             picked = assigned[assigned >= 0].reshape(-1).cpu()
             layer_stats.assignment_counts += torch.bincount(picked, minlength=num_experts).double()
             layer_stats.tokens += logits.shape[0]
+            if expert_outputs:
+                hidden_states = inputs[0].detach().reshape(-1, hidden)
+                accumulate_expert_outputs(layer_stats, adapter, block, hidden_states, logits, assigned, routing)
 
         return hook
 
-    handles = [adapter.router(layer.block).register_forward_hook(make_hook(s)) for layer, s in zip(layers, stats)]
+    handles = [adapter.router(layer.block).register_forward_hook(make_hook(s, layer.block))
+               for layer, s in zip(layers, stats)]
     device = next(model.parameters()).device
     try:
         model.eval()

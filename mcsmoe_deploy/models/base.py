@@ -103,6 +103,9 @@ class FamilyAdapter:
     # whether exporters/torch_export writes this family as one decoder graph; when not, why
     exportable: bool = False
     not_exportable_because: str = "no ONNX export is written for this family yet"
+    # the config attribute holding the number of experts, where a standard (plain transformers)
+    # checkpoint with fewer experts can be written for the family; None where it cannot
+    num_experts_key: str | None = None
 
     def num_experts(self, config) -> int:
         raise NotImplementedError
@@ -153,6 +156,21 @@ class FamilyAdapter:
 
     def read_experts(self, block: nn.Module) -> list[ExpertWeights]:
         """The block's experts as per-expert weights, float32 copies."""
+        raise NotImplementedError
+
+    def expert_output(self, block: nn.Module, expert: int, hidden: torch.Tensor) -> torch.Tensor:
+        """What expert `expert` of the block (dense, before any compression) computes for hidden [T, H]:
+        [T, H], unweighted by routing."""
+        raise NotImplementedError
+
+    def keep_router_rows(self, block: nn.Module, rows: Sequence[int]) -> None:
+        """Shrink the block's router, in place, to the rows (experts) `rows`, in that order: the router
+        then scores len(rows) experts, and softmax and top-k run over those alone (meta tensors work)."""
+        raise NotImplementedError
+
+    def write_standard_experts(self, block: nn.Module, experts: Sequence[ExpertWeights], router_weight: torch.Tensor) -> None:
+        """Give a block of a plain (uncompressed) model of this family len(experts) experts and the
+        router weight [len(experts), H], in the family's own layout (standard checkpoints)."""
         raise NotImplementedError
 
     def install_experts(self, block: nn.Module, experts: nn.Module) -> None:

@@ -30,6 +30,7 @@ class StackedExpertsAdapter(FamilyAdapter):
     intermediate_attr = "intermediate_size"
     exportable = True
     not_exportable_because = ""
+    num_experts_key = "num_experts"
 
     def num_experts(self, config) -> int:
         return config.num_experts
@@ -74,10 +75,32 @@ class StackedExpertsAdapter(FamilyAdapter):
             for e in range(gate_up.shape[0])
         ]
 
+    def expert_output(self, block: nn.Module, expert: int, hidden: torch.Tensor) -> torch.Tensor:
+        experts = block.experts
+        gate, up = F.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return F.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+
+    def write_standard_experts(self, block: nn.Module, experts, router_weight: torch.Tensor) -> None:
+        dtype = router_weight.dtype
+        stacked = block.experts
+        stacked.gate_up_proj = nn.Parameter(torch.stack([torch.cat([e["gate"], e["up"]]) for e in experts]).to(dtype))
+        stacked.down_proj = nn.Parameter(torch.stack([e["down"] for e in experts]).to(dtype))
+        stacked.num_experts = len(experts)
+        block.gate.weight = nn.Parameter(router_weight.detach().clone())
+        block.gate.num_experts = len(experts)
+
+    def keep_router_rows(self, block: nn.Module, rows) -> None:
+        gate = block.gate
+        gate.weight = nn.Parameter(gate.weight.detach()[list(rows)].clone(), requires_grad=gate.weight.requires_grad)
+        if getattr(gate, "bias", None) is not None:
+            gate.bias = nn.Parameter(gate.bias.detach()[list(rows)].clone(), requires_grad=gate.bias.requires_grad)
+        gate.num_experts = len(rows)
+
 
 class MixtralAdapter(StackedExpertsAdapter):
     family = "mixtral"
     model_types = ("mixtral",)
+    num_experts_key = "num_local_experts"
 
     def num_experts(self, config) -> int:
         return config.num_local_experts
@@ -150,6 +173,20 @@ class SwitchTransformersAdapter(FamilyAdapter):
     def routing_from_router_output(self, output) -> tuple[torch.Tensor, torch.Tensor]:
         dispatch, _, logits = output
         return logits.reshape(-1, logits.shape[-1]), dispatch_to_index(dispatch)
+
+    def expert_output(self, block: nn.Module, expert: int, hidden: torch.Tensor) -> torch.Tensor:
+        return block.experts[f"expert_{expert}"](hidden)
+
+    def keep_router_rows(self, block: nn.Module, rows) -> None:
+        router = block.router
+        classifier = router.classifier
+        kept = nn.Linear(classifier.in_features, len(rows), bias=classifier.bias is not None,
+                         device=classifier.weight.device, dtype=classifier.weight.dtype)
+        kept.weight = nn.Parameter(classifier.weight.detach()[list(rows)].clone())
+        if classifier.bias is not None:
+            kept.bias = nn.Parameter(classifier.bias.detach()[list(rows)].clone())
+        router.classifier = kept
+        router.num_experts = len(rows)  # its one-hot dispatch and capacity count these
 
     def read_experts(self, block: nn.Module) -> list[ExpertWeights]:
         experts = block.experts
