@@ -119,6 +119,24 @@ def train_parameters(
     return DistillReport(steps, lr, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
 
 
+def teacher_batches(student: nn.Module, teacher: nn.Module, adapter: FamilyAdapter, blocks: torch.Tensor,
+                    batch_size: int, seed: int) -> Callable[[], tuple[torch.Tensor, dict, torch.Tensor]]:
+    """A draw of training batches from token `blocks` [N, S] (seeded): each call returns (token ids
+    [batch_size, S], the student's forward inputs, the teacher's fp32 logits on them, no gradient)."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(student.parameters()).device
+    teacher.eval()
+
+    def draw() -> tuple[torch.Tensor, dict, torch.Tensor]:
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)].to(device)
+        inputs = forward_inputs(student, adapter, batch)
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs).logits.float()
+        return batch, inputs, teacher_logits
+
+    return draw
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -136,15 +154,10 @@ def distill(
     encoder-decoder models the decoder is teacher-forced on the same blocks.
     Returns the first and last training loss.
     """
-    generator = torch.Generator().manual_seed(seed)
-    device = next(student.parameters()).device
-    teacher.eval()
+    next_batch = teacher_batches(student, teacher, adapter, blocks, batch_size, seed)
 
     def batch_loss(_step: int) -> torch.Tensor:
-        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)].to(device)
-        inputs = forward_inputs(student, adapter, batch)
-        with torch.no_grad():
-            teacher_logits = teacher(**inputs).logits.float()
+        batch, inputs, teacher_logits = next_batch()
         student_logits = student(**inputs).logits.float()
         return distillation_loss(student_logits, teacher_logits, batch, causal=not adapter.encoder_decoder)
 

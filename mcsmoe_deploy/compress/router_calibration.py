@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import FamilyAdapter
-from .distill import DistillReport, train_parameters
+from .distill import DistillReport, teacher_batches, train_parameters
 from .recipe import ROUTER_LR, ROUTER_STEPS
-from .stats import forward_inputs
 
 
 def router_parameters(model: nn.Module, adapter: FamilyAdapter) -> list[nn.Parameter]:
@@ -50,15 +49,10 @@ def calibrate_routers(
     trainable = router_parameters(student, adapter)
     if not trainable:
         raise ValueError("the student has no routers to calibrate")
-    generator = torch.Generator().manual_seed(seed)
-    device = next(student.parameters()).device
-    teacher.eval()
+    next_batch = teacher_batches(student, teacher, adapter, blocks, batch_size, seed)
 
     def batch_loss(_step: int) -> torch.Tensor:
-        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)].to(device)
-        inputs = forward_inputs(student, adapter, batch)
-        with torch.no_grad():
-            teacher_logits = teacher(**inputs).logits.float()
+        _, inputs, teacher_logits = next_batch()
         return kl_to_teacher(student(**inputs).logits.float(), teacher_logits)
 
     return train_parameters(student, trainable, batch_loss, steps, lr, progress, desc="router calibration")

@@ -78,7 +78,7 @@ class QMoEFusion:
 def _refuse(node: ir.Node, reason: str) -> ValueError:
     return ValueError(
         f"cannot map {DOMAIN}::{OP_TYPE} node {node.name!r} to {ORT_DOMAIN}::{ORT_QMOE}: {reason}; "
-        "target 'ort-qmoe' is for quantized checkpoints with dense SwiGLU experts (export others with target 'mcsmoe')"
+        "target 'ort-qmoe' is for quantized checkpoints with dense SwiGLU experts (export others with target 'ort' or 'portable')"
     )
 
 
