@@ -83,7 +83,7 @@ def add_parsers(sub) -> None:
                         help="the graph's floating type (weights, activations, KV cache). fp32 (default): what "
                              "onnxruntime's CPU provider computes fastest and exactly; x86 CPUs have no fp16 "
                              "arithmetic for most kernels, so fp16 mainly halves the file. fp16: for GPU runtimes "
-                             "and memory; validated against the fp16 torch reference (decoder-only, not quantized). "
+                             "and memory; validated against the fp32 reference at fp16 tolerance (decoder-only, not quantized). "
                              "bf16: refused, with the reason (no bf16 kernels to run or validate it on CPU). The "
                              "compressed checkpoint itself keeps its source's dtype either way")
     export.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ...contract import DOMAIN, OP_TYPE
 from ...grouped_experts import ProjectionSpec
 from ..moe_op import MoEOpSpec
-from .requirements import moe_nodes, require_weight_values
+from .requirements import mapping_refused, moe_nodes, require_weight_values
 
 ORT_DOMAIN = "com.microsoft"
 ORT_MOE = "MoE"
@@ -41,10 +40,8 @@ class MoEFusion:
 
 
 def _refuse(node: ir.Node, reason: str) -> ValueError:
-    return ValueError(
-        f"cannot map {DOMAIN}::{OP_TYPE} node {node.name!r} to {ORT_DOMAIN}::{ORT_MOE}: {reason}; "
-        "target 'ort-fused' is only for dense SwiGLU models (export compressed models with target 'ort' or 'portable')"
-    )
+    return mapping_refused(node, f"{ORT_DOMAIN}::{ORT_MOE}", reason,
+                           "target 'ort-fused' is only for dense SwiGLU models (export compressed models with target 'ort' or 'portable')")
 
 
 def _projection_kinds(node: ir.Node) -> dict[str, str]:

@@ -44,9 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ...contract import DOMAIN, OP_TYPE
 from ...quantization import QuantSpec
-from .requirements import moe_nodes, require_weight_values
+from .requirements import mapping_refused, moe_nodes, require_weight_values
 
 ORT_DOMAIN = "com.microsoft"
 ORT_QMOE = "QMoE"
@@ -76,10 +75,8 @@ class QMoEFusion:
 
 
 def _refuse(node: ir.Node, reason: str) -> ValueError:
-    return ValueError(
-        f"cannot map {DOMAIN}::{OP_TYPE} node {node.name!r} to {ORT_DOMAIN}::{ORT_QMOE}: {reason}; "
-        "target 'ort-qmoe' is for quantized checkpoints with dense SwiGLU experts (export others with target 'ort' or 'portable')"
-    )
+    return mapping_refused(node, f"{ORT_DOMAIN}::{ORT_QMOE}", reason,
+                           "target 'ort-qmoe' is for quantized checkpoints with dense SwiGLU experts (export others with target 'ort' or 'portable')")
 
 
 def _overload_fields(node: ir.Node) -> tuple[int, dict[str, str]]:

@@ -15,6 +15,12 @@ def moe_nodes(graph: ir.Graph) -> list[ir.Node]:
     return [node for node in graph if (node.domain, node.op_type) == (DOMAIN, OP_TYPE)]
 
 
+def mapping_refused(node: ir.Node, target_op: str, reason: str, scope: str) -> ValueError:
+    """The error of a pass that cannot map MoE node `node` to `target_op` ("com.microsoft::MoE"):
+    why (`reason`), then what its target is for (`scope`)."""
+    return ValueError(f"cannot map {DOMAIN}::{OP_TYPE} node {node.name!r} to {target_op}: {reason}; {scope}")
+
+
 def onnxruntime_only_ops(graph: ir.Graph) -> dict[str, int]:
     """{"domain::op_type": count} of the nodes only onnxruntime runs: the com.microsoft contrib ops and
     SimplifiedLayerNormalization (onnxruntime's, in the default domain) that export target "ort" writes."""
