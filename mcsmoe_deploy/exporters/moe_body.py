@@ -101,28 +101,31 @@ def _expert(b: Body, spec: MoEOpSpec, x: str, project) -> str:
 
 def _routing(b: Body, spec: MoEOpSpec) -> tuple[str, str]:
     """Top-k picks: weights [T, k] (router dtype) and expert indices [T, k]."""
+    if spec.normalize_topk:
+        # softmax over E, the k largest, divided by their sum == softmax over the k largest logits
+        # (softmax keeps the order): two nodes instead of four
+        top_logits, top_i = b("TopK", "router_logits", b.ints([spec.top_k]), axis=-1, largest=1, sorted=1, outputs=2)
+        return b("Softmax", top_logits, axis=-1), top_i
     probs = b("Softmax", "router_logits", axis=-1)
     top_w, top_i = b("TopK", probs, b.ints([spec.top_k]), axis=-1, largest=1, sorted=1, outputs=2)
-    if spec.normalize_topk:
-        top_w = b("Div", top_w, b("ReduceSum", top_w, b.ints([-1]), keepdims=1))
     return top_w, top_i
 
 
 def _group_weights(b: Body, spec: MoEOpSpec) -> str:
-    """a [T, G]: summed routing weight of each token's picks per group (router dtype)."""
+    """a [G, T]: summed routing weight of each token's picks per group (router dtype)."""
     top_w, top_i = _routing(b, spec)
-    # dense per-expert weights [T, E]; top-k indices are distinct, so no reduction is needed
-    zeros = b("CastLike", b("ConstantOfShape", b("Shape", "router_logits")), "router_logits")
-    per_expert = b("ScatterElements", zeros, top_i, top_w, axis=1)
-    # membership [E, G]: 1 where expert_to_group[e] == g; a removed expert (-1) matches nothing
     if spec.quantized:  # per-group inputs: G is fixed by the overload
         num_groups = b.scalar_int(spec.num_groups)
     else:
         first_weight = spec.projection_inputs(spec.projections[0][0])[0]
         num_groups = b("Squeeze", b("Shape", first_weight, start=0, end=1), b.ints([0]))
     groups = b("Range", b.scalar_int(0), num_groups, b.scalar_int(1))
-    member = b("CastLike", b("Equal", b("Unsqueeze", "expert_to_group", b.ints([1])), groups), per_expert)
-    return b("MatMul", per_expert, member)  # picks landing in one group add up here
+    # membership [G, E]: 1 where expert_to_group[e] == g; a removed expert (-1) matches nothing. It depends
+    # on initializers only, so runtimes fold it: per call, a Gather of its columns, a Mul and a ReduceSum
+    member = b("CastLike", b("Equal", b("Unsqueeze", groups, b.ints([1])),
+                             b("Unsqueeze", "expert_to_group", b.ints([0]))), top_w)
+    picked = b("Gather", member, top_i, axis=1)  # [G, T, k]: 1 where pick k of token t is in group g
+    return b("ReduceSum", b("Mul", picked, top_w), b.ints([-1]), keepdims=0)  # picks landing in one group add up
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +151,7 @@ def _project_all_groups(b: Body, spec: MoEOpSpec, name: str, h: str) -> str:
 
 
 def _dense_all(b: Body, spec: MoEOpSpec) -> str:
-    weights = b("CastLike", b("Unsqueeze", b("Transpose", _group_weights(b, spec), perm=[1, 0]), b.ints([2])), "hidden")
+    weights = b("CastLike", b("Unsqueeze", _group_weights(b, spec), b.ints([2])), "hidden")  # [G, T, 1]
     expert_out = _expert(b, spec, "hidden", lambda name, h: _project_all_groups(b, spec, name, h))  # [G, T, H]
     return b("ReduceSum", b("Mul", expert_out, weights), b.ints([0]), keepdims=0)
 
@@ -235,27 +238,27 @@ def group_expert(b: Body, spec: MoEOpSpec, group: int | str, x: str) -> str:
 
 
 def _gather_tokens(b: Body, spec: MoEOpSpec) -> str:
-    by_group = b("Transpose", _group_weights(b, spec), perm=[1, 0])  # [G, T]
+    by_group = _group_weights(b, spec)  # [G, T]
     routed = b("Greater", by_group, b.float_like(0.0, by_group))  # a zero weight contributes nothing: skip it
     # (group, token) pairs in row-major order, i.e. sorted by group: N pairs, N <= T k
-    pairs = b("NonZero", routed)  # [2, N]
-    tokens = b("Gather", pairs, b.scalar_int(1), axis=0)  # [N]
-    pair_weight = b("Compress", b("Reshape", by_group, b.ints([-1])), b("Reshape", routed, b.ints([-1])))  # [N]
+    pairs = b("Transpose", b("NonZero", routed), perm=[1, 0])  # [N, 2]
+    tokens = b("Slice", pairs, b.ints([1]), b.ints([2]), b.ints([1]))  # [N, 1]: GatherND / ScatterND indices
+    pair_weight = b("Unsqueeze", b("GatherND", by_group, pairs), b.ints([1]))  # [N, 1]
     per_group = b("ReduceSum", b("Cast", routed, to=TensorProto.INT64), b.ints([1]), keepdims=0)  # [G]
-    chunks = b("Split", b("Gather", "hidden", tokens, axis=0), per_group, axis=0, outputs=spec.num_groups)
+    chunks = b("Split", b("GatherND", "hidden", tokens), per_group, axis=0, outputs=spec.num_groups)
     chunks = [chunks] if spec.num_groups == 1 else chunks
     outs = [group_expert(b, spec, g, chunk) for g, chunk in enumerate(chunks)]
     expert_out = outs[0] if len(outs) == 1 else b("Concat", *outs, axis=0)  # [N, H]
-    scaled = b("Mul", expert_out, b("CastLike", b("Unsqueeze", pair_weight, b.ints([1])), "hidden"))
+    scaled = b("Mul", expert_out, b("CastLike", pair_weight, "hidden"))
     zeros = b("CastLike", b("ConstantOfShape", b("Shape", "hidden")), "hidden")
     # a token picked by several groups receives several rows: reduction add sums them
-    return b.scatter_add("ScatterND", zeros, b("Unsqueeze", tokens, b.ints([1])), scaled)
+    return b.scatter_add("ScatterND", zeros, tokens, scaled)
 
 
 def _loop_tokens(b: Body, spec: MoEOpSpec) -> str:
     """gather_tokens as an ONNX Loop over groups: shape-generic in G, but the per-group weight
     slices take a loop-variable index, so they are copied at run time instead of folded."""
-    by_group = b("Transpose", _group_weights(b, spec), perm=[1, 0])  # [G, T]
+    by_group = _group_weights(b, spec)  # [G, T]
     step = Body(prefix="loop")
     column = step("Gather", by_group, "group", axis=0)  # [T]
     tokens = step("Reshape", step("NonZero", step("Greater", column, step.float_like(0.0, column))), step.ints([-1]))
