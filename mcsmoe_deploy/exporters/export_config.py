@@ -15,7 +15,8 @@ from ..quantization import DEFAULT_BLOCK, QuantSpec
 # target name -> what it exports (the CLI's --target help); a new target adds one entry
 TARGET_HELP = {
     "ort": "onnxruntime (default): the GroupedLowRankMoE op, attention as com.microsoft.GroupQueryAttention "
-           "with RotaryEmbedding, RMSNorms as (Skip)SimplifiedLayerNormalization; onnxruntime only",
+           "(q/k/v packed, rotary inside, or RotaryEmbedding), RMSNorms as (Skip)SimplifiedLayerNormalization; "
+           "onnxruntime only",
     "portable": "the GroupedLowRankMoE op and standard ONNX ops only: for TensorRT and runtimes other than onnxruntime",
     "mcsmoe": "the former name of 'portable' (accepted, recorded as 'portable')",
     "ort-fused": "dense SwiGLU checkpoints only: experts as onnxruntime's com.microsoft.MoE, a baseline",
@@ -161,9 +162,10 @@ class ExportConfig:
 
             target_passes = ort_qmoe_passes()
         if self.fuses_ort:
+            from .passes.packed_qkv import PackedQKVPass
             from .passes.skip_norm import SkipNormFusionPass
 
-            target_passes.append(SkipNormFusionPass())
+            target_passes += [PackedQKVPass(), SkipNormFusionPass()]
         return [*target_passes, *self.passes]
 
 

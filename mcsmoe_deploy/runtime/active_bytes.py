@@ -70,10 +70,13 @@ def _onnx_active_bytes(path: Path) -> int:
             experts = rows.get(node.input[2], 1)
             for index, name in enumerate(node.input):
                 use(name, min(attrs.get("k", 1), experts) / experts if index >= 2 else 1.0)
-        elif (node.domain, node.op_type) == ("com.microsoft", "RotaryEmbedding"):
-            # cos/sin caches [max positions, head_dim / 2]: a decoded token reads its position's row
+        elif (node.domain, node.op_type) in (("com.microsoft", "RotaryEmbedding"),
+                                             ("com.microsoft", "GroupQueryAttention")):
+            # cos/sin caches [max positions, head_dim / 2] (RotaryEmbedding's inputs 2, 3; GroupQueryAttention's
+            # 7, 8 when it rotates): a decoded token reads its position's row
+            caches = (2, 3) if node.op_type == "RotaryEmbedding" else (7, 8)
             for index, name in enumerate(node.input):
-                use(name, 1 / rows.get(name, 1) if index >= 2 else 1.0)
+                use(name, 1 / rows.get(name, 1) if index in caches else 1.0)
         elif node.op_type == "Gather" and node.input[0] in sizes:
             use(node.input[0], 1 / rows[node.input[0]])
             for name in node.input[1:]:
