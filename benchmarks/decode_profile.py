@@ -9,7 +9,8 @@ a session with onnxruntime's profiler on (all graph optimisations, `threads` int
 greedy decoding of `steps` tokens after a `prompt`-token prefill, then the profile's node events
 of the decode steps (every run after the first) summed per op type. Printed per graph: nodes as
 written and as onnxruntime's optimizer leaves them, kernel nodes run per decode step, kernel
-microseconds per step, and the op types taking the most time (us per step, nodes per step).
+microseconds per step, and the op types taking the most time (us per step, median over the steps;
+nodes per step).
 
 Kernel time leaves out the executor's own per-node overhead (allocation, dispatch), which grows
 with the node count; wall time per step (median, profiler on) is printed beside it. The machine
@@ -68,7 +69,8 @@ def profile(graph: Path, threads: int, steps: int, prompt_length: int, work: Pat
     trace = json.loads(Path(lm.session.end_profiling()).read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("name") == "model_run")
     decode_runs = runs[1:]  # the first run is the prefill
-    per_op_us: dict[str, float] = defaultdict(float)
+    n = len(decode_runs)
+    per_op_us: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(n))
     per_op_nodes: dict[str, int] = defaultdict(int)
     starts = np.array([r[0] for r in decode_runs])
     for event in trace:
@@ -78,13 +80,13 @@ def profile(graph: Path, threads: int, steps: int, prompt_length: int, work: Pat
         if index < 0 or event["ts"] > decode_runs[index][1]:
             continue  # a prefill node
         op = event["args"].get("op_name", "?")
-        per_op_us[op] += event["dur"]
+        per_op_us[op][index] += event["dur"]
         per_op_nodes[op] += 1
-    n = len(decode_runs)
     return {
         "written": len(onnx.load(str(graph), load_external_data=False).graph.node),
         "optimized": len(onnx.load(str(optimized), load_external_data=False).graph.node),
-        "us": {op: t / n for op, t in per_op_us.items()},
+        # median over the decode steps: a step preempted on a loaded machine does not skew it
+        "us": {op: float(np.median(t)) for op, t in per_op_us.items()},
         "nodes": {op: c / n for op, c in per_op_nodes.items()},
         "wall_ms": 1000 * float(np.median(wall)),
     }
@@ -137,11 +139,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.threads} threads, batch 1, {args.rounds} alternating rounds x {args.steps} decode steps, "
               f"load average {os.getloadavg()[0]:.1f}")
         for graph, ms in zip(args.graphs, times):
-            print(f"{_name(graph):32s} decode p50 {ms:7.3f} ms/token ({ms / times[-1]:5.2f}x {_name(args.graphs[-1])})")
+            ratio = f"{ms / times[-1]:5.2f}x {_name(args.graphs[-1])}"
+            print(f"{_name(graph):32s} decode p50 {ms:7.3f} ms/token ({ratio})")
         return
     with tempfile.TemporaryDirectory() as tmp:
         for graph in args.graphs:
-            print(report(_name(graph), profile(graph, args.threads, args.steps, args.prompt, Path(tmp)), args.top), flush=True)
+            result = profile(graph, args.threads, args.steps, args.prompt, Path(tmp))
+            print(report(_name(graph), result, args.top), flush=True)
 
 
 if __name__ == "__main__":

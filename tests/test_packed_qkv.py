@@ -31,7 +31,8 @@ def _layer(kind: str, seed: int = 0) -> onnx.ModelProto:
     inits += [numpy_helper.from_array(np.cos(half), "cos"), numpy_helper.from_array(np.sin(half), "sin")]
     for name, out in (("q", HEADS * HEAD), ("k", KV * HEAD), ("v", KV * HEAD)):
         if kind == "float":
-            inits.append(numpy_helper.from_array(rng.standard_normal((HIDDEN, out)).astype(np.float32) / 8, f"{name}_w"))
+            weight = rng.standard_normal((HIDDEN, out)).astype(np.float32) / 8
+            inits.append(numpy_helper.from_array(weight, f"{name}_w"))
             nodes.append(helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_lin"]))
         elif kind == "dq":
             codes = rng.integers(-8, 8, (HIDDEN, out)).astype(ml_dtypes.int4)
@@ -66,8 +67,8 @@ def _layer(kind: str, seed: int = 0) -> onnx.ModelProto:
                helper.make_tensor_value_info("qlens", TP.INT32, ["B"])]
     outputs = [helper.make_tensor_value_info(n, TP.FLOAT, None) for n in ("out", "present_k", "present_v")]
     graph = helper.make_graph(nodes, "layer", inputs, outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
-                             ir_version=10)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
 
 
 def _feeds(mask: np.ndarray, new: int, seed: int) -> dict[str, np.ndarray]:

@@ -7,7 +7,8 @@ While `ort_modules_fused(model)` is active:
   they are: float or quantized linears), its q/k norms (Qwen3-MoE per head, OLMoE over the
   whole projection) and OLMoE's clip, then `mcsmoe_ort::rotary` -> `com.microsoft.RotaryEmbedding`
   with the graph's position_ids, then `mcsmoe_ort::gqa` -> `com.microsoft.GroupQueryAttention`,
-  then its o_proj.
+  then its o_proj. (After tracing, `passes.packed_qkv` packs the three projections into one and moves
+  the rotary into GroupQueryAttention where the layer allows.)
 
 GroupQueryAttention reads padding from `seqlens_k` (right padding only); our runtime left-pads
 batches. So every row is given the full length (seqlens_k = P+S-1, query_seqlens = S) and the
