@@ -115,7 +115,7 @@ def _group_weights(b: Body, spec: MoEOpSpec) -> str:
     zeros = b("CastLike", b("ConstantOfShape", b("Shape", "router_logits")), "router_logits")
     per_expert = b("ScatterElements", zeros, top_i, top_w, axis=1)
     # membership [E, G]: 1 where expert_to_group[e] == g; a removed expert (-1) matches nothing
-    if spec.quantized:  # per-group inputs: G is fixed by the overload
+    if spec.quantized or spec.split_floats:  # per-group inputs: G is fixed by the overload
         num_groups = b.scalar_int(spec.num_groups)
     else:
         first_weight = spec.projection_inputs(spec.projections[0][0])[0]
@@ -169,6 +169,8 @@ def project_group(b: Body, spec: MoEOpSpec, name: str, group: int | str, h: str)
     index = b.scalar_int(group) if isinstance(group, int) else group
     if proj.quant is not None:
         return _project_group_quantized(b, spec, name, group, h)
+    if spec.per_group:
+        return _project_group_split(b, spec, name, group, h)
 
     def weight_t(tensor: str) -> str:  # [out, in] of this group, transposed to [in, out]
         return b("Transpose", b("Gather", tensor, index, axis=0), perm=[1, 0])
@@ -211,6 +213,29 @@ def _project_group_quantized(b: Body, spec: MoEOpSpec, name: str, group: int | s
         rows, values = names[-2:]
         y = add_rows(y, rows, b("MatMul", h, sparse_t(values)))
     return y
+
+
+def _project_group_split(b: Body, spec: MoEOpSpec, name: str, group: int | str, h: str) -> str:
+    """`project_group` for float factors given per group (version 3): `{name}_{factor}_{g}` is already
+    [in, out], MatMul's B as is: no Gather or Transpose of a weight for a runtime to fold into a copy."""
+    if not isinstance(group, int):
+        raise ValueError("per-group inputs need a fixed group number")
+    proj = dict(spec.projections)[name]
+    names = spec.projection_inputs(name)
+    per_factor = {factor: names[i * spec.num_groups + group] for i, factor in enumerate(proj.factors)}
+    index = b.scalar_int(group)
+
+    def add_rows(y: str, rows: str, extra: str) -> str:  # sparse rows stay stacked, as in version 1
+        row_index = b("Expand", b("Unsqueeze", b("Gather", rows, index, axis=0), b.ints([0])), b("Shape", extra))
+        return b.scatter_add("ScatterElements", y, row_index, extra, axis=1)
+
+    def weight_t(tensor: str) -> str:
+        if tensor in per_factor.values():
+            return tensor
+        return b("Transpose", b("Gather", tensor, index, axis=0), perm=[1, 0])  # sparse values [n, in] -> [in, n]
+
+    inputs = tuple(per_factor[factor] for factor in proj.factors) + names[len(proj.factors) * spec.num_groups:]
+    return _apply_projection(b, proj, inputs, h, weight_t, add_rows)
 
 
 def _apply_projection(b: Body, proj, inputs: tuple[str, ...], h: str, weight_t, add_rows) -> str:
@@ -334,8 +359,8 @@ def build_body(spec: MoEOpSpec, strategy: str = DEFAULT_STRATEGY) -> list[onnx.N
     """Nodes computing "output" [T, H] from the formal inputs `spec.input_names()`."""
     if strategy not in _BUILDERS:
         raise ValueError(f"strategy {strategy!r} unknown; one of {STRATEGIES}")
-    if spec.quantized and strategy != "gather_tokens":
-        raise ValueError(f"quantized projections are built by gather_tokens only, not {strategy!r}")
+    if (spec.quantized or spec.per_group) and strategy != "gather_tokens":
+        raise ValueError(f"per-group and quantized inputs are built by gather_tokens only, not {strategy!r}")
     b = Body()
     b.output(_BUILDERS[strategy](b, spec))
     return b.nodes

@@ -58,7 +58,7 @@ def load_session(path: Path, provider: str | None, options):
     import onnxruntime as ort
 
     providers = choose_providers(provider)
-    read_graph(path)  # one clear line for a file that is not a graph, or external data outside its folder
+    read_graph(path, weight_bytes=False)  # one clear line for a file that is not a graph, or external data outside its folder
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph types
