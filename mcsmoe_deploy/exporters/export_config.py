@@ -167,9 +167,10 @@ class ExportConfig:
 
             target_passes = ort_qmoe_passes()
         if self.fuses_ort:
+            from .passes.matmul_nbits import MatMulNBitsPass
             from .passes.skip_norm import SkipNormFusionPass
 
-            target_passes.append(SkipNormFusionPass())
+            target_passes += [SkipNormFusionPass(), MatMulNBitsPass()]
         return [*target_passes, *self.passes]
 
 
