@@ -12,6 +12,10 @@ high-water mark over the baseline); steady = VmRSS after - VmRSS before. The tab
 and as a ratio to the bytes on disk (graph file + external data), the quantity issue 12 bounds
 (peak <= 1.5x). Memory does not depend on machine load, so one run is enough.
 
+--external-data also measures a copy of each graph file with its weights in external data (a
+`.onnx.data` file beside it, written to a temporary folder): onnxruntime memory-maps external data,
+so the pages of weights it repacks (MatMulNBits, QMoE) are dropped instead of kept.
+
 --build builds the named variants of benchmarks/quantized_decode.py (the ~330 MB random Mixtral,
 its int4 and merged graphs, the builder's) into WORK when missing, and measures them.
 """
@@ -22,6 +26,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 DEFAULT_VARIANTS = ("ours-fp32", "ours-int4-all", "ours-G4-int4-all", "ours-int4-all-qmoe", "builder-int4")
@@ -88,12 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--levels", nargs="+", default=["all"], choices=["disable", "basic", "extended", "all"])
     parser.add_argument("--steps", type=int, default=32, help="greedy decode steps after a 16-token prefill")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--external-data", action="store_true",
+                        help="also measure each graph file with its weights as external data")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
         print(json.dumps(_child(args.child, args.levels[0], args.steps, args.threads)))
         return
-    graphs = {path.name: path for path in args.graphs}
+    graphs = {f"{path.parent.name}/{path.name}": path for path in args.graphs}
     if args.build is not None:
         from benchmarks.quantized_decode import build_all
 
@@ -101,7 +108,28 @@ def main(argv: list[str] | None = None) -> None:
         graphs.update(build_all(args.build, args.variants))
     if not graphs:
         parser.error("name graphs to measure, or --build WORK")
-    print(f"| graph | level | on disk MiB | peak MiB (after open) | peak / disk | steady MiB | steady / disk |")
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.external_data:
+            for i, (name, path) in enumerate(list(graphs.items())):
+                if path.is_file():
+                    folder = Path(scratch) / str(i)
+                    folder.mkdir()
+                    graphs[f"{name} (external data)"] = external_copy(path, folder)
+        _table(graphs, args)
+
+
+def external_copy(path: Path, folder: Path) -> Path:
+    """A copy of graph `path` in `folder` with every weight over 1 kB in `<name>.data` beside it."""
+    import onnx
+
+    out = folder / path.name
+    onnx.save_model(onnx.load(str(path)), str(out), save_as_external_data=True, location=out.name + ".data",
+                    size_threshold=1024)
+    return out
+
+
+def _table(graphs: dict[str, Path], args: argparse.Namespace) -> None:
+    print("| graph | level | on disk MiB | peak MiB (after open) | peak / disk | steady MiB | steady / disk |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, path in graphs.items():
         disk = bytes_on_disk(path) / 2**20
