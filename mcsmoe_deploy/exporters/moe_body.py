@@ -6,7 +6,9 @@ group weights [T, G]) and differ in how the G merged experts meet the tokens:
 - "gather_tokens" (shipped): per group, unrolled over G, the tokens routed to it
   are gathered, run through that group's expert alone and scatter-added back.
   Work is what routing asks for (a group with no tokens runs 0-row MatMuls), and
-  the per-group weight slices are constant, so runtimes fold them once.
+  the per-group weight slices are constant, so runtimes fold them once (into a copy
+  of each: op version 3, written under target ort, takes float factors per group,
+  [in, out], and slices nothing; quantized factors are per group since version 2).
 - "dense_all": every group's expert on every token, MatMuls batched over G, then a
   weighted sum over G. Shape-generic in G, but G/k times the needed work.
 - "loop_tokens": gather_tokens as an ONNX Loop over groups: shape-generic in G,
