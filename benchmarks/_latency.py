@@ -48,7 +48,10 @@ def session_options(threads: int, spin: bool = True) -> ort.SessionOptions:
 
 
 def _open(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # load_session: a MatMulNBits accuracy level asked in `options` also reaches the nodes target ort writes
+    from mcsmoe_deploy.runtime.ort_session import load_session
+
+    return load_session(Path(path), "cpu", options)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from .compress import *  # noqa: F403 - the compress stage's public API
 from .compress import __all__ as _compress_all
 from .corpus import builtin_corpus, calibration_text, read_text, token_blocks
 from .contract import external_data_files, read_graph
+from .onnx_header import load_without_weight_bytes
 from .errors import ParameterError, Terminated, UserError
 from .files import check_output, clear_stale_staging, staged_output, staging_leftovers
 from .evaluate import perplexity
@@ -123,6 +124,7 @@ __all__ = [
     "perplexity",
     "quantize",
     "read_graph",
+    "load_without_weight_bytes",
     "quantize_linears",
     "quantized_linear_specs",
     "install_quantized_linears",

@@ -28,6 +28,8 @@ OP_TYPE = "GroupedLowRankMoE"
 OP_VERSION = 1
 # quantized factors as per-group INT4/UINT4/INT8/UINT8 inputs (docs/ops.md, "Version 2")
 QUANTIZED_OP_VERSION = 2
+# float factors as per-group inputs transposed to [in, out] too (docs/ops.md, "Version 3"; target ort)
+PER_GROUP_OP_VERSION = 3
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -149,17 +151,20 @@ def external_data_files(model: onnx.ModelProto, folder: str | Path) -> list[Path
     return files
 
 
-def read_graph(path: str | Path, check_external_data: bool = True) -> onnx.ModelProto:
-    """A user's ONNX file without its weights (graph, I/O, metadata); one UserError line when it is not one,
-    or (`check_external_data`) when its external data lies outside its folder or is missing
-    (`external_data_files`)."""
+def read_graph(path: str | Path, check_external_data: bool = True, weight_bytes: bool = True) -> onnx.ModelProto:
+    """A user's ONNX file without its external weights (graph, I/O, metadata); one UserError line when it is
+    not one, or (`check_external_data`) when its external data lies outside its folder or is missing
+    (`external_data_files`). weight_bytes=False also leaves out embedded weights' bytes, never holding
+    them in memory (onnx_header): what a session opening the file itself needs."""
     import onnx
+
+    from .onnx_header import load_without_weight_bytes
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"ONNX file not found: {path}" if not path.exists() else f"{path} is not a file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False) if weight_bytes else load_without_weight_bytes(path)
     except Exception as exc:  # protobuf's DecodeError and onnx's own errors
         raise UserError(f"{path} is not a readable ONNX file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if check_external_data:
@@ -169,7 +174,7 @@ def read_graph(path: str | Path, check_external_data: bool = True) -> onnx.Model
 
 def geometry_from_graph(path: str | Path) -> tuple[KVGeometry, int]:
     """(KV geometry, vocabulary size) from a decoder graph's inputs and outputs (weights not loaded)."""
-    graph = read_graph(path).graph
+    graph = read_graph(path, weight_bytes=False).graph
     pasts = [i for i in graph.input if i.name.startswith(PAST_PREFIX) and i.name.endswith(".key")]
     if not pasts or INPUT_IDS not in {i.name for i in graph.input}:
         raise UserError(f"{path} is not a KV-cache graph from `mcsmoe export` (no {PAST_PREFIX}N.key inputs); "
@@ -192,6 +197,7 @@ __all__ = [
     "OP_TYPE",
     "OP_VERSION",
     "QUANTIZED_OP_VERSION",
+    "PER_GROUP_OP_VERSION",
     "PAST_PREFIX",
     "POSITION_IDS",
     "PRESENT_PREFIX",

@@ -173,7 +173,8 @@ def test_export_config_validates_in_its_own_terms():
     names = [type(p).__name__ for p in ExportConfig(target="ort-fused", passes=[_Idle()]).graph_passes()]
     assert names == ["FuseMoEForOrtPass", "RemoveUnusedNodesPass", "RemoveUnusedFunctionsPass",
                      "RemoveUnusedOpsetsPass", "_Idle"]
-    assert [type(p).__name__ for p in ExportConfig().graph_passes()] == ["PackedQKVPass", "SkipNormFusionPass"]
+    assert [type(p).__name__ for p in ExportConfig().graph_passes()] == ["PackedQKVPass", "SkipNormFusionPass",
+                                                                       "MatMulNBitsPass"]
     assert [type(p).__name__ for p in ExportConfig(target="portable").graph_passes()] == []
     # the former name of the portable target is accepted and recorded under the new one
     assert ExportConfig(target="mcsmoe").target == "portable" and not ExportConfig(target="mcsmoe").fuses_ort

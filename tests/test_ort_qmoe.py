@@ -118,7 +118,8 @@ def test_removed_experts_and_shared_groups_route_exactly(tiny_dirs, tmp_path):
     (the op's reference semantics) and QMoE agree, so picks landing in one group add and removed picks drop."""
     model_dir = _compress(tiny_dirs["mixtral"], tmp_path / "q", "int4", EXPERTS // 2)
     ours = tmp_path / "ours.onnx"
-    m.export_model(model_dir, ours, with_past=False, validate=False)
+    # portable: the op's node and function body (target ort inlines quantized nodes into MatMulNBits)
+    m.export_model(model_dir, ours, with_past=False, validate=False, target="portable")
     model = ir.load(ours)
     for node in model.graph:
         if node.domain == DOMAIN:
@@ -172,7 +173,7 @@ def test_plain_experts_are_refused_in_one_line():
 
 def test_the_pass_refuses_a_low_rank_graph_and_leaves_it_unchanged(refused_dirs, tmp_path):
     ours = tmp_path / "ours.onnx"
-    m.export_model(refused_dirs["lowrank"], ours, with_past=False, validate=False)
+    m.export_model(refused_dirs["lowrank"], ours, with_past=False, validate=False, target="portable")
     model = ir.load(ours)
     before = ir.to_proto(model).SerializeToString()
     with pytest.raises(GraphPassError, match="projection (gate|up|down) is 'lowrank-[a-z-]*int4b16', not dense and "
@@ -184,4 +185,4 @@ def test_the_pass_refuses_a_low_rank_graph_and_leaves_it_unchanged(refused_dirs,
 def test_the_target_runs_the_fusion_then_the_clean_up_then_folds_residual_adds():
     names = [type(p).__name__ for p in m.ExportConfig(target="ort-qmoe").graph_passes()]
     assert names == ["FuseQMoEPass", "RemoveUnusedNodesPass", "RemoveUnusedFunctionsPass", "RemoveUnusedOpsetsPass",
-                     "PackedQKVPass", "SkipNormFusionPass"]
+                     "PackedQKVPass", "SkipNormFusionPass", "MatMulNBitsPass"]

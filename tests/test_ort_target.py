@@ -56,6 +56,32 @@ def test_every_attention_and_norm_is_fused(fused):
     assert metadata["mcsmoe.target"] == "ort"
 
 
+def test_float_experts_are_per_group_initializers_the_body_does_not_slice(fused):
+    """Target ort: op version 3, one [in, out] initializer per group and factor, no Gather/Transpose of a
+    weight in the body (onnxruntime would fold each into a copy); portable keeps version 1, stacked."""
+    from mcsmoe_deploy.contract import DOMAIN, OP_VERSION, PER_GROUP_OP_VERSION
+
+    family, _, root = fused
+    model = onnx.load(str(root / "ort.onnx"))
+    assert {i.domain: i.version for i in model.opset_import}[DOMAIN] == PER_GROUP_OP_VERSION
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in (n for n in model.graph.node if n.op_type == "GroupedLowRankMoE"):
+        assert node.overload.endswith("_pergroup")
+        weights = [shapes[name] for name in node.input[3:]]
+        groups = len(node.input[3:]) // 3  # gate, up, down, dense: G inputs each
+        gate, down = weights[0], weights[2 * groups]
+        assert all(len(w) == 2 for w in weights) and gate == down[::-1]  # [H, I] and [I, H]
+        assert all(name.endswith(f".g{i % groups}") for i, name in enumerate(node.input[3:]))
+    for function in model.functions:
+        formals = set(function.input[3:])
+        assert not [n for n in function.node if n.op_type in ("Gather", "Transpose") and set(n.input) & formals]
+    portable = onnx.load(str(root / "portable.onnx"), load_external_data=False)
+    assert {i.domain: i.version for i in portable.opset_import}[DOMAIN] == OP_VERSION
+    stacked = {t.name: list(t.dims) for t in portable.graph.initializer}
+    for node in (n for n in portable.graph.node if n.op_type == "GroupedLowRankMoE"):
+        assert len(node.input) == 6 and all(len(stacked[name]) == 3 for name in node.input[3:])  # [G, out, in]
+
+
 def test_left_padded_batch_matches_torch_and_the_portable_graph(fused, tiny_dirs):
     family, _, root = fused
     model, _ = m.load_model(tiny_dirs[family], device="cpu")

@@ -1,5 +1,6 @@
-"""Quantized checkpoints export: per-group DequantizeLinear + MatMul that onnxruntime fuses to MatMulNBits,
-matching `load_compressed` within 1e-4 relative (prefill and decode), inlined and not."""
+"""Quantized checkpoints export: com.microsoft.MatMulNBits under target ort (the default), per-group
+DequantizeLinear + MatMul (that onnxruntime fuses to MatMulNBits) under target portable, matching
+`load_compressed` within 1e-4 relative (prefill and decode), inlined and not."""
 
 from __future__ import annotations
 
@@ -50,16 +51,25 @@ def test_quantized_graph_matches_load_compressed_and_fuses(family, quant, low_ra
     for check in report.parity:
         assert check.with_past and check.max_rel_error < 1e-4, check
 
+    # target ort: every quantized weight is MatMulNBits' own uint8 layout, nothing left for onnxruntime to copy
     graph = onnx.load(str(out), load_external_data=False)
-    assert {i.domain: i.version for i in graph.opset_import}[DOMAIN] == QUANTIZED_OP_VERSION
-    kinds = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
-    assert any(t.data_type in kinds for t in graph.graph.initializer)
-    assert "MatMulNBits" in _optimized_ops(out, tmp_path)
+    ops = Counter(node.op_type for node in graph.graph.node)
+    assert ops["MatMulNBits"] > 0 and "DequantizeLinear" not in ops and "GroupedLowRankMoE" not in ops
+    kinds = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT8}
+    assert not any(t.data_type in kinds for t in graph.graph.initializer)
 
     inlined = onnx.load(report.inlined_path, load_external_data=False)
     assert all(node.domain != DOMAIN for node in inlined.graph.node)
     assert DOMAIN not in {i.domain for i in inlined.opset_import}
-    assert "DequantizeLinear" in {node.op_type for node in inlined.graph.node}
+
+    if (quant, low_rank) in (("int4", False), ("int4-asym", True)):  # portable: the op, standard ops, fused by onnxruntime
+        portable = tmp_path / "portable.onnx"
+        report = m.export_model(model_dir, portable, target="portable")
+        assert all(check.max_rel_error < 1e-4 for check in report.parity)
+        graph = onnx.load(str(portable), load_external_data=False)
+        assert {i.domain: i.version for i in graph.opset_import}[DOMAIN] == QUANTIZED_OP_VERSION
+        assert any(t.data_type in kinds | {onnx.TensorProto.UINT8} for t in graph.graph.initializer)
+        assert "MatMulNBits" in _optimized_ops(portable, tmp_path)
 
     if (quant, low_rank) == ("int4", False):  # greedy tokens: the fused ORT session vs the torch reference
         config = GenerationConfig(max_new_tokens=8)

@@ -17,6 +17,7 @@ MoEOpSpec; the translation appends it to the `activation` attribute ("silu@3"), 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import types
 from collections.abc import Callable
@@ -25,7 +26,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from ..contract import DOMAIN, OP_TYPE, OP_VERSION, QUANTIZED_OP_VERSION
+from ..contract import DOMAIN, OP_TYPE, OP_VERSION, PER_GROUP_OP_VERSION, QUANTIZED_OP_VERSION
 from ..grouped_experts import GroupedLowRankExperts, grouped_moe_forward, route_top_k
 from ..models.base import FamilyAdapter
 from .moe_op import grouped_moe_function
@@ -184,8 +185,11 @@ def moe_blocks_as_custom_op(
 # after tracing
 
 
-def finish_custom_nodes(model: ir.Model, specs: list[MoEOpSpec]) -> ir.passes.PassResult:
+def finish_custom_nodes(model: ir.Model, specs: list[MoEOpSpec], per_group: bool = False) -> ir.passes.PassResult:
     """After tracing, in place: turn the temporary spec-key attributes into overloads; add one function per overload.
+
+    per_group: float expert factors become per-group [in, out] initializers (op version 3, target
+    ort): the body then slices no weight, so onnxruntime folds no per-group copy of it.
 
     Also imports the op's domain and raises the IR version to 10 (function overloads need
     it). RuntimeError when a node lacks its key, or the graph's MoE nodes are not one per
@@ -198,7 +202,7 @@ def finish_custom_nodes(model: ir.Model, specs: list[MoEOpSpec]) -> ir.passes.Pa
         # float8 options to the ops the traced graph uses, so raising the import keeps its meaning
         default_opset = model.opset_imports[""] = QUANTIZED_MIN_OPSET
     functions: dict[str, ir.Function] = {}
-    count = 0
+    count, versions = 0, {model.opset_imports.get(DOMAIN, OP_VERSION)}
     for node in list(model.graph):
         if node.domain != DOMAIN or node.op_type != OP_TYPE:
             continue
@@ -207,7 +211,12 @@ def finish_custom_nodes(model: ir.Model, specs: list[MoEOpSpec]) -> ir.passes.Pa
             raise RuntimeError(f"GroupedLowRankMoE node {node.name} lacks its spec key")
         spec = spec_for_key(int(activation.rsplit(_KEY_SEP, 1)[1]))
         node.attributes["activation"] = ir.AttrString("activation", spec.activation)
+        if per_group and any(p.quant is None for _, p in spec.projections):
+            spec = dataclasses.replace(spec, per_group=True)
+            versions.add(PER_GROUP_OP_VERSION)
         if spec.quantized:
+            versions.add(QUANTIZED_OP_VERSION)
+        if spec.quantized or spec.per_group:
             split_quantized_inputs(model.graph, node, spec)
         if len(node.inputs) != len(spec.input_names()):
             names = [value.name if value is not None else "" for value in node.inputs]
@@ -222,7 +231,7 @@ def finish_custom_nodes(model: ir.Model, specs: list[MoEOpSpec]) -> ir.passes.Pa
         raise RuntimeError("the exporter inlined or emitted an ai.mcsmoe function of its own")
     for function in functions.values():
         model.functions[function.identifier()] = function
-    model.opset_imports[DOMAIN] = QUANTIZED_OP_VERSION if quantized else model.opset_imports.get(DOMAIN, OP_VERSION)
+    model.opset_imports[DOMAIN] = max(versions)  # each version is a superset of the one before
     model.ir_version = max(model.ir_version, 10)
     return ir.passes.PassResult(model, modified=bool(count))
 

@@ -146,6 +146,12 @@ class ExportConfig:
                             f"{'gated' if layout.gated else 'plain'} {layout.activation}")
 
     @property
+    def per_group_experts(self) -> bool:
+        """Whether float expert factors become per-group [in, out] initializers (op version 3, docs/ops.md):
+        target "ort", where onnxruntime would otherwise fold a copy of every sliced weight."""
+        return self.target == "ort"
+
+    @property
     def fuses_ort(self) -> bool:
         """Whether attention and RMSNorms trace to onnxruntime's fused ops (targets "ort" and "ort-qmoe")."""
         return self.target in ("ort", "ort-qmoe")
@@ -162,10 +168,12 @@ class ExportConfig:
 
             target_passes = ort_qmoe_passes()
         if self.fuses_ort:
+            from .passes.matmul_nbits import MatMulNBitsPass
             from .passes.packed_qkv import PackedQKVPass
             from .passes.skip_norm import SkipNormFusionPass
 
-            target_passes += [PackedQKVPass(), SkipNormFusionPass()]
+            # packing q/k/v concatenates DequantizeLinear weights, which MatMulNBitsPass then rewrites
+            target_passes += [PackedQKVPass(), SkipNormFusionPass(), MatMulNBitsPass()]
         return [*target_passes, *self.passes]
 
 

@@ -6,7 +6,9 @@ group weights [T, G]) and differ in how the G merged experts meet the tokens:
 - "gather_tokens" (shipped): per group, unrolled over G, the tokens routed to it
   are gathered, run through that group's expert alone and scatter-added back.
   Work is what routing asks for (a group with no tokens runs 0-row MatMuls), and
-  the per-group weight slices are constant, so runtimes fold them once.
+  the per-group weight slices are constant, so runtimes fold them once (into a copy
+  of each: op version 3, written under target ort, takes float factors per group,
+  [in, out], and slices nothing; quantized factors are per group since version 2).
 - "dense_all": every group's expert on every token, MatMuls batched over G, then a
   weighted sum over G. Shape-generic in G, but G/k times the needed work.
 - "loop_tokens": gather_tokens as an ONNX Loop over groups: shape-generic in G,
@@ -114,7 +116,7 @@ def _routing(b: Body, spec: MoEOpSpec) -> tuple[str, str]:
 def _group_weights(b: Body, spec: MoEOpSpec) -> str:
     """a [G, T]: summed routing weight of each token's picks per group (router dtype)."""
     top_w, top_i = _routing(b, spec)
-    if spec.quantized:  # per-group inputs: G is fixed by the overload
+    if spec.quantized or spec.split_floats:  # per-group inputs: G is fixed by the overload
         num_groups = b.scalar_int(spec.num_groups)
     else:
         first_weight = spec.projection_inputs(spec.projections[0][0])[0]
@@ -172,6 +174,8 @@ def project_group(b: Body, spec: MoEOpSpec, name: str, group: int | str, h: str)
     index = b.scalar_int(group) if isinstance(group, int) else group
     if proj.quant is not None:
         return _project_group_quantized(b, spec, name, group, h)
+    if spec.per_group:
+        return _project_group_split(b, spec, name, group, h)
 
     def weight_t(tensor: str) -> str:  # [out, in] of this group, transposed to [in, out]
         return b("Transpose", b("Gather", tensor, index, axis=0), perm=[1, 0])
@@ -214,6 +218,29 @@ def _project_group_quantized(b: Body, spec: MoEOpSpec, name: str, group: int | s
         rows, values = names[-2:]
         y = add_rows(y, rows, b("MatMul", h, sparse_t(values)))
     return y
+
+
+def _project_group_split(b: Body, spec: MoEOpSpec, name: str, group: int | str, h: str) -> str:
+    """`project_group` for float factors given per group (version 3): `{name}_{factor}_{g}` is already
+    [in, out], MatMul's B as is: no Gather or Transpose of a weight for a runtime to fold into a copy."""
+    if not isinstance(group, int):
+        raise ValueError("per-group inputs need a fixed group number")
+    proj = dict(spec.projections)[name]
+    names = spec.projection_inputs(name)
+    per_factor = {factor: names[i * spec.num_groups + group] for i, factor in enumerate(proj.factors)}
+    index = b.scalar_int(group)
+
+    def add_rows(y: str, rows: str, extra: str) -> str:  # sparse rows stay stacked, as in version 1
+        row_index = b("Expand", b("Unsqueeze", b("Gather", rows, index, axis=0), b.ints([0])), b("Shape", extra))
+        return b.scatter_add("ScatterElements", y, row_index, extra, axis=1)
+
+    def weight_t(tensor: str) -> str:
+        if tensor in per_factor.values():
+            return tensor
+        return b("Transpose", b("Gather", tensor, index, axis=0), perm=[1, 0])  # sparse values [n, in] -> [in, n]
+
+    inputs = tuple(per_factor[factor] for factor in proj.factors) + names[len(proj.factors) * spec.num_groups:]
+    return _apply_projection(b, proj, inputs, h, weight_t, add_rows)
 
 
 def _apply_projection(b: Body, proj, inputs: tuple[str, ...], h: str, weight_t, add_rows) -> str:
@@ -337,8 +364,8 @@ def build_body(spec: MoEOpSpec, strategy: str = DEFAULT_STRATEGY) -> list[onnx.N
     """Nodes computing "output" [T, H] from the formal inputs `spec.input_names()`."""
     if strategy not in _BUILDERS:
         raise ValueError(f"strategy {strategy!r} unknown; one of {STRATEGIES}")
-    if spec.quantized and strategy != "gather_tokens":
-        raise ValueError(f"quantized projections are built by gather_tokens only, not {strategy!r}")
+    if (spec.quantized or spec.per_group) and strategy != "gather_tokens":
+        raise ValueError(f"per-group and quantized inputs are built by gather_tokens only, not {strategy!r}")
     b = Body()
     b.output(_BUILDERS[strategy](b, spec))
     return b.nodes

@@ -43,6 +43,8 @@ class MoEOpSpec:
     activation: str
     routing: str
     projections: tuple[tuple[str, ProjectionSpec], ...]
+    # version 3 layout (docs/ops.md): float factors per group, transposed to [in, out] (target ort)
+    per_group: bool = False
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -87,6 +89,11 @@ class MoEOpSpec:
         )
 
     @property
+    def split_floats(self) -> bool:
+        """True when float factors are per-group inputs (version 3, `per_group` and some float projection)."""
+        return self.per_group and any(p.quant is None for _, p in self.projections)
+
+    @property
     def quantized(self) -> bool:
         """True when some projection stores quantized factors (op version 2 inputs, docs/ops.md)."""
         return any(p.quant is not None for _, p in self.projections)
@@ -100,12 +107,15 @@ class MoEOpSpec:
         by factor; then the stacked sparse rows as for a float projection.
         """
         proj = dict(self.projections)[name]
+        sparse = (f"{name}_sparse_rows", f"{name}_sparse_values") if proj.sparse_rows else ()
+        if proj.quant is None and self.per_group:  # version 3: `{name}_{factor}_{g}` [in, out]
+            return tuple(f"{name}_{factor}_{g}" for factor in proj.factors for g in range(self.num_groups)) + sparse
         if proj.quant is None:
             return tuple(f"{name}_{tensor}" for tensor in proj.tensor_names)
         parts = ("q", "scale") + (() if proj.quant.symmetric else ("zero_point",))
         names = tuple(f"{name}_{factor}_{part}_{g}" for factor in proj.factors
                       for g in range(self.num_groups) for part in parts)
-        return names + ((f"{name}_sparse_rows", f"{name}_sparse_values") if proj.sparse_rows else ())
+        return names + sparse
 
     def traced_projection_inputs(self, name: str) -> tuple[str, ...]:
         """The stacked stored tensors of projection `name` as the traced torch op passes them
@@ -145,6 +155,14 @@ class MoEOpSpec:
             raise ValueError("input_shapes lists float stacked inputs; quantized inputs are per group (docs/ops.md)")
         for name, p in self.projections:
             out_f, in_f = p.out_features, p.in_features
+            if self.per_group:
+                for factor in p.factors:
+                    rows, cols = p.factor_shape(factor)
+                    shapes.update({f"{name}_{factor}_{i}": [cols, rows] for i in range(g)})
+                if p.sparse_rows:
+                    shapes[f"{name}_sparse_rows"] = [g, p.sparse_rows]
+                    shapes[f"{name}_sparse_values"] = [g, p.sparse_rows, in_f]
+                continue
             if p.dense:
                 shapes[f"{name}_weight"] = [g, out_f, in_f]
                 continue
@@ -166,5 +184,7 @@ class MoEOpSpec:
                 kind += f"-{'' if p.quant.symmetric else 'u'}int{p.quant.bits}b{p.quant.block}"
             kinds.append(kind)
         norm = "norm" if self.normalize_topk else "raw"
+        if self.split_floats:  # version 3 inputs: another body
+            kinds.append("pergroup")
         family = "gated" if self.gated else "plain"
         return "_".join([family, self.activation, f"k{self.top_k}", norm, f"g{self.num_groups}"] + kinds)

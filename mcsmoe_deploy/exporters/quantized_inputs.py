@@ -80,7 +80,8 @@ def _per_group_factor(graph: ir.Graph, proj: ProjectionSpec, stored: list[ir.Val
 
 
 def split_quantized_inputs(graph: ir.Graph, node: ir.Node, spec: MoEOpSpec) -> None:
-    """Rewrite `node`'s traced stacked quantized inputs into `spec.input_names()` order (in place).
+    """Rewrite `node`'s traced stacked quantized inputs (and, when `spec.per_group`, float factors: one
+    [in, out] initializer `<stacked name>.g<g>` per group) into `spec.input_names()` order (in place).
 
     Stacked initializers no longer used are removed from `graph`. ValueError when a quantized
     input is not an initializer (the split reads its values).
@@ -91,8 +92,16 @@ def split_quantized_inputs(graph: ir.Graph, node: ir.Node, spec: MoEOpSpec) -> N
         count = len(spec.traced_projection_inputs(name))
         values = traced[offset:offset + count]
         offset += count
-        if proj.quant is None:
+        if proj.quant is None and not spec.per_group:
             new_inputs += values
+            continue
+        if proj.quant is None:  # version 3: float factors per group, [in, out]
+            for stored in values[:len(proj.factors)]:
+                if stored is None or stored.const_value is None:
+                    raise ValueError(f"node {node.name}: float factor of {name} is not an initializer")
+                stacked = stored.const_value.numpy()  # [G, rows, cols]
+                new_inputs += [_initializer(graph, f"{stored.name}.g{g}", stacked[g].T) for g in range(len(stacked))]
+            new_inputs += values[len(proj.factors):]  # sparse rows and values stay stacked
             continue
         per_factor = len(proj.factor_tensor_names(proj.factors[0]))
         for i, _ in enumerate(proj.factors):

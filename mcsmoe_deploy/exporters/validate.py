@@ -109,13 +109,12 @@ def describe_files(model_protos: list[onnx.ModelProto], paths: list[Path], root:
 
 
 def _session(path: str | Path):
-    import onnxruntime as ort
+    from ..runtime.ort_session import load_session, session_options
 
-    from ..runtime.ort_session import session_options
-
-    # accuracy level 0: fused quantized MatMuls compute in float32, so parity is exact up to rounding
+    # accuracy level 0: quantized MatMuls (fused or written as MatMulNBits) compute in float32, so parity
+    # is exact up to rounding
     options = session_options(opt_level="all", matmul_accuracy_level=0)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return load_session(Path(path), "cpu", options)
 
 
 @torch.no_grad()

@@ -58,11 +58,43 @@ def load_session(path: Path, provider: str | None, options):
     import onnxruntime as ort
 
     providers = choose_providers(provider)
-    read_graph(path)  # one clear line for a file that is not a graph, or external data outside its folder
+    # one clear line for a file that is not a graph, or external data outside its folder
+    header = read_graph(path, weight_bytes=False)
+    model = _with_accuracy_level(path, header, _config_entry(options, MATMUL_ACCURACY_KEY))
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        return ort.InferenceSession(model, options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph types
         raise UserError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _config_entry(options, key: str) -> str | None:
+    """A session config entry of `options`, None when unset (onnxruntime raises for a missing key)."""
+    try:
+        return options.get_session_config_entry(key)
+    except Exception:  # onnxruntime's own Fail type: "does not have configuration with key"
+        return None
+
+
+def _with_accuracy_level(path: Path, header, level: str | None) -> str | bytes:
+    """What InferenceSession should load: `path`, or, when the session asks for MatMulNBits accuracy `level`
+    and the graph holds MatMulNBits nodes written at another (target ort writes them, see
+    exporters/passes/matmul_nbits.py; the session entry only reaches nodes onnxruntime fuses itself),
+    the graph's bytes with their `accuracy_level` set to `level`. Parity checks use this (level 0); it
+    holds the weights in Python once more while the session loads."""
+    import onnx
+
+    def nbits(graph) -> list:
+        return [n for n in graph.node if n.op_type == "MatMulNBits" and n.domain == "com.microsoft"]
+
+    if level is None or all(a.i == int(level) for n in nbits(header.graph) for a in n.attribute
+                            if a.name == "accuracy_level"):
+        return str(path)
+    model = onnx.load(str(path))
+    for node in nbits(model.graph):
+        for attribute in node.attribute:
+            if attribute.name == "accuracy_level":
+                attribute.i = int(level)
+    return model.SerializeToString()
 
 
 # onnxruntime's DequantizeLinear + MatMul -> MatMulNBits fusion picks this compute accuracy by default:

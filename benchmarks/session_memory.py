@@ -1,0 +1,144 @@
+"""Peak and steady RSS of an onnxruntime session against the graph's bytes on disk (issue 12).
+
+    python benchmarks/session_memory.py GRAPH [GRAPH ...] [--levels all basic ...] [--steps 32]
+    python benchmarks/session_memory.py --build WORK [--variants ours-fp32 ours-int4-all ...]
+
+Each (graph, optimisation level) is measured in a fresh Python subprocess, so nothing another
+session allocated (or glibc kept) counts: after importing onnxruntime and the package, the child
+reads VmHWM / VmRSS (/proc/self/status), opens the graph (`mcsmoe_deploy.open_session`, or the
+onnxruntime-genai builder's folder through benchmarks/_genai_peer.py), runs a 16-token prefill and
+`--steps` greedy decode steps, and reads them again. Peak = VmHWM after - VmHWM before (the session's
+high-water mark over the baseline); steady = VmRSS after - VmRSS before. The table gives each as MB
+and as a ratio to the bytes on disk (graph file + external data), the quantity issue 12 bounds
+(peak <= 1.5x). Memory does not depend on machine load, so one run is enough.
+
+--external-data also measures a copy of each graph file with its weights in external data (a
+`.onnx.data` file beside it, written to a temporary folder): onnxruntime memory-maps external data,
+so the pages of weights it repacks (MatMulNBits, QMoE) are dropped instead of kept.
+
+--build builds the named variants of benchmarks/quantized_decode.py (the ~330 MB random Mixtral,
+its int4 and merged graphs, the builder's) into WORK when missing, and measures them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_VARIANTS = ("ours-fp32", "ours-int4-all", "ours-G4-int4-all", "ours-int4-all-qmoe", "builder-int4")
+PROMPT_TOKENS = 16
+
+
+def _status_kb(field: str) -> int:
+    """A `/proc/self/status` field (VmHWM, VmRSS) in kB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def _child(graph: Path, level: str, steps: int, threads: int) -> dict[str, float]:
+    """Open `graph` at optimisation `level`, prefill and decode `steps` tokens; memory deltas in MB."""
+    import onnxruntime as ort
+
+    import mcsmoe_deploy as mc
+    from benchmarks._latency import decode_seconds, random_prompt
+    from mcsmoe_deploy.runtime.ort_session import OPT_LEVELS
+
+    hwm0, rss0 = _status_kb("VmHWM"), _status_kb("VmRSS")
+    if graph.is_dir():  # the onnxruntime-genai builder's folder
+        from benchmarks._genai_peer import open_peer_lm
+        from benchmarks._latency import session_options
+
+        options = session_options(threads)
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[level])
+        lm = open_peer_lm(graph.name, graph, options)
+    else:
+        lm = mc.open_session(graph, threads=threads, opt_level=level)
+    hwm_open = _status_kb("VmHWM")
+    vocab = 2048 if graph.is_dir() else lm.vocab_size
+    decode_seconds(lm, random_prompt(PROMPT_TOKENS, vocab, 0), steps)
+    mb = lambda kb: kb / 1024  # noqa: E731
+    return {"peak_open_mb": mb(hwm_open - hwm0), "peak_mb": mb(_status_kb("VmHWM") - hwm0),
+            "steady_mb": mb(_status_kb("VmRSS") - rss0)}
+
+
+def bytes_on_disk(path: Path) -> int:
+    """Bytes of a graph file and its external data (files named after it), or of a folder's model.onnx*."""
+    from benchmarks.quantized_decode import _bytes
+
+    return _bytes(path)
+
+
+def measure(graph: Path, level: str, steps: int, threads: int) -> dict[str, float]:
+    """`_child`'s numbers for `graph` at `level`, measured in a fresh subprocess."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, __file__, "--child", str(graph), "--levels", level, "--steps", str(steps),
+                          "--threads", str(threads)], capture_output=True, text=True, cwd=root, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"measuring {graph} at {level} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("graphs", nargs="*", type=Path, help="ONNX graphs (or builder folders) to measure")
+    parser.add_argument("--build", type=Path, help="build (when missing) and measure --variants in this folder")
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                        help="benchmarks/quantized_decode.py contestants to build with --build")
+    parser.add_argument("--levels", nargs="+", default=["all"], choices=["disable", "basic", "extended", "all"])
+    parser.add_argument("--steps", type=int, default=32, help="greedy decode steps after a 16-token prefill")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--external-data", action="store_true",
+                        help="also measure each graph file with its weights as external data")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(_child(args.child, args.levels[0], args.steps, args.threads)))
+        return
+    graphs = {f"{path.parent.name}/{path.name}": path for path in args.graphs}
+    if args.build is not None:
+        from benchmarks.quantized_decode import build_all
+
+        args.build.mkdir(parents=True, exist_ok=True)
+        graphs.update(build_all(args.build, args.variants))
+    if not graphs:
+        parser.error("name graphs to measure, or --build WORK")
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.external_data:
+            for i, (name, path) in enumerate(list(graphs.items())):
+                if path.is_file():
+                    folder = Path(scratch) / str(i)
+                    folder.mkdir()
+                    graphs[f"{name} (external data)"] = external_copy(path, folder)
+        _table(graphs, args)
+
+
+def external_copy(path: Path, folder: Path) -> Path:
+    """A copy of graph `path` in `folder` with every weight over 1 kB in `<name>.data` beside it."""
+    import onnx
+
+    out = folder / path.name
+    onnx.save_model(onnx.load(str(path)), str(out), save_as_external_data=True, location=out.name + ".data",
+                    size_threshold=1024)
+    return out
+
+
+def _table(graphs: dict[str, Path], args: argparse.Namespace) -> None:
+    print("| graph | level | on disk MiB | peak MiB (after open) | peak / disk | steady MiB | steady / disk |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, path in graphs.items():
+        disk = bytes_on_disk(path) / 2**20
+        for level in args.levels:
+            r = measure(path, level, args.steps, args.threads)
+            print(f"| {name} | {level} | {disk:.1f} | {r['peak_mb']:.0f} ({r['peak_open_mb']:.0f}) | "
+                  f"{r['peak_mb'] / disk:.2f}x | {r['steady_mb']:.0f} | {r['steady_mb'] / disk:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `benchmarks` importable
+    main()

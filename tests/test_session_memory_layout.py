@@ -1,0 +1,106 @@
+"""What keeps onnxruntime sessions near the graph's bytes (issue 12): op version 3's per-group float body,
+MatMulNBits written at export (same outputs as DequantizeLinear + MatMul), and reading a graph's
+structure without its weight bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from mcsmoe_deploy.contract import PER_GROUP_OP_VERSION
+from mcsmoe_deploy.exporters import MoEOpSpec, standalone_model
+from mcsmoe_deploy.exporters.moe_op import op_version
+from mcsmoe_deploy.exporters.passes.matmul_nbits import MatMulNBitsPass
+from mcsmoe_deploy.grouped_experts import ProjectionSpec
+from mcsmoe_deploy.models.base import SOFTMAX_TOPK_NORM
+from mcsmoe_deploy.onnx_header import load_without_weight_bytes
+
+H, I, E, G = 16, 24, 4, 2
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, feeds)[0]
+
+
+def test_per_group_body_computes_what_the_stacked_body_does():
+    """Version 3 (dense gate, low-rank + sparse up and down) against version 1 on the same weights."""
+    projections = (("gate", ProjectionSpec(I, H)), ("up", ProjectionSpec(I, H, rank=4, sparse_rows=3)),
+                   ("down", ProjectionSpec(H, I, rank=5, sparse_rows=2)))
+    stacked = MoEOpSpec(E, G, H, I, 2, True, "silu", SOFTMAX_TOPK_NORM, projections)
+    split = dataclasses.replace(stacked, per_group=True)
+    assert op_version(stacked) == 1 and op_version(split) == PER_GROUP_OP_VERSION
+    assert split.overload == stacked.overload + "_pergroup"
+    rng = np.random.default_rng(0)
+    feeds = {"hidden": rng.standard_normal((7, H), dtype=np.float32),
+             "router_logits": rng.standard_normal((7, E), dtype=np.float32),
+             "expert_to_group": np.array([0, 1, 1, 0], np.int64)}
+    for name, shape in stacked.input_shapes().items():
+        if name in feeds:
+            continue
+        feeds[name] = rng.integers(0, shape[1], shape) if name.endswith("_sparse_rows") else \
+            rng.standard_normal(shape).astype(np.float32)
+    split_feeds = {k: v for k, v in feeds.items() if k in split.input_names()}
+    for name, proj in projections:
+        for factor in proj.factors:
+            split_feeds.update({f"{name}_{factor}_{g}": feeds[f"{name}_{factor}"][g].T for g in range(G)})
+    expected = _run(standalone_model(stacked), feeds)
+    model = standalone_model(split)
+    weights = {f"{name}_{factor}_{g}" for name, proj in projections for factor in proj.factors for g in range(G)}
+    body = model.functions[0].node
+    assert not [n for n in body if n.op_type in ("Gather", "Transpose") and set(n.input) & weights]
+    np.testing.assert_allclose(_run(model, split_feeds), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,block,k", [(TensorProto.INT4, 16, 64), (TensorProto.UINT4, 16, 48),
+                                          (TensorProto.INT8, 32, 64), (TensorProto.UINT8, 16, 32)])
+def test_matmul_nbits_pass_keeps_the_outputs_of_dequantize_and_matmul(kind, block, k):
+    """Blocked DQ + MatMul -> MatMulNBits at accuracy level 0; uint4 with 3 blocks packs an odd zero-point row."""
+    n, rng = 8, np.random.default_rng(1)
+    bits, signed = {TensorProto.INT4: (4, True), TensorProto.UINT4: (4, False), TensorProto.INT8: (8, True),
+                    TensorProto.UINT8: (8, False)}[kind]
+    low, high = (-(1 << (bits - 1)), 1 << (bits - 1)) if signed else (0, 1 << bits)
+    numpy_type = {TensorProto.INT4: ml_dtypes.int4, TensorProto.UINT4: ml_dtypes.uint4, TensorProto.INT8: np.int8,
+                  TensorProto.UINT8: np.uint8}[kind]
+    q = rng.integers(low, high, (k, n)).astype(numpy_type)
+    scale = rng.uniform(0.01, 0.1, (k // block, n)).astype(np.float32)
+    inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "scale")]
+    if not signed:
+        inits.append(numpy_helper.from_array(rng.integers(0, 1 << bits, (k // block, n)).astype(numpy_type), "zp"))
+    nodes = [helper.make_node("DequantizeLinear", [i.name for i in inits], ["w"], axis=0, block_size=block),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    x = rng.standard_normal((3, k), dtype=np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the standard ops, unfused
+    expected = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    fused = ir.to_proto(MatMulNBitsPass(accuracy_level=0)(ir.from_proto(model)).model)
+    assert [node.op_type for node in fused.graph.node] == ["MatMulNBits"]
+    assert {t.data_type for t in fused.graph.initializer} <= {TensorProto.UINT8, TensorProto.FLOAT}
+    np.testing.assert_allclose(_run(fused, {"x": x}), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_header_is_the_model_without_weight_bytes(tmp_path):
+    weight = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.metadata_props.add(key="k", value="v")
+    onnx.save(model, tmp_path / "m.onnx")
+    header = load_without_weight_bytes(tmp_path / "m.onnx")
+    model.graph.initializer[0].ClearField("raw_data")
+    assert header.SerializeToString() == model.SerializeToString()
+    assert list(header.graph.initializer[0].dims) == [3, 4] and not header.graph.initializer[0].raw_data
