@@ -28,6 +28,13 @@ OP_TYPE = "GroupedLowRankMoE"
 OP_VERSION = 1
 # quantized factors as per-group INT4/UINT4/INT8/UINT8 inputs (docs/ops.md, "Version 2")
 QUANTIZED_OP_VERSION = 2
+# a low-rank factor shared by all groups, one input without the group axis (docs/ops.md, "Version 3")
+SHARED_BASIS_OP_VERSION = 3
+
+
+def op_version(quantized: bool, shared_basis: bool) -> int:
+    """The op version a node needs: the oldest whose inputs it fits (docs/ops.md, "Versioning")."""
+    return SHARED_BASIS_OP_VERSION if shared_basis else QUANTIZED_OP_VERSION if quantized else OP_VERSION
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -192,6 +199,8 @@ __all__ = [
     "OP_TYPE",
     "OP_VERSION",
     "QUANTIZED_OP_VERSION",
+    "SHARED_BASIS_OP_VERSION",
+    "op_version",
     "PAST_PREFIX",
     "POSITION_IDS",
     "PRESENT_PREFIX",

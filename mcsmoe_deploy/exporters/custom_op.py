@@ -25,7 +25,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from ..contract import DOMAIN, OP_TYPE, OP_VERSION, QUANTIZED_OP_VERSION
+from ..contract import DOMAIN, OP_TYPE, OP_VERSION
 from ..grouped_experts import GroupedLowRankExperts, grouped_moe_forward, route_top_k
 from ..models.base import FamilyAdapter
 from .moe_op import grouped_moe_function
@@ -104,7 +104,7 @@ def translate(hidden, router_logits, expert_to_group, projections, spec_key):
     # all inputs by keyword: torch's _building._construct_named_inputs_and_attrs gives a
     # variadic parameter *all* positional args (right only when it is the first input),
     # so positional projection tensors would repeat hidden, router_logits, expert_to_group
-    return _custom_opset(QUANTIZED_OP_VERSION if spec.quantized else OP_VERSION).GroupedLowRankMoE(
+    return _custom_opset(spec.version).GroupedLowRankMoE(
         hidden=hidden,
         router_logits=router_logits,
         expert_to_group=expert_to_group,
@@ -222,7 +222,9 @@ def finish_custom_nodes(model: ir.Model, specs: list[MoEOpSpec]) -> ir.passes.Pa
         raise RuntimeError("the exporter inlined or emitted an ai.mcsmoe function of its own")
     for function in functions.values():
         model.functions[function.identifier()] = function
-    model.opset_imports[DOMAIN] = QUANTIZED_OP_VERSION if quantized else model.opset_imports.get(DOMAIN, OP_VERSION)
+    # the oldest version every node fits (a float graph without shared bases stays version 1)
+    needed = max([spec.version for spec in specs], default=OP_VERSION)
+    model.opset_imports[DOMAIN] = max(needed, model.opset_imports.get(DOMAIN, OP_VERSION))
     model.ir_version = max(model.ir_version, 10)
     return ir.passes.PassResult(model, modified=bool(count))
 

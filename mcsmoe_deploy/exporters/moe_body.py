@@ -115,7 +115,7 @@ def _group_weights(b: Body, spec: MoEOpSpec) -> str:
     zeros = b("CastLike", b("ConstantOfShape", b("Shape", "router_logits")), "router_logits")
     per_expert = b("ScatterElements", zeros, top_i, top_w, axis=1)
     # membership [E, G]: 1 where expert_to_group[e] == g; a removed expert (-1) matches nothing
-    if spec.quantized:  # per-group inputs: G is fixed by the overload
+    if spec.quantized or spec.shared_basis:  # per-group or unstacked inputs: G is fixed by the overload
         num_groups = b.scalar_int(spec.num_groups)
     else:
         first_weight = spec.projection_inputs(spec.projections[0][0])[0]
@@ -169,6 +169,8 @@ def project_group(b: Body, spec: MoEOpSpec, name: str, group: int | str, h: str)
     index = b.scalar_int(group) if isinstance(group, int) else group
     if proj.quant is not None:
         return _project_group_quantized(b, spec, name, group, h)
+    if proj.shared is not None:
+        return _project_group_shared(b, spec, name, group, h)
 
     def weight_t(tensor: str) -> str:  # [out, in] of this group, transposed to [in, out]
         return b("Transpose", b("Gather", tensor, index, axis=0), perm=[1, 0])
@@ -211,6 +213,26 @@ def _project_group_quantized(b: Body, spec: MoEOpSpec, name: str, group: int | s
         rows, values = names[-2:]
         y = add_rows(y, rows, b("MatMul", h, sparse_t(values)))
     return y
+
+
+def _project_group_shared(b: Body, spec: MoEOpSpec, name: str, group: int | str, h: str) -> str:
+    """`project_group` for a shared-basis projection: the shared factor is one input without the group
+    axis (transposed once, folded for an initializer); the other factor and sparse rows are sliced
+    per group as for a stacked low-rank projection."""
+    proj = dict(spec.projections)[name]
+    inputs = spec.projection_inputs(name)
+    index = b.scalar_int(group) if isinstance(group, int) else group
+    shared = {"left": inputs[0], "right": inputs[1]}[proj.shared]
+
+    def weight_t(tensor: str) -> str:
+        sliced = tensor if tensor == shared else b("Gather", tensor, index, axis=0)
+        return b("Transpose", sliced, perm=[1, 0])
+
+    def add_rows(y: str, rows: str, extra: str) -> str:
+        row_index = b("Expand", b("Unsqueeze", b("Gather", rows, index, axis=0), b.ints([0])), b("Shape", extra))
+        return b.scatter_add("ScatterElements", y, row_index, extra, axis=1)
+
+    return _apply_projection(b, proj, inputs, h, weight_t, add_rows)
 
 
 def _apply_projection(b: Body, proj, inputs: tuple[str, ...], h: str, weight_t, add_rows) -> str:
@@ -336,6 +358,8 @@ def build_body(spec: MoEOpSpec, strategy: str = DEFAULT_STRATEGY) -> list[onnx.N
         raise ValueError(f"strategy {strategy!r} unknown; one of {STRATEGIES}")
     if spec.quantized and strategy != "gather_tokens":
         raise ValueError(f"quantized projections are built by gather_tokens only, not {strategy!r}")
+    if spec.shared_basis and strategy not in ("gather_tokens", "loop_tokens"):
+        raise ValueError(f"shared-basis projections are built by gather_tokens or loop_tokens, not {strategy!r}")
     b = Body()
     b.output(_BUILDERS[strategy](b, spec))
     return b.nodes

@@ -28,7 +28,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from ..contract import DOMAIN, OP_TYPE, OP_VERSION, QUANTIZED_OP_VERSION
+from ..contract import DOMAIN, OP_TYPE, OP_VERSION, QUANTIZED_OP_VERSION, SHARED_BASIS_OP_VERSION
 from .moe_body import DEFAULT_STRATEGY, build_body
 from .op_spec import MoEOpSpec  # re-exported: the node's spec lives in op_spec
 
@@ -54,7 +54,7 @@ def grouped_moe_function(spec: MoEOpSpec, opset: int = 18) -> onnx.FunctionProto
         opset_imports=[helper.make_opsetid("", opset)],
         # declared so the node may carry them; the body is specialised, not driven by them
         attributes=list(NODE_ATTRIBUTES),
-        doc_string=f"{DOMAIN}::{OP_TYPE} v{OP_VERSION} reference body ({spec.overload}); see docs/ops.md",
+        doc_string=f"{DOMAIN}::{OP_TYPE} v{spec.version} reference body ({spec.overload}); see docs/ops.md",
     )
     function.overload = spec.overload
     return function
@@ -93,7 +93,7 @@ def register_op_schema() -> bool:
     """
     if not hasattr(onnx.defs, "register_schema"):
         return False
-    for version in (OP_VERSION, QUANTIZED_OP_VERSION):
+    for version in (OP_VERSION, QUANTIZED_OP_VERSION, SHARED_BASIS_OP_VERSION):
         if not onnx.defs.has(OP_TYPE, version, DOMAIN) or onnx.defs.get_schema(OP_TYPE, version, DOMAIN).since_version != version:
             _register_version(version)
     return True
@@ -101,7 +101,8 @@ def register_op_schema() -> bool:
 
 def _register_version(version: int) -> None:
     """Version 1: float projection tensors; version 2 adds quantized factors (docs/ops.md): per-group
-    int4/uint4/int8/uint8 codes, and uint8 for the stacked codes of the traced node before its split."""
+    int4/uint4/int8/uint8 codes, and uint8 for the stacked codes of the traced node before its split;
+    version 3 adds shared-basis factors (one float input without the group axis): same types as 2."""
     quantized = ["tensor(int4)", "tensor(uint4)", "tensor(int8)", "tensor(uint8)"] if version > 1 else []
     schema_cls = onnx.defs.OpSchema
     param, attr = schema_cls.FormalParameter, schema_cls.Attribute
@@ -159,7 +160,7 @@ def standalone_model(spec: MoEOpSpec, opset: int = 18, elem_type: int = TensorPr
     )
     return helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, OP_VERSION)],
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, spec.version)],
         functions=[grouped_moe_function(spec, opset)],
         # IR 10: function overloads
         ir_version=10,
