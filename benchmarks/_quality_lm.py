@@ -43,8 +43,11 @@ METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware", *SHARED_BAS
 
 def chosen(method: str, methods: list[str] | None) -> bool:
     """Whether `method` runs: one of `methods`, or by default every method but the "-gptq" ones (a
-    calibration pass per layer each: asked for by name)."""
-    return method in methods if methods is not None else not method.endswith("-gptq")
+    calibration pass per layer each) and the shared-basis ones (measured at their own rank ratios,
+    benchmarks/results/quality-shared-basis.md): asked for by name."""
+    if methods is not None:
+        return method in methods
+    return not method.endswith("-gptq") and method not in SHARED_BASIS
 
 
 def quant_block_for(layout: mc.ExpertLayout) -> int | None:

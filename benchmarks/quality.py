@@ -21,7 +21,8 @@ One routing-statistics pass per setting; each method is applied to a fresh copy 
     mcsmoe-activation-aware  the same, low-rank factors fitted to the experts' calibration inputs
     mcsmoe-shared            the same with one basis per layer and projection shared by the merged experts plus
                              each one's coefficients (--low-rank-basis shared), at the same bytes
-    mcsmoe-shared-activation-aware  the same, whitened: fitted to the calibration inputs
+    mcsmoe-shared-activation-aware  the same, whitened: fitted to the calibration inputs (both shared
+                             rows only when named in --methods)
     uniform                  same groups, alignment, plain average
     random                   random groups, alignment, frequency-weighted merge
     prune-frequency          keep the G most used experts, remove the rest (with their router rows)
