@@ -42,7 +42,8 @@ def test_experts_in_one_subspace_are_exact_at_its_dimension(side, whitened):
     groups, out, inputs, dim = 4, 24, 20, 5
     gen = torch.Generator().manual_seed(0)
     basis = torch.randn(dim, inputs, generator=gen) if side == "right" else torch.randn(out, dim, generator=gen)
-    weights = [torch.randn(out, dim, generator=gen) @ basis if side == "right" else basis @ torch.randn(dim, inputs, generator=gen)
+    own = (out, dim) if side == "right" else (dim, inputs)
+    weights = [torch.randn(own, generator=gen) @ basis if side == "right" else basis @ torch.randn(own, generator=gen)
                for _ in range(groups)]
     moments = _moments(groups, inputs, 1) if whitened else None
     fitted = shared_basis(weights, dim, side, input_moments=moments)
@@ -112,7 +113,8 @@ def test_checkpoint_stores_one_basis_and_reloads_to_the_same_logits(low_rank, ti
     out = source.save(compressed, tmp_path / "out")
     section = json.loads((out / "config.json").read_text())["mcsmoe"]
     assert section["format_version"] == 2 and section["recipe"]["low_rank_basis"] == "shared"
-    sides = {name: spec["shared"] for layer in section["layers"].values() for name, spec in layer["projections"].items()}
+    sides = {name: spec["shared"] for layer in section["layers"].values()
+             for name, spec in layer["projections"].items()}
     assert sides == {"gate": "right", "up": "right", "down": "left"}
     with safe_open(str(out / "model.safetensors"), "pt") as weights:
         names = list(weights.keys())
@@ -146,7 +148,8 @@ def test_exported_graph_matches_load_compressed(family, tiny_dirs, tmp_path):
     assert report.parity and all(check.max_rel_error < 1e-4 for check in report.parity), report.parity
     graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
     assert {i.domain: i.version for i in graph.opset_import}[DOMAIN] == SHARED_BASIS_OP_VERSION
-    assert all("sharedright" in f.overload and "sharedleft" in f.overload for f in graph.functions if f.domain == DOMAIN)
+    functions = [f for f in graph.functions if f.domain == DOMAIN]
+    assert functions and all("sharedright" in f.overload and "sharedleft" in f.overload for f in functions)
 
 
 @pytest.mark.parametrize("extra, message", [
