@@ -70,13 +70,17 @@ def test_shared_rank_spends_the_per_expert_bytes():
     assert shared_rank_for_ratio(out, inputs, groups, "right", 1.0) is None
 
 
-@pytest.mark.parametrize("strategy", ["gather_tokens", "loop_tokens"])
+@pytest.mark.parametrize("strategy, gated", [("gather_tokens", True), ("loop_tokens", True), ("gather_tokens", False)])
 @pytest.mark.parametrize("tokens", [1, 17])
-def test_function_body_matches_reference(strategy, tokens):
-    layout = ExpertLayout(True, "silu", 16, 24)
+def test_function_body_matches_reference(strategy, gated, tokens):
+    layout = ExpertLayout(gated, "silu" if gated else "relu", 16, 24)
     shapes = {name: layout.projection_shape(name) for name in layout.projections}
-    specs = {"gate": ProjectionSpec(*shapes["gate"], 6, 2, shared="right"), "up": ProjectionSpec(*shapes["up"], 5),
-             "down": ProjectionSpec(*shapes["down"], 7, 3, shared="left")}
+    if gated:  # shared right with sparse rows, an ordinary low-rank projection, shared left with sparse rows
+        specs = {"gate": ProjectionSpec(*shapes["gate"], 6, 2, shared="right"), "up": ProjectionSpec(*shapes["up"], 5),
+                 "down": ProjectionSpec(*shapes["down"], 7, 3, shared="left")}
+    else:
+        specs = {"wi": ProjectionSpec(*shapes["wi"], 6, shared="right"),
+                 "wo": ProjectionSpec(*shapes["wo"], 7, 3, shared="left")}
     module = GroupedLowRankExperts(layout, [0, 1, 2, 0, 1, 2], specs).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -85,9 +89,11 @@ def test_function_body_matches_reference(strategy, tokens):
         for proj in module.projections.values():
             if proj.spec.sparse_rows:
                 proj.sparse_rows.copy_(torch.randint(0, proj.spec.out_features, proj.sparse_rows.shape, generator=gen))
-    assert tuple(module.projections["gate"].right.shape) == (6, 16) and module.projections["gate"].num_groups == 3
+    first = layout.projections[0]
+    assert tuple(module.projections[first].right.shape) == (6, 16) and module.projections[first].num_groups == 3
     spec = MoEOpSpec.from_experts(module, 2, "softmax_topk_norm")
-    assert spec.version == SHARED_BASIS_OP_VERSION and "gate-lowrank-sparse-sharedright" in spec.overload
+    assert spec.version == SHARED_BASIS_OP_VERSION
+    assert ("gate-lowrank-sparse-sharedright" if gated else "wi-lowrank-sharedright") in spec.overload
     model = standalone_model(spec)
     del model.functions[0].node[:]
     model.functions[0].node.extend(build_body(spec, strategy))
