@@ -34,13 +34,20 @@ DENSE_QUANTIZED = {"dense-int8": {"quantize": "int8", **RTN}, "dense-int4": {"qu
 MERGED_QUANTIZED = ("msmoe-int4", "msmoe-int4-gptq", "mcsmoe-int4", "mcsmoe-int4-gptq")
 # a method's row after router calibration is named "<method>+router" (merge-only methods)
 ROUTER_SUFFIX = "+router"
-METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware", *DENSE_QUANTIZED, *MERGED_QUANTIZED)
+# low rank with one basis per layer and projection shared by the merged experts (--low-rank-basis shared), at the
+# same bytes as the per-expert rows of the same rank ratio; plain joint SVD, and whitened (activation-aware)
+SHARED_BASIS = {"mcsmoe-shared": {}, "mcsmoe-shared-activation-aware": {"low_rank": "activation-aware"}}
+METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware", *SHARED_BASIS, *DENSE_QUANTIZED,
+           *MERGED_QUANTIZED)
 
 
 def chosen(method: str, methods: list[str] | None) -> bool:
     """Whether `method` runs: one of `methods`, or by default every method but the "-gptq" ones (a
-    calibration pass per layer each: asked for by name)."""
-    return method in methods if methods is not None else not method.endswith("-gptq")
+    calibration pass per layer each) and the shared-basis ones (measured at their own rank ratios,
+    benchmarks/results/quality-shared-basis.md): asked for by name."""
+    if methods is not None:
+        return method in methods
+    return not method.endswith("-gptq") and method not in SHARED_BASIS
 
 
 def quant_block_for(layout: mc.ExpertLayout) -> int | None:
@@ -113,6 +120,8 @@ def sweep(
     runs += [("mcsmoe", {"rank_ratio": r, "sparse_keep": sparse_keep}, r) for r in rank_ratios]
     aware = {"sparse_keep": sparse_keep, "low_rank": "activation-aware"}
     runs += [("mcsmoe-activation-aware", {"rank_ratio": r, **aware}, r) for r in rank_ratios]
+    runs += [(name, {"rank_ratio": r, "sparse_keep": sparse_keep, "low_rank_basis": "shared", **fit}, r)
+             for name, fit in SHARED_BASIS.items() for r in rank_ratios]
     if block is not None:
         for suffix, method in (("", RTN), ("-gptq", GPTQ)):
             runs += [(f"msmoe-int4{suffix}", {**quantized, **method}, 1.0)]

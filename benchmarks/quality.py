@@ -19,6 +19,10 @@ One routing-statistics pass per setting; each method is applied to a fresh copy 
     <method>+router          a merge-only method after --router-steps of router calibration (lm settings)
     mcsmoe                   M-SMoE then low-rank + sparse rows at each --rank-ratios value
     mcsmoe-activation-aware  the same, low-rank factors fitted to the experts' calibration inputs
+    mcsmoe-shared            the same with one basis per layer and projection shared by the merged experts plus
+                             each one's coefficients (--low-rank-basis shared), at the same bytes
+    mcsmoe-shared-activation-aware  the same, whitened: fitted to the calibration inputs (both shared
+                             rows only when named in --methods)
     uniform                  same groups, alignment, plain average
     random                   random groups, alignment, frequency-weighted merge
     prune-frequency          keep the G most used experts, remove the rest (with their router rows)

@@ -30,7 +30,10 @@ from .quantization import QuantSpec
 from .quantized_linear import install_quantized_linears, quantized_linear_specs
 from .models import FamilyAdapter, adapter_for_config, check_weights, read_config_dict
 
-FORMAT_VERSION = 1
+# the newest format this reader knows. 2: some projection has a shared factor ("shared" in its entry,
+# stored without the group axis); checkpoints without one are still written as 1, unchanged
+FORMAT_VERSION = 2
+SHARED_BASIS_FORMAT = 2
 # the "mcsmoe" section's {module name: QuantSpec dict} of linear layers stored as QuantizedLinear
 QUANTIZED_LINEARS = "quantized_linears"
 WEIGHTS_NAME = "model.safetensors"
@@ -55,7 +58,7 @@ def save_compressed(
 
     def write(staging: Path) -> None:
         config = model.config.to_dict()
-        config["mcsmoe"] = {"format_version": FORMAT_VERSION, **mcsmoe_section}
+        config["mcsmoe"] = {"format_version": written_format_version(mcsmoe_section), **mcsmoe_section}
         linears = quantized_linear_specs(model)
         if linears:  # absent when only experts (or nothing) are quantized: older readers see what they know
             config["mcsmoe"][QUANTIZED_LINEARS] = {name: spec.to_dict() for name, spec in linears.items()}
@@ -63,6 +66,14 @@ def save_compressed(
         save_file(weights_to_save(model), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
 
     return write_model_dir(write, out_dir, source_dir, force)
+
+
+def written_format_version(mcsmoe_section: dict) -> int:
+    """The format a checkpoint is written in: the oldest that holds it, so older readers refuse (in one
+    line) only the checkpoints they would misread."""
+    shared = any(spec.get("shared") for layer in mcsmoe_section.get("layers", {}).values()
+                 for spec in layer.get("projections", {}).values())
+    return SHARED_BASIS_FORMAT if shared else 1
 
 
 def save_standard(model: nn.Module, out_dir: str | Path, source_dir: str | Path | None = None,

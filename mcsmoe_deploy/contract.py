@@ -28,8 +28,17 @@ OP_TYPE = "GroupedLowRankMoE"
 OP_VERSION = 1
 # quantized factors as per-group INT4/UINT4/INT8/UINT8 inputs (docs/ops.md, "Version 2")
 QUANTIZED_OP_VERSION = 2
-# float factors as per-group inputs transposed to [in, out] too (docs/ops.md, "Version 3"; target ort)
+# version 3 (docs/ops.md, "Version 3"): float factors as per-group inputs transposed to [in, out] (target
+# ort), and low-rank factors shared by all groups (one input without the group axis)
 PER_GROUP_OP_VERSION = 3
+SHARED_BASIS_OP_VERSION = PER_GROUP_OP_VERSION
+
+
+def op_version(quantized: bool, unstacked_floats: bool) -> int:
+    """The op version a node needs: the oldest whose inputs it fits (docs/ops.md, "Versioning").
+
+    unstacked_floats: some float factor is not stacked [G, ...] (per-group inputs or a shared basis)."""
+    return PER_GROUP_OP_VERSION if unstacked_floats else QUANTIZED_OP_VERSION if quantized else OP_VERSION
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -198,6 +207,8 @@ __all__ = [
     "OP_VERSION",
     "QUANTIZED_OP_VERSION",
     "PER_GROUP_OP_VERSION",
+    "SHARED_BASIS_OP_VERSION",
+    "op_version",
     "PAST_PREFIX",
     "POSITION_IDS",
     "PRESENT_PREFIX",

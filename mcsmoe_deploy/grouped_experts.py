@@ -16,6 +16,11 @@ low-rank plus structured-sparse rows:
     W_g  =  left_g @ right_g  (+ sparse_values_g placed at rows sparse_rows_g)
     left [G, out, r], right [G, r, in], sparse_rows [G, n] (int64), sparse_values [G, n, in]
 
+A shared-basis projection (`shared` "right" or "left") stores one factor for all G groups, without
+the group axis: `right [r, in]` (a basis of the input space; `left [G, out, r]` the per-group
+coefficients) or `left [out, r]` (a basis of the output space; `right [G, r, in]`); W_g is then
+left_g @ right or left @ right_g (compress/shared_basis.py fits them).
+
 A quantized projection stores each factor (weight, or left and right) as blockwise codes
 (see quantization.py): `<factor>_codes [G, rows, cols * bits / 8]` uint8 (int4 packed two per
 byte), `<factor>_scales [G, rows, cols / block]` and, when asymmetric, `<factor>_zero_points
@@ -37,6 +42,10 @@ from .models.base import ExpertLayout, ExpertWeights, dispatch_to_index
 from .quantization import QuantizedWeight, QuantSpec, dequantize_stored, quantize
 
 
+# which factor of a low-rank projection may be shared across groups (None: none)
+SHARED_SIDES = (None, "right", "left")
+
+
 @dataclass(frozen=True)
 class ProjectionSpec:
     """How one projection of a layer is stored: dense, or rank-r factors plus n sparse rows; each
@@ -47,6 +56,13 @@ class ProjectionSpec:
     rank: int | None = None  # None: dense
     sparse_rows: int = 0
     quant: QuantSpec | None = None
+    shared: str | None = None  # low rank only: "right" or "left", the factor one for all groups
+
+    def __post_init__(self) -> None:
+        if self.shared not in SHARED_SIDES:
+            raise ValueError(f"shared must be one of {SHARED_SIDES}, not {self.shared!r}")
+        if self.shared is not None and (self.rank is None or self.quant is not None):
+            raise ValueError("a shared basis needs a float low-rank projection")
 
     @property
     def dense(self) -> bool:
@@ -62,6 +78,10 @@ class ProjectionSpec:
         return {"weight": (self.out_features, self.in_features), "left": (self.out_features, self.rank),
                 "right": (self.rank, self.in_features)}[factor]
 
+    def stacked(self, tensor: str) -> bool:
+        """Whether stored tensor `tensor` has the group axis [G, ...] (all but a shared factor)."""
+        return tensor != self.shared
+
     def factor_tensor_names(self, factor: str) -> tuple[str, ...]:
         """The stored tensors of one factor: itself, or its codes, scales[, zero points]."""
         if self.quant is None:
@@ -76,21 +96,43 @@ class ProjectionSpec:
         return names + (("sparse_rows", "sparse_values") if self.sparse_rows else ())
 
     def parameters_per_group(self) -> int:
-        """Stored numbers per merged expert (sparse row indices counted as one number each)."""
+        """Stored numbers per merged expert (sparse row indices counted as one number each; a shared
+        factor counted whole, once per group: see `stored_parameters` for a layer's total)."""
         if self.dense:
             return self.out_features * self.in_features
         return self.rank * (self.out_features + self.in_features) + self.sparse_rows * (self.in_features + 1)
+
+    def stored_parameters(self, num_groups: int) -> int:
+        """Stored numbers of all `num_groups` groups, a shared factor once."""
+        total = num_groups * self.parameters_per_group()
+        if self.shared is not None:
+            rows, cols = self.factor_shape(self.shared)
+            total -= (num_groups - 1) * rows * cols
+        return total
 
     def to_dict(self) -> dict:
         data = {"out": self.out_features, "in": self.in_features, "rank": self.rank, "sparse_rows": self.sparse_rows}
         if self.quant is not None:
             data["quant"] = self.quant.to_dict()
+        if self.shared is not None:  # absent otherwise: older checkpoints and readers are unchanged
+            data["shared"] = self.shared
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> ProjectionSpec:
         quant = QuantSpec.from_dict(data["quant"]) if data.get("quant") else None
-        return cls(data["out"], data["in"], data["rank"], data["sparse_rows"], quant)
+        return cls(data["out"], data["in"], data["rank"], data["sparse_rows"], quant, data.get("shared"))
+
+
+def group_slices(spec: ProjectionSpec, tensors: Sequence[torch.Tensor], group: int) -> dict[str, torch.Tensor]:
+    """{stored tensor name: group `group`'s slice} of a projection stored as `tensors` (`spec.tensor_names`
+    order); a shared factor is the same for every group."""
+    return {name: tensor[group] if spec.stacked(name) else tensor for name, tensor in zip(spec.tensor_names, tensors)}
+
+
+def stacked_groups(spec: ProjectionSpec, tensors: Sequence[torch.Tensor]) -> int:
+    """G, from the first tensor with the group axis."""
+    return next(t for name, t in zip(spec.tensor_names, tensors) if spec.stacked(name)).shape[0]
 
 
 def _factor(spec: ProjectionSpec, stored: dict[str, torch.Tensor], factor: str, dtype: torch.dtype) -> torch.Tensor:
@@ -104,7 +146,7 @@ def _factor(spec: ProjectionSpec, stored: dict[str, torch.Tensor], factor: str, 
 def _project_group(spec: ProjectionSpec, tensors: Sequence[torch.Tensor], group: int, x: torch.Tensor) -> torch.Tensor:
     """x [n, in] -> [n, out] through group `group` of a projection stored as `tensors` ([G, ...] each,
     `spec.tensor_names` order)."""
-    stored = {name: tensor[group] for name, tensor in zip(spec.tensor_names, tensors)}
+    stored = group_slices(spec, tensors, group)
     if spec.dense:
         return x @ _factor(spec, stored, "weight", x.dtype).T
     left, right = _factor(spec, stored, "left", x.dtype), _factor(spec, stored, "right", x.dtype)
@@ -170,7 +212,7 @@ def grouped_moe_forward(
     for every name of `layout.projections`. Each group runs once, on the tokens routed to it,
     and its output is added weighted by the sum of those tokens' picks in the group.
     """
-    num_groups = projections[layout.projections[0]][1][0].shape[0]
+    num_groups = stacked_groups(*projections[layout.projections[0]])
     weights, routed = _group_weights(expert_to_group, num_groups, top_k_index, top_k_weights)
     act = _activation(layout.activation)
 
@@ -202,7 +244,8 @@ class GroupedProjection(nn.Module):
         for factor in spec.factors:
             rows, cols = spec.factor_shape(factor)
             if spec.quant is None:
-                setattr(self, factor, nn.Parameter(torch.zeros(num_groups, rows, cols, dtype=dtype)))
+                shape = (num_groups, rows, cols) if spec.stacked(factor) else (rows, cols)
+                setattr(self, factor, nn.Parameter(torch.zeros(shape, dtype=dtype)))
                 continue
             quant = spec.quant
             blocks = cols // quant.block
@@ -217,7 +260,7 @@ class GroupedProjection(nn.Module):
 
     @property
     def num_groups(self) -> int:
-        return self.tensors()[0].shape[0]
+        return stacked_groups(self.spec, self.tensors())
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The stored tensors, each [G, ...], in `spec.tensor_names` order."""
@@ -229,7 +272,7 @@ class GroupedProjection(nn.Module):
 
     def factor(self, factor: str, group: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Group `group`'s factor ("weight", "left" or "right") as a float matrix [rows, cols]."""
-        stored = {name: tensor[group].detach() for name, tensor in zip(self.spec.tensor_names, self.tensors())}
+        stored = {name: t.detach() for name, t in group_slices(self.spec, self.tensors(), group).items()}
         return _factor(self.spec, stored, factor, dtype)
 
     def dense_weight(self) -> torch.Tensor:
@@ -255,6 +298,8 @@ class GroupedProjection(nn.Module):
         """
         if self.spec.quant is not None:
             raise ValueError("the projection is already quantized")
+        if self.spec.shared is not None:
+            raise ValueError("a shared-basis projection cannot be quantized (recipe.validate refuses it)")
         spec = dataclasses.replace(self.spec, quant=quant)
         for factor in spec.factors:
             quant.check_shape(spec.factor_shape(factor), f"{factor} factor")
@@ -336,6 +381,7 @@ class GroupedLowRankExperts(nn.Module):
     def extra_repr(self) -> str:
         specs = ", ".join(
             f"{n}={'dense' if p.spec.dense else f'rank {p.spec.rank}+{p.spec.sparse_rows} rows'}"
+            + (f" shared {p.spec.shared}" if p.spec.shared else "")
             + (f" {p.spec.quant.name}/{p.spec.quant.block}" if p.spec.quant else "")
             for n, p in self.projections.items()
         )

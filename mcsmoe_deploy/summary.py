@@ -48,7 +48,7 @@ def format_compression(result: CompressionResult) -> str:
     for layer, before, after in zip(result.applied.layers, result.before.layers, result.after.layers):
         ranks = ", ".join(
             f"{name}:{'dense' if spec.rank is None else spec.rank}{f'+{spec.sparse_rows}r' if spec.sparse_rows else ''}"
-            + (f" {spec.quant.name}" if spec.quant else "")
+            + (f" {spec.quant.name}" if spec.quant else "") + (f" shared {spec.shared}" if spec.shared else "")
             for name, spec in layer.projections.items()
         )
         layer_rows.append([layer.name, str(layer.grouping.num_groups), ranks, f"{before.parameters:,}",

@@ -16,7 +16,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mcsmoe_deploy.contract import PER_GROUP_OP_VERSION
 from mcsmoe_deploy.exporters import MoEOpSpec, standalone_model
-from mcsmoe_deploy.exporters.moe_op import op_version
 from mcsmoe_deploy.exporters.passes.matmul_nbits import MatMulNBitsPass
 from mcsmoe_deploy.grouped_experts import ProjectionSpec
 from mcsmoe_deploy.models.base import SOFTMAX_TOPK_NORM
@@ -38,7 +37,7 @@ def test_per_group_body_computes_what_the_stacked_body_does():
                    ("down", ProjectionSpec(H, I, rank=5, sparse_rows=2)))
     stacked = MoEOpSpec(E, G, H, I, 2, True, "silu", SOFTMAX_TOPK_NORM, projections)
     split = dataclasses.replace(stacked, per_group=True)
-    assert op_version(stacked) == 1 and op_version(split) == PER_GROUP_OP_VERSION
+    assert stacked.version == 1 and split.version == PER_GROUP_OP_VERSION
     assert split.overload == stacked.overload + "_pergroup"
     rng = np.random.default_rng(0)
     feeds = {"hidden": rng.standard_normal((7, H), dtype=np.float32),

@@ -18,6 +18,7 @@ RECIPE_FLAGS = {
     "rank_energy": "--rank-energy",
     "sparse_keep": "--sparse-keep",
     "low_rank": "--low-rank",
+    "low_rank_basis": "--low-rank-basis",
     "calib": "--calib",
     "max_calib_tokens": "--max-calib-tokens",
     "distill_steps": "--distill-steps",
@@ -43,6 +44,7 @@ DEMO_FLAGS = {
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     from ..compress import GROUPINGS, LOW_RANK_KINDS, SIMILARITIES, WEIGHTINGS
+    from ..compress.shared_basis import LOW_RANK_BASES
     from ..compress.recipe import (
         COMPRESSED_DISTILL_LR, FORMATS, MERGED_DISTILL_LR, QUANT_METHODS, QUANT_SCOPES, QUANTIZATIONS, ROUTER_LR,
         ROUTER_STEPS, CompressionRecipe,
@@ -85,6 +87,12 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the same as --low-rank activation-aware: fit each merged projection's factors to the "
                             "calibration inputs it sees, minimising the error of its outputs rather than of its "
                             "weights (beyond the paper)")
+    group.add_argument("--low-rank-basis", choices=LOW_RANK_BASES, default=defaults.low_rank_basis,
+                       help="per-expert: each merged expert's own factors (the paper); shared: per layer and "
+                            "projection one basis on the hidden-size side for all merged experts plus each expert's "
+                            "coefficients (D2-MoE / Sub-MoE style; whitened with --low-rank activation-aware), at "
+                            "the rank that stores as many numbers as per-expert factors at --rank-ratio. Float only: "
+                            "not with --quantize or --rank-energy (default: %(default)s)")
     group = parser.add_argument_group("quantization (after merging, low rank and recovery)")
     group.add_argument("--quantize", choices=tuple(QUANTIZATIONS), default=None,
                        help="store every merged expert's factors (dense weights, or low-rank left and right) and, by "
@@ -159,6 +167,7 @@ def _recipe_from(args: argparse.Namespace):
         rank_energy=args.rank_energy,
         sparse_keep=args.sparse_keep,
         low_rank=args.low_rank,
+        low_rank_basis=args.low_rank_basis,
         calib=args.calib,
         max_calib_tokens=args.max_calib_tokens,
         distill_steps=args.distill_steps,

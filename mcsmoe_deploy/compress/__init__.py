@@ -46,6 +46,7 @@ from .plan import (
 from .gptq import ExpertInputMoments, gptq_projection, gptq_quantize, gptq_quantize_batch
 from .quantize import InputMoments, check_quantizable, linears_to_quantize, quantize_experts, quantize_model
 from .recipe import FORMATS, QUANT_METHODS, QUANT_SCOPES, QUANTIZATIONS, CompressionRecipe
+from .shared_basis import LOW_RANK_BASES, SharedBasis, shared_basis, shared_rank_for_ratio, shared_side
 from .router_calibration import calibrate_routers, kl_to_teacher, router_parameters
 from .standard import check_standard, to_standard_model
 from .registry import Registry
@@ -61,6 +62,11 @@ from .stats import (
 )
 
 __all__ = [
+    "LOW_RANK_BASES",
+    "SharedBasis",
+    "shared_basis",
+    "shared_rank_for_ratio",
+    "shared_side",
     "QUANT_METHODS",
     "FORMATS",
     "NEEDS_EXPERT_OUTPUTS",

@@ -14,12 +14,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..grouped_experts import GroupedLowRankExperts, ProjectionSpec
+from ..grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec
 from ..models import ExpertLayout, ExpertWeights, FamilyAdapter
 from .grouping import GROUPINGS, GroupingContext, LayerGrouping, groups_per_layer
 from .lowrank import LOW_RANK_KINDS, low_rank_sparse, rank_for_energy, rank_for_ratio, sparse_row_count
 from .merge import merge_layer
 from .recipe import CompressionRecipe
+from .shared_basis import shared_basis, shared_rank_for_ratio, shared_side
 from .stats import RoutingStats
 
 
@@ -108,8 +109,17 @@ def plan_compression(stats: RoutingStats, num_experts: int, recipe: CompressionR
 
 
 def projection_spec(name: str, merged: list[ExpertWeights], layout: ExpertLayout, recipe: CompressionRecipe) -> ProjectionSpec:
-    """How projection `name` of a layer is stored: one rank for all of the layer's groups."""
+    """How projection `name` of a layer is stored: one rank for all of the layer's groups.
+
+    With `recipe.low_rank_basis` "shared", the factor on the hidden-size side is one for all groups
+    (compress/shared_basis.py) at the rank that holds as many numbers as per-expert factors would.
+    """
     out_features, in_features = layout.projection_shape(name)
+    if recipe.low_rank_basis == "shared" and not recipe.merge_only:
+        side = shared_side(name, layout)
+        rank = shared_rank_for_ratio(out_features, in_features, len(merged), side, recipe.rank_ratio)
+        return ProjectionSpec(out_features, in_features, rank, sparse_row_count(out_features, recipe.sparse_keep),
+                              shared=side)
     if recipe.rank_energy is not None:
         rank = rank_for_energy([expert[name] for expert in merged], recipe.rank_energy)
         if rank * (out_features + in_features) >= out_features * in_features:
@@ -152,6 +162,10 @@ def build_grouped_experts(
     with torch.no_grad():
         for name, spec in specs.items():
             target = module.projections[name]
+            if spec.shared is not None:
+                _fill_shared(target, [expert[name] for expert in merged], spec,
+                             None if input_moments is None else [moments[name] for moments in input_moments])
+                continue
             for group, expert in enumerate(merged):
                 if spec.dense:
                     target.weight[group] = expert[name]
@@ -164,6 +178,18 @@ def build_grouped_experts(
                     target.sparse_rows[group] = factors.sparse_rows
                     target.sparse_values[group] = factors.sparse_values
     return module
+
+
+def _fill_shared(target: GroupedProjection, weights: list[torch.Tensor], spec: ProjectionSpec,
+                 moments: list[torch.Tensor] | None) -> None:
+    """Fit a shared basis to one projection's merged weights and store it in `target`."""
+    fitted = shared_basis(weights, spec.rank, spec.shared, spec.sparse_rows, moments)
+    getattr(target, spec.shared).copy_(fitted.shared)
+    own = "left" if spec.shared == "right" else "right"
+    getattr(target, own).copy_(torch.stack(fitted.per_group))
+    if spec.sparse_rows:
+        target.sparse_rows.copy_(fitted.sparse_rows)
+        target.sparse_values.copy_(fitted.sparse_values)
 
 
 def apply_plan(

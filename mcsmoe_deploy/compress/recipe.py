@@ -11,6 +11,7 @@ from ..quantization import DEFAULT_BLOCK, QuantSpec
 from .grouping import GROUPINGS, NEEDS_EXPERT_OUTPUTS
 from .lowrank import LOW_RANK_KINDS, check_rank_energy, check_rank_ratio, check_sparse_keep
 from .merge import WEIGHTINGS
+from .shared_basis import LOW_RANK_BASES
 from .stats import SIMILARITIES
 
 # Default peak learning rates of distillation (linear decay to 0), measured on the embedded model
@@ -58,6 +59,11 @@ class CompressionRecipe:
         "activation-aware" (fit to calibration activations, minimising the output error; not in the
         paper), from the first `activation_samples` calibration tokens of each layer (GPTQ fits to the
         same number of tokens).
+    low_rank_basis: LOW_RANK_BASES, "per-expert" (the paper: each merged expert's own factors) or
+        "shared": per layer and projection one basis on the hidden-size side for all merged experts
+        plus each expert's coefficients (D2-MoE / Sub-MoE style; whitened with "activation-aware"),
+        at the rank that stores as many numbers as per-expert factors at `rank_ratio` (equal bytes;
+        compress/shared_basis.py). Not with `rank_energy` or `quantize`.
     calib: calibration text file (.txt or .jsonl) or None for the built-in corpus.
     max_calib_tokens, calib_seq_len: calibration budget in tokens and block length.
     distill_steps: knowledge-distillation steps from the original model (0: none).
@@ -96,6 +102,7 @@ class CompressionRecipe:
     rank_energy: float | None = None
     sparse_keep: float = 0.0
     low_rank: str = "svd"
+    low_rank_basis: str = "per-expert"
     activation_samples: int = 4096
     calib: str | None = None
     max_calib_tokens: int = 32768
@@ -124,6 +131,7 @@ class CompressionRecipe:
         if self.rank_energy is not None:
             check_rank_energy(self.rank_energy)
         check_sparse_keep(self.sparse_keep)
+        self.check_low_rank_basis()
         if self.max_calib_tokens < self.calib_seq_len:
             raise ParameterError("max_calib_tokens", f"must be at least one block of {self.calib_seq_len} tokens, "
                                                      f"not {self.max_calib_tokens}")
@@ -150,6 +158,16 @@ class CompressionRecipe:
         if not 0 < self.router_lr < math.inf:
             raise ParameterError("router_lr", f"must be a positive finite number, not {self.router_lr}")
         self.check_output_format()
+
+    def check_low_rank_basis(self) -> None:
+        """ParameterError unless `low_rank_basis` is known and combines with the other choices."""
+        if self.low_rank_basis not in LOW_RANK_BASES:
+            raise ParameterError("low_rank_basis", f"must be one of {', '.join(LOW_RANK_BASES)}, "
+                                                   f"not {self.low_rank_basis!r}")
+        if self.low_rank_basis == "shared" and self.rank_energy is not None:
+            raise ParameterError("low_rank_basis", "shared takes its rank from rank_ratio, not rank_energy")
+        if self.low_rank_basis == "shared" and self.quantize is not None:
+            raise ParameterError("low_rank_basis", "shared bases are stored float; quantize per-expert factors instead")
 
     def check_output_format(self) -> None:
         """ParameterError if `output_format` cannot hold what the recipe builds."""

@@ -26,7 +26,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from ..contract import DOMAIN, OP_TYPE, OP_VERSION, PER_GROUP_OP_VERSION, QUANTIZED_OP_VERSION
+from ..contract import DOMAIN, OP_TYPE, OP_VERSION
 from ..grouped_experts import GroupedLowRankExperts, grouped_moe_forward, route_top_k
 from ..models.base import FamilyAdapter
 from .moe_op import grouped_moe_function
@@ -105,7 +105,7 @@ def translate(hidden, router_logits, expert_to_group, projections, spec_key):
     # all inputs by keyword: torch's _building._construct_named_inputs_and_attrs gives a
     # variadic parameter *all* positional args (right only when it is the first input),
     # so positional projection tensors would repeat hidden, router_logits, expert_to_group
-    return _custom_opset(QUANTIZED_OP_VERSION if spec.quantized else OP_VERSION).GroupedLowRankMoE(
+    return _custom_opset(spec.version).GroupedLowRankMoE(
         hidden=hidden,
         router_logits=router_logits,
         expert_to_group=expert_to_group,
@@ -211,11 +211,10 @@ def finish_custom_nodes(model: ir.Model, specs: list[MoEOpSpec], per_group: bool
             raise RuntimeError(f"GroupedLowRankMoE node {node.name} lacks its spec key")
         spec = spec_for_key(int(activation.rsplit(_KEY_SEP, 1)[1]))
         node.attributes["activation"] = ir.AttrString("activation", spec.activation)
-        if per_group and any(p.quant is None for _, p in spec.projections):
+        # a shared basis keeps its stacked per-group factor (version 3 either way; docs/ops.md)
+        if per_group and not spec.shared_basis and any(p.quant is None for _, p in spec.projections):
             spec = dataclasses.replace(spec, per_group=True)
-            versions.add(PER_GROUP_OP_VERSION)
-        if spec.quantized:
-            versions.add(QUANTIZED_OP_VERSION)
+        versions.add(spec.version)
         if spec.quantized or spec.per_group:
             split_quantized_inputs(model.graph, node, spec)
         if len(node.inputs) != len(spec.input_names()):

@@ -116,7 +116,7 @@ def _routing(b: Body, spec: MoEOpSpec) -> tuple[str, str]:
 def _group_weights(b: Body, spec: MoEOpSpec) -> str:
     """a [G, T]: summed routing weight of each token's picks per group (router dtype)."""
     top_w, top_i = _routing(b, spec)
-    if spec.quantized or spec.split_floats:  # per-group inputs: G is fixed by the overload
+    if spec.quantized or spec.split_floats or spec.shared_basis:  # per-group or unstacked inputs: G is fixed by the overload
         num_groups = b.scalar_int(spec.num_groups)
     else:
         first_weight = spec.projection_inputs(spec.projections[0][0])[0]
@@ -174,6 +174,8 @@ def project_group(b: Body, spec: MoEOpSpec, name: str, group: int | str, h: str)
     index = b.scalar_int(group) if isinstance(group, int) else group
     if proj.quant is not None:
         return _project_group_quantized(b, spec, name, group, h)
+    if proj.shared is not None:
+        return _project_group_shared(b, spec, name, group, h)
     if spec.per_group:
         return _project_group_split(b, spec, name, group, h)
 
@@ -240,6 +242,26 @@ def _project_group_split(b: Body, spec: MoEOpSpec, name: str, group: int | str, 
         return b("Transpose", b("Gather", tensor, index, axis=0), perm=[1, 0])  # sparse values [n, in] -> [in, n]
 
     inputs = tuple(per_factor[factor] for factor in proj.factors) + names[len(proj.factors) * spec.num_groups:]
+    return _apply_projection(b, proj, inputs, h, weight_t, add_rows)
+
+
+def _project_group_shared(b: Body, spec: MoEOpSpec, name: str, group: int | str, h: str) -> str:
+    """`project_group` for a shared-basis projection: the shared factor is one input without the group
+    axis (transposed once, folded for an initializer); the other factor and sparse rows are sliced
+    per group as for a stacked low-rank projection."""
+    proj = dict(spec.projections)[name]
+    inputs = spec.projection_inputs(name)
+    index = b.scalar_int(group) if isinstance(group, int) else group
+    shared = {"left": inputs[0], "right": inputs[1]}[proj.shared]
+
+    def weight_t(tensor: str) -> str:
+        sliced = tensor if tensor == shared else b("Gather", tensor, index, axis=0)
+        return b("Transpose", sliced, perm=[1, 0])
+
+    def add_rows(y: str, rows: str, extra: str) -> str:
+        row_index = b("Expand", b("Unsqueeze", b("Gather", rows, index, axis=0), b.ints([0])), b("Shape", extra))
+        return b.scatter_add("ScatterElements", y, row_index, extra, axis=1)
+
     return _apply_projection(b, proj, inputs, h, weight_t, add_rows)
 
 
@@ -366,6 +388,8 @@ def build_body(spec: MoEOpSpec, strategy: str = DEFAULT_STRATEGY) -> list[onnx.N
         raise ValueError(f"strategy {strategy!r} unknown; one of {STRATEGIES}")
     if (spec.quantized or spec.per_group) and strategy != "gather_tokens":
         raise ValueError(f"per-group and quantized inputs are built by gather_tokens only, not {strategy!r}")
+    if spec.shared_basis and strategy not in ("gather_tokens", "loop_tokens"):
+        raise ValueError(f"shared-basis projections are built by gather_tokens or loop_tokens, not {strategy!r}")
     b = Body()
     b.output(_BUILDERS[strategy](b, spec))
     return b.nodes

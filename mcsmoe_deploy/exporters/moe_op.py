@@ -54,18 +54,10 @@ def grouped_moe_function(spec: MoEOpSpec, opset: int = 18) -> onnx.FunctionProto
         opset_imports=[helper.make_opsetid("", opset)],
         # declared so the node may carry them; the body is specialised, not driven by them
         attributes=list(NODE_ATTRIBUTES),
-        doc_string=f"{DOMAIN}::{OP_TYPE} v{op_version(spec)} reference body ({spec.overload}); see docs/ops.md",
+        doc_string=f"{DOMAIN}::{OP_TYPE} v{spec.version} reference body ({spec.overload}); see docs/ops.md",
     )
     function.overload = spec.overload
     return function
-
-
-def op_version(spec: MoEOpSpec) -> int:
-    """The op version a node of structure `spec` needs: 3 with per-group float factors, 2 with quantized
-    ones, else 1 (docs/ops.md, "Versioning")."""
-    if spec.split_floats:
-        return PER_GROUP_OP_VERSION
-    return QUANTIZED_OP_VERSION if spec.quantized else OP_VERSION
 
 
 def make_moe_node(spec: MoEOpSpec, input_names: list[str], output_name: str, name: str) -> onnx.NodeProto:
@@ -110,7 +102,8 @@ def register_op_schema() -> bool:
 def _register_version(version: int) -> None:
     """Version 1: float projection tensors; version 2 adds quantized factors (docs/ops.md): per-group
     int4/uint4/int8/uint8 codes, and uint8 for the stacked codes of the traced node before its split;
-    version 3 takes float factors per group too, transposed (same types as version 2)."""
+    version 3 takes float factors per group too, transposed, and shared-basis factors (one float input
+    without the group axis): same types as version 2."""
     quantized = ["tensor(int4)", "tensor(uint4)", "tensor(int8)", "tensor(uint8)"] if version > 1 else []
     schema_cls = onnx.defs.OpSchema
     param, attr = schema_cls.FormalParameter, schema_cls.Attribute
@@ -168,7 +161,7 @@ def standalone_model(spec: MoEOpSpec, opset: int = 18, elem_type: int = TensorPr
     )
     return helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, op_version(spec))],
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, spec.version)],
         functions=[grouped_moe_function(spec, opset)],
         # IR 10: function overloads
         ir_version=10,

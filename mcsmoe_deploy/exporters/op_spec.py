@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..contract import op_version
 from ..grouped_experts import GroupedLowRankExperts, ProjectionSpec
 from ..models.base import ROUTINGS, SOFTMAX_TOPK_NORM, ExpertLayout
 
@@ -94,6 +95,16 @@ class MoEOpSpec:
         return self.per_group and any(p.quant is None for _, p in self.projections)
 
     @property
+    def shared_basis(self) -> bool:
+        """True when some projection has a factor shared by all groups (op version 3, docs/ops.md)."""
+        return any(p.shared is not None for _, p in self.projections)
+
+    @property
+    def version(self) -> int:
+        """The op version this node needs (contract.op_version)."""
+        return op_version(self.quantized, self.split_floats or self.shared_basis)
+
+    @property
     def quantized(self) -> bool:
         """True when some projection stores quantized factors (op version 2 inputs, docs/ops.md)."""
         return any(p.quant is not None for _, p in self.projections)
@@ -166,8 +177,8 @@ class MoEOpSpec:
             if p.dense:
                 shapes[f"{name}_weight"] = [g, out_f, in_f]
                 continue
-            shapes[f"{name}_left"] = [g, out_f, p.rank]
-            shapes[f"{name}_right"] = [g, p.rank, in_f]
+            shapes[f"{name}_left"] = [out_f, p.rank] if p.shared == "left" else [g, out_f, p.rank]
+            shapes[f"{name}_right"] = [p.rank, in_f] if p.shared == "right" else [g, p.rank, in_f]
             if p.sparse_rows:
                 shapes[f"{name}_sparse_rows"] = [g, p.sparse_rows]
                 shapes[f"{name}_sparse_values"] = [g, p.sparse_rows, in_f]
@@ -180,6 +191,8 @@ class MoEOpSpec:
         kinds = []
         for name, p in self.projections:
             kind = f"{name}-dense" if p.dense else f"{name}-lowrank" + ("-sparse" if p.sparse_rows else "")
+            if p.shared is not None:  # the body reads the shared factor as it is, without a group slice
+                kind += f"-shared{p.shared}"
             if p.quant is not None:  # the body's DequantizeLinear carries the block size and the zero points
                 kind += f"-{'' if p.quant.symmetric else 'u'}int{p.quant.bits}b{p.quant.block}"
             kinds.append(kind)
