@@ -67,7 +67,9 @@ class CompressionRecipe:
         factors (dense weights, or the low-rank left and right) are quantized blockwise, round to
         nearest (quantization.py); low-rank ranks are rounded to a multiple of `quant_block`.
     quant_block: values per quantization block along a factor's input dimension (a power of two >= 16).
-    quant_symmetric: symmetric codes (no zero points) or asymmetric (a zero point per block).
+    quant_symmetric: symmetric codes (no zero points) or asymmetric (a zero point per block; the
+        default: on the embedded LM, int4 blocks of 16, every layer, round to nearest, held-out
+        perplexity 19.85 symmetric against 19.31 asymmetric, dense fp32 18.90; 4 more bits per block).
     quant_scope: what `quantize` covers: "all" (default) also quantizes every other linear layer of a
         decoder-only model (attention q/k/v/o, a shared expert and its gate, the LM head; routers and
         embeddings stay float, biases too); "experts" only the merged experts. Switch Transformers
@@ -104,7 +106,7 @@ class CompressionRecipe:
     distill_lr: float | None = None
     quantize: str | None = None
     quant_block: int = DEFAULT_BLOCK
-    quant_symmetric: bool = True
+    quant_symmetric: bool = False
     quant_scope: str = "all"
     quant_method: str = "rtn"
     calibrate_router: bool = False
