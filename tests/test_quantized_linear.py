@@ -70,7 +70,7 @@ def _optimized_graph(path, tmp_path) -> onnx.ModelProto:
 @pytest.mark.parametrize("family", DECODERS)
 def test_scope_all_checkpoint_reloads_exactly_and_exports_to_matmul_nbits(family, tiny_dirs, tmp_path):
     recipe = m.CompressionRecipe(experts=4, quantize="int4", quant_block=16, **FAST)
-    assert recipe.quant_scope == "all"
+    assert recipe.quant_scope == "all" and not recipe.quant_symmetric  # asymmetric by default
     source = CalibratedModel(tiny_dirs[family], recipe, progress=False)
     compressed = source.compress(in_place=True)
     source.quantize(compressed)
@@ -78,7 +78,7 @@ def test_scope_all_checkpoint_reloads_exactly_and_exports_to_matmul_nbits(family
 
     section = json.loads((out / "config.json").read_text())["mcsmoe"]
     assert set(section["quantized_linears"]) == _expected_linears(family)  # no router, no embedding
-    assert all(spec == {"bits": 4, "block": 16, "symmetric": True} for spec in section["quantized_linears"].values())
+    assert all(spec == {"bits": 4, "block": 16, "symmetric": False} for spec in section["quantized_linears"].values())
     assert m.is_quantized_checkpoint(out)
     reloaded = m.load_compressed(out)
     assert isinstance(reloaded.lm_head, QuantizedLinear)
