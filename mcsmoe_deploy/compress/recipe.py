@@ -76,8 +76,9 @@ class CompressionRecipe:
         quantizes its experts only.
     quant_method: QUANT_METHODS, "rtn" (round to nearest) or "gptq" (error feedback fitted to the
         first `activation_samples` calibration tokens, per merged expert, layer by layer;
-        compress/gptq.py). Round to nearest stays the default: on the embedded LM, blocks of 16, GPTQ
-        lowers int4 perplexity at G = 4 (21.19 -> 20.93) but not at G = 2 (22.48 -> 22.50), for a
+        compress/gptq.py; with quant_scope "all" also every other linear layer, compress/gptq_linears.py).
+        Round to nearest stays the default: on the embedded LM, int4 blocks of 16 of every layer,
+        asymmetric, GPTQ gives 19.16 against 19.31 held-out perplexity (dense fp32 18.90), for a
         quantization step several times longer (benchmarks/results/quality-quantized.md).
     calibrate_router: after compression (and distillation), train the routers alone for `router_steps`
         AdamW steps at peak rate `router_lr` (linear decay) on the calibration text, minimising the KL
