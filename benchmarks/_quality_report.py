@@ -94,7 +94,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         return None
     settings = list(dict.fromkeys(row["setting"] for row in rows))
     methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] != "dense"))
-    colours = {method: plt.get_cmap("tab10")(i % 10) for i, method in enumerate(methods)}
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")  # one colour per method
+    colours = {method: palette(i % palette.N) for i, method in enumerate(methods)}
     nudge = {method: 0.004 * (i - (len(methods) - 1) / 2) for i, method in enumerate(methods)}
     fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.8), squeeze=False)
     for ax, setting in zip(axes[0], settings):
