@@ -25,7 +25,8 @@ def test_linear_moments_are_the_sum_of_x_xT_of_the_layer_inputs(tiny_dirs):
     blocks = torch.randint(1, 256, (3, 16), generator=torch.Generator().manual_seed(0))
     moments = LinearInputMoments(model, adapter, blocks, batch_size=2, progress=False)(["lm_head"])
     with torch.no_grad():  # the LM head's input is the last hidden state (after the final norm)
-        hidden = model(input_ids=blocks, output_hidden_states=True).hidden_states[-1].reshape(-1, model.config.hidden_size)
+        hidden = model(input_ids=blocks, output_hidden_states=True).hidden_states[-1]
+    hidden = hidden.reshape(-1, model.config.hidden_size)
     want = hidden.double().T @ hidden.double()
     assert float((moments["lm_head"] - want).abs().max()) <= 1e-5 * float(want.abs().max())
     # max_tokens keeps whole blocks: 20 tokens of blocks of 16 -> 2 blocks

@@ -28,7 +28,8 @@ def add_quant_symmetry(group, default: bool) -> None:
     choice.add_argument("--quant-asymmetric", dest="quant_symmetric", action="store_false", default=default,
                         help=QUANT_SYMMETRY_HELP)
     choice.add_argument("--quant-symmetric", dest="quant_symmetric", action="store_true",
-                        help="symmetric codes, no zero points, as onnxruntime-genai's builder stores int4 (see --quant-asymmetric)")
+                        help="symmetric codes, no zero points, as onnxruntime-genai's builder stores int4 "
+                             "(see --quant-asymmetric)")
 
 
 def quiet_torch_onnx() -> None:
