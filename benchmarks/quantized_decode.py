@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.perplexity:
         for name, value in perplexities().items():
-            print(f"{name:26s} held-out perplexity {value:8.3f}")
+            print(f"{name:30s} held-out perplexity {value:8.3f}")
         return
     args.work.mkdir(parents=True, exist_ok=True)
     names = [*VARIANTS, *BUILDERS] if args.only is None else sorted({"ours-fp32", "builder-int4", *args.only})
