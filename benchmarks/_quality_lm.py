@@ -29,16 +29,27 @@ BASELINES = {
 # quantized rows (experts only, int4/int8 after recovery): the uncompressed model as G = E groups,
 # M-SMoE, and MC-SMoE at each rank ratio; round to nearest, and "-gptq" with GPTQ (compress/gptq.py)
 GPTQ, RTN = {"quant_method": "gptq"}, {"quant_method": "rtn"}
-DENSE_QUANTIZED = {"dense-int8": {"quantize": "int8", **RTN}, "dense-int4": {"quantize": "int4", **RTN},
-                   "dense-int8-gptq": {"quantize": "int8", **GPTQ}, "dense-int4-gptq": {"quantize": "int4", **GPTQ}}
+EXPERTS_ONLY, ALL, SYM = {"quant_scope": "experts"}, {"quant_scope": "all"}, {"quant_symmetric": True}
+DENSE_QUANTIZED = {"dense-int8": {"quantize": "int8", **RTN, **EXPERTS_ONLY},
+                   "dense-int4": {"quantize": "int4", **RTN, **EXPERTS_ONLY},
+                   "dense-int8-gptq": {"quantize": "int8", **GPTQ, **EXPERTS_ONLY},
+                   "dense-int4-gptq": {"quantize": "int4", **GPTQ, **EXPERTS_ONLY},
+                   # every linear layer but the routers (`mcsmoe compress --quantize`'s default scope)
+                   "dense-int4-all": {"quantize": "int4", **RTN, **ALL},
+                   "dense-int4-all-sym": {"quantize": "int4", **RTN, **ALL, **SYM},
+                   "dense-int4-all-gptq": {"quantize": "int4", **GPTQ, **ALL},
+                   "dense-int8-all": {"quantize": "int8", **RTN, **ALL}}
 MERGED_QUANTIZED = ("msmoe-int4", "msmoe-int4-gptq", "mcsmoe-int4", "mcsmoe-int4-gptq")
+# merged, then every linear layer quantized (scope all), by method and grouping
+MERGED_ALL_QUANTIZED = {"msmoe-int4-all": {**RTN}, "msmoe-int4-all-sym": {**RTN, **SYM},
+                        "msmoe-int4-all-gptq": {**GPTQ}, "hc-int4-all-gptq": {**GPTQ, "grouping": "hc"}}
 # a method's row after router calibration is named "<method>+router" (merge-only methods)
 ROUTER_SUFFIX = "+router"
 # low rank with one basis per layer and projection shared by the merged experts (--low-rank-basis shared), at the
 # same bytes as the per-expert rows of the same rank ratio; plain joint SVD, and whitened (activation-aware)
 SHARED_BASIS = {"mcsmoe-shared": {}, "mcsmoe-shared-activation-aware": {"low_rank": "activation-aware"}}
 METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware", *SHARED_BASIS, *DENSE_QUANTIZED,
-           *MERGED_QUANTIZED)
+           *MERGED_QUANTIZED, *MERGED_ALL_QUANTIZED)
 
 
 def chosen(method: str, methods: list[str] | None) -> bool:
@@ -84,7 +95,8 @@ def sweep(
     rate `distill_lr`, or by default the recipe's (`CompressionRecipe.distill_learning_rate`).
     router_steps, calibrate(model, steps): with router_steps > 0, each merge-only baseline also gets a
     row "<method>+router" after `calibrate` trained its routers alone (after any recovery).
-    Rows: {"setting", "method", "experts", "rank_ratio", "distill_steps", "expert_memory_ratio", "metric", "value"},
+    Rows: {"setting", "method", "experts", "rank_ratio", "distill_steps", "expert_memory_ratio", "bytes", "metric",
+    "value"} (bytes: the whole model's, size_report's total: codes, scales, zero points, float tensors),
     and for quantized methods "quantize_seconds": wall time of the quantization step alone (GPTQ's
     calibration passes included).
     """
@@ -99,6 +111,7 @@ def sweep(
             "setting": setting, "method": method, "experts": experts, "rank_ratio": rank_ratio,
             "distill_steps": steps,
             "expert_memory_ratio": round(mc.size_report(model, adapter).expert_bytes / dense_bytes, 4),
+            "bytes": mc.size_report(model, adapter).total_bytes,
             "metric": metric, "value": round(score(model), 4),
         }
 
@@ -115,7 +128,7 @@ def sweep(
         rows.append(row("dense", model, num_experts, 1.0, steps))
         print(f"[{setting}] dense after {steps} steps of recovery {metric}={rows[-1]['value']:.4f}", flush=True)
     block = quant_block_for(adapter.expert_layout(dense.config))
-    quantized = {"quantize": "int4", "quant_block": block}
+    quantized = {"quantize": "int4", "quant_block": block, **EXPERTS_ONLY}
     runs = [(name, overrides, 1.0) for name, overrides in BASELINES.items()]
     runs += [("mcsmoe", {"rank_ratio": r, "sparse_keep": sparse_keep}, r) for r in rank_ratios]
     aware = {"sparse_keep": sparse_keep, "low_rank": "activation-aware"}
@@ -127,6 +140,7 @@ def sweep(
             runs += [(f"msmoe-int4{suffix}", {**quantized, **method}, 1.0)]
             runs += [(f"mcsmoe-int4{suffix}", {"rank_ratio": r, "sparse_keep": sparse_keep, **quantized, **method}, r)
                      for r in rank_ratios]
+        runs += [(name, {**quantized, **ALL, **overrides}, 1.0) for name, overrides in MERGED_ALL_QUANTIZED.items()]
     runs = [run for run in runs if chosen(run[0], methods)]
     plans = [(experts, method, overrides, rank_ratio) for experts in experts_list
              for method, overrides, rank_ratio in runs]
@@ -145,10 +159,13 @@ def sweep(
             quantize_seconds = None
             if recipe.quant_spec is not None:  # last, as `mcsmoe compress` does: after recovery
                 quantize_start = time.perf_counter()
+                gptq = recipe.quant_method == "gptq"
                 moments = (mc.ExpertInputMoments(model, adapter, calib, progress=False,
-                                                   max_tokens=recipe.activation_samples)
-                           if recipe.quant_method == "gptq" else None)
-                mc.quantize_experts(model, applied, recipe.quant_spec, moments)
+                                                   max_tokens=recipe.activation_samples) if gptq else None)
+                linear_moments = (mc.LinearInputMoments(model, adapter, calib, progress=False,
+                                                        max_tokens=recipe.activation_samples) if gptq else None)
+                mc.quantize_model(model, adapter, recipe.quant_spec, recipe.quant_scope, input_moments=moments,
+                                  linear_moments=linear_moments)
                 quantize_seconds = round(time.perf_counter() - quantize_start, 2)
             rows.append(row(method, model, experts, rank_ratio, steps))
             if quantize_seconds is not None:

@@ -1,4 +1,5 @@
-"""The quality benchmark's outputs: a markdown table per setting and a plot of expert memory vs quality."""
+"""The quality benchmark's outputs: markdown tables per setting (by G; quantized rows by whole-model bytes) and a
+plot of memory (whole-model bytes where rows carry them, else expert memory) vs quality."""
 
 from __future__ import annotations
 
@@ -50,6 +51,33 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
+# the reference of the bytes table: dense int4 of every layer, `mcsmoe compress --quantize int4`'s defaults
+BYTES_REFERENCE = "dense-int4-all"
+
+
+def bytes_table(rows: list[dict]) -> str:
+    """The quantized rows of each setting against whole-model bytes: recipe, bytes, ratio to dense int4
+    (BYTES_REFERENCE, no recovery), the metric and its change from the dense model. Empty without that row."""
+    parts = []
+    for setting in dict.fromkeys(row["setting"] for row in rows):
+        chosen = [row for row in rows if row["setting"] == setting and "bytes" in row]
+        dense = next((row for row in chosen if row["method"] == "dense" and row["distill_steps"] == 0), None)
+        reference = next((row for row in chosen if row["method"] == BYTES_REFERENCE and row["distill_steps"] == 0),
+                         None)
+        if dense is None or reference is None:
+            continue
+        parts += [f"### {setting}: whole-model bytes (ratio to {BYTES_REFERENCE}, {reference['bytes']:,} B)\n",
+                  f"| recipe | G | recovery steps | bytes | / dense int4 | {dense['metric']} | vs dense |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in sorted(chosen, key=lambda row: (row["bytes"], row["distill_steps"])):
+            change = 100 * (row["value"] / dense["value"] - 1)
+            parts.append(f"| {method_label(row)} | {row['experts']} | {row['distill_steps']} | {row['bytes']:,} | "
+                         f"{row['bytes'] / reference['bytes']:.3f} | {format_value(row['metric'], row['value'])} | "
+                         f"{change:+.1f}% |")
+        parts.append("")
+    return "\n".join(parts)
+
+
 def plot(rows: list[dict], path: Path) -> Path | None:
     """Expert memory ratio (x) vs quality (y), one panel per setting; None when matplotlib is missing.
 
@@ -66,11 +94,13 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         return None
     settings = list(dict.fromkeys(row["setting"] for row in rows))
     methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] != "dense"))
-    colours = {method: plt.get_cmap("tab10")(i % 10) for i, method in enumerate(methods)}
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")  # one colour per method
+    colours = {method: palette(i % palette.N) for i, method in enumerate(methods)}
     nudge = {method: 0.004 * (i - (len(methods) - 1) / 2) for i, method in enumerate(methods)}
     fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.8), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         chosen = [row for row in rows if row["setting"] == setting]
+        by_bytes = all("bytes" in row for row in chosen)  # older rows carry expert memory only
         for row in chosen:
             if row["method"] == "dense":
                 recovered = row["distill_steps"] > 0
@@ -79,15 +109,16 @@ def plot(rows: list[dict], path: Path) -> Path | None:
                            linestyle=":" if recovered else "--", linewidth=1, label=label)
                 continue
             colour = colours[row["method"]]
+            x = row["bytes"] / 1e6 if by_bytes else row["expert_memory_ratio"] + nudge[row["method"]]
             ax.scatter(
-                row["expert_memory_ratio"] + nudge[row["method"]], row["value"], s=36, color=colour,
+                x, row["value"], s=36, color=colour,
                 facecolors=colour if row["distill_steps"] > 0 else "none", linewidths=1.4,
             )
         for method in methods:  # legend entries: one per method, plus the two marker styles
             ax.scatter([], [], color=colours[method], label=method)
         ax.scatter([], [], facecolors="none", edgecolors="gray", label="no distillation")
         ax.scatter([], [], color="gray", label="after distillation")
-        ax.set_xlabel("expert memory / dense")
+        ax.set_xlabel("whole model, MB" if by_bytes else "expert memory / dense")
         ax.set_ylabel(chosen[0]["metric"])
         if chosen[0]["metric"] == "perplexity":
             ax.set_yscale("log")  # failed compressions reach hundreds

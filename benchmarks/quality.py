@@ -30,11 +30,17 @@ One routing-statistics pass per setting; each method is applied to a fresh copy 
     dense-int8, dense-int4   the uncompressed experts (G = E) quantized blockwise, round to nearest
     msmoe-int4, mcsmoe-int4  M-SMoE, and MC-SMoE at each rank ratio, then int4 (after any recovery, as
                              `mcsmoe compress --quantize` does); blocks of 32, or 16 where 32 does not divide
+    dense-int4-all, -int8-all  every linear layer but the routers quantized (`mcsmoe compress --quantize`'s
+                             default scope): experts, attention q/k/v/o, LM head; embeddings stay float;
+                             asymmetric (the default), "-sym" symmetric
+    msmoe-int4-all, hc-int4-all-gptq  merged (M-SMoE, HC-SMoE grouping) then every linear layer int4
     <any of these>-gptq      the same with GPTQ codes (`--quant-method gptq`) instead of round to nearest;
                              only when named in --methods; quantized rows also carry "quantize_seconds",
                              the quantization step's wall time
 
-The memory axis is bytes: quantized experts count their codes and scales.
+The memory axis is bytes: quantized experts count their codes and scales. Rows also carry the whole
+model's bytes ("bytes"); the table then lists every row by them against dense-int4-all, and the plot's
+x axis is the whole model's MB.
 
 Each method is measured as it is and after --distill-steps of recovery, only the compressed experts
 learning (linear decay from --distill-lr): the LM distils on calibration text (next-token loss + KL
@@ -45,7 +51,8 @@ model's class logits, on the training articles).
     python benchmarks/quality.py --json benchmarks/results/quality-full.json   # the full sweep, < 20 min
     python benchmarks/quality.py [--experts 4 2] [--distill-steps 0 200] [--settings lm]
 
-Rows: {"setting", "method", "experts", "rank_ratio", "distill_steps", "expert_memory_ratio", "metric", "value"}.
+Rows: {"setting", "method", "experts", "rank_ratio", "distill_steps", "expert_memory_ratio", "bytes", "metric",
+"value"}.
 A markdown table and a plot of expert memory ratio vs quality per setting go to benchmarks/results/
 (the plot needs matplotlib).
 """
@@ -66,7 +73,7 @@ from _quality_lm import METHODS, lm_rows  # noqa: E402
 from mcsmoe_deploy import UserError  # noqa: E402
 from mcsmoe_deploy.errors import ParameterError  # noqa: E402
 from mcsmoe_deploy.files import write_file_atomically  # noqa: E402
-from _quality_report import markdown_table, plot  # noqa: E402
+from _quality_report import bytes_table, markdown_table, plot  # noqa: E402
 from _quality_switch import FULL, QUICK, switch_rows  # noqa: E402
 
 SETTINGS = ("lm", "lm-shuffled", "switch-news")
@@ -165,6 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json:
         write_file_atomically(args.json, json.dumps(rows, indent=1) + "\n")
     table = markdown_table(rows)
+    by_bytes = bytes_table(rows)
+    table += f"\n{by_bytes}" if by_bytes else ""
     print(table)
     print(f"table: {write_file_atomically(table_path, table)}")
     figure = plot(rows, plot_path)

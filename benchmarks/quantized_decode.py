@@ -91,8 +91,8 @@ def build_all(work: Path, names: list[str]) -> dict[str, Path]:
 
 
 def perplexities(block: int = 16) -> dict[str, float]:
-    """Held-out perplexity of the embedded model: dense fp32, dense int4 (scope all, experts), merged G = E/2
-    int4 scope all. Block 16: the embedded experts' intermediate size 144 is not a multiple of 32."""
+    """Held-out perplexity of the embedded model: dense fp32, dense int4 (scope all asymmetric and symmetric,
+    experts; scope all by GPTQ), merged G = E/2 int4 scope all (round to nearest, GPTQ). Block 16: the embedded experts' intermediate size 144 is not a multiple of 32."""
     import mcsmoe_deploy as mc
     from mcsmoe_deploy.demo import EVAL_SEQ_LEN, embedded_model_dir
 
@@ -100,15 +100,18 @@ def perplexities(block: int = 16) -> dict[str, float]:
     dense, adapter = mc.load_model(model_dir)
     tokenizer = mc.load_tokenizer(model_dir)
     heldout = mc.token_blocks(tokenizer, mc.builtin_corpus("heldout"), EVAL_SEQ_LEN)
-    spec = mc.QuantSpec(4, block)
+    spec = mc.CompressionRecipe(quantize="int4", quant_block=block).quant_spec  # the default: asymmetric
     results = {"dense fp32": mc.perplexity(dense, heldout)}
-    for scope in ("all", "experts"):
+    for scope, symmetric in (("all", False), ("all", True), ("experts", False)):
         model = copy.deepcopy(dense)
         mc.group_dense_experts(model, adapter)  # as mcsmoe-export --quantize does
-        mc.quantize_model(model, adapter, spec, scope)
-        results[f"dense int4 ({scope})"] = mc.perplexity(model, heldout)
-    recipe = mc.CompressionRecipe(experts=adapter.num_experts(dense.config) // 2, quantize="int4", quant_block=block)
-    for name, overrides in (("merged G=E/2 fp32", {"quantize": None}), ("merged G=E/2 int4 (all)", {})):
+        mc.quantize_model(model, adapter, dataclasses.replace(spec, symmetric=symmetric), scope)
+        results[f"dense int4 ({scope}{', symmetric' if symmetric else ''})"] = mc.perplexity(model, heldout)
+    experts = adapter.num_experts(dense.config)
+    recipe = mc.CompressionRecipe(experts=experts // 2, quantize="int4", quant_block=block)
+    for name, overrides in (("dense int4 (all, gptq)", {"experts": experts, "quant_method": "gptq"}),
+                            ("merged G=E/2 fp32", {"quantize": None}), ("merged G=E/2 int4 (all)", {}),
+                            ("merged G=E/2 int4 (all, gptq)", {"quant_method": "gptq"})):
         source = mc.CalibratedModel(model_dir, dataclasses.replace(recipe, **overrides), progress=False)
         compressed = source.compress(in_place=True)
         source.quantize(compressed)
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.perplexity:
         for name, value in perplexities().items():
-            print(f"{name:26s} held-out perplexity {value:8.3f}")
+            print(f"{name:30s} held-out perplexity {value:8.3f}")
         return
     args.work.mkdir(parents=True, exist_ok=True)
     names = [*VARIANTS, *BUILDERS] if args.only is None else sorted({"ours-fp32", "builder-int4", *args.only})

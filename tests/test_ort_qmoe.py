@@ -29,8 +29,8 @@ from mcsmoe_deploy.runtime.torch_session import TorchDecoderSession
 from conftest import EXPERTS, HIDDEN, INTERMEDIATE, LAYERS, VOCAB
 
 CALIB = dict(max_calib_tokens=1024, calib_seq_len=32, quant_block=16)
-QUANT = {"int4": dict(quantize="int4"), "int4-asym": dict(quantize="int4", quant_symmetric=False),
-         "int8": dict(quantize="int8")}
+QUANT = {"int4": dict(quantize="int4", quant_symmetric=True), "int4-asym": dict(quantize="int4", quant_symmetric=False),
+         "int8": dict(quantize="int8", quant_symmetric=True)}
 # (family, quantization, groups): dense G = E, merged G = E / 2, and G = 1 < top_k (the kernel's k becomes 1)
 CASES = [("mixtral", "int4", EXPERTS), ("mixtral", "int4", EXPERTS // 2), ("mixtral", "int4-asym", EXPERTS),
          ("mixtral", "int4", 1), ("qwen2_moe", "int4", EXPERTS // 2), ("olmoe", "int4", EXPERTS),

@@ -50,9 +50,12 @@ def test_every_expected_row_is_present_and_finite(quick):
                     if not shuffled:
                         expected.update((setting, method, experts, r, steps) for r in args["rank_ratios"])
                 if not shuffled:
-                    expected.add((setting, "msmoe-int4", experts, 1.0, steps))
+                    expected.update((setting, method, experts, 1.0, steps)
+                                    for method in ("msmoe-int4", "msmoe-int4-all", "msmoe-int4-all-sym"))
         if setting != "lm-shuffled":  # the uncompressed experts quantized, G = E
-            expected.update((setting, method, 8, 1.0, steps) for method in ("dense-int8", "dense-int4")
+            expected.update((setting, method, 8, 1.0, steps)
+                            for method in ("dense-int8", "dense-int4", "dense-int4-all", "dense-int4-all-sym",
+                                           "dense-int8-all")
                             for steps in args["distill_steps"])
     got = [(r["setting"], r["method"], r["experts"], r["rank_ratio"], r["distill_steps"]) for r in rows]
     assert len(got) == len(set(got)) and set(got) == expected
@@ -65,10 +68,11 @@ def test_every_expected_row_is_present_and_finite(quick):
             assert row["value"] > 1.0
         if row["method"] == "dense":  # the recovered control holds the experts as G = E groups, plus their map
             assert row["expert_memory_ratio"] == (1.0 if row["distill_steps"] == 0 else pytest.approx(1.0, abs=1e-3))
-        elif row["method"].endswith(("-int4", "-int8")):
-            # codes of 4 or 8 bits plus an fp32 scale per block of 16 or 32 weights, against 32-bit weights
-            bits = int(row["method"][-1])
-            per_weight = [(bits / 8 + 4 / block) / 4 for block in (32, 16)]
+        elif "-int4" in row["method"] or "-int8" in row["method"]:
+            # codes of 4 or 8 bits plus an fp32 scale per block of 16 or 32 weights (and, asymmetric, a one-byte
+            # zero point), against 32-bit weights
+            bits = 4 if "-int4" in row["method"] else 8
+            per_weight = [(bits / 8 + 4 / 32) / 4, (bits / 8 + 5 / 16) / 4]
             upper = row["experts"] / 8 * per_weight[1] * 1.01
             if row["method"].startswith("mcsmoe"):  # low rank saves on top of merging and quantization
                 assert 0.0 < row["expert_memory_ratio"] < upper
@@ -83,7 +87,14 @@ def test_every_expected_row_is_present_and_finite(quick):
     assert news_rows["dense"] > 0.6 and news_rows["msmoe"] > 0.4
     if importlib.util.find_spec("matplotlib"):
         assert (out / "q.png").stat().st_size > 1000
+    # whole-model bytes: quantizing every layer saves on top of the experts alone; the embeddings stay float
+    lm = {(r["method"], r["experts"]): r["bytes"] for r in rows if r["setting"] == "lm" and r["distill_steps"] == 0}
+    assert lm["dense-int4-all", 8] < lm["dense-int4", 8] < lm["dense", 8]
+    embedding_bytes = 2048 * 128 * 4  # the embedded LM's float embedding table
+    assert embedding_bytes < lm["dense-int4-all", 8] < embedding_bytes + 0.3 * (lm["dense", 8] - embedding_bytes)
+    assert lm["msmoe-int4-all", 4] < lm["dense-int4-all", 8]
     table = (out / "q.md").read_text()
+    assert "| dense-int4-all | 8 | 0 |" in table and "| 1.000 |" in table  # the bytes table's reference
     msmoe = next(r for r in rows if r["setting"] == "lm" and r["method"] == "msmoe" and r["distill_steps"] == 4)
     assert "| msmoe | 0.500 | " in table and f"-> {msmoe['value']:.2f} |" in table
 

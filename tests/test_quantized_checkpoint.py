@@ -46,7 +46,8 @@ def test_a_quantized_projection_computes_with_exactly_the_dequantized_weights():
 def test_quantized_checkpoint_reloads_to_the_same_logits_and_is_smaller(family, tiny_dirs, tmp_path):
     plain = compress_model(tiny_dirs[family], tmp_path / "plain", CompressionRecipe(experts=4, **FAST), progress=False)
     # experts only: what every quantized checkpoint was before quant_scope (tests/test_quantized_linear.py: "all")
-    recipe = CompressionRecipe(experts=4, quantize="int4", quant_block=16, quant_scope="experts", **FAST)
+    recipe = CompressionRecipe(experts=4, quantize="int4", quant_block=16, quant_scope="experts", quant_symmetric=True,
+                               **FAST)
     result = compress_model(tiny_dirs[family], tmp_path / "int4", recipe, progress=False)
     section = json.loads((tmp_path / "int4" / "config.json").read_text())["mcsmoe"]
     assert "quantized_linears" not in section  # readable by earlier versions

@@ -18,8 +18,8 @@ from mcsmoe_deploy.runtime.ort_session import load_session, session_options
 
 FAST = dict(experts=4, max_calib_tokens=1024, calib_seq_len=32, quant_block=16)
 LOW_RANK = dict(rank_ratio=0.5, sparse_keep=0.1)
-QUANT = {"int4": dict(quantize="int4"), "int4-asym": dict(quantize="int4", quant_symmetric=False),
-         "int8": dict(quantize="int8")}
+QUANT = {"int4": dict(quantize="int4", quant_symmetric=True), "int4-asym": dict(quantize="int4", quant_symmetric=False),
+         "int8": dict(quantize="int8", quant_symmetric=True)}
 DECODERS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 # every family: int4 symmetric merged and int4 asymmetric low rank + sparse; Mixtral: the rest of the matrix
 CASES = [(family, "int4", False) for family in DECODERS] + [(family, "int4-asym", True) for family in DECODERS] + [

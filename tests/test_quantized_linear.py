@@ -70,7 +70,7 @@ def _optimized_graph(path, tmp_path) -> onnx.ModelProto:
 @pytest.mark.parametrize("family", DECODERS)
 def test_scope_all_checkpoint_reloads_exactly_and_exports_to_matmul_nbits(family, tiny_dirs, tmp_path):
     recipe = m.CompressionRecipe(experts=4, quantize="int4", quant_block=16, **FAST)
-    assert recipe.quant_scope == "all"
+    assert recipe.quant_scope == "all" and not recipe.quant_symmetric  # asymmetric by default
     source = CalibratedModel(tiny_dirs[family], recipe, progress=False)
     compressed = source.compress(in_place=True)
     source.quantize(compressed)
@@ -78,7 +78,7 @@ def test_scope_all_checkpoint_reloads_exactly_and_exports_to_matmul_nbits(family
 
     section = json.loads((out / "config.json").read_text())["mcsmoe"]
     assert set(section["quantized_linears"]) == _expected_linears(family)  # no router, no embedding
-    assert all(spec == {"bits": 4, "block": 16, "symmetric": True} for spec in section["quantized_linears"].values())
+    assert all(spec == {"bits": 4, "block": 16, "symmetric": False} for spec in section["quantized_linears"].values())
     assert m.is_quantized_checkpoint(out)
     reloaded = m.load_compressed(out)
     assert isinstance(reloaded.lm_head, QuantizedLinear)
@@ -98,9 +98,9 @@ def test_scope_all_checkpoint_reloads_exactly_and_exports_to_matmul_nbits(family
     assert all(node.domain in ("", DOMAIN) for node in graph.graph.node)
     assert {i.domain: i.version for i in graph.opset_import}[""] == 21
     initializers = {t.name: t for t in graph.graph.initializer}
-    for name in _expected_linears(family):  # transposed int4 codes [in, out]; no float copy of the weight
+    for name in _expected_linears(family):  # transposed uint4 codes [in, out] (asymmetric); no float copy of the weight
         q = initializers[f"model.{name}.weight.q"]
-        assert q.data_type == onnx.TensorProto.INT4
+        assert q.data_type == onnx.TensorProto.UINT4
         assert f"model.{name}.weight" not in initializers and f"model.{name}.weight_codes" not in initializers
     assert tuple(initializers["model.lm_head.weight.q"].dims) == (32, 320)
 
@@ -146,7 +146,7 @@ def test_export_quantizes_a_dense_checkpoint_and_validates_against_it(tiny_dirs,
 def test_export_scope_experts_keeps_attention_float(tiny_dirs, tmp_path):
     out = tmp_path / "model.onnx"
     report = m.export_model(tiny_dirs["mixtral"], out, with_past=False, quantize="int8", quant_block=16,
-                            quant_scope="experts")
+                            quant_scope="experts", quant_symmetric=True)
     assert report.parity[0].max_rel_error < 1e-4
     graph = onnx.load(str(out), load_external_data=False).graph
     initializers = graph.initializer

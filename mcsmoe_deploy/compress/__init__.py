@@ -44,7 +44,8 @@ from .plan import (
     quantizable_rank,
 )
 from .gptq import ExpertInputMoments, gptq_projection, gptq_quantize, gptq_quantize_batch
-from .quantize import InputMoments, check_quantizable, linears_to_quantize, quantize_experts, quantize_model
+from .gptq_linears import LinearInputMoments, gptq_weight_for
+from .quantize import InputMoments, LinearMoments, check_quantizable, linears_to_quantize, quantize_experts, quantize_model
 from .recipe import FORMATS, QUANT_METHODS, QUANT_SCOPES, QUANTIZATIONS, CompressionRecipe
 from .shared_basis import LOW_RANK_BASES, SharedBasis, shared_basis, shared_rank_for_ratio, shared_side
 from .router_calibration import calibrate_routers, kl_to_teacher, router_parameters
@@ -85,6 +86,9 @@ __all__ = [
     "check_quantizable",
     "linears_to_quantize",
     "ExpertInputMoments",
+    "LinearInputMoments",
+    "LinearMoments",
+    "gptq_weight_for",
     "InputMoments",
     "gptq_projection",
     "gptq_quantize",

@@ -28,6 +28,7 @@ from ..models import (
 from .distill import DistillReport, distill
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
 from .gptq import ExpertInputMoments
+from .gptq_linears import LinearInputMoments
 from .quantize import applied_with_quantized_experts, check_quantizable, quantize_model
 from .recipe import CompressionRecipe
 from .router_calibration import calibrate_routers
@@ -196,16 +197,19 @@ class CalibratedModel:
     def quantize(self, compressed: CompressedModel) -> None:
         """Quantize `compressed` by its recipe (see compress/quantize.py), in place: its experts, by the
         recipe's method (its `applied` plan then records the quantization of every projection) and, with
-        quant_scope "all", its other linear layers, round to nearest (the checkpoint records them)."""
+        quant_scope "all", its other linear layers, by the same method (the checkpoint records them)."""
         recipe = compressed.recipe
         quant = recipe.quant_spec
         if quant is None:
             return
-        moments = None
+        moments = linear_moments = None
         if recipe.quant_method == "gptq":  # fitted to the calibration blocks, layer by layer
             moments = ExpertInputMoments(compressed.model, self.adapter, self.blocks, progress=self.progress,
                                          max_tokens=recipe.activation_samples)
-        quantize_model(compressed.model, self.adapter, quant, recipe.quant_scope, input_moments=moments)
+            linear_moments = LinearInputMoments(compressed.model, self.adapter, self.blocks, progress=self.progress,
+                                                max_tokens=recipe.activation_samples)
+        quantize_model(compressed.model, self.adapter, quant, recipe.quant_scope, input_moments=moments,
+                       linear_moments=linear_moments)
         compressed.applied = applied_with_quantized_experts(compressed.model, compressed.applied)
 
     def to_stored_dtype(self, compressed: CompressedModel) -> None:

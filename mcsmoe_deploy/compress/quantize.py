@@ -7,9 +7,10 @@ gate, the LM head; routers and embeddings stay float) by a QuantizedLinear. The 
 quantization.py's, and the result is what `load_compressed` of the saved checkpoint computes.
 `mcsmoe-export --quantize` runs the same `quantize_model` on a model in memory.
 
-Two methods for the experts, one stored format: "rtn" rounds each weight to nearest; "gptq"
-(gptq.py) fits the codes to the calibration inputs each expert sees, given a provider of input
-second moments called layer by layer. The other linear layers are rounded to nearest.
+Two methods, one stored format: "rtn" rounds each weight to nearest; "gptq" (gptq.py) fits the
+codes to the calibration inputs each expert sees, given a provider of input second moments called
+layer by layer, and (gptq_linears.py) those of every other linear layer, given a provider of
+their input second moments called once, before anything is quantized.
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ from ..models import FamilyAdapter
 from ..quantization import QuantSpec, quantize
 from ..quantized_linear import QuantizeWeight, quantize_linears
 from .gptq import gptq_projection
+from .gptq_linears import gptq_weight_for
 from .plan import AppliedPlan
 from .recipe import QUANT_SCOPES
 
 # (layer index, its experts) -> {projection name: second moment of its inputs per group [G, in, in]};
 # called for layer i after layers < i are quantized (gptq.ExpertInputMoments runs the model for it)
 InputMoments = Callable[[int, GroupedLowRankExperts], Mapping[str, torch.Tensor]]
+# (names of linear layers) -> {name: second moment of its inputs [in, in]} (gptq_linears.LinearInputMoments)
+LinearMoments = Callable[[list[str]], Mapping[str, torch.Tensor]]
 
 
 def linears_to_quantize(model: nn.Module, adapter: FamilyAdapter) -> list[str]:
@@ -79,6 +83,7 @@ def _quantize_expert_layers(model: nn.Module, quant: QuantSpec, quantize_weight:
 def quantize_model(
     model: nn.Module, adapter: FamilyAdapter, quant: QuantSpec, scope: str = "all",
     quantize_weight: QuantizeWeight = quantize, input_moments: InputMoments | None = None,
+    linear_moments: LinearMoments | None = None,
 ) -> list[str]:
     """Quantize `model` in place: every compressed experts' projection factor and, with scope "all",
     the layers `linears_to_quantize` names. Returns those layers' names (empty for "experts").
@@ -86,12 +91,17 @@ def quantize_model(
     Everything is checked (`check_quantizable`) before anything changes. `quantize_weight` is the
     one function turning a weight [out, in] into codes (default: round to nearest). input_moments:
     None quantizes the experts by `quantize_weight`; given, each layer's expert projections are
-    quantized by GPTQ with the moments it returns for that layer (see gptq.py).
+    quantized by GPTQ with the moments it returns for that layer (see gptq.py). linear_moments: None
+    quantizes the other linear layers by `quantize_weight`; given, it is called once with their names
+    on the model before anything is quantized, and each is quantized by GPTQ fitted to its moments.
     """
     check_quantizable(model, adapter, quant, scope)
-    _quantize_expert_layers(model, quant, quantize_weight, input_moments)
     names = linears_to_quantize(model, adapter) if scope == "all" else []
-    quantize_linears(model, names, quant, quantize_weight)
+    moments = linear_moments(names) if linear_moments is not None and names else {}
+    _quantize_expert_layers(model, quant, quantize_weight, input_moments)
+    for name in names:
+        weight_fn = gptq_weight_for(moments[name]) if name in moments else quantize_weight
+        quantize_linears(model, [name], quant, weight_fn)
     return names
 
 
@@ -122,6 +132,7 @@ def applied_with_quantized_experts(model: nn.Module, applied: AppliedPlan) -> Ap
 
 __all__ = [
     "InputMoments",
+    "LinearMoments",
     "QUANT_SCOPES",
     "applied_with_quantized_experts",
     "check_quantizable",

@@ -77,7 +77,7 @@ class ExportConfig:
     dtype: str = "fp32"
     quantize: str | None = None
     quant_block: int = DEFAULT_BLOCK
-    quant_symmetric: bool = True
+    quant_symmetric: bool = False
     quant_scope: str = "all"
 
     def __post_init__(self) -> None:
