@@ -20,7 +20,7 @@ from mcsmoe_deploy.demo import embedded_model_dir
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 CACHE_DIR = Path(__file__).parent / "cache"
 # train_model's arguments beyond `out` and `init_from`
-LM2_TRAINING = {"steps": 600, "seed": 0, "moe_lr": 2e-3, "reinit_ratio": 0.5, "aux_coef": 0.02}
+LM2_TRAINING = {"steps": 600, "seed": 0, "moe_lr": 2e-3, "reinit_ratio": 0.5, "aux_coef": 0.1}
 FACTS = "lm2.json"
 
 
