@@ -17,6 +17,8 @@ from torch import nn
 import mcsmoe_deploy as mc
 from mcsmoe_deploy.demo import EVAL_SEQ_LEN, embedded_model_dir
 
+from _quality_noise import calibration_sample, detailed_score
+
 BASELINES = {
     "msmoe": {},
     "hc": {"grouping": "hc"},
@@ -70,7 +72,7 @@ def quant_block_for(layout: mc.ExpertLayout) -> int | None:
 def sweep(
     setting: str,
     metric: str,
-    score: Callable[[nn.Module], float],
+    score: Callable[[nn.Module], float | dict],
     dense: nn.Module,
     adapter: mc.FamilyAdapter,
     calib: torch.Tensor,
@@ -83,9 +85,12 @@ def sweep(
     methods: list[str] | None = None,
     router_steps: int = 0,
     calibrate: Callable[[nn.Module, int], object] | None = None,
+    seed: int = 0,
 ) -> list[dict]:
     """One row per (method, G, rank ratio, distillation steps), after the dense rows.
 
+    score(model): the metric's value, or a dict of "value" and more fields for the row.
+    seed: the recipes' seed (random grouping).
     Dense rows: the model itself, and for each nonzero step count the same recovery applied to it
     uncompressed (a control for what recovery adds as extra training).
 
@@ -107,12 +112,14 @@ def sweep(
     num_experts = adapter.num_experts(dense.config)
 
     def row(method: str, model: nn.Module, experts: int, rank_ratio: float, steps: int) -> dict:
+        scored = score(model)
+        scored = scored if isinstance(scored, dict) else {"value": scored}
         return {
             "setting": setting, "method": method, "experts": experts, "rank_ratio": rank_ratio,
             "distill_steps": steps,
             "expert_memory_ratio": round(mc.size_report(model, adapter).expert_bytes / dense_bytes, 4),
             "bytes": mc.size_report(model, adapter).total_bytes,
-            "metric": metric, "value": round(score(model), 4),
+            "metric": metric, **scored, "value": round(scored["value"], 4),
         }
 
     rows = [row("dense", dense, num_experts, 1.0, 0)]
@@ -148,7 +155,7 @@ def sweep(
         plans = [(num_experts, name, {**overrides, "quant_block": block}, 1.0)
                  for name, overrides in DENSE_QUANTIZED.items() if chosen(name, methods)] + plans
     for experts, method, overrides, rank_ratio in plans:
-        recipe = mc.CompressionRecipe(experts=experts, distill_lr=distill_lr, **overrides)
+        recipe = mc.CompressionRecipe(experts=experts, distill_lr=distill_lr, seed=seed, **overrides)
         plan = mc.plan_compression(stats, num_experts, recipe, adapter.family)
         for steps in distill_steps_list:
             start = time.perf_counter()
@@ -216,9 +223,16 @@ def lm_rows(
     shuffled: bool = False,
     router_steps: int = 0,
     router_lr: float = mc.CompressionRecipe().router_lr,
+    setting: str = "lm",
+    calib_seed: int | None = None,
 ) -> list[dict]:
     """The "lm" setting: held-out perplexity of the embedded Mixtral-family model (or `model_dir`).
 
+    setting: the rows' setting name ("lm2": `model_dir` is the lm2 model).
+    calib_seed: None calibrates on the recipe's text (the first 32768 training tokens); a seed draws
+    as many training blocks at random (`calibration_sample`), seeds the recipes and router calibration,
+    and adds to each row "calib_seed", next-word "accuracy" and per held-out block "block_nll"
+    (`detailed_score`), so that the spread over seeds and a bootstrap over blocks can be reported.
     shuffled: the "lm-shuffled" setting instead: the same model with each expert's neurons
     reordered (`shuffle_expert_neurons`), measured with SHUFFLED_METHODS only.
     router_steps, router_lr: router calibration of the merge-only methods (rows "<method>+router").
@@ -230,16 +244,21 @@ def lm_rows(
         methods = [m for m in SHUFFLED_METHODS if methods is None or m in methods]
     tokenizer = mc.load_tokenizer(model_dir)
     heldout = mc.token_blocks(tokenizer, mc.builtin_corpus("heldout"), EVAL_SEQ_LEN)
-    calib = mc.calibration_blocks(tokenizer, mc.CompressionRecipe())
+    calib = (mc.calibration_blocks(tokenizer, mc.CompressionRecipe()) if calib_seed is None
+             else calibration_sample(tokenizer, calib_seed))
+    score: Callable[[nn.Module], float | dict] = lambda model: mc.perplexity(model, heldout)  # noqa: E731
+    if calib_seed is not None:
+        score = detailed_score(tokenizer, heldout, {"calib_seed": calib_seed})
 
     def recover(student: nn.Module, steps: int, lr: float) -> None:
         mc.distill(student, dense, adapter, calib, steps, lr=lr, progress=False)
 
     def calibrate(student: nn.Module, steps: int) -> None:
-        mc.calibrate_routers(student, dense, adapter, calib, steps, lr=router_lr, progress=False)
+        mc.calibrate_routers(student, dense, adapter, calib, steps, lr=router_lr, seed=calib_seed or 0,
+                             progress=False)
 
     return sweep(
-        "lm-shuffled" if shuffled else "lm", "perplexity", lambda model: mc.perplexity(model, heldout), dense,
+        "lm-shuffled" if shuffled else setting, "perplexity", score, dense,
         adapter, calib, recover, experts_list, rank_ratios, distill_steps_list, sparse_keep, distill_lr, methods,
-        router_steps, calibrate,
+        router_steps, calibrate, calib_seed or 0,
     )

@@ -3,6 +3,8 @@
 Settings:
 
     lm           the embedded Mixtral-family LM, held-out perplexity (lower is better)
+    lm2          a second LM whose experts differ: the embedded LM with half of each expert's neurons redrawn
+                 (Drop-Upcycling) and 600 more MoE steps, trained on first use into benchmarks/cache/ (_lm2.py)
     lm-shuffled  the same LM with each expert's hidden neurons shuffled (the same function): upcycled
                  experts share their neuron order, experts trained apart do not; msmoe and no-permute only
     switch-news  a small Switch Transformers encoder-decoder fine-tuned here to classify BBC news
@@ -38,6 +40,11 @@ One routing-statistics pass per setting; each method is applied to a fresh copy 
                              only when named in --methods; quantized rows also carry "quantize_seconds",
                              the quantization step's wall time
 
+With --calib-seeds (lm settings), the sweep runs once per seed, each calibrating on a different random
+draw of training blocks, and rows also carry "calib_seed", next-word "accuracy" (a 4-way multiple choice
+on held-out documentation, benchmarks/_cloze.py) and "block_nll"; the table then adds, per G, each
+method's mean ± sd over seeds and a bootstrap interval against the best method (_quality_noise.py).
+
 The memory axis is bytes: quantized experts count their codes and scales. Rows also carry the whole
 model's bytes ("bytes"); the table then lists every row by them against dense-int4-all, and the plot's
 x axis is the whole model's MB.
@@ -69,14 +76,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the private helper modules next to this script
 
+from _lm2 import lm2_model_dir  # noqa: E402
 from _quality_lm import METHODS, lm_rows  # noqa: E402
+from _quality_noise import noise_report  # noqa: E402
 from mcsmoe_deploy import UserError  # noqa: E402
 from mcsmoe_deploy.errors import ParameterError  # noqa: E402
 from mcsmoe_deploy.files import write_file_atomically  # noqa: E402
 from _quality_report import bytes_table, markdown_table, plot  # noqa: E402
 from _quality_switch import FULL, QUICK, switch_rows  # noqa: E402
 
-SETTINGS = ("lm", "lm-shuffled", "switch-news")
+SETTINGS = ("lm", "lm2", "lm-shuffled", "switch-news")
+# lm2 only when named: it trains its model on first use (benchmarks/_lm2.py)
+DEFAULT_SETTINGS = tuple(setting for setting in SETTINGS if setting != "lm2")
 RESULTS_DIR = Path(__file__).parent / "results"
 # --quick: one G, one rank ratio, a few distillation steps, the small classifier
 QUICK_ARGS = {"experts": [4], "rank_ratios": [0.5], "distill_steps": [0, 4]}
@@ -100,27 +111,47 @@ def run(
     retrain: bool = False,
     router_steps: int = 0,
     router_lr: float | None = None,
+    calib_seeds: list[int] | None = None,
 ) -> list[dict]:
     """Rows of every requested setting, in order (see the module docstring)."""
     torch.manual_seed(0)
     rows: list[dict] = []
-    for setting in ("lm", "lm-shuffled"):
+    for setting in ("lm", "lm2", "lm-shuffled"):
         if setting in settings:
             shuffled = setting == "lm-shuffled"
             extra = {} if router_lr is None else {"router_lr": router_lr}
-            rows += lm_rows(experts, rank_ratios, distill_steps, sparse_keep, lm_model, distill_lr, methods, shuffled,
-                            router_steps, **extra)
+            model = lm2_model_dir() if setting == "lm2" else lm_model
+            for seed in calib_seeds or [None]:
+                rows += lm_rows(experts, rank_ratios, distill_steps, sparse_keep, model, distill_lr, methods,
+                                shuffled, router_steps, setting=setting, calib_seed=seed, **extra)
     if "switch-news" in settings:
         size = QUICK if quick else FULL
         rows += switch_rows(size, experts, rank_ratios, distill_steps, sparse_keep, distill_lr, methods, retrain)
     return rows
 
 
+def merged(paths: list[str]) -> list[dict]:
+    """The rows of several --json files, in order, a row measured twice (same setting, method, G, rank
+    ratio, steps and calibration seed) kept once; UserError for a file that is not one."""
+    rows: dict[tuple, dict] = {}
+    for path in paths:
+        try:
+            loaded = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot read rows from {path}: {error}") from None
+        for row in loaded:
+            key = tuple(row.get(field) for field in ("setting", "method", "experts", "rank_ratio", "distill_steps",
+                                                      "calib_seed"))
+            rows.setdefault(key, row)
+    return list(rows.values())
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the sweep and write the rows, table and plot; a bad option is one error line and exit 2."""
     parser = argparse.ArgumentParser(prog="quality.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sweep and classifier (< 3 min on 2 cores)")
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="default: all")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(DEFAULT_SETTINGS),
+                        help="default: all but lm2, which trains a model on first use (about 600 MoE steps)")
     parser.add_argument("--experts", type=int, nargs="+", default=None, metavar="G",
                         help="merged experts per layer (default: 4 2; --quick: 4)")
     parser.add_argument("--rank-ratios", type=float, nargs="+", default=None, metavar="R",
@@ -137,11 +168,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "default: 0, none)")
     parser.add_argument("--router-lr", type=float, default=None, help="peak rate of router calibration "
                         "(default: the recipe's)")
+    parser.add_argument("--calib-seeds", type=int, nargs="+", default=None, metavar="S",
+                        help="lm settings: one sweep per seed, each on a random draw of calibration blocks, with "
+                             "next-word accuracy and per-block scores (default: none, the first training tokens)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="only these (default: all)")
     parser.add_argument("--model", default=None, help="another causal-LM MoE directory for the lm setting")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--retrain", action="store_true", help="train the classifier again instead of using the cache")
     parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="run nothing: report the rows of these --json files together (sweeps run apart)")
     parser.add_argument("--plot", default=None, help="PNG path (default: benchmarks/results/quality[-quick].png)")
     parser.add_argument("--table", default=None, help="markdown path (default: benchmarks/results/quality[-quick].md)")
     args = parser.parse_args(argv)
@@ -157,11 +193,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     defaults = QUICK_ARGS if args.quick else FULL_ARGS
     start = time.perf_counter()
     try:
-        rows = run(
+        rows = merged(args.merge) if args.merge else run(
             args.settings, args.quick,
             args.experts or defaults["experts"], args.rank_ratios or defaults["rank_ratios"],
             args.distill_steps or defaults["distill_steps"], args.sparse_keep, args.distill_lr, args.methods,
-            args.model, args.retrain, args.router_steps, args.router_lr,
+            args.model, args.retrain, args.router_steps, args.router_lr, args.calib_seeds,
         )
     except ParameterError as error:  # a bad --experts, --rank-ratios ...: one line naming the flag
         flag = RECIPE_FLAGS.get(error.parameter)
@@ -171,7 +207,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{len(rows)} rows in {time.perf_counter() - start:.1f} s")
     if args.json:
         write_file_atomically(args.json, json.dumps(rows, indent=1) + "\n")
-    table = markdown_table(rows)
+    # with calibration seeds: the first seed's table, then the spread over seeds
+    seeds = sorted({row["calib_seed"] for row in rows if "calib_seed" in row})
+    table = markdown_table([row for row in rows if row.get("calib_seed") == (seeds[0] if seeds else None)])
+    if seeds:
+        table += "\n" + noise_report(rows)
     by_bytes = bytes_table(rows)
     table += f"\n{by_bytes}" if by_bytes else ""
     print(table)

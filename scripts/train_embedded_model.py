@@ -72,30 +72,75 @@ def train_tokenizer(text: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, num_experts: int = 8, top_k: int = 2) -> MixtralForCausalLM:
+def build_model(
+    tokenizer: PreTrainedTokenizerFast, num_experts: int = 8, top_k: int = 2, aux_coef: float = 0.02
+) -> MixtralForCausalLM:
+    """The tiny Mixtral of this script; aux_coef weighs the per-layer load-balancing loss in `train`."""
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     config = MixtralConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=144, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=num_experts, num_experts_per_tok=top_k,
         max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=True, output_router_logits=True, router_aux_loss_coef=0.02,
+        tie_word_embeddings=True, output_router_logits=True, router_aux_loss_coef=aux_coef,
         attention_dropout=ATTENTION_DROPOUT, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
     )
     return MixtralForCausalLM(config)
 
 
 @torch.no_grad()
-def upcycle(dense: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, seed: int) -> MixtralForCausalLM:
-    """Sparse upcycling: every expert starts as a copy of the dense model's one FFN; routers start random."""
+def upcycle(
+    dense: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, seed: int, reinit_ratio: float = 0.0,
+    aux_coef: float = 0.02,
+) -> MixtralForCausalLM:
+    """Sparse upcycling: every expert starts as a copy of the dense model's one FFN; routers start random.
+
+    reinit_ratio > 0 is Drop-Upcycling (Nakamura et al., ICLR 2025): in each expert that share of the
+    hidden neurons (gate and up rows, down columns) is drawn afresh, from a normal with each matrix's own
+    mean and std, a different subset per expert, so that experts start apart and specialise.
+    """
     torch.manual_seed(seed + 1)
-    moe = build_model(tokenizer)
+    moe = build_model(tokenizer, aux_coef=aux_coef)
     state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
     moe.load_state_dict(state, strict=False)
+    generator = torch.Generator().manual_seed(seed + 2)
     for dense_layer, moe_layer in zip(dense.model.layers, moe.model.layers):
         experts = moe_layer.mlp.experts
         experts.gate_up_proj.copy_(dense_layer.mlp.experts.gate_up_proj.expand_as(experts.gate_up_proj))
         experts.down_proj.copy_(dense_layer.mlp.experts.down_proj.expand_as(experts.down_proj))
+        if reinit_ratio > 0:
+            reinitialise_neurons(experts, reinit_ratio, generator)
     return moe
+
+
+@torch.no_grad()
+def reinitialise_neurons(experts: torch.nn.Module, ratio: float, generator: torch.Generator) -> None:
+    """Redraw round(ratio x I) random hidden neurons of each expert, in place (Drop-Upcycling).
+
+    experts: Mixtral's stacked experts, gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I].
+    """
+    num_experts, hidden, intermediate = experts.down_proj.shape
+    count = round(ratio * intermediate)
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    stats = [(part.mean().item(), part.std().item()) for part in (gate_up[0, :intermediate],
+                                                                    gate_up[0, intermediate:], down[0])]
+    for e in range(num_experts):
+        neurons = torch.randperm(intermediate, generator=generator)[:count]
+        (gate_mean, gate_std), (up_mean, up_std), (down_mean, down_std) = stats
+        gate_up[e, neurons] = torch.randn(count, hidden, generator=generator) * gate_std + gate_mean
+        gate_up[e, intermediate + neurons] = torch.randn(count, hidden, generator=generator) * up_std + up_mean
+        down[e, :, neurons] = torch.randn(hidden, count, generator=generator) * down_std + down_mean
+
+
+@torch.no_grad()
+def continued_moe(directory: Path, seed: int, reinit_ratio: float, aux_coef: float) -> MixtralForCausalLM:
+    """This script's MoE from `directory`, ready to train on: balance loss weighted `aux_coef`,
+    `reinit_ratio` of each expert's neurons redrawn (`reinitialise_neurons`, a seeded draw)."""
+    model = MixtralForCausalLM.from_pretrained(directory)
+    model.config.router_aux_loss_coef, model.config.output_router_logits = aux_coef, True
+    generator = torch.Generator().manual_seed(seed + 2)
+    for layer in model.model.layers:
+        reinitialise_neurons(layer.mlp.experts, reinit_ratio, generator)
+    return model
 
 
 def lr_at(step: int, total: int, peak: float = PEAK_LR) -> float:
@@ -195,6 +240,55 @@ def save_atomically(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFas
         raise
 
 
+def train_model(
+    out: Path, steps: int = 500, seed: int = 0, moe_lr: float = 1e-3, dense_steps: int = 1000,
+    reinit_ratio: float = 0.0, aux_coef: float = 0.02, init_from: Path | None = None,
+) -> dict:
+    """Train the tokenizer, the dense model and its upcycled MoE (see the module docstring); save to `out`.
+
+    init_from: instead, continue from this script's MoE saved there (its tokenizer too): redraw
+    `reinit_ratio` of each expert's neurons, as `upcycle` does, then train `steps` more MoE steps at
+    `moe_lr`; dense_steps is ignored. A second model whose experts differ, without pretraining again.
+
+    Deterministic for given arguments and torch thread count (fixed seeds).
+    Returns a summary: parameters, size_mb, untrained_ppl, trained_ppl, train_seconds, routing
+    (per layer, the share of held-out top-k assignments of each expert).
+    """
+    torch.manual_seed(seed)
+    train_text, heldout_text = builtin_corpus("train"), builtin_corpus("heldout")
+    tokenizer = train_tokenizer(train_text) if init_from is None else PreTrainedTokenizerFast.from_pretrained(init_from)
+    train_ids = token_blocks(tokenizer, train_text, 1).flatten()
+    heldout_blocks = token_blocks(tokenizer, heldout_text, SEQ_LEN)
+    print(f"tokenizer: vocab {len(tokenizer)}, train tokens {len(train_ids)}, "
+          f"held-out blocks {len(heldout_blocks)} x {SEQ_LEN}")
+
+    model = build_model(tokenizer, aux_coef=aux_coef)
+    num_params = sum(p.numel() for p in model.parameters())
+    untrained_ppl = perplexity(model, heldout_blocks)
+    print(f"parameters: {num_params:,}  untrained held-out ppl: {untrained_ppl:.1f}")
+
+    start = time.perf_counter()
+    if init_from is not None:
+        model = continued_moe(init_from, seed, reinit_ratio, aux_coef)
+        print(f"{init_from} with {reinit_ratio:.0%} of each expert redrawn: "
+              f"held-out ppl {perplexity(model, heldout_blocks):.2f}")
+    elif dense_steps:
+        torch.manual_seed(seed)
+        dense = build_model(tokenizer, num_experts=1, top_k=1)
+        train(dense, train_ids, heldout_blocks, dense_steps, seed)
+        print(f"dense held-out ppl: {perplexity(dense, heldout_blocks):.2f}")
+        model = upcycle(dense, tokenizer, seed, reinit_ratio, aux_coef)
+        print(f"upcycled held-out ppl: {perplexity(model, heldout_blocks):.2f}")
+    train(model, train_ids, heldout_blocks, steps, seed + 1, moe_lr if dense_steps or init_from else PEAK_LR)
+    train_seconds = time.perf_counter() - start
+    trained_ppl, frequencies = perplexity_and_routing(model, heldout_blocks)
+
+    save_atomically(model, tokenizer, out)
+    size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
+    return {"parameters": num_params, "size_mb": round(size_mb, 2), "untrained_ppl": untrained_ppl,
+            "trained_ppl": trained_ppl, "train_seconds": round(train_seconds, 1), "routing": frequencies}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ASSET_DIR, help="output directory (default: %(default)s)")
@@ -204,44 +298,26 @@ def main() -> None:
                         help="peak learning rate after upcycling (default: %(default)s)")
     parser.add_argument("--dense-steps", type=int, default=1000,
                         help="dense steps before upcycling; 0 trains the MoE from scratch (default: %(default)s)")
+    parser.add_argument("--reinit-ratio", type=float, default=0.0,
+                        help="Drop-Upcycling: share of each expert's neurons drawn afresh (default: %(default)s)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="continue from this script's MoE in this folder instead of pretraining (default: none)")
+    parser.add_argument("--aux-coef", type=float, default=0.02,
+                        help="weight of the per-layer load-balancing loss (default: %(default)s)")
     args = parser.parse_args()
-
-    torch.manual_seed(args.seed)
-    train_text, heldout_text = builtin_corpus("train"), builtin_corpus("heldout")
-    tokenizer = train_tokenizer(train_text)
-    train_ids = token_blocks(tokenizer, train_text, 1).flatten()
-    heldout_blocks = token_blocks(tokenizer, heldout_text, SEQ_LEN)
-    print(f"tokenizer: vocab {len(tokenizer)}, train tokens {len(train_ids)}, "
-          f"held-out blocks {len(heldout_blocks)} x {SEQ_LEN}")
-
-    model = build_model(tokenizer)
-    num_params = sum(p.numel() for p in model.parameters())
-    untrained_ppl = perplexity(model, heldout_blocks)
-    print(f"parameters: {num_params:,}  untrained held-out ppl: {untrained_ppl:.1f}")
-
-    start = time.perf_counter()
-    if args.dense_steps:
-        torch.manual_seed(args.seed)
-        dense = build_model(tokenizer, num_experts=1, top_k=1)
-        train(dense, train_ids, heldout_blocks, args.dense_steps, args.seed)
-        print(f"dense held-out ppl: {perplexity(dense, heldout_blocks):.2f}")
-        model = upcycle(dense, tokenizer, args.seed)
-        print(f"upcycled held-out ppl: {perplexity(model, heldout_blocks):.2f}")
-    train(model, train_ids, heldout_blocks, args.steps, args.seed + 1, args.moe_lr if args.dense_steps else PEAK_LR)
-    train_seconds = time.perf_counter() - start
-    trained_ppl, frequencies = perplexity_and_routing(model, heldout_blocks)
-
-    save_atomically(model, tokenizer, args.out)
-    size_mb = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6
+    if not 0.0 <= args.reinit_ratio <= 1.0:
+        parser.error("--reinit-ratio must be in [0, 1]")
+    summary = train_model(args.out, args.steps, args.seed, args.moe_lr, args.dense_steps, args.reinit_ratio,
+                          args.aux_coef, args.init_from)
 
     print(f"\nsaved to {args.out}")
-    print(f"parameters:            {num_params:,}")
-    print(f"asset size on disk:    {size_mb:.2f} MB")
-    print(f"untrained held-out ppl: {untrained_ppl:.1f}")
-    print(f"trained held-out ppl:   {trained_ppl:.2f}")
-    print(f"train time:            {train_seconds:.0f} s ({args.steps} steps, batch {BATCH_SIZE} x {SEQ_LEN})")
+    print(f"parameters:            {summary['parameters']:,}")
+    print(f"asset size on disk:    {summary['size_mb']:.2f} MB")
+    print(f"untrained held-out ppl: {summary['untrained_ppl']:.1f}")
+    print(f"trained held-out ppl:   {summary['trained_ppl']:.2f}")
+    print(f"train time:            {summary['train_seconds']:.0f} s ({args.steps} steps, batch {BATCH_SIZE} x {SEQ_LEN})")
     print("held-out routing share per expert (top-2 assignments):")
-    for i, shares in enumerate(frequencies):
+    for i, shares in enumerate(summary["routing"]):
         print(f"  layer {i}: " + " ".join(f"{s:.3f}" for s in shares) + f"  (min {min(shares):.3f})")
 
 

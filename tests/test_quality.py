@@ -38,7 +38,7 @@ def test_every_expected_row_is_present_and_finite(quick):
     assert json.loads((out / "rows.json").read_text()) == rows
     args = quality.QUICK_ARGS
     expected = set()
-    for setting in quality.SETTINGS:
+    for setting in quality.DEFAULT_SETTINGS:
         expected.update((setting, "dense", 8, 1.0, steps) for steps in args["distill_steps"])
         shuffled = setting == "lm-shuffled"
         for experts in args["experts"]:
