@@ -107,16 +107,23 @@ def cast_to_stored_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     (`*_scales`: fp32, what MatMulNBits and DequantizeLinear take in an fp32 graph, 1/16 of the
     codes' size at int4 blocks of 32) and buffers that are not saved (rotary tables).
     """
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-        for name, buffer in module.named_buffers(recurse=False):
-            if (buffer.is_floating_point() and buffer.dtype != dtype and not name.endswith("_scales")
-                    and name not in module._non_persistent_buffers_set):
-                setattr(module, name, buffer.to(dtype))
+    cast_saved_tensors(model, dtype)
     model.config.dtype = dtype
     return model
+
+
+def cast_saved_tensors(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the floating parameters and saved buffers of `module` (and its children) to `dtype`, in place,
+    but for quantization scales and unsaved buffers (see cast_to_stored_dtype). Returns `module`."""
+    for child in module.modules():
+        for name, param in child.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buffer in child.named_buffers(recurse=False):
+            if (buffer.is_floating_point() and buffer.dtype != dtype and not name.endswith("_scales")
+                    and name not in child._non_persistent_buffers_set):
+                setattr(child, name, buffer.to(dtype))
+    return module
 
 
 def weights_to_save(model: nn.Module) -> dict:
@@ -197,6 +204,7 @@ def compressed_layers(model: nn.Module) -> list[GroupedLowRankExperts]:
 
 __all__ = [
     "FORMAT_VERSION",
+    "cast_saved_tensors",
     "cast_to_stored_dtype",
     "QUANTIZED_LINEARS",
     "compressed_layers",

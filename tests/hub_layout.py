@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -72,23 +73,38 @@ def save_hub_layout(family: str, path: Path, dtype: torch.dtype = torch.bfloat16
     path.mkdir(parents=True)
     names = sorted(tensors)
     per_shard = math.ceil(len(names) / shards)
-    weight_map = {}
-    for index in range(shards):
+    write_shards(path, ({name: tensors[name] for name in names[index * per_shard:(index + 1) * per_shard]}
+                        for index in range(shards)), shards)
+    write_side_files(path, config, dtype, byte_tokenizer())
+    return path
+
+
+def write_shards(path: Path, shard_tensors: Iterable[dict[str, torch.Tensor]], shards: int) -> int:
+    """Write each dict of `shard_tensors` (any iterable, so a generator can make them one at a time) as
+    `model-0000N-of-0000M.safetensors` in `path`, then `model.safetensors.index.json`. Returns the tensor bytes."""
+    weight_map, total = {}, 0
+    for index, part in enumerate(shard_tensors):
         shard = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
-        part = {name: tensors[name].contiguous() for name in names[index * per_shard:(index + 1) * per_shard]}
+        part = {name: tensor.contiguous() for name, tensor in part.items()}
         save_file(part, str(path / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, shard))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+        total += sum(t.numel() * t.element_size() for t in part.values())
+        del part
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    tokenizer = byte_tokenizer()
+    return total
+
+
+def write_side_files(path: Path, config: dict, dtype: torch.dtype, tokenizer) -> None:
+    """config.json (with `dtype` and the tokenizer's end of text as bos/eos/pad), generation_config.json and
+    `tokenizer`'s files, in `path`."""
     tokenizer.save_pretrained(path)
     eos = tokenizer.eos_token_id
-    config.update(dtype=str(dtype).removeprefix("torch."), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    config = {**config, "dtype": str(dtype).removeprefix("torch."), "bos_token_id": eos, "eos_token_id": eos,
+              "pad_token_id": eos}
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": eos, "eos_token_id": eos,
                                                              "pad_token_id": eos}))
-    return path
 
 
 def stored_bytes(path: Path) -> int:
@@ -96,4 +112,5 @@ def stored_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
-__all__ = ["HUB_CONFIG", "LEGACY_EXPERT_KEY", "hub_model", "save_hub_layout", "stored_bytes"]
+__all__ = ["HUB_CONFIG", "LEGACY_EXPERT_KEY", "hub_model", "save_hub_layout", "stored_bytes", "write_shards",
+           "write_side_files"]

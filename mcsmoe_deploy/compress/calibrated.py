@@ -84,6 +84,14 @@ def check_finite(model: nn.Module, stage: str) -> None:
             raise UserError(f"{stage} left non-finite values in {name}; nothing was written")
 
 
+def holds_stored_dtype(recipe: CompressionRecipe) -> bool:
+    """Whether `recipe` can run on a model held in its stored dtype (CalibratedModel's hold_stored_dtype): it
+    only merges and compresses. Distillation and router calibration train in fp32, quantization and the
+    standard format start from the fp32 merged weights."""
+    return not (recipe.distill_steps or recipe.calibrate_router or recipe.quantize is not None
+                or recipe.output_format == "standard")
+
+
 @dataclass
 class CompressedModel:
     """A compressed model in memory: the recipe it was made with, the plan, what was built, its
@@ -105,10 +113,17 @@ class CalibratedModel:
 
     Everything a user can get wrong (recipe, model type, expert count, tokenizer, calibration text,
     weights) is checked here, before the long work. device: as in `load_model`.
+
+    hold_stored_dtype: keep the weights in the checkpoint's own dtype (bf16 in memory for a bf16 source, half
+    the bytes of fp32) and compute in fp32 a layer at a time: the statistics pass through
+    models.fp32_compute, merging and low rank on fp32 copies of one layer's experts. The result is the fp32
+    path's, bit for bit. Only for recipes that `holds_stored_dtype` allows (no training, no quantization, our
+    format); a later recipe that needs more gets an fp32 copy of the model.
     """
 
     def __init__(
-        self, model_dir: str | Path, recipe: CompressionRecipe, device: str | None = None, progress: bool = True
+        self, model_dir: str | Path, recipe: CompressionRecipe, device: str | None = None, progress: bool = True,
+        hold_stored_dtype: bool = False,
     ):
         recipe.validate()
         torch.manual_seed(recipe.seed)
@@ -121,8 +136,12 @@ class CalibratedModel:
         self.progress = progress
         self.tokenizer = load_tokenizer(model_dir)
         self.blocks = calibration_blocks(self.tokenizer, recipe)
-        self.model, self.adapter = load_model(model_dir, device=device)  # fp32, whatever the source's dtype
         self.stored_dtype = stored_dtype(model_dir)
+        if hold_stored_dtype and not holds_stored_dtype(recipe):
+            raise ValueError("this recipe trains or quantizes the model: it needs the model in fp32")
+        # fp32, whatever the source's dtype, unless held in the stored dtype
+        self.held_dtype = self.stored_dtype if hold_stored_dtype else torch.float32
+        self.model, self.adapter = load_model(model_dir, device=device, dtype=self.held_dtype)
         vocab = self.model.config.vocab_size
         if int(self.blocks.max()) >= vocab:
             raise UserError(f"the tokenizer in {model_dir} does not match the model: token id {int(self.blocks.max())} "
@@ -156,6 +175,8 @@ class CalibratedModel:
             raise ValueError("the dense model was compressed in place; no further recipe can be applied")
         stats = self.stats
         model = self.model if in_place else copy.deepcopy(self.model)
+        if self.held_dtype != torch.float32 and not holds_stored_dtype(recipe):
+            model = model.float()  # exactly the fp32-loaded model: bf16 and fp16 values are exact in fp32
         self._dense = not in_place
         plan = plan_compression(stats, self.adapter.num_experts(model.config), recipe, self.adapter.family)
         applied = apply_plan(model, self.adapter, plan, recipe, progress=self.progress)
@@ -174,8 +195,10 @@ class CalibratedModel:
         return compressed.distill
 
     def _teacher(self) -> nn.Module:
-        """The dense model (reloaded if it was compressed in place)."""
-        return self.model if self._dense else load_model(self.model_dir, device=self.device)[0]
+        """The dense model in fp32 (reloaded if it was compressed in place or is held in another dtype)."""
+        if self._dense and self.held_dtype == torch.float32:
+            return self.model
+        return load_model(self.model_dir, device=self.device)[0]
 
     def to_standard(self, compressed: CompressedModel) -> None:
         """Replace `compressed.model` by a plain model of the source family with G experts per layer

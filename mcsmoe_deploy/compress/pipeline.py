@@ -15,7 +15,7 @@ from ..report import SizeReport, size_report
 from .distill import DistillReport
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
 from .recipe import CompressionRecipe
-from .calibrated import CalibratedModel
+from .calibrated import CalibratedModel, holds_stored_dtype
 from .standard import check_standard
 from .stats import collect_routing_stats
 
@@ -68,7 +68,9 @@ def compress_model(
     if out_dir is not None:
         prepare_output_dir(out_dir, force, inputs=(model_dir,))
     start = time.perf_counter()
-    source = CalibratedModel(model_dir, recipe, device=device, progress=progress)
+    # a merge or low-rank recipe holds the model in its stored dtype (half the memory for bf16), same result
+    source = CalibratedModel(model_dir, recipe, device=device, progress=progress,
+                             hold_stored_dtype=holds_stored_dtype(recipe))
     before = size_report(source.model, source.adapter, source.stored_dtype)
     compressed = source.compress(recipe, in_place=True)
     if recipe.output_format == "standard":  # refused now, in one line, before any training

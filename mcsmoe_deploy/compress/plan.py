@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoint import cast_saved_tensors
 from ..grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec
 from ..models import ExpertLayout, ExpertWeights, FamilyAdapter
 from .grouping import GROUPINGS, GroupingContext, LayerGrouping, groups_per_layer
@@ -234,7 +235,9 @@ def apply_plan(
             adapter.keep_router_rows(layer.block, router_rows)
         built = AppliedLayer(layer_plan.name, layer_plan.frequency, layer_plan.grouping, specs, router_rows)
         module = build_grouped_experts(merged, built.expert_to_group, specs, layout, adapter.one_hot_dispatch, moments)
-        device = adapter.router_weight(layer.block).device
-        adapter.install_experts(layer.block, module.to(device))
+        router = adapter.router_weight(layer.block)
+        # merged and compressed in fp32 (read_experts upcasts); stored as the model holds its weights, so a
+        # model held in bf16 never has more than one layer in fp32
+        adapter.install_experts(layer.block, cast_saved_tensors(module.to(router.device), router.dtype))
         applied.append(built)
     return AppliedPlan(family=plan.family, layers=applied, calibration_tokens=plan.calibration_tokens)

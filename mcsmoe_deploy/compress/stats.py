@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models import FamilyAdapter, Routing
+from ..models.fp32_compute import computed_in_fp32
 from .registry import Registry
 
 
@@ -164,7 +165,8 @@ def collect_routing_stats(
     expert_outputs: also run every expert on every token of the block (E expert evaluations per
     token instead of k) and accumulate `output_sum` and `saliency_sum` (HC-SMoE and REAP).
 
-    Hooks read each router's input and output, so what is counted is exactly
+    A model held in bf16 or fp16 computes in fp32 one layer at a time (models.fp32_compute): the
+    statistics are those of the fp32 model. Hooks read each router's input and output, so what is counted is exactly
     what the model routes (Switch Transformers' capacity drops included); the
     router's input is also the input of every expert of the block.
     """
@@ -207,9 +209,11 @@ def collect_routing_stats(
     device = next(model.parameters()).device
     try:
         model.eval()
-        for start in tqdm(range(0, len(blocks), batch_size), desc="routing statistics", unit="batch", disable=not progress):
-            batch = blocks[start : start + batch_size].to(device)
-            model(**forward_inputs(model, adapter, batch))
+        with computed_in_fp32(model):  # a model held in bf16 computes as the fp32 one does, a layer at a time
+            for start in tqdm(range(0, len(blocks), batch_size), desc="routing statistics", unit="batch",
+                              disable=not progress):
+                batch = blocks[start : start + batch_size].to(device)
+                model(**forward_inputs(model, adapter, batch))
     finally:
         for handle in handles:
             handle.remove()

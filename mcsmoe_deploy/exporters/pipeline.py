@@ -28,7 +28,7 @@ from .onnx_file import write_inlined_copy
 from .passes.metadata import SetMetadataPass
 from .switch_export import export_switch
 from .torch_export import check_exportable, finish_staged, logits_graph_spec, stage_graph
-from .validate import ExportReport, check_parity, describe, describe_files
+from .validate import ExportReport, check_parity, describe, describe_files, record_reference
 
 
 def check_output_file(out_path: str | Path, force: bool, inputs: tuple[str | Path, ...] = (),
@@ -216,6 +216,11 @@ def export_model(
         # in fp32 for any graph dtype: the function the checkpoint defines (torch's own fp16 CPU
         # arithmetic rounds differently from onnxruntime's, and neither is the authority)
         model = _load_reference(model_dir, compressed, adapter, config, torch.float32)  # quantizing again: same codes
+        if not adapter.encoder_decoder:  # the reference's logits first, then the graph: never both in memory
+            reference = record_reference(model, config.with_past)
+            del model
+            gc.collect()
+            model = reference
         report.parity = [check_parity(path, model, config.with_past) for path in files]
     _next_stage(stages, "done")
     stages.close()

@@ -17,7 +17,7 @@ import torch
 
 from ..contract import ATTENTION_MASK, DOMAIN, INPUT_IDS, LOGITS, OP_TYPE, external_data_path
 from ..runtime.ort_session import OrtDecoderSession, OrtSeq2SeqSession
-from ..runtime.parity import Discrepancy, compare_arrays, compare_decoders
+from ..runtime.parity import Discrepancy, compare_arrays, compare_decoders, compare_runs, decoder_logits
 from ..runtime.torch_session import TorchDecoderSession, TorchSeq2SeqSession
 
 
@@ -118,6 +118,64 @@ def _session(path: str | Path):
 
 
 @torch.no_grad()
+@dataclass
+class ReferenceRuns:
+    """The torch reference's logits on the validation inputs, recorded first so that the reference can be
+    freed before onnxruntime opens the graph: the two models are never in memory together.
+
+    inputs: per shape, token ids [B, L] (no past) or [B, L + 1] (with past: a prefill of L, one decode step).
+    logits: per shape, per step (one step without past; prefill [B, L, V] then decode [B, 1, V] with past).
+    """
+
+    with_past: bool
+    shapes: list[tuple[int, int]]
+    inputs: list[np.ndarray]
+    logits: list[list[np.ndarray]]
+
+
+@torch.no_grad()
+def record_reference(
+    reference: torch.nn.Module,
+    with_past: bool,
+    shapes: tuple[tuple[int, int], ...] = ((1, 5), (2, 9)),
+    seed: int = 0,
+    vocab_size: int | None = None,
+) -> ReferenceRuns:
+    """Run `reference` on random token ids (seeded; drawn below `vocab_size`, default the model's) and keep its
+    logits: for a logits graph one forward per shape ([batch, sequence]), for a KV-cache graph a prefill of
+    `sequence` tokens from an empty past, then one decode step."""
+    vocab_size = vocab_size or reference.config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    runs = ReferenceRuns(with_past, [tuple(s) for s in shapes], [], [])
+    runner = TorchDecoderSession.from_model(reference) if with_past else None
+    for batch, length in shapes:
+        if with_past:
+            ids = torch.randint(0, vocab_size, (batch, length + 1), generator=generator).numpy()
+            runs.logits.append(decoder_logits(runner, ids[:, :length], ids[:, length:]))
+        else:
+            ids = torch.randint(0, vocab_size, (batch, length), generator=generator)
+            runs.logits.append([reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().numpy()])
+            ids = ids.numpy()
+        runs.inputs.append(ids)
+    return runs
+
+
+def compare_to_reference(path: str | Path, runs: ReferenceRuns) -> tuple[float, float]:
+    """Run the graph at `path` in onnxruntime (CPU) on `runs`' inputs; returns (max abs error, max abs error /
+    max |reference logits|) over every step of every shape."""
+    worst = Discrepancy()
+    if runs.with_past:
+        session = OrtDecoderSession(path, provider="cpu", matmul_accuracy_level=0)  # float32 compute of MatMulNBits
+        for (_, length), ids, want in zip(runs.shapes, runs.inputs, runs.logits, strict=True):
+            worst = worst.worst(compare_runs(decoder_logits(session, ids[:, :length], ids[:, length:]), want))
+    else:
+        session = _session(path)
+        for ids, (want,) in zip(runs.inputs, runs.logits, strict=True):
+            (got,) = session.run([LOGITS], {INPUT_IDS: ids, ATTENTION_MASK: np.ones_like(ids)})
+            worst = worst.worst(compare_arrays(got, want))
+    return worst.max_abs_error, worst.max_rel_error
+
+
 def compare_logits(
     path: str | Path,
     reference: torch.nn.Module,
@@ -129,16 +187,7 @@ def compare_logits(
 
     Returns (max abs error, max abs error / max |reference logits|) over `shapes` ([batch, sequence]).
     """
-    session = _session(path)
-    generator = torch.Generator().manual_seed(seed)
-    worst = Discrepancy()
-    for batch, length in shapes:
-        ids = torch.randint(0, vocab_size, (batch, length), generator=generator)
-        mask = torch.ones_like(ids)
-        expected = reference(input_ids=ids, attention_mask=mask).logits.float().numpy()
-        (got,) = session.run([LOGITS], {INPUT_IDS: ids.numpy(), ATTENTION_MASK: mask.numpy()})
-        worst = worst.worst(compare_arrays(got, expected))
-    return worst.max_abs_error, worst.max_rel_error
+    return compare_to_reference(path, record_reference(reference, False, shapes, seed, vocab_size))
 
 
 def compare_logits_with_past(
@@ -151,33 +200,28 @@ def compare_logits_with_past(
     """Run a KV-cache graph in onnxruntime (CPU) and `reference` in torch on the same steps.
 
     Per (batch, length): a prefill of `length` random tokens from an empty past, then one
-    decode step; every step's logits are compared (`compare_decoders`). Returns (max abs
+    decode step; every step's logits are compared (`compare_runs`). Returns (max abs
     error, max relative error) as `compare_logits`.
     """
-    session = OrtDecoderSession(path, provider="cpu", matmul_accuracy_level=0)  # float32 compute of MatMulNBits
-    runner = TorchDecoderSession.from_model(reference)
-    generator = torch.Generator().manual_seed(seed)
-    worst = Discrepancy()
-    for batch, length in shapes:
-        ids = torch.randint(0, vocab_size, (batch, length + 1), generator=generator).numpy()
-        worst = worst.worst(compare_decoders(session, runner, ids[:, :length], ids[:, length:]))
-    return worst.max_abs_error, worst.max_rel_error
+    return compare_to_reference(path, record_reference(reference, True, shapes, seed, vocab_size))
 
 
 def check_parity(
     path: str | Path | tuple[Path, Path],
-    reference: torch.nn.Module,
+    reference: torch.nn.Module | ReferenceRuns,
     with_past: bool,
     shapes: tuple[tuple[int, int], ...] = ((1, 5), (2, 9)),
 ) -> ParityCheck:
-    """The parity of one file against `reference` (see `compare_logits` / `compare_logits_with_past`);
-    for an encoder-decoder, `path` is the (encoder, decoder) pair (see `compare_switch`)."""
+    """The parity of one file against `reference`: a model, or its `record_reference` runs (decoder-only; then
+    `with_past` and `shapes` are the runs' own). For an encoder-decoder, `path` is the (encoder, decoder) pair
+    (see `compare_switch`)."""
     if isinstance(path, tuple):
         max_abs, max_rel = compare_switch(*path, reference, shapes)
         return ParityCheck(" + ".join(str(p) for p in path), True, [tuple(s) for s in shapes], max_abs, max_rel)
-    compare = compare_logits_with_past if with_past else compare_logits
-    max_abs, max_rel = compare(path, reference, reference.config.vocab_size, shapes)
-    return ParityCheck(str(path), with_past, [tuple(s) for s in shapes], max_abs, max_rel)
+    if not isinstance(reference, ReferenceRuns):
+        reference = record_reference(reference, with_past, shapes)
+    max_abs, max_rel = compare_to_reference(path, reference)
+    return ParityCheck(str(path), reference.with_past, [tuple(s) for s in reference.shapes], max_abs, max_rel)
 
 
 def compare_switch(
@@ -215,10 +259,13 @@ def compare_switch(
 __all__ = [
     "ExportReport",
     "ParityCheck",
+    "ReferenceRuns",
     "check_parity",
     "compare_logits",
     "compare_logits_with_past",
     "compare_switch",
+    "compare_to_reference",
     "describe",
     "describe_files",
+    "record_reference",
 ]

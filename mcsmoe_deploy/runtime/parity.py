@@ -37,17 +37,27 @@ def compare_arrays(got: np.ndarray, reference: np.ndarray) -> Discrepancy:
     return Discrepancy(error, error / max(float(np.abs(reference).max()), 1e-30))
 
 
+def decoder_logits(session: DecoderSession, prompt_ids: np.ndarray, continuation: np.ndarray) -> list[np.ndarray]:
+    """The logits of every step of `session` on `prompt_ids` [B, L] (prefill) then `continuation` [B, N] (N decode
+    steps): [B, L, V] for the prefill, [B, 1, V] per decode step. Kept apart from the comparison so that a
+    reference can be run, recorded and freed before the session under test is opened."""
+    config = GenerationConfig(max_new_tokens=continuation.shape[1] + 1)
+    return generate(session, prompt_ids, config, forced_tokens=continuation, keep_logits=True).logits
+
+
+def compare_runs(got: list[np.ndarray], reference: list[np.ndarray]) -> Discrepancy:
+    """The worst discrepancy over the steps of two `decoder_logits` runs."""
+    worst = Discrepancy()
+    for step, want in zip(got, reference, strict=True):
+        worst = worst.worst(compare_arrays(step, want))
+    return worst
+
+
 def compare_decoders(session: DecoderSession, reference: DecoderSession, prompt_ids: np.ndarray,
                      continuation: np.ndarray) -> Discrepancy:
     """Run both sessions on `prompt_ids` [B, L] (prefill) then `continuation` [B, N] (N decode steps)
     and compare the logits of every step ([B, L, V] for the prefill, [B, 1, V] per decode step)."""
-    config = GenerationConfig(max_new_tokens=continuation.shape[1] + 1)
-    runs = [generate(s, prompt_ids, config, forced_tokens=continuation, keep_logits=True).logits
-            for s in (session, reference)]
-    worst = Discrepancy()
-    for got, want in zip(*runs, strict=True):
-        worst = worst.worst(compare_arrays(got, want))
-    return worst
+    return compare_runs(*(decoder_logits(s, prompt_ids, continuation) for s in (session, reference)))
 
 
-__all__ = ["Discrepancy", "compare_arrays", "compare_decoders"]
+__all__ = ["Discrepancy", "compare_arrays", "compare_decoders", "compare_runs", "decoder_logits"]
