@@ -117,7 +117,6 @@ def _session(path: str | Path):
     return load_session(Path(path), "cpu", options)
 
 
-@torch.no_grad()
 @dataclass
 class ReferenceRuns:
     """The torch reference's logits on the validation inputs, recorded first so that the reference can be
