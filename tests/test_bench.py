@@ -113,6 +113,16 @@ def test_active_bytes_agree_between_graph_and_checkpoint(tiny_dirs, graphs):
     assert checkpoint < total_dense - 0.75 * experts + 1e4
 
 
+def test_active_bytes_do_not_depend_on_the_expert_input_layout(graphs, tmp_path):
+    # target ort passes a merged low-rank block's factors one input per group (op version 3), portable stacks
+    # them [G, ...]: the same weights, so the same share read per token
+    m.export_model(graphs / "compressed", tmp_path / "stacked.onnx", validate=False, target="portable")
+    per_group = active_weight_bytes(graphs / "compressed.onnx", "ort")
+    stacked = active_weight_bytes(tmp_path / "stacked.onnx", "ort")
+    assert per_group == pytest.approx(stacked, rel=0.01)
+    assert per_group == pytest.approx(active_weight_bytes(graphs / "compressed", "torch"), rel=0.05)
+
+
 def test_contestants_with_the_same_file_name_get_distinct_names(tmp_path):
     from mcsmoe_deploy.runtime.bench_report import _distinct_names
 

@@ -176,7 +176,8 @@ def test_prepared_graph_gives_the_same_logits_in_onnxruntime(graph, tmp_path, pa
 
     prepared = prepare_for_tensorrt(graph, tmp_path / "prepared.onnx")
     assert prepared.functions_inlined and not prepared.plugin
-    assert prepared.rewrites == {"Compress -> Gather(NonZero)": 2, "ScatterND(reduction) -> ScatterElements": 2,
+    # one of each per MoE block (two layers); the body gathers its tokens without Compress since version 3
+    assert prepared.rewrites == {"ScatterND(reduction) -> ScatterElements": 2,
                                  "NonZero(bool) -> NonZero(float)": 2, "Split(runtime sizes) -> Gather": 2}
     ops = check_parser_friendly(prepared.path)
     assert ops["ScatterElements"] >= 2 and ops["Gather"] > 0
@@ -354,3 +355,23 @@ def test_triton_command(graph, tmp_path, capsys):
     assert parse_config(tmp_path / "repo" / "moe" / "config.pbtxt")[1].max_batch_size == 2
     assert main(["triton", str(graph), str(tmp_path / "repo"), "--name", "moe"]) == 2
     assert capsys.readouterr().err.strip().endswith("already exists (use --force to replace it)")
+
+
+@pytest.mark.parametrize("axis", [0, None], ids=["rows", "flattened"])
+def test_compress_becomes_gather_of_nonzero(tmp_path, axis):
+    # no exported body uses Compress any more; graphs from elsewhere (and older exports) still may
+    from mcsmoe_deploy.runtime.trt_graph import prepare_for_tensorrt
+
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [5, 3])
+    keep = onnx.helper.make_tensor_value_info("keep", onnx.TensorProto.BOOL, [5])
+    out = onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)
+    node = onnx.helper.make_node("Compress", ["x", "keep"], ["out"], **({} if axis is None else {"axis": axis}))
+    model = onnx.helper.make_model(onnx.helper.make_graph([node], "g", [x, keep], [out]),
+                                   opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "compress.onnx")
+    prepared = prepare_for_tensorrt(tmp_path / "compress.onnx", tmp_path / "prepared.onnx")
+    assert prepared.rewrites == {"Compress -> Gather(NonZero)": 1}
+    assert "Compress" not in check_parser_friendly(prepared.path)
+    feeds = {"x": np.arange(15, dtype=np.float32).reshape(5, 3), "keep": np.array([1, 0, 1, 1, 0], dtype=bool)}
+    (want,), (got,) = run_ort(tmp_path / "compress.onnx", feeds), run_ort(prepared.path, feeds)
+    np.testing.assert_array_equal(got, want)

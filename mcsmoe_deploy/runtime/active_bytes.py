@@ -12,6 +12,7 @@ In a checkpoint, the family's adapter tells which tensors are experts and what k
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -50,10 +51,12 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
 
 
 def _onnx_active_bytes(path: Path) -> int:
-    graph = read_graph(path).graph
+    model = read_graph(path)
+    graph = model.graph
     sizes = {t.name: _tensor_bytes(t) for t in graph.initializer}
     rows = {t.name: max(t.dims[0], 1) if t.dims else 1 for t in graph.initializer}
     share: dict[str, float] = {}
+    formal = {(f.domain, f.name, f.overload): list(f.input) for f in model.functions}
 
     def use(name: str, fraction: float) -> None:
         if name in sizes:
@@ -62,10 +65,9 @@ def _onnx_active_bytes(path: Path) -> int:
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if (node.domain, node.op_type) == (DOMAIN, OP_TYPE):
-            for name in node.input[3:]:
-                use(name, min(attrs["top_k"], rows.get(name, 1)) / rows.get(name, 1))
-            for name in node.input[:3]:
-                use(name, 1.0)
+            for name, fraction in _moe_input_shares(node, attrs["top_k"], graph, formal.get(
+                    (node.domain, node.op_type, node.overload))).items():
+                use(name, fraction)
         elif (node.domain, node.op_type) == ("com.microsoft", "MoE"):
             experts = rows.get(node.input[2], 1)
             for index, name in enumerate(node.input):
@@ -86,6 +88,27 @@ def _onnx_active_bytes(path: Path) -> int:
                 use(name, 1.0)
     # initializers only a function body or nothing reads still sit in memory; count them in full
     return int(sum(size * share.get(name, 1.0) for name, size in sizes.items()))
+
+
+def _moe_input_shares(node: onnx.NodeProto, top_k: int, graph: onnx.GraphProto,
+                      formal_names: list[str] | None) -> dict[str, float]:
+    """Share of each GroupedLowRankMoE input a decoded token reads: expert tensors min(k, G) / G, whether
+    stacked [G, ...] or one input per group (versions 2, 3: formal names end in `_<g>`); a low-rank factor
+    shared by all groups (version 3, no group axis) and the routing inputs in full."""
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    formal = list(formal_names or [])[:len(node.input)]
+    formal += [""] * (len(node.input) - len(formal))
+    suffixes = [int(m.group(1)) for m in map(re.compile(r"_(\d+)$").search, formal[3:]) if m]
+    per_group_count = max(suffixes) + 1 if suffixes else None
+    shares = {name: 1.0 for name in node.input[:3]}
+    for name, formal_name in zip(node.input[3:], formal[3:]):
+        shape = dims.get(name, [])
+        if formal_name.endswith(("_left", "_right")) and len(shape) == 2:
+            shares[name] = 1.0  # a shared basis: every token reads it
+            continue
+        groups = per_group_count or (max(shape[0], 1) if shape else 1)
+        shares[name] = min(top_k, groups) / groups
+    return shares
 
 
 def _safetensors_header(path: Path) -> dict:
