@@ -44,6 +44,7 @@ from .exporters import (
 from .grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec, grouped_moe_forward, route_top_k
 from .models import ExpertLayout, FamilyAdapter, MoELayer, Routing, SUPPORTED_FAMILIES, adapter_for_config, load_model
 from .quantization import QuantSpec, QuantizedWeight, block_grid, dequantize, quantize, round_to_grid
+from .quantized_embedding import QuantizedEmbedding, quantize_input_embeddings, quantized_embedding_specs
 from .quantized_linear import QuantizedLinear, install_quantized_linears, quantize_linears, quantized_linear_specs
 from .report import SizeReport, size_report
 from .runtime import (
@@ -84,6 +85,7 @@ __all__ = [
     "ParityCheck",
     "ProjectionSpec",
     "QuantSpec",
+    "QuantizedEmbedding",
     "QuantizedLinear",
     "QuantizedWeight",
     "Routing",
@@ -127,6 +129,8 @@ __all__ = [
     "load_without_weight_bytes",
     "quantize_linears",
     "quantized_linear_specs",
+    "quantize_input_embeddings",
+    "quantized_embedding_specs",
     "install_quantized_linears",
     "read_text",
     "round_to_grid",

@@ -4,7 +4,9 @@
                        per layer: G, expert_to_group, dominant experts, frequencies and
                        per-projection rank / sparse rows and quantization; the recipe;
                        calibration facts; "quantized_linears": {module: quantization} of
-                       linear layers stored as QuantizedLinear, when any)
+                       linear layers stored as QuantizedLinear, when any; "quantized_embeddings":
+                       {module: quantization[, "shares_codes_with": head]} of input embeddings
+                       stored as QuantizedEmbedding, when quantized)
     model.safetensors  every tensor, experts as `<layer>.experts.projections.<name>.{weight|left|right|
                        sparse_rows|sparse_values}` and `<layer>.experts.expert_to_group`
     tokenizer files    copied from the source model
@@ -27,6 +29,8 @@ from .files import staged_output
 from .grouped_experts import GroupedLowRankExperts, ProjectionSpec
 from .memory import read_weights_without_mmap, return_large_frees_to_os
 from .quantization import QuantSpec
+from .quantized_embedding import (QuantizedEmbedding, install_quantized_embeddings, quantized_embedding_specs,
+                                  share_quantized_tables, shared_table_buffers)
 from .quantized_linear import install_quantized_linears, quantized_linear_specs
 from .models import FamilyAdapter, adapter_for_config, check_weights, read_config_dict
 
@@ -36,6 +40,8 @@ FORMAT_VERSION = 2
 SHARED_BASIS_FORMAT = 2
 # the "mcsmoe" section's {module name: QuantSpec dict} of linear layers stored as QuantizedLinear
 QUANTIZED_LINEARS = "quantized_linears"
+# the "mcsmoe" section's {module name: QuantSpec dict[, "shares_codes_with": head]} of quantized input embeddings
+QUANTIZED_EMBEDDINGS = "quantized_embeddings"
 WEIGHTS_NAME = "model.safetensors"
 # files of a source model directory that describe weights we rewrite, so they are not copied
 _NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
@@ -62,6 +68,9 @@ def save_compressed(
         linears = quantized_linear_specs(model)
         if linears:  # absent when only experts (or nothing) are quantized: older readers see what they know
             config["mcsmoe"][QUANTIZED_LINEARS] = {name: spec.to_dict() for name, spec in linears.items()}
+        embeddings = quantized_embedding_specs(model)
+        if embeddings:
+            config["mcsmoe"][QUANTIZED_EMBEDDINGS] = embeddings
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(weights_to_save(model), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
 
@@ -116,6 +125,8 @@ def cast_saved_tensors(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast the floating parameters and saved buffers of `module` (and its children) to `dtype`, in place,
     but for quantization scales and unsaved buffers (see cast_to_stored_dtype). Returns `module`."""
     for child in module.modules():
+        if isinstance(child, QuantizedEmbedding):  # its rows come out in the model's dtype
+            child.output_dtype = dtype
         for name, param in child.named_parameters(recurse=False):
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
@@ -127,8 +138,9 @@ def cast_saved_tensors(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def weights_to_save(model: nn.Module) -> dict:
-    """The state dict without tied copies (lm_head tied to the embeddings, say): their sources are kept."""
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    """The state dict without tied copies (lm_head tied to the embeddings, say; a quantized table that is
+    its head's codes): their sources are kept."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) | shared_table_buffers(model)
     return {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name not in tied}
 
 
@@ -158,11 +170,13 @@ def load_compressed(model_dir: str | Path, device: str = "cpu") -> nn.Module:
     install_compressed_experts(model, adapter, section)
     linears = {name: QuantSpec.from_dict(spec) for name, spec in section.get(QUANTIZED_LINEARS, {}).items()}
     install_quantized_linears(model, linears)
+    install_quantized_embeddings(model, section.get(QUANTIZED_EMBEDDINGS, {}))
     return_large_frees_to_os()
     state = {name: tensor_slice[:] for name, tensor_slice in read_weights_without_mmap(model_dir).items()}
     model.load_state_dict(state, strict=False, assign=True)
     del state
     model.tie_weights()
+    share_quantized_tables(model)
     missing = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if missing:
         raise UserError(f"{model_dir}/{WEIGHTS_NAME} lacks {len(missing)} tensors, e.g. {missing[0]}")
@@ -191,9 +205,9 @@ def is_compressed_checkpoint(model_dir: str | Path) -> bool:
 
 def is_quantized_checkpoint(model_dir: str | Path) -> bool:
     """Whether a compressed checkpoint stores any weight quantized (`--quantize`): an expert projection,
-    or a linear layer listed under "quantized_linears"."""
+    or a linear layer or embedding table listed under "quantized_linears" / "quantized_embeddings"."""
     section = read_config_dict(model_dir).get("mcsmoe") or {}
-    return bool(section.get(QUANTIZED_LINEARS)) or any(spec.get("quant") for layer in section.get("layers", {}).values()
+    return bool(section.get(QUANTIZED_LINEARS) or section.get(QUANTIZED_EMBEDDINGS)) or any(spec.get("quant") for layer in section.get("layers", {}).values()
                for spec in layer.get("projections", {}).values())
 
 
@@ -206,6 +220,7 @@ __all__ = [
     "FORMAT_VERSION",
     "cast_saved_tensors",
     "cast_to_stored_dtype",
+    "QUANTIZED_EMBEDDINGS",
     "QUANTIZED_LINEARS",
     "compressed_layers",
     "is_compressed_checkpoint",

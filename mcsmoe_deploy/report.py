@@ -14,6 +14,7 @@ from torch import nn
 
 from .grouped_experts import GroupedProjection
 from .models import FamilyAdapter
+from .quantized_embedding import QuantizedEmbedding
 from .quantized_linear import QuantizedLinear
 
 
@@ -51,7 +52,9 @@ def _count(module: nn.Module, stored_dtype: torch.dtype | None = None) -> tuple[
     quantized = sum(
         m.num_groups * sum(rows * cols for rows, cols in map(m.spec.factor_shape, m.spec.factors))
         for m in module.modules() if isinstance(m, GroupedProjection) and m.spec.quant is not None
-    ) + sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, QuantizedLinear))
+    ) + sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, QuantizedLinear)) + sum(
+        m.num_embeddings * m.embedding_dim for m in module.modules()
+        if isinstance(m, QuantizedEmbedding) and not m.shares_codes_with)  # a tied table is its head's weight
     params = sum(t.numel() for t in module.parameters()) + quantized
     def item_bytes(t: torch.Tensor) -> int:
         return stored_dtype.itemsize if stored_dtype is not None and t.is_floating_point() else t.element_size()

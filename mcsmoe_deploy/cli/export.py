@@ -13,8 +13,10 @@ EXPORT_FLAGS = {"quantize": "--quantize", "quant_block": "--quant-block", "quant
 QUANTIZE_SCOPE_HELP = (
     "what --quantize covers: 'all' (default) quantizes every linear layer of a decoder-only model but its routers: "
     "experts, attention q/k/v/o (biases stay float), a shared expert and its gate, and the LM head (the input "
-    "embeddings stay float, untied from a tied LM head), which is what makes decoding fast; 'experts' quantizes "
-    "the experts only. Switch Transformers always quantizes its experts only")
+    "embeddings stay float, untied from a tied LM head), which is what makes decoding fast; 'all+embeddings' "
+    "also quantizes the input embedding table (one set of codes with a tied LM head; rows are dequantized as "
+    "they are looked up), which is what makes a small-vocabulary model small; 'experts' quantizes the experts "
+    "only. Switch Transformers always quantizes its experts only")
 
 QUANT_SYMMETRY_HELP = (
     "the default: a zero point per block as well as a scale, the block's range [min, max] mapped "
@@ -113,7 +115,7 @@ def add_parsers(sub) -> None:
                        help="values per quantization block along each weight's input dimension; must divide every "
                             "quantized weight's input size (default: %(default)s)")
     add_quant_symmetry(group, ExportConfig.quant_symmetric)
-    group.add_argument("--quantize-scope", default=ExportConfig.quant_scope, metavar="all|experts",
+    group.add_argument("--quantize-scope", default=ExportConfig.quant_scope, metavar="all|all+embeddings|experts",
                        help=QUANTIZE_SCOPE_HELP)
     export.add_argument("--force", action="store_true", help="replace the output if it exists")
     export.add_argument("--quiet", action="store_true", help="no progress bar")

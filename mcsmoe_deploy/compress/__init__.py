@@ -45,7 +45,8 @@ from .plan import (
 )
 from .gptq import ExpertInputMoments, gptq_projection, gptq_quantize, gptq_quantize_batch
 from .gptq_linears import LinearInputMoments, gptq_weight_for
-from .quantize import InputMoments, LinearMoments, check_quantizable, linears_to_quantize, quantize_experts, quantize_model
+from .quantize import (InputMoments, LinearMoments, check_quantizable, linears_to_quantize, quantize_experts, quantize_model,
+                       tied_output_embeddings)
 from .recipe import FORMATS, QUANT_METHODS, QUANT_SCOPES, QUANTIZATIONS, CompressionRecipe
 from .shared_basis import LOW_RANK_BASES, SharedBasis, shared_basis, shared_rank_for_ratio, shared_side
 from .router_calibration import calibrate_routers, kl_to_teacher, router_parameters
@@ -96,6 +97,7 @@ __all__ = [
     "quantizable_rank",
     "quantize_experts",
     "quantize_model",
+    "tied_output_embeddings",
     "GROUPINGS",
     "LOW_RANK_KINDS",
     "SIMILARITIES",

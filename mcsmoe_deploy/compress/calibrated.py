@@ -146,7 +146,7 @@ class CalibratedModel:
         if int(self.blocks.max()) >= vocab:
             raise UserError(f"the tokenizer in {model_dir} does not match the model: token id {int(self.blocks.max())} "
                             f"is beyond its vocabulary of {vocab}")
-        if recipe.quant_spec is not None and recipe.quant_scope == "all":  # before the long work
+        if recipe.quant_spec is not None and recipe.quant_scope != "experts":  # before the long work
             check_quantizable(self.model, self.adapter, recipe.quant_spec, recipe.quant_scope)
         self._stats: RoutingStats | None = None
         self._dense = True  # False once a recipe compressed `model` in place
@@ -220,7 +220,7 @@ class CalibratedModel:
     def quantize(self, compressed: CompressedModel) -> None:
         """Quantize `compressed` by its recipe (see compress/quantize.py), in place: its experts, by the
         recipe's method (its `applied` plan then records the quantization of every projection) and, with
-        quant_scope "all", its other linear layers, by the same method (the checkpoint records them)."""
+        quant_scope "all" (or "all+embeddings"), its other linear layers (and input embeddings), by the same method (the checkpoint records them)."""
         recipe = compressed.recipe
         quant = recipe.quant_spec
         if quant is None:

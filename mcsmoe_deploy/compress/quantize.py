@@ -3,7 +3,9 @@
 It runs last, after merging, low rank and distillation. Scope "experts" quantizes every
 projection factor of the compressed experts (GroupedLowRankExperts); scope "all" also replaces
 every other linear layer of a decoder-only model (attention q/k/v/o, a shared expert and its
-gate, the LM head; routers and embeddings stay float) by a QuantizedLinear. The arithmetic is
+gate, the LM head; routers and embeddings stay float) by a QuantizedLinear; scope "all+embeddings"
+also the input embedding table by a QuantizedEmbedding (round to nearest; when it was tied to the
+LM head, the table is the head's quantized weight, whatever method chose its codes). The arithmetic is
 quantization.py's, and the result is what `load_compressed` of the saved checkpoint computes.
 `mcsmoe-export --quantize` runs the same `quantize_model` on a model in memory.
 
@@ -26,11 +28,12 @@ from ..errors import ParameterError
 from ..grouped_experts import GroupedLowRankExperts
 from ..models import FamilyAdapter
 from ..quantization import QuantSpec, quantize
+from ..quantized_embedding import check_quantizable_embeddings, quantize_input_embeddings
 from ..quantized_linear import QuantizeWeight, quantize_linears
 from .gptq import gptq_projection
 from .gptq_linears import gptq_weight_for
 from .plan import AppliedPlan
-from .recipe import QUANT_SCOPES
+from .recipe import EMBEDDINGS_SCOPE, QUANT_SCOPES
 
 # (layer index, its experts) -> {projection name: second moment of its inputs per group [G, in, in]};
 # called for layer i after layers < i are quantized (gptq.ExpertInputMoments runs the model for it)
@@ -58,11 +61,16 @@ def check_quantizable(model: nn.Module, adapter: FamilyAdapter, quant: QuantSpec
     `model`: `quant.block` must divide the input size of every expert factor and (scope "all") linear layer."""
     if scope not in QUANT_SCOPES:
         raise ParameterError("quant_scope", f"must be one of {', '.join(QUANT_SCOPES)}, not {scope!r}")
+    if scope == EMBEDDINGS_SCOPE and adapter.encoder_decoder:
+        raise ParameterError("quant_scope", f"{scope} is for decoder-only families: {adapter.family} keeps float "
+                                            "embeddings and dense layers (use all or experts)")
     inputs = [(f"{layer_name}.projections.{name}.{factor}", projection.spec.factor_shape(factor)[1])
               for layer_name, layer in model.named_modules() if isinstance(layer, GroupedLowRankExperts)
               for name, projection in layer.projections.items() for factor in projection.spec.factors]
-    if scope == "all":
+    if scope != "experts":
         inputs += [(name, model.get_submodule(name).in_features) for name in linears_to_quantize(model, adapter)]
+    if scope == EMBEDDINGS_SCOPE:
+        inputs += [("the input embeddings", model.get_input_embeddings().embedding_dim)]
     for where, size in inputs:
         if size % quant.block:
             sizes = {size for _, size in inputs}
@@ -85,8 +93,10 @@ def quantize_model(
     quantize_weight: QuantizeWeight = quantize, input_moments: InputMoments | None = None,
     linear_moments: LinearMoments | None = None,
 ) -> list[str]:
-    """Quantize `model` in place: every compressed experts' projection factor and, with scope "all",
-    the layers `linears_to_quantize` names. Returns those layers' names (empty for "experts").
+    """Quantize `model` in place: every compressed experts' projection factor and, with scope "all"
+    or "all+embeddings", the layers `linears_to_quantize` names (and with the latter the input
+    embeddings, round to nearest or, tied, as the LM head). Returns those layers' names (empty for
+    "experts").
 
     Everything is checked (`check_quantizable`) before anything changes. `quantize_weight` is the
     one function turning a weight [out, in] into codes (default: round to nearest). input_moments:
@@ -96,13 +106,28 @@ def quantize_model(
     on the model before anything is quantized, and each is quantized by GPTQ fitted to its moments.
     """
     check_quantizable(model, adapter, quant, scope)
-    names = linears_to_quantize(model, adapter) if scope == "all" else []
+    names = linears_to_quantize(model, adapter) if scope != "experts" else []
+    tied_head = tied_output_embeddings(model) if scope == EMBEDDINGS_SCOPE else None
+    if scope == EMBEDDINGS_SCOPE:
+        check_quantizable_embeddings(model, quant)
     moments = linear_moments(names) if linear_moments is not None and names else {}
     _quantize_expert_layers(model, quant, quantize_weight, input_moments)
     for name in names:
         weight_fn = gptq_weight_for(moments[name]) if name in moments else quantize_weight
         quantize_linears(model, [name], quant, weight_fn)
+    if scope == EMBEDDINGS_SCOPE:
+        quantize_input_embeddings(model, quant, tied_head if tied_head in names else None, quantize_weight)
     return names
+
+
+def tied_output_embeddings(model: nn.Module) -> str | None:
+    """The module name of `model`'s LM head when it holds the input embeddings' table itself (tied), else None."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if getter is not None else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is None or embedding is None or getattr(head, "weight", None) is not getattr(embedding, "weight", 0):
+        return None
+    return next(name for name, module in model.named_modules() if module is head)
 
 
 def quantize_experts(model: nn.Module, applied: AppliedPlan, quant: QuantSpec,
@@ -139,4 +164,5 @@ __all__ = [
     "linears_to_quantize",
     "quantize_experts",
     "quantize_model",
+    "tied_output_embeddings",
 ]

@@ -20,8 +20,10 @@ from .stats import SIMILARITIES
 # 400 steps: 26.4 at 1e-3, 29.0 at 3e-4).
 MERGED_DISTILL_LR = 3e-4
 QUANTIZATIONS = {"int4": 4, "int8": 8}
-# what `quantize` covers: every linear layer but the routers (decoder-only families), or the experts only
-QUANT_SCOPES = ("all", "experts")
+# what `quantize` covers: every linear layer but the routers (decoder-only families), the same and the input
+# embeddings, or the experts only
+QUANT_SCOPES = ("all", "all+embeddings", "experts")
+EMBEDDINGS_SCOPE = "all+embeddings"
 # how codes are chosen (the stored format is the same): round to nearest, or GPTQ's error feedback
 # fitted to the calibration inputs (compress/gptq.py)
 QUANT_METHODS = ("rtn", "gptq")
@@ -78,8 +80,9 @@ class CompressionRecipe:
         perplexity 19.85 symmetric against 19.31 asymmetric, dense fp32 18.90; 4 more bits per block).
     quant_scope: what `quantize` covers: "all" (default) also quantizes every other linear layer of a
         decoder-only model (attention q/k/v/o, a shared expert and its gate, the LM head; routers and
-        embeddings stay float, biases too); "experts" only the merged experts. Switch Transformers
-        quantizes its experts only.
+        embeddings stay float, biases too); "all+embeddings" the same and the input embedding table
+        (one table with the LM head when they were tied); "experts" only the merged experts. Switch
+        Transformers quantizes its experts only (and refuses "all+embeddings").
     quant_method: QUANT_METHODS, "rtn" (round to nearest) or "gptq" (error feedback fitted to the
         first `activation_samples` calibration tokens, per merged expert, layer by layer;
         compress/gptq.py; with quant_scope "all" also every other linear layer, compress/gptq_linears.py).

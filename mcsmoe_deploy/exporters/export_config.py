@@ -61,7 +61,7 @@ class ExportConfig:
         in memory before tracing (the arithmetic of `mcsmoe compress --quantize`; dense experts as
         one group each), and validate against that quantized torch model (export_model).
     quant_block, quant_symmetric, quant_scope: as in CompressionRecipe (values per block, zero
-        points or not, "all" linear layers but routers and embeddings, or "experts" only).
+        points or not, "all" linear layers but routers and embeddings, "all+embeddings", or "experts" only).
     """
 
     target: str = "ort"
@@ -158,7 +158,9 @@ class ExportConfig:
 
     def graph_passes(self) -> list[ir.passes.PassBase]:
         """The passes each finished graph goes through: the target's (fresh instances), then `passes`."""
-        target_passes: list[ir.passes.PassBase] = []
+        from .passes.metadata import StripTraceMetadataPass
+
+        target_passes: list[ir.passes.PassBase] = [StripTraceMetadataPass()]
         if self.target == "ort-fused":
             from .passes.ort_moe import ort_fusion_passes
 

@@ -20,6 +20,8 @@ import onnx
 import onnx_ir as ir
 
 from ..quantization import QuantSpec
+from .quantized_embedding_export import GATHER_SUFFIXES, gather_initializer_arrays, lookup_nodes
+from .quantized_embedding_export import TRACE_OP as GATHER_OP
 from .quantized_inputs import QUANTIZED_MIN_OPSET, transposed_quantized_initializers
 
 TRACE_DOMAIN = "ai.mcsmoe.trace"  # exists only between tracing and FinishQuantizedMatMulsPass
@@ -68,13 +70,37 @@ def translate_quantized_matmul(x, codes, scales, zero_points, bits: int, block: 
     return _opset.QuantizedMatMul(**inputs, bits=bits, block=block)
 
 
-def _weight_initializers(graph: ir.Graph, node: ir.Node, cache: dict[str, list[ir.Value]]) -> list[ir.Value]:
-    """The transposed [q, scale[, zero point]] initializers of the placeholder's weight (made once per weight)."""
+def _stored(node: ir.Node) -> tuple[QuantSpec, list[ir.Value]]:
+    """The placeholder's quantization and its stored [codes, scales[, zero points]] initializers."""
     stored = [value for value in node.inputs[1:] if value is not None]
     if any(value.const_value is None for value in stored):
         raise ValueError(f"node {node.name}: the quantized weight is not an initializer")
+    return QuantSpec(node.attributes.get_int("bits"), node.attributes.get_int("block"), len(stored) == 2), stored
+
+
+def _lookup_initializers(graph: ir.Graph, node: ir.Node, cache: dict[str, list[ir.Value]]) -> list[ir.Value]:
+    """The [codes, scales[, zero points]] initializers a QuantizedGather reads (made once per table)."""
+    quant, stored = _stored(node)
+    key = stored[0].name + GATHER_SUFFIXES[0]
+    if key not in cache:
+        base = stored[0].name.removesuffix("_codes")
+        arrays = gather_initializer_arrays(*[value.const_value.numpy() for value in stored], *[None] * (3 - len(stored)),
+                                           quant)
+        cache[key] = [_initializer(graph, base + suffix, array) for suffix, array in zip(GATHER_SUFFIXES, arrays)]
+    return cache[key]
+
+
+def _initializer(graph: ir.Graph, name: str, array) -> ir.Value:
+    tensor = ir.Tensor(array, name=name)
+    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _weight_initializers(graph: ir.Graph, node: ir.Node, cache: dict[str, list[ir.Value]]) -> list[ir.Value]:
+    """The transposed [q, scale[, zero point]] initializers of the placeholder's weight (made once per weight)."""
+    quant, stored = _stored(node)
     if stored[0].name not in cache:
-        quant = QuantSpec(node.attributes.get_int("bits"), node.attributes.get_int("block"), len(stored) == 2)
         base = stored[0].name.removesuffix("_codes")  # "<module>.weight"
         arrays = [value.const_value.numpy() for value in stored]
         cache[stored[0].name] = transposed_quantized_initializers(
@@ -84,7 +110,9 @@ def _weight_initializers(graph: ir.Graph, node: ir.Node, cache: dict[str, list[i
 
 
 class FinishQuantizedMatMulsPass(ir.passes.InPlacePass):
-    """Replace every traced QuantizedMatMul placeholder by DequantizeLinear + MatMul (module docstring).
+    """Replace every traced QuantizedMatMul placeholder by DequantizeLinear + MatMul (module docstring), and
+    every QuantizedGather (a quantized embedding lookup) by Gather and standard dequantization
+    (quantized_embedding_export).
 
     A no-op on a graph without placeholders.
     """
@@ -101,6 +129,12 @@ class FinishQuantizedMatMulsPass(ir.passes.InPlacePass):
         cache: dict[str, list[ir.Value]] = {}
         replaced = set()
         for node in nodes:
+            if node.op_type == GATHER_OP:
+                quant, _ = _stored(node)
+                lookup, rows = lookup_nodes(node, _lookup_initializers(graph, node, cache), quant)
+                replaced.update(value for value in node.inputs[1:] if value is not None)
+                ir.convenience.replace_nodes_and_values(graph, node, [node], lookup, node.outputs, [rows])
+                continue
             if node.op_type != TRACE_OP:
                 raise ValueError(f"unexpected {TRACE_DOMAIN} node {node.op_type}")
             block = node.attributes.get_int("block")

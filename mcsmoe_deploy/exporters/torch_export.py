@@ -38,7 +38,9 @@ from .ort_attention import FusionPlan, ort_modules_fused
 from .ort_ops import register_norm_schema, translation_table as ort_translation_table
 from .onnx_file import EXTERNAL_DATA_THRESHOLD, write_passes_result, write_staged, write_staged_as_one_file
 from .passes import GraphPassManager
+from ..quantized_embedding import quantized_embedding
 from ..quantized_linear import quantized_matmul
+from .quantized_embedding_export import register_gather_schema, translate_quantized_embedding
 from .quantized_linear_export import FinishQuantizedMatMulsPass, register_trace_schema, translate_quantized_matmul
 from .passes.custom_nodes import FinishCustomNodesPass
 
@@ -115,7 +117,7 @@ def stage_graph(
     see ort_attention); the plan of what was fused is kept in the StagedGraph.
     """
     # onnxscript only emits the bare nodes of ops it has a schema of
-    if not (register_op_schema() and register_trace_schema()):
+    if not (register_op_schema() and register_trace_schema() and register_gather_schema()):
         raise RuntimeError("this onnx cannot register op schemas from Python; upgrade onnx")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +126,7 @@ def stage_graph(
     table = {
         getattr(torch.ops.mcsmoe, TORCH_OP.split("::")[1]).default: translate,
         quantized_matmul._opoverload: translate_quantized_matmul,  # QuantizedLinear
+        quantized_embedding._opoverload: translate_quantized_embedding,  # QuantizedEmbedding
     }
     fused_modules = ort_modules_fused(model) if fuse_ort else contextlib.nullcontext()
     if fuse_ort:

@@ -14,6 +14,8 @@ axis=0, block_size=B))` whose q is an INT4/UINT4/INT8/UINT8 initializer [K, N]:
 - B: uint8 [N, K / B, B * bits / 8], the codes of row n, block b, packed low nibble first
   (int4), unsigned (symmetric codes + 2^(bits-1), MatMulNBits' default zero point);
 - scales [N, K / B]; asymmetric zero points uint8 [N, ceil(K / B * bits / 8)], packed the same;
+- a quantized embedding lookup whose table is a tied head's weight reads the head's B, scales and zero
+  points (the same layouts: quantized_embedding_export), so the table is stored once;
 - attribute `accuracy_level` (onnxruntime's fusion picks 4 by default, int8 activations;
   `OrtDecoderSession(matmul_accuracy_level=0)` rewrites it to 0 in memory for parity checks).
 """
@@ -116,6 +118,10 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
                                         "accuracy_level": self.accuracy_level}, name=f"{node.name}.nbits")
             ir.convenience.replace_nodes_and_values(graph, node, [node], [fused], node.outputs, fused.outputs)
             replaced.add(dq)
+        if packed:  # a quantized embedding table tied to the LM head: one copy of its codes
+            from ..quantized_embedding_export import share_lookup_initializers
+
+            share_lookup_initializers(graph, [value for values in packed.values() for value in values])
         for dq in replaced:
             if not any(out.uses() or out.is_graph_output() for out in dq.outputs):
                 graph.remove(dq, safe=True)

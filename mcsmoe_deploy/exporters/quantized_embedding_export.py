@@ -1,0 +1,169 @@
+"""QuantizedEmbedding lookups in ONNX: gather the stored rows, then dequantize them with standard ops.
+
+Tracing: a QuantizedEmbedding calls the torch custom op `mcsmoe::quantized_embedding` (ids, packed
+codes, scales[, zero points]), which `translate_quantized_embedding` maps to a placeholder node
+`ai.mcsmoe.trace::QuantizedGather`, finished with the QuantizedMatMul placeholders
+(quantized_linear_export.FinishQuantizedMatMulsPass) into
+
+    rows  = Gather(codes [V, H / B, B * bits / 8] uint8, ids)          the packed bytes of each row
+    q     = int4: BitwiseAnd(rows, 15) and BitShift(rows, 4, RIGHT), interleaved (low nibble first)
+    table = (Cast(q) - zero point[ids]) * scale[ids]                  blockwise, then [..., H]
+
+Only the looked-up rows are dequantized (a DequantizeLinear of the whole table would run on every
+step, and ONNX's Gather takes no 4-bit tensors). The codes are laid out as MatMulNBits' B and the
+scales and packed zero points as its inputs, so under target ort the table of a tied LM head is the
+head's MatMulNBits initializers themselves (passes/matmul_nbits reuses them): stored once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from ..quantization import QuantSpec
+from .passes.matmul_nbits import _pack
+
+TRACE_DOMAIN = "ai.mcsmoe.trace"
+TRACE_OP = "QuantizedGather"
+_TRACE_VERSION = 1
+# names of the initializers a finished lookup reads, so passes/matmul_nbits can find them to share
+GATHER_SUFFIXES = (".gather_codes", ".gather_scales", ".gather_zero_points")
+
+
+def register_gather_schema() -> bool:
+    """Register the placeholder's OpSchema with onnx (idempotent); False when onnx cannot register schemas."""
+    if not hasattr(onnx.defs, "register_schema"):
+        return False
+    if onnx.defs.has(TRACE_OP, _TRACE_VERSION, TRACE_DOMAIN):
+        return True
+    schema_cls = onnx.defs.OpSchema
+    param, attr = schema_cls.FormalParameter, schema_cls.Attribute
+    optional = schema_cls.FormalParameterOption.Optional
+    schema = schema_cls(
+        TRACE_OP, TRACE_DOMAIN, _TRACE_VERSION,
+        "Rows of an embedding table stored blockwise quantized (mcsmoe_deploy.quantized_embedding); replaced by "
+        "Gather and standard dequantization before the model is written.",
+        inputs=[param("ids", "tensor(int64)", "[...]"),
+                param("codes", "tensor(uint8)", "[vocab, hidden * bits / 8] packed"),
+                param("scales", "T", "[vocab, hidden / block]"),
+                param("zero_points", "tensor(uint8)", "[vocab, hidden / block]; absent: symmetric",
+                      param_option=optional)],
+        outputs=[param("rows", "T", "[..., hidden]")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "scales, rows")],
+        attributes=[attr("bits", schema_cls.AttrType.INT, "4 or 8"),
+                    attr("block", schema_cls.AttrType.INT, "values per block along hidden")],
+    )
+    onnx.defs.register_schema(schema)
+    return True
+
+
+_opset = None
+
+
+def translate_quantized_embedding(ids, codes, scales, zero_points, bits: int, block: int):
+    """torch.onnx translation of `mcsmoe::quantized_embedding`: the placeholder node (module docstring)."""
+    global _opset
+    if _opset is None:  # created after the schema is registered, so onnxscript knows the op
+        import onnxscript
+
+        _opset = onnxscript.values.Opset(TRACE_DOMAIN, _TRACE_VERSION)
+    inputs = dict(ids=ids, codes=codes, scales=scales)
+    if zero_points is not None:
+        inputs["zero_points"] = zero_points
+    return _opset.QuantizedGather(**inputs, bits=bits, block=block)
+
+
+def gather_initializer_arrays(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
+                              quant: QuantSpec) -> list[np.ndarray]:
+    """The stored (codes [V, H * bits / 8], scales [V, H / B][, zero points [V, H / B]]) as the lookup
+    reads them: codes [V, H / B, B * bits / 8], scales as they are, zero points packed [V, ceil(H / B * bits / 8)]
+    (MatMulNBits' layouts of B, scales and zero points for the weight [V, H])."""
+    vocab, blocks = scales.shape
+    arrays = [np.ascontiguousarray(codes.reshape(vocab, blocks, quant.block * quant.bits // 8)), scales]
+    if zero_points is not None:
+        arrays.append(np.ascontiguousarray(_pack(zero_points, quant.bits)))
+    return arrays
+
+
+class _Nodes:
+    """Collects the nodes of one finished lookup, named after its placeholder."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.nodes = prefix, []
+
+    def add(self, op: str, inputs: list[ir.Value], **attributes) -> ir.Value:
+        node = ir.node(op, inputs, attributes=attributes, name=f"{self.prefix}.{op.lower()}{len(self.nodes)}")
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def const(self, array: np.ndarray) -> ir.Value:
+        value = self.add("Constant", [], value=ir.tensor(array, name=f"{self.prefix}.c{len(self.nodes)}"))
+        return value
+
+    def unpack_nibbles(self, packed: ir.Value, rank: int) -> ir.Value:
+        """uint8 [..., n] -> [..., 2n] codes, the low nibble first (rank: that of `packed`)."""
+        low = self.add("BitwiseAnd", [packed, self.const(np.array(15, np.uint8))])
+        high = self.add("BitShift", [packed, self.const(np.array(4, np.uint8))], direction="RIGHT")
+        axes = self.const(np.array([-1], np.int64))
+        pairs = self.add("Concat", [self.add("Unsqueeze", [low, axes]), self.add("Unsqueeze", [high, axes])], axis=-1)
+        return self.add("Reshape", [pairs, self.const(np.array([0] * (rank - 1) + [-1], np.int64))])
+
+
+def lookup_nodes(node: ir.Node, data: list[ir.Value], quant: QuantSpec) -> tuple[list[ir.Node], ir.Value]:
+    """Standard nodes computing placeholder `node`'s rows from the lookup's initializers `data` (codes,
+    scales[, packed zero points], gather_initializer_arrays' layouts); returns (nodes, rows [..., H])."""
+    ids = node.inputs[0]
+    rank = len(ids.shape) if ids.shape is not None else 2
+    blocks = data[1].shape[1]
+    nodes = _Nodes(node.name or "quantized_gather")
+    codes = nodes.add("Gather", [data[0], ids], axis=0)  # [..., H / B, B * bits / 8]
+    if quant.bits == 4:
+        codes = nodes.unpack_nibbles(codes, rank + 2)
+    scales = data[1]
+    values = nodes.add("Cast", [codes], to=scales.dtype)
+    if len(data) > 2:
+        zero = nodes.add("Gather", [data[2], ids], axis=0)
+        if quant.bits == 4:
+            zero = nodes.unpack_nibbles(zero, rank + 1)
+            zero = nodes.add("Slice", [zero, nodes.const(np.array([0], np.int64)),
+                                       nodes.const(np.array([blocks], np.int64)), nodes.const(np.array([-1], np.int64))])
+        zero = nodes.add("Cast", [zero], to=scales.dtype)
+        zero = nodes.add("Unsqueeze", [zero, nodes.const(np.array([-1], np.int64))])
+    else:
+        zero = nodes.const(np.array(quant.symmetric_zero_point, dtype=scales.dtype.numpy()))
+    scale = nodes.add("Unsqueeze", [nodes.add("Gather", [scales, ids], axis=0), nodes.const(np.array([-1], np.int64))])
+    rows = nodes.add("Mul", [nodes.add("Sub", [values, zero]), scale])  # [..., H / B, B]
+    rows = nodes.add("Reshape", [rows, nodes.const(np.array([0] * rank + [-1], np.int64))])
+    wanted = node.outputs[0].dtype
+    if wanted is not None and wanted != scales.dtype:
+        rows = nodes.add("Cast", [rows], to=wanted)
+    return nodes.nodes, rows
+
+
+def share_lookup_initializers(graph: ir.Graph, candidates: list[ir.Value]) -> int:
+    """Point the lookups of a table at equal initializers among `candidates` (a tied LM head's MatMulNBits
+    inputs: the same bytes in the same layout) and drop their own; returns how many were shared."""
+    by_key: dict[tuple, list[ir.Value]] = {}
+    for value in candidates:
+        by_key.setdefault((value.dtype, tuple(value.shape)), []).append(value)
+    shared = 0
+    for value in [v for v in graph.initializers.values() if v.name.endswith(GATHER_SUFFIXES)]:
+        array = value.const_value.numpy()
+        twin = next((c for c in by_key.get((value.dtype, tuple(value.shape)), [])
+                     if np.array_equal(c.const_value.numpy(), array)), None)
+        if twin is not None:
+            value.replace_all_uses_with(twin)
+            del graph.initializers[value.name]
+            shared += 1
+    return shared
+
+
+__all__ = [
+    "GATHER_SUFFIXES",
+    "gather_initializer_arrays",
+    "lookup_nodes",
+    "register_gather_schema",
+    "share_lookup_initializers",
+    "translate_quantized_embedding",
+]
