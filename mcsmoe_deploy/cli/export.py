@@ -54,7 +54,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     quiet_torch_onnx()
     config = ExportConfig(
         target=args.target, with_past=not args.no_past, validate=not args.no_validate, inline=args.inline,
-        external_data=True if args.external_data else None, force=args.force, progress=not args.quiet,
+        external_data=args.external_data, force=args.force, progress=not args.quiet,
         genai=args.genai is not None, dtype=args.dtype,
         quantize=args.quantize, quant_block=args.quant_block, quant_symmetric=args.quant_symmetric,
         quant_scope=args.quantize_scope,
@@ -94,8 +94,12 @@ def add_parsers(sub) -> None:
                         help="also write OUT.inlined.onnx with every function inlined (no ai.mcsmoe node), "
                              "for runtimes that reject custom domains; combine with --target portable for standard "
                              "ops only (the 'ort' target's attention and norms stay onnxruntime contrib ops)")
-    export.add_argument("--external-data", action="store_true",
-                        help="store the weights in OUT.onnx.data (automatic beyond about 1.8 GB)")
+    export.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
+                        help="store the weights in OUT.onnx.data beside OUT, or (--no-external-data) inside OUT. "
+                             "Default: in OUT.onnx.data for quantized graphs of targets ort and ort-qmoe "
+                             "(onnxruntime memory-maps the file and drops the pages it repacks, so a session "
+                             "holds about 1.3-1.9x the bytes on disk instead of 2-2.8x) and beyond about 1.8 GB, "
+                             "else inside OUT")
     export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=ExportConfig.dtype,
                         help="the graph's floating type (weights, activations, KV cache). fp32 (default): what "
                              "onnxruntime's CPU provider computes fastest and exactly; x86 CPUs have no fp16 "

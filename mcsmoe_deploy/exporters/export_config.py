@@ -16,6 +16,7 @@ from ..quantization import DEFAULT_BLOCK, QuantSpec
 TARGET_HELP = {
     "ort": "onnxruntime (default): the GroupedLowRankMoE op, attention as com.microsoft.GroupQueryAttention "
            "(q/k/v packed, rotary inside, or RotaryEmbedding), RMSNorms as (Skip)SimplifiedLayerNormalization; "
+           "quantized weights as com.microsoft.MatMulNBits, dense int4 SwiGLU experts as com.microsoft.QMoE; "
            "onnxruntime only",
     "portable": "the GroupedLowRankMoE op and standard ONNX ops only: for TensorRT and runtimes other than onnxruntime",
     "mcsmoe": "the former name of 'portable' (accepted, recorded as 'portable')",
@@ -48,7 +49,10 @@ class ExportConfig:
     validate: compare onnxruntime with the torch reference on random tokens (export_model).
     inline: also write `inlined_path(out)`, every function inlined (no ai.mcsmoe node; with
         target "ort" the copy keeps onnxruntime's contrib ops: standard ops only needs "portable").
-    external_data: weights in `OUT.onnx.data`: True, False, or None for "when over ~1.8 GB".
+    external_data: weights in `OUT.onnx.data`: True, False, or None (default) for "when the graph
+        holds quantized weights onnxruntime repacks at load (MatMulNBits, QMoE: it memory-maps external
+        data and drops the pages it repacked, where embedded bytes stay beside the packed copy), or
+        is over ~1.8 GB"; see `torch_export.default_external_data`.
     opset: the default-domain opset of the traced graph (>= 18).
     force: replace existing outputs (export_model).
     progress: a bar over the stages on stderr (export_model).
@@ -169,6 +173,11 @@ class ExportConfig:
             from .passes.ort_qmoe import ort_qmoe_passes
 
             target_passes = ort_qmoe_passes()
+        if self.target == "ort":
+            from .passes.ort_qmoe import ort_qmoe_passes
+
+            # dense int4 SwiGLU blocks as QMoE: onnxruntime holds no packed copy of their weights
+            target_passes += ort_qmoe_passes(dense_int4_only=True)
         if self.fuses_ort:
             from .passes.matmul_nbits import MatMulNBitsPass
             from .passes.packed_qkv import PackedQKVPass

@@ -174,11 +174,25 @@ def _holds_weights(model: ir.Model) -> bool:
     )
 
 
+# onnxruntime repacks these nodes' weights at load (MLAS's layouts); from a memory-mapped data file it drops
+# the pages it repacked, from the graph file itself it keeps them beside the packed copy (~0.5-1x more)
+_REPACKED_AT_LOAD = {("com.microsoft", "MatMulNBits"), ("com.microsoft", "QMoE")}
+
+
+def default_external_data(model: ir.Model, weight_bytes: int) -> bool:
+    """Whether a graph goes out with its weights in `OUT.onnx.data` when the user did not say: when it
+    holds nodes onnxruntime repacks at load (quantized graphs of targets ort and ort-qmoe), or when its
+    `weight_bytes` would not fit in one protobuf (about 1.8 GB)."""
+    repacked = any((node.domain, node.op_type) in _REPACKED_AT_LOAD for node in model.graph)
+    return repacked or weight_bytes > EXTERNAL_DATA_THRESHOLD
+
+
 def finish_staged(staged: StagedGraph, out_path: str | Path, config: ExportConfig = ExportConfig()) -> onnx.ModelProto:
     """Finish the MoE nodes, run `config.graph_passes()`, check (full_check) and move into `out_path`.
 
     config.external_data: True keeps the weights in `OUT.onnx.data`; False writes one file;
-    None keeps external data only past about 1.8 GB (protobuf's 2 GB limit). The passes run
+    None keeps external data for graphs onnxruntime repacks at load and past about 1.8 GB
+    (protobuf's 2 GB limit): `default_external_data`. The passes run
     on an `ir.Model` whose weights stay in the staged data file: a pass that reads values
     (ort-fused) reads them through a memory map, and a single file is streamed from disk
     (`write_staged_as_one_file`); when a pass made new weights, every weight is streamed
@@ -190,12 +204,13 @@ def finish_staged(staged: StagedGraph, out_path: str | Path, config: ExportConfi
         with staged_output(out_path, force=True, kind="file", companions=companions) as target:
             data = external_data_path(staged.path)
             data_bytes = data.stat().st_size if data.exists() else 0
-            external = config.external_data if config.external_data is not None else data_bytes > EXTERNAL_DATA_THRESHOLD
             model = ir.from_proto(onnx.load(str(staged.path), load_external_data=False))
             ir.external_data.set_base_dir(model.graph, staged.staging)
             # QuantizedLinear placeholders first: they may raise the opset the MoE functions are built for
             passes = [FinishQuantizedMatMulsPass(), FinishCustomNodesPass(staged.specs, config.per_group_experts), *config.graph_passes()]
             model = GraphPassManager(passes)(model).model
+            external = config.external_data if config.external_data is not None else \
+                default_external_data(model, data_bytes)
             if _holds_weights(model):
                 return write_passes_result(model, staged.path, target, external)
             model_proto = ir.to_proto(model)  # external tensors stay references to the staged data

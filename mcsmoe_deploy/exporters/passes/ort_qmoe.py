@@ -250,17 +250,43 @@ class FuseQMoEPass(ir.passes.InPlacePass):
 
     Memory: one block at a time, its codes unpacked to one byte each while repacked; the new
     tensors hold as many bytes as the per-group inputs they replace.
+
+    dense_int4_only: rewrite only the nodes that are dense blocks (routing "logits": G = E, identity
+    grouping, renormalised top-k) of int4 experts, and leave every other node as it is instead of
+    refusing it. Target "ort" does this (`ExportConfig.graph_passes`): onnxruntime opens such a
+    QMoE node with no copy of its weights, where MatMulNBits at accuracy level 4 holds a packed
+    copy with per-block sums (~1.6x the bytes on disk, benchmarks/results/session-memory.md), at
+    the same decode speed; merged blocks stay MatMulNBits, which decodes them faster than QMoE.
     """
 
+    def __init__(self, dense_int4_only: bool = False):
+        super().__init__()
+        self.dense_int4_only = dense_int4_only
+
+    def _plan(self, model: ir.Model) -> list[tuple[ir.Node, QMoEFusion]]:
+        """The nodes to rewrite and their plans; all of them, or (dense_int4_only) the qualifying ones."""
+        if not self.dense_int4_only:
+            return list(zip(moe_nodes(model.graph), plan_qmoe(model)))
+        planned = []
+        for node in moe_nodes(model.graph):
+            try:
+                fusion = _plan_node(node)
+            except ValueError:  # low rank, float, quantized differently: stays the op, then MatMulNBits
+                continue
+            if fusion.routing == "logits" and fusion.quant.bits == 4:
+                planned.append((node, fusion))
+        return planned
+
     def requires(self, model: ir.Model) -> None:
+        if self.dense_int4_only:  # a node whose weights cannot be read is left as it is (`_plan`)
+            return
         inputs = [v for node in moe_nodes(model.graph) for v in node.inputs[2:] if v is not None and v.is_initializer()]
         require_weight_values(inputs, type(self).__name__)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        nodes = moe_nodes(graph)
-        fusions = plan_qmoe(model)
-        for node, fusion in zip(nodes, fusions):
+        planned = self._plan(model)
+        for node, fusion in planned:
             fc1, fc1_scales, fc2, fc2_scales, fc1_zero, fc2_zero = _qmoe_weights(graph, node, fusion)
             routing_nodes, router_weights = [], None
             router_probs = node.inputs[1]
@@ -291,16 +317,18 @@ class FuseQMoEPass(ir.passes.InPlacePass):
             )
             new_nodes = [*routing_nodes, qmoe]
             ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, node.outputs, qmoe.outputs)
-        if fusions:
+        if planned:
             model.opset_imports.setdefault(ORT_DOMAIN, 1)
-        return ir.passes.PassResult(model, modified=bool(fusions))
+        return ir.passes.PassResult(model, modified=bool(planned))
 
 
-def ort_qmoe_passes() -> list[ir.passes.PassBase]:
-    """The fusion and the clean-up after it: replaced weights, the op's functions and its opset import go."""
+def ort_qmoe_passes(dense_int4_only: bool = False) -> list[ir.passes.PassBase]:
+    """The fusion (see FuseQMoEPass for `dense_int4_only`) and the clean-up after it: replaced weights,
+    the op's functions and its opset import go."""
     from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
-    return [FuseQMoEPass(), RemoveUnusedNodesPass(), RemoveUnusedFunctionsPass(), RemoveUnusedOpsetsPass()]
+    return [FuseQMoEPass(dense_int4_only), RemoveUnusedNodesPass(), RemoveUnusedFunctionsPass(),
+            RemoveUnusedOpsetsPass()]
 
 
 def qmoe_refusal(section: dict) -> str | None:
