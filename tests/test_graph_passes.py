@@ -173,9 +173,11 @@ def test_export_config_validates_in_its_own_terms():
     names = [type(p).__name__ for p in ExportConfig(target="ort-fused", passes=[_Idle()]).graph_passes()]
     assert names == ["FuseMoEForOrtPass", "RemoveUnusedNodesPass", "RemoveUnusedFunctionsPass",
                      "RemoveUnusedOpsetsPass", "_Idle"]
-    assert [type(p).__name__ for p in ExportConfig().graph_passes()] == ["PackedQKVPass", "SkipNormFusionPass",
-                                                                       "MatMulNBitsPass"]
-    assert [type(p).__name__ for p in ExportConfig(target="portable").graph_passes()] == []
+    # target ort: dense int4 SwiGLU blocks to QMoE (the rest left as they are) before MatMulNBits
+    assert [type(p).__name__ for p in ExportConfig().graph_passes()] == [
+        "StripTraceMetadataPass", "FuseQMoEPass", "RemoveUnusedNodesPass", "RemoveUnusedFunctionsPass",
+        "RemoveUnusedOpsetsPass", "PackedQKVPass", "SkipNormFusionPass", "MatMulNBitsPass"]
+    assert [type(p).__name__ for p in ExportConfig(target="portable").graph_passes()] == ["StripTraceMetadataPass"]
     # the former name of the portable target is accepted and recorded under the new one
     assert ExportConfig(target="mcsmoe").target == "portable" and not ExportConfig(target="mcsmoe").fuses_ort
     assert ExportConfig().target == "ort" and ExportConfig().fuses_ort

@@ -103,3 +103,59 @@ def test_graph_header_is_the_model_without_weight_bytes(tmp_path):
     model.graph.initializer[0].ClearField("raw_data")
     assert header.SerializeToString() == model.SerializeToString()
     assert list(header.graph.initializer[0].dims) == [3, 4] and not header.graph.initializer[0].raw_data
+
+
+def _op_counts(path) -> dict[str, int]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {op: sum(n.op_type == op for n in graph.node) for op in ("QMoE", "MatMulNBits", "GroupedLowRankMoE")}
+
+
+def _largest_inline_tensor(path) -> int:
+    return max(len(t.raw_data) for t in onnx.load(str(path), load_external_data=False).graph.initializer)
+
+
+def test_default_int4_export_is_qmoe_experts_with_external_data(tiny_dirs, tmp_path, capsys):
+    """`mcsmoe-export --quantize int4` with default options: dense int4 experts as QMoE (no packed copy in
+    the session), the rest MatMulNBits, weights in OUT.onnx.data (memory-mapped by onnxruntime) and
+    validated; --no-external-data writes one file of the same graph; a float export stays one file."""
+    from mcsmoe_deploy.cli import main_export
+
+    out = tmp_path / "default" / "int4.onnx"
+    out.parent.mkdir()
+    assert main_export([str(tiny_dirs["mixtral"]), str(out), "--quantize", "int4", "--quant-block", "16"]) == 0
+    assert "decode step each: max abs error" in capsys.readouterr().out  # validated
+    assert sorted(p.name for p in out.parent.iterdir()) == ["int4.onnx", "int4.onnx.data"]
+    assert _largest_inline_tensor(out) <= 1024
+    assert _op_counts(out) == {"QMoE": 2, "MatMulNBits": _op_counts(out)["MatMulNBits"], "GroupedLowRankMoE": 0}
+    assert _op_counts(out)["MatMulNBits"] > 0  # attention and the LM head
+
+    one_file = tmp_path / "one" / "int4.onnx"
+    one_file.parent.mkdir()
+    assert main_export([str(tiny_dirs["mixtral"]), str(one_file), "--quantize", "int4", "--quant-block", "16",
+                        "--no-external-data", "--no-validate"]) == 0
+    assert sorted(p.name for p in one_file.parent.iterdir()) == ["int4.onnx"]
+    assert _op_counts(one_file) == _op_counts(out)
+
+    fp32 = tmp_path / "fp32" / "fp32.onnx"
+    fp32.parent.mkdir()
+    assert main_export([str(tiny_dirs["mixtral"]), str(fp32), "--no-validate"]) == 0
+    assert sorted(p.name for p in fp32.parent.iterdir()) == ["fp32.onnx"]
+
+
+def test_merged_int4_blocks_stay_matmul_nbits_with_external_data(tiny_dirs, tmp_path):
+    """Merged groups (G < E) keep MatMulNBits under target ort (QMoE decodes them slower); int8 experts
+    too (QMoE has no float32 int8 kernel); both are written with external data by default."""
+    import mcsmoe_deploy as m
+
+    recipe = m.CompressionRecipe(experts=4, quantize="int4", quant_block=16, max_calib_tokens=512, calib_seq_len=32)
+    merged = m.compress_model(tiny_dirs["mixtral"], tmp_path / "g4", recipe, progress=False) or tmp_path / "g4"
+    for name, source, options in (("merged", tmp_path / "g4", {}),
+                                  ("int8", tiny_dirs["mixtral"], dict(quantize="int8", quant_block=16))):
+        out = tmp_path / name / "model.onnx"
+        out.parent.mkdir()
+        report = m.export_model(source, out, **options)
+        assert all(check.max_rel_error < 1e-4 for check in report.parity)
+        counts = _op_counts(out)
+        assert counts["QMoE"] == 0 and counts["GroupedLowRankMoE"] == 0 and counts["MatMulNBits"] > 0, counts
+        assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    del merged
