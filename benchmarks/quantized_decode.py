@@ -41,7 +41,8 @@ VARIANTS = {
     "ours-int4-experts": ("compress", dict(experts=8, quant_scope="experts", **INT4)),
     "ours-G4-int4-experts": ("compress", dict(experts=4, quant_scope="experts", **INT4)),
     "ours-G4-r0.25-int4-experts": ("compress", dict(experts=4, rank_ratio=0.25, quant_scope="experts", **INT4)),
-    # the dense checkpoint quantized at export (mcsmoe-export --quantize int4): G = E groups of one expert
+    # the dense checkpoint quantized at export (mcsmoe-export --quantize int4): G = E groups of one expert,
+    # which target ort writes as QMoE (dense int4 blocks) with the weights in external data, as by default
     "ours-int4-all": ("export", dict(quant_scope="all", **INT4)),
     "ours-G4-int4-all": ("compress", dict(experts=4, quant_scope="all", **INT4)),
     "ours-G4-r0.25-int4-all": ("compress", dict(experts=4, rank_ratio=0.25, quant_scope="all", **INT4)),
