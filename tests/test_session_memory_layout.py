@@ -159,3 +159,20 @@ def test_merged_int4_blocks_stay_matmul_nbits_with_external_data(tiny_dirs, tmp_
         assert counts["QMoE"] == 0 and counts["GroupedLowRankMoE"] == 0 and counts["MatMulNBits"] > 0, counts
         assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
     del merged
+
+
+def test_one_file_refused_in_one_line_when_the_weights_do_not_fit(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """--no-external-data past protobuf's limit (lowered here to the tiny model's size): one error line,
+    nothing written; without the flag the same export goes to external data."""
+    import mcsmoe_deploy.exporters.torch_export as torch_export
+    from mcsmoe_deploy.cli import main
+
+    monkeypatch.setattr(torch_export, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out = tmp_path / "fp32.onnx"
+    assert main(["export", str(tiny_dirs["mixtral"]), str(out), "--no-external-data", "--no-validate",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mcsmoe: error:") and "drop --no-external-data" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+    assert main(["export", str(tiny_dirs["mixtral"]), str(out), "--no-validate"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.onnx", "fp32.onnx.data"]

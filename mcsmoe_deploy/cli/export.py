@@ -113,8 +113,8 @@ def add_parsers(sub) -> None:
     group.add_argument("--quantize", default=None, metavar="int4|int8",
                        help="quantize the model in memory before export, blockwise round to nearest as mcsmoe "
                             "compress --quantize does (dense experts one per group), and validate against that "
-                            "quantized torch model; the graph stores DequantizeLinear + MatMul, which onnxruntime "
-                            "fuses to MatMulNBits (default: no quantization)")
+                            "quantized torch model; target ort writes com.microsoft.MatMulNBits (dense int4 experts: "
+                            "com.microsoft.QMoE), target portable DequantizeLinear + MatMul (default: no quantization)")
     group.add_argument("--quant-block", type=int, default=ExportConfig.quant_block, metavar="N",
                        help="values per quantization block along each weight's input dimension; must divide every "
                             "quantized weight's input size (default: %(default)s)")

@@ -32,6 +32,7 @@ from ..models.base import FamilyAdapter
 from .custom_op import TORCH_OP, ForwardFactory, moe_blocks_as_custom_op, patched_forward, translate
 from .moe_op import MoEOpSpec, register_op_schema
 from ..contract import external_data_path
+from ..errors import UserError
 from ..files import new_staging_dir, staged_output
 from .export_config import ExportConfig
 from .ort_attention import FusionPlan, ort_modules_fused
@@ -204,6 +205,9 @@ def finish_staged(staged: StagedGraph, out_path: str | Path, config: ExportConfi
         with staged_output(out_path, force=True, kind="file", companions=companions) as target:
             data = external_data_path(staged.path)
             data_bytes = data.stat().st_size if data.exists() else 0
+            if config.external_data is False and data_bytes > EXTERNAL_DATA_THRESHOLD:
+                raise UserError(f"the weights ({data_bytes / 1e9:.1f} GB) do not fit in one ONNX file (protobuf's "
+                                "2 GB limit); drop --no-external-data")
             model = ir.from_proto(onnx.load(str(staged.path), load_external_data=False))
             ir.external_data.set_base_dir(model.graph, staged.staging)
             # QuantizedLinear placeholders first: they may raise the opset the MoE functions are built for
