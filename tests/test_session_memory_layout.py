@@ -176,3 +176,12 @@ def test_one_file_refused_in_one_line_when_the_weights_do_not_fit(tiny_dirs, tmp
     assert list(tmp_path.iterdir()) == []
     assert main(["export", str(tiny_dirs["mixtral"]), str(out), "--no-validate"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.onnx", "fp32.onnx.data"]
+
+
+def test_sessions_allocate_initializers_outside_the_arena():
+    """open_session's options (session_options) give the graph's weights their own allocations."""
+    from mcsmoe_deploy.runtime.ort_session import INITIALIZERS_OUTSIDE_ARENA_KEY, session_options
+
+    options = session_options(threads=2)
+    assert options.get_session_config_entry(INITIALIZERS_OUTSIDE_ARENA_KEY) == "1"
+    assert options.intra_op_num_threads == 2

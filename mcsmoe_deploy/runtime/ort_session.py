@@ -100,13 +100,15 @@ def _with_accuracy_level(path: Path, header, level: str | None) -> str | bytes:
 # onnxruntime's DequantizeLinear + MatMul -> MatMulNBits fusion picks this compute accuracy by default:
 # 4 (int8-quantized activations, ~0.5% relative error); 0 computes in float32 (exact up to rounding)
 MATMUL_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+INITIALIZERS_OUTSIDE_ARENA_KEY = "session.use_device_allocator_for_initializers"
 
 
 def session_options(threads: int | None = None, opt_level: str = "all", optimized_model_path: str | Path | None = None,
                     matmul_accuracy_level: int | None = None):
     """SessionOptions: intra-op threads (None: onnxruntime's default), graph optimisation level,
     where to save the optimised graph (None: not saved), and the accuracy level of fused quantized
-    MatMuls (None: onnxruntime's default, fastest; 0: float32 compute, what parity checks use)."""
+    MatMuls (None: onnxruntime's default, fastest; 0: float32 compute, what parity checks use).
+    Initializers are allocated outside the CPU arena (benchmarks/results/session-memory.md)."""
     import onnxruntime as ort
 
     if opt_level not in OPT_LEVELS:
@@ -117,6 +119,9 @@ def session_options(threads: int | None = None, opt_level: str = "all", optimize
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1  # nodes run one after another (sequential execution): no second pool
     options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's concern
+    # weights the graph file holds get their own allocations, not the arena's power-of-two chunks: a one-file
+    # int4 graph's session otherwise peaks at 2.8x its bytes in about one run of two (2.2x with this)
+    options.add_session_config_entry(INITIALIZERS_OUTSIDE_ARENA_KEY, "1")
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     if matmul_accuracy_level is not None:
