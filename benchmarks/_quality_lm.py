@@ -32,6 +32,7 @@ BASELINES = {
 # M-SMoE, and MC-SMoE at each rank ratio; round to nearest, and "-gptq" with GPTQ (compress/gptq.py)
 GPTQ, RTN = {"quant_method": "gptq"}, {"quant_method": "rtn"}
 EXPERTS_ONLY, ALL, SYM = {"quant_scope": "experts"}, {"quant_scope": "all"}, {"quant_symmetric": True}
+EMB = {"quant_scope": "all+embeddings"}  # every linear layer and the input embeddings (one table with a tied head)
 DENSE_QUANTIZED = {"dense-int8": {"quantize": "int8", **RTN, **EXPERTS_ONLY},
                    "dense-int4": {"quantize": "int4", **RTN, **EXPERTS_ONLY},
                    "dense-int8-gptq": {"quantize": "int8", **GPTQ, **EXPERTS_ONLY},
@@ -40,11 +41,14 @@ DENSE_QUANTIZED = {"dense-int8": {"quantize": "int8", **RTN, **EXPERTS_ONLY},
                    "dense-int4-all": {"quantize": "int4", **RTN, **ALL},
                    "dense-int4-all-sym": {"quantize": "int4", **RTN, **ALL, **SYM},
                    "dense-int4-all-gptq": {"quantize": "int4", **GPTQ, **ALL},
-                   "dense-int8-all": {"quantize": "int8", **RTN, **ALL}}
+                   "dense-int8-all": {"quantize": "int8", **RTN, **ALL},
+                   "dense-int4-emb": {"quantize": "int4", **RTN, **EMB},
+                   "dense-int4-emb-gptq": {"quantize": "int4", **GPTQ, **EMB}}
 MERGED_QUANTIZED = ("msmoe-int4", "msmoe-int4-gptq", "mcsmoe-int4", "mcsmoe-int4-gptq")
 # merged, then every linear layer quantized (scope all), by method and grouping
 MERGED_ALL_QUANTIZED = {"msmoe-int4-all": {**RTN}, "msmoe-int4-all-sym": {**RTN, **SYM},
-                        "msmoe-int4-all-gptq": {**GPTQ}, "hc-int4-all-gptq": {**GPTQ, "grouping": "hc"}}
+                        "msmoe-int4-all-gptq": {**GPTQ}, "hc-int4-all-gptq": {**GPTQ, "grouping": "hc"},
+                        "msmoe-int4-emb": {**RTN, **EMB}, "msmoe-int4-emb-gptq": {**GPTQ, **EMB}}
 # a method's row after router calibration is named "<method>+router" (merge-only methods)
 ROUTER_SUFFIX = "+router"
 # low rank with one basis per layer and projection shared by the merged experts (--low-rank-basis shared), at the

@@ -36,6 +36,8 @@ One routing-statistics pass per setting; each method is applied to a fresh copy 
                              default scope): experts, attention q/k/v/o, LM head; embeddings stay float;
                              asymmetric (the default), "-sym" symmetric
     msmoe-int4-all, hc-int4-all-gptq  merged (M-SMoE, HC-SMoE grouping) then every linear layer int4
+    dense-int4-emb, msmoe-int4-emb  the same and the input embeddings (`--quantize-scope all+embeddings`):
+                             the embedded LM ties them to its LM head, so the table is the head's int4 codes
     <any of these>-gptq      the same with GPTQ codes (`--quant-method gptq`) instead of round to nearest;
                              only when named in --methods; quantized rows also carry "quantize_seconds",
                              the quantization step's wall time

@@ -1,6 +1,7 @@
 """Decode latency and bytes of quantized graphs against onnxruntime-genai's builder, in one run (issue 12).
 
-    python benchmarks/quantized_decode.py WORK_DIR [--threads 2] [--rounds 5] [--steps 32] [--only NAME ...]
+    python benchmarks/quantized_decode.py WORK_DIR [--threads 2] [--rounds 5] [--steps 32] [--prefill 512]
+                                          [--only NAME ...]
     python benchmarks/quantized_decode.py WORK_DIR --perplexity
 
 Builds (unless present) the ~330 MB random Mixtral (hidden 512, experts of 1024, 6 layers, 8 experts
@@ -10,7 +11,9 @@ and int4 graphs; then times every contestant (or those named by --only) in alter
 bytes on disk. Ours int4 is also timed at MatMulNBits accuracy level 0 (float32 compute; the
 default is onnxruntime's level 4, int8 activations). Rows "-experts" quantize the expert projections
 only (attention and LM head stay fp32); rows "-all" quantize every linear layer but the routers, as
-the builder's int4 quantizes every MatMul (the embeddings stay fp32 in both).
+the builder's int4 quantizes every MatMul (the embeddings stay fp32 in both); rows "-emb" also quantize
+the input embeddings (`--quantize-scope all+embeddings`). --prefill N also times one prefill of an
+N-token prompt per round (p50 over rounds, ratios the same way).
 
 --perplexity instead prints held-out perplexity of the embedded model (demo.embedded_model_dir, the
 evaluation of benchmarks/_quality_lm.py): dense fp32, dense int4 (scope all and experts), merged
@@ -46,6 +49,8 @@ VARIANTS = {
     "ours-int4-all": ("export", dict(quant_scope="all", **INT4)),
     "ours-G4-int4-all": ("compress", dict(experts=4, quant_scope="all", **INT4)),
     "ours-G4-r0.25-int4-all": ("compress", dict(experts=4, rank_ratio=0.25, quant_scope="all", **INT4)),
+    "ours-G4-int4-emb": ("compress", dict(experts=4, quant_scope="all+embeddings", **INT4)),
+    "ours-G4-r0.25-int4-emb": ("compress", dict(experts=4, rank_ratio=0.25, quant_scope="all+embeddings", **INT4)),
     # every MoE block one com.microsoft.QMoE (dense experts only), as exported: accuracy level 0
     "ours-int4-all-qmoe": ("compress", dict(experts=8, quant_scope="all", **INT4), dict(target="ort-qmoe")),
     "ours-G4-int4-all-qmoe": ("compress", dict(experts=4, quant_scope="all", **INT4), dict(target="ort-qmoe")),
@@ -120,10 +125,12 @@ def perplexities(block: int = 16) -> dict[str, float]:
     return results
 
 
-def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int) -> dict[str, np.ndarray]:
-    """ms per decode step of every contestant, alternating rounds (the same loop for all: _latency)."""
+def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int, prefill: int = 0
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """ms per decode step of every contestant, and (prefill > 0) ms per prefill of a `prefill`-token prompt,
+    alternating rounds (the same loops for all: _latency)."""
     from benchmarks._genai_peer import open_peer_lm
-    from benchmarks._latency import decode_seconds, open_ours, random_prompt, session_options
+    from benchmarks._latency import decode_seconds, open_ours, prefill_seconds, random_prompt, session_options
     from mcsmoe_deploy.runtime.ort_session import MATMUL_ACCURACY_KEY
 
     c = CONFIG
@@ -141,13 +148,21 @@ def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int) -> 
             lms[name + "@acc0"] = open_ours(name, path, c["num_hidden_layers"], c["num_key_value_heads"],
                                             head_dim, options)
     prompt = random_prompt(16, c["vocab_size"], 0)
+    long_prompt = random_prompt(prefill, c["vocab_size"], 1) if prefill else None
     samples: dict[str, list[float]] = {name: [] for name in lms}
+    prefills: dict[str, list[float]] = {name: [] for name in lms}
     for lm in lms.values():
         decode_seconds(lm, prompt, 4)  # warm-up
     for _ in range(rounds):
         for name, lm in lms.items():
             samples[name] += decode_seconds(lm, prompt, steps)
-    return {name: 1000 * np.asarray(values) for name, values in samples.items()}
+            if long_prompt is not None:
+                prefills[name].append(prefill_seconds(lm, long_prompt))
+    return _as_ms(samples), _as_ms(prefills)
+
+
+def _as_ms(seconds: dict[str, list[float]]) -> dict[str, np.ndarray]:
+    return {name: 1000 * np.asarray(values) for name, values in seconds.items() if values}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--prefill", type=int, default=0, metavar="N", help="also time prefill of N tokens")
     parser.add_argument("--only", nargs="+", choices=[*VARIANTS, *BUILDERS], default=None,
                         help="time these contestants only (ours-fp32 and builder-int4 are always timed: the ratios)")
     parser.add_argument("--perplexity", action="store_true", help="print perplexities of the embedded model instead")
@@ -167,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     names = [*VARIANTS, *BUILDERS] if args.only is None else sorted({"ours-fp32", "builder-int4", *args.only})
     graphs = build_all(args.work, names)
-    times = time_all(graphs, args.threads, args.rounds, args.steps)
+    times, prefills = time_all(graphs, args.threads, args.rounds, args.steps, args.prefill)
     base, peer = float(np.median(times["ours-fp32"])), float(np.median(times["builder-int4"]))
     print(f"{args.threads} threads, batch 1, {args.rounds} alternating rounds x {args.steps} decode steps, "
           f"load average {os.getloadavg()[0]:.1f}")
@@ -176,6 +192,12 @@ def main(argv: list[str] | None = None) -> None:
         on_disk = _bytes(graphs[name.split("@")[0]])
         print(f"{name:32s} decode p50 {p50:7.3f} ms/token ({p50 / base:5.2f}x ours-fp32, {p50 / peer:5.2f}x "
               f"builder-int4)  on disk {on_disk / 1e6:7.1f} MB")
+    if prefills:
+        base, peer = float(np.median(prefills["ours-fp32"])), float(np.median(prefills["builder-int4"]))
+        for name, values in prefills.items():
+            p50 = float(np.median(values))
+            print(f"{name:32s} prefill-{args.prefill} p50 {p50:8.2f} ms ({p50 / base:5.2f}x ours-fp32, "
+                  f"{p50 / peer:5.2f}x builder-int4)")
 
 
 if __name__ == "__main__":

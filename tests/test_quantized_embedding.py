@@ -96,6 +96,8 @@ def test_graphs_match_load_compressed_and_share_the_tied_table(family, tiny_dirs
                        reference.config.hidden_size] for t in graph.graph.initializer)  # no float table
         tied = family == "embedded" and target == "ort"
         assert any(name.endswith(".gather_codes") for name in names) != tied  # tied: the head's MatMulNBits B
+        lookups = [node for node in graph.graph.node if node.op_type == "GatherBlockQuantized"]
+        assert len(lookups) == (1 if target == "ort" else 0)
         assert not any(key.startswith(TRACE_METADATA_PREFIXES) for node in graph.graph.node
                        for key in (p.key for p in node.metadata_props))
     inlined = onnx.load(report.inlined_path, load_external_data=False)

@@ -163,7 +163,7 @@ def test_export_scope_experts_keeps_attention_float(tiny_dirs, tmp_path):
      "16 divides every one"),
     ("mixtral", ["--quantize", "int4", "--quant-block", "24"], "--quant-block must be a power of two >= 16, not 24"),
     ("mixtral", ["--quantize", "int4", "--quantize-scope", "some"],
-     "--quantize-scope must be one of all, experts, not 'some'"),
+     "--quantize-scope must be one of all, all+embeddings, experts, not 'some'"),
     ("mixtral", ["--quantize", "int4", "--target", "ort-fused"], "target 'ort-fused' maps dense float experts"),
     ("switch_transformers", ["--quantize", "int4"], "quantized export is built for decoder-only families"),
     ("quantized", ["--quantize", "int4", "--quant-block", "16"], "is already quantized; export it without --quantize"),

@@ -181,10 +181,11 @@ class ExportConfig:
         if self.fuses_ort:
             from .passes.matmul_nbits import MatMulNBitsPass
             from .passes.packed_qkv import PackedQKVPass
+            from .passes.sibling_matmuls import FuseSiblingMatMulNBitsPass
             from .passes.skip_norm import SkipNormFusionPass
 
             # packing q/k/v concatenates DequantizeLinear weights, which MatMulNBitsPass then rewrites
-            target_passes += [PackedQKVPass(), SkipNormFusionPass(), MatMulNBitsPass()]
+            target_passes += [PackedQKVPass(), SkipNormFusionPass(), MatMulNBitsPass(), FuseSiblingMatMulNBitsPass()]
         return [*target_passes, *self.passes]
 
 

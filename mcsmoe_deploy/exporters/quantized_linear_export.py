@@ -117,6 +117,10 @@ class FinishQuantizedMatMulsPass(ir.passes.InPlacePass):
     A no-op on a graph without placeholders.
     """
 
+    def __init__(self, fused_lookups: bool = False):
+        super().__init__()
+        self.fused_lookups = fused_lookups  # embedding lookups as com.microsoft.GatherBlockQuantized (target ort)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = [node for node in graph if node.domain == TRACE_DOMAIN]
@@ -131,7 +135,9 @@ class FinishQuantizedMatMulsPass(ir.passes.InPlacePass):
         for node in nodes:
             if node.op_type == GATHER_OP:
                 quant, _ = _stored(node)
-                lookup, rows = lookup_nodes(node, _lookup_initializers(graph, node, cache), quant)
+                lookup, rows = lookup_nodes(node, _lookup_initializers(graph, node, cache), quant, self.fused_lookups)
+                if self.fused_lookups:
+                    model.opset_imports.setdefault("com.microsoft", 1)
                 replaced.update(value for value in node.inputs[1:] if value is not None)
                 ir.convenience.replace_nodes_and_values(graph, node, [node], lookup, node.outputs, [rows])
                 continue

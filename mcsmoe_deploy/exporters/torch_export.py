@@ -211,7 +211,7 @@ def finish_staged(staged: StagedGraph, out_path: str | Path, config: ExportConfi
             model = ir.from_proto(onnx.load(str(staged.path), load_external_data=False))
             ir.external_data.set_base_dir(model.graph, staged.staging)
             # QuantizedLinear placeholders first: they may raise the opset the MoE functions are built for
-            passes = [FinishQuantizedMatMulsPass(), FinishCustomNodesPass(staged.specs, config.per_group_experts), *config.graph_passes()]
+            passes = [FinishQuantizedMatMulsPass(config.fuses_ort), FinishCustomNodesPass(staged.specs, config.per_group_experts), *config.graph_passes()]
             model = GraphPassManager(passes)(model).model
             external = config.external_data if config.external_data is not None else \
                 default_external_data(model, data_bytes)
