@@ -176,7 +176,8 @@ def test_export_config_validates_in_its_own_terms():
     # target ort: dense int4 SwiGLU blocks to QMoE (the rest left as they are) before MatMulNBits
     assert [type(p).__name__ for p in ExportConfig().graph_passes()] == [
         "StripTraceMetadataPass", "FuseQMoEPass", "RemoveUnusedNodesPass", "RemoveUnusedFunctionsPass",
-        "RemoveUnusedOpsetsPass", "PackedQKVPass", "SkipNormFusionPass", "MatMulNBitsPass"]
+        "RemoveUnusedOpsetsPass", "PackedQKVPass", "SkipNormFusionPass", "MatMulNBitsPass",
+        "FuseSiblingMatMulNBitsPass"]
     assert [type(p).__name__ for p in ExportConfig(target="portable").graph_passes()] == ["StripTraceMetadataPass"]
     # the former name of the portable target is accepted and recorded under the new one
     assert ExportConfig(target="mcsmoe").target == "portable" and not ExportConfig(target="mcsmoe").fuses_ort
