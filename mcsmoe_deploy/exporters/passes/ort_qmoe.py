@@ -255,7 +255,7 @@ class FuseQMoEPass(ir.passes.InPlacePass):
     grouping, renormalised top-k) of int4 experts, and leave every other node as it is instead of
     refusing it. Target "ort" does this (`ExportConfig.graph_passes`): onnxruntime opens such a
     QMoE node with no copy of its weights, where MatMulNBits at accuracy level 4 holds a packed
-    copy with per-block sums (~1.6x the bytes on disk, benchmarks/results/session-memory.md), at
+    copy with per-block sums (~1.7x the bytes on disk, benchmarks/results/session-memory.md), at
     the same decode speed; merged blocks stay MatMulNBits, which decodes them faster than QMoE.
     """
 
