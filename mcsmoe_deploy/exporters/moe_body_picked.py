@@ -1,0 +1,123 @@
+"""Function bodies of `ai.mcsmoe::GroupedLowRankMoE` that run only the groups some token picked.
+
+gather_tokens (moe_body) runs every group's nodes on every call, on 0 rows for a group no token
+picked: with batch-1 decode (T k picks < G groups) most of them idle, and on a small model their
+fixed per-node cost is most of the block's time (benchmarks/results/fused-attention.md).
+
+- "gather_groups": the A groups some token picked, batched: each gets its routed tokens padded to
+  the largest count (padding rows carry weight 0) and its factors gathered from a stacked
+  [G, in, out] copy, one MatMul per factor for all A. Node count independent of G; the cost is a
+  copy of A groups' factors per call, and the padding rows.
+- "picked_groups": gather_groups while T k < G (some group surely gets no token), else
+  gather_tokens; one `If` per call on the token count.
+
+The stacked [G, in, out] factors depend on initializers only, so runtimes fold them once: a copy
+of the experts' float factors beside the per-group inputs. Hence picked_groups ships only for
+float per-group (target ort) blocks whose groups hold at most `SMALL_GROUP_VALUES` values
+(`picks_groups`); larger groups keep gather_tokens (their copy per call would cost more than the
+idle groups' nodes, and the session would hold their bytes twice).
+"""
+
+from __future__ import annotations
+
+from onnx import TensorProto, helper
+
+from .moe_body import Body, _apply_projection, _expert, _group_weights, _run_routed_tokens
+from .op_spec import MoEOpSpec
+
+# values (all factors and sparse values) of one group: the embedded model's 55k qualify, the 330 MB
+# random Mixtral's 1.6M do not (its decode reads weights from memory, where a copy per call costs more)
+SMALL_GROUP_VALUES = 1 << 18
+
+
+def group_values(spec: MoEOpSpec) -> int:
+    """Float values one group's factors and sparse values hold."""
+    total = 0
+    for _, proj in spec.projections:
+        total += sum(rows * cols for rows, cols in map(proj.factor_shape, proj.factors))
+        total += proj.sparse_rows * proj.in_features
+    return total
+
+
+def picks_groups(spec: MoEOpSpec) -> bool:
+    """Whether a node of structure `spec` ships picked_groups (see the module docstring)."""
+    float_only = not spec.quantized and not spec.shared_basis
+    return spec.split_floats and float_only and spec.num_groups > 1 and group_values(spec) <= SMALL_GROUP_VALUES
+
+
+def _stacked_factors(b: Body, spec: MoEOpSpec) -> dict[str, str]:
+    """Every float factor (and sparse values) of every group as [G, in, out], by its stacked input name
+    `{projection}_{factor}`. Stacked inputs [G, out, in] are transposed, per-group inputs (version 3,
+    [in, out] each) stacked: both depend on initializers only, so runtimes fold them once (a copy)."""
+    stacked = {}
+    for name, proj in spec.projections:
+        for factor in proj.factors:
+            stem = f"{name}_{factor}"
+            if spec.per_group:
+                parts = [b("Unsqueeze", f"{stem}_{g}", b.ints([0])) for g in range(spec.num_groups)]
+                stacked[stem] = b("Concat", *parts, axis=0)
+            else:
+                stacked[stem] = b("Transpose", stem, perm=[0, 2, 1])
+        if proj.sparse_rows:
+            stacked[f"{name}_sparse_values"] = b("Transpose", f"{name}_sparse_values", perm=[0, 2, 1])
+    return stacked
+
+
+def _project_groups(b: Body, spec: MoEOpSpec, name: str, active: str, h: str, stacked: dict[str, str]) -> str:
+    """Projection `name` of each active group: h [A, n, in], active [A] -> [A, n, out]."""
+    proj = dict(spec.projections)[name]
+    inputs = tuple(f"{name}_{factor}" for factor in proj.factors)
+    if proj.sparse_rows:
+        inputs += (f"{name}_sparse_rows", f"{name}_sparse_values")
+
+    def weight_t(tensor: str) -> str:  # [A, in, out]
+        return b("Gather", stacked[tensor], active, axis=0)
+
+    def add_rows(y: str, rows: str, extra: str) -> str:  # extra [A, n, sparse rows]
+        row_index = b("Expand", b("Unsqueeze", b("Gather", rows, active, axis=0), b.ints([1])), b("Shape", extra))
+        return b.scatter_add("ScatterElements", y, row_index, extra, axis=2)
+
+    return _apply_projection(b, proj, inputs, h, weight_t, add_rows)
+
+
+def _run_picked_groups(b: Body, spec: MoEOpSpec, by_group: str, stacked: dict[str, str]) -> str:
+    """The groups some token picked (A of them), batched: each gets its routed tokens padded to the
+    largest count n (padding rows carry weight 0) and its factors gathered, one MatMul per factor for
+    all A. Nodes do not grow with G; the cost is a copy of A groups' factors per call, and the padding."""
+    counts = b("ReduceSum", b("Cast", b("Greater", by_group, b.float_like(0.0, by_group)), to=TensorProto.INT64),
+               b.ints([1]), keepdims=0)  # [G]
+    active = b("Reshape", b("NonZero", b("Greater", counts, b.scalar_int(0))), b.ints([-1]))  # [A]
+    most = b("ReduceMax", counts, keepdims=1)  # [1]; 0 without tokens
+    # per active group its tokens by descending weight: the routed ones (weight > 0) first, then padding
+    weight, tokens = b("TopK", b("Gather", by_group, active, axis=0), most, axis=-1, largest=1, sorted=1, outputs=2)
+    x = b("Gather", "hidden", tokens, axis=0)  # [A, n, H]
+    y = _expert(b, spec, x, lambda name, h: _project_groups(b, spec, name, active, h, stacked))  # [A, n, H]
+    scaled = b("Mul", y, b("CastLike", b("Unsqueeze", weight, b.ints([2])), "hidden"))
+    zeros = b("CastLike", b("ConstantOfShape", b("Shape", "hidden")), "hidden")
+    # a token in several groups gets several rows, padding rows add 0: reduction add sums them
+    return b.scatter_add("ScatterND", zeros, b("Unsqueeze", tokens, b.ints([2])), scaled)
+
+
+def _gather_groups(b: Body, spec: MoEOpSpec) -> str:
+    return _run_picked_groups(b, spec, _group_weights(b, spec), _stacked_factors(b, spec))
+
+
+def _picked_groups(b: Body, spec: MoEOpSpec) -> str:
+    """gather_groups while the picks (T k) are fewer than the groups, so that some groups surely get no
+    token (decode), else gather_tokens: one If per call, chosen on the token count."""
+    by_group = _group_weights(b, spec)  # [G, T]
+    stacked = _stacked_factors(b, spec)  # outside the If: folded once in the main graph
+    few = Body(prefix="few")
+    few.output(_run_picked_groups(few, spec, by_group, stacked), "few_out")
+    many = Body(prefix="many")
+    many.output(_run_routed_tokens(many, spec, by_group), "many_out")
+    branches = {
+        "then_branch": helper.make_graph(few.nodes, "few", [], [helper.make_empty_tensor_value_info("few_out")]),
+        "else_branch": helper.make_graph(many.nodes, "many", [], [helper.make_empty_tensor_value_info("many_out")]),
+    }
+    picks = b("Mul", b("Size", "hidden"), b.scalar_int(spec.top_k))  # T k H
+    limit = b("Mul", b("Shape", "hidden", start=1, end=2), b.scalar_int(spec.num_groups))  # G H
+    return b("If", b("Squeeze", b("Less", picks, limit), b.ints([0])), **branches)
+
+
+BUILDERS = {"gather_groups": _gather_groups, "picked_groups": _picked_groups}
