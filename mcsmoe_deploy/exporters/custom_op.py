@@ -146,7 +146,9 @@ def patched_forward(adapter: FamilyAdapter, key: int):
         shared = adapter.shared_expert_output(self, flat)  # e.g. Qwen2-MoE's gated dense expert
         if shared is not None:
             out = out + shared
-        return out.reshape(batch, seq, hidden_dim)
+        # batch as -1: the target shape then depends on seq alone, which every block shares, so onnxruntime
+        # merges the blocks' shape nodes (batch would be read from a per-layer tensor)
+        return out.reshape(-1, seq, hidden_dim)
 
     return forward
 
