@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from mcsmoe_deploy.exporters import MoEOpSpec, standalone_model
-from mcsmoe_deploy.exporters.moe_body import body_strategy, build_body
-from mcsmoe_deploy.exporters.moe_body_picked import SMALL_GROUP_VALUES, group_values, picks_groups
+from mcsmoe_deploy.exporters.moe_body import build_body
+from mcsmoe_deploy.exporters.moe_body_picked import SMALL_GROUP_VALUES, body_strategy, group_values, picks_groups
 from tests.test_moe_op import GATED_DENSE, GATED_LOWRANK_SPARSE, PLAIN_MIXED, _experts, _feeds, _inputs, _route
 
 STRATEGIES = ("gather_groups", "picked_groups")

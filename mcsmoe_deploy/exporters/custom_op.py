@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from ..contract import DOMAIN, OP_TYPE, OP_VERSION
 from ..grouped_experts import GroupedLowRankExperts, grouped_moe_forward, route_top_k
 from ..models.base import FamilyAdapter
-from .moe_body import DEFAULT_STRATEGY, body_strategy
+from .moe_body import DEFAULT_STRATEGY
+from .moe_body_picked import body_strategy
 from .moe_op import grouped_moe_function
 from .op_spec import MoEOpSpec
 from .quantized_inputs import QUANTIZED_MIN_OPSET, split_quantized_inputs

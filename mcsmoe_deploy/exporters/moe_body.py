@@ -17,7 +17,8 @@ group weights [T, G]) and differ in how the G merged experts meet the tokens:
   applied with one batched MatMul; copies k weight sets per token.
 
 - "gather_groups", "picked_groups" (moe_body_picked): only the groups some token
-  picked, batched; picked_groups ships for small float per-group blocks (`body_strategy`).
+  picked, batched; picked_groups ships for small float per-group blocks
+  (`moe_body_picked.body_strategy`).
 
 All are tested against the torch reference; benchmarks/op_decomposition.py times
 them on onnxruntime CPU (numbers in docs/ops.md).
@@ -406,12 +407,3 @@ def build_body(spec: MoEOpSpec, strategy: str = DEFAULT_STRATEGY) -> list[onnx.N
 
         b.output(moe_body_picked.BUILDERS[strategy](b, spec))
     return b.nodes
-
-
-def body_strategy(spec: MoEOpSpec) -> str:
-    """The strategy a node of structure `spec` ships: picked_groups for float per-group (target ort) blocks
-    whose groups are small (decode is then bound by per-node costs: `moe_body_picked`), else gather_tokens."""
-    from .moe_body_picked import picks_groups
-
-    return "picked_groups" if picks_groups(spec) else DEFAULT_STRATEGY
-

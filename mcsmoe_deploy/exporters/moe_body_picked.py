@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from onnx import helper
 
-from .moe_body import Body, _apply_projection, _expert, _group_weights, _run_routed_tokens, activation
+from .moe_body import DEFAULT_STRATEGY, Body, _apply_projection, _expert, _group_weights, _run_routed_tokens, activation
 from .op_spec import MoEOpSpec
 
 # values (all factors and sparse values) of one group: the embedded model's 55k qualify, the 330 MB
@@ -45,6 +45,12 @@ def picks_groups(spec: MoEOpSpec) -> bool:
     """Whether a node of structure `spec` ships picked_groups (see the module docstring)."""
     float_only = not spec.quantized and not spec.shared_basis
     return spec.split_floats and float_only and spec.num_groups > 1 and group_values(spec) <= SMALL_GROUP_VALUES
+
+
+def body_strategy(spec: MoEOpSpec) -> str:
+    """The strategy a node of structure `spec` ships: picked_groups for small float per-group (target ort)
+    blocks, whose decode is bound by per-node costs, else gather_tokens."""
+    return "picked_groups" if picks_groups(spec) else DEFAULT_STRATEGY
 
 
 def _stacked_factors(b: Body, spec: MoEOpSpec) -> dict[str, str]:

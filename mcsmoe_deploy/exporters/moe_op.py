@@ -29,7 +29,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..contract import DOMAIN, OP_TYPE, OP_VERSION, PER_GROUP_OP_VERSION, QUANTIZED_OP_VERSION
-from .moe_body import body_strategy, build_body
+from .moe_body import build_body
+from .moe_body_picked import body_strategy
 from .op_spec import MoEOpSpec  # re-exported: the node's spec lives in op_spec
 
 NODE_ATTRIBUTES = ("top_k", "activation", "gated", "normalize_topk")
@@ -41,7 +42,7 @@ def grouped_moe_function(spec: MoEOpSpec, opset: int = 18, strategy: str | None 
     `opset` must equal the model's default-domain opset (18 or newer): the body
     imports it and runtimes reject a function whose imports disagree with the model.
     Inputs as `spec.input_names()`, output "output" [T, H]. The body is `strategy`, by default
-    `moe_body.body_strategy(spec)`: gather_tokens (see the module docstring), or picked_groups for small
+    `moe_body_picked.body_strategy(spec)`: gather_tokens (see the module docstring), or picked_groups for small
     float per-group blocks (an overload shared by blocks of several sizes: the exporter decides).
     """
     if opset < 18:
