@@ -105,26 +105,35 @@ def test_which_blocks_ship_picked_groups():
     assert group_values(big) > SMALL_GROUP_VALUES and body_strategy(big) == "gather_tokens"
 
 
-def test_decode_runs_fewer_nodes_than_gather_tokens(tmp_path):
-    """One token, G = 8: gather_tokens runs 5 nodes for each of the 8 groups; picked_groups none for the 6
-    idle ones. Counted as onnxruntime runs them (weights as initializers, optimizer on)."""
+def _ops_run(tmp_path: Path, strategy: str, tokens: int) -> list[str]:
+    """Op types onnxruntime runs for one call of a gated dense G = 8, top-2 node (weights as initializers)."""
     module = _experts(True, "silu", list(range(8)), GATED_DENSE)
     stacked = MoEOpSpec.from_experts(module, 2, "softmax_topk_norm")
     spec = dataclasses.replace(stacked, per_group=True)
-    hidden, logits = _inputs(1, 8)
+    hidden, logits = _inputs(tokens, 8)
     feeds = _per_group_feeds(spec, _feeds(module, stacked, hidden, logits))
-    counts = {}
-    for strategy in ("gather_tokens", "picked_groups"):
-        model = _model(spec, strategy)
-        del model.graph.input[2:]
-        model.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in feeds.items()
-                                       if k not in ("hidden", "router_logits"))
-        options = ort.SessionOptions()
-        options.enable_profiling = True
-        options.profile_file_prefix = str(tmp_path / strategy)
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        session.run(None, {"hidden": feeds["hidden"], "router_logits": feeds["router_logits"]})
-        trace = json.loads(Path(session.end_profiling()).read_text())
-        counts[strategy] = sum(1 for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
-                               and e["args"].get("op_name") != "If")
-    assert counts["picked_groups"] <= counts["gather_tokens"] - 20, counts
+    model = _model(spec, strategy)
+    del model.graph.input[2:]
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in feeds.items()
+                                   if k not in ("hidden", "router_logits"))
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / f"{strategy}-{tokens}")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, {"hidden": feeds["hidden"], "router_logits": feeds["router_logits"]})
+    trace = json.loads(Path(session.end_profiling()).read_text())
+    return [e["args"].get("op_name") for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+
+
+def test_decode_runs_fewer_nodes_than_gather_tokens(tmp_path):
+    """One token, G = 8: gather_tokens runs 5 nodes for each of the 8 groups; picked_groups none for the 6
+    idle ones. Counted as onnxruntime runs them (optimizer on)."""
+    gather_tokens = _ops_run(tmp_path, "gather_tokens", 1)
+    picked = [op for op in _ops_run(tmp_path, "picked_groups", 1) if op != "If"]
+    assert len(picked) <= len(gather_tokens) - 20, (picked, gather_tokens)
+
+
+def test_if_turns_at_as_many_picks_as_groups(tmp_path):
+    """G = 8, k = 2: 3 tokens (6 picks) take gather_groups, 4 tokens (8 picks) gather_tokens (its ScatterND)."""
+    assert "ScatterND" not in _ops_run(tmp_path, "picked_groups", 3)
+    assert "ScatterND" in _ops_run(tmp_path, "picked_groups", 4)
