@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from ..contract import DOMAIN, OP_TYPE, OP_VERSION
 from ..grouped_experts import GroupedLowRankExperts, grouped_moe_forward, route_top_k
 from ..models.base import FamilyAdapter
+from .moe_body import DEFAULT_STRATEGY
+from .moe_body_picked import body_strategy
 from .moe_op import grouped_moe_function
 from .op_spec import MoEOpSpec
 from .quantized_inputs import QUANTIZED_MIN_OPSET, split_quantized_inputs
@@ -145,7 +147,9 @@ def patched_forward(adapter: FamilyAdapter, key: int):
         shared = adapter.shared_expert_output(self, flat)  # e.g. Qwen2-MoE's gated dense expert
         if shared is not None:
             out = out + shared
-        return out.reshape(batch, seq, hidden_dim)
+        # batch as -1: the target shape then depends on seq alone, which every block shares, so onnxruntime
+        # merges the blocks' shape nodes (batch would be read from a per-layer tensor)
+        return out.reshape(-1, seq, hidden_dim)
 
     return forward
 
@@ -202,6 +206,7 @@ def finish_custom_nodes(model: ir.Model, specs: list[MoEOpSpec], per_group: bool
         # float8 options to the ops the traced graph uses, so raising the import keeps its meaning
         default_opset = model.opset_imports[""] = QUANTIZED_MIN_OPSET
     functions: dict[str, ir.Function] = {}
+    overloads: dict[str, list[MoEOpSpec]] = {}
     count, versions = 0, {model.opset_imports.get(DOMAIN, OP_VERSION)}
     for node in list(model.graph):
         if node.domain != DOMAIN or node.op_type != OP_TYPE:
@@ -221,9 +226,12 @@ def finish_custom_nodes(model: ir.Model, specs: list[MoEOpSpec], per_group: bool
             names = [value.name if value is not None else "" for value in node.inputs]
             raise RuntimeError(f"node {node.name}: inputs {names}, spec takes {spec.input_names()}")
         node.overload = spec.overload
-        if spec.overload not in functions:
-            functions[spec.overload] = ir.serde.deserialize_function(grouped_moe_function(spec, default_opset))
+        overloads.setdefault(spec.overload, []).append(spec)
         count += 1
+    for overload, same in overloads.items():
+        # blocks differing only in sizes share a body: picked_groups only if it suits each of them
+        strategy = "picked_groups" if all(body_strategy(spec) == "picked_groups" for spec in same) else DEFAULT_STRATEGY
+        functions[overload] = ir.serde.deserialize_function(grouped_moe_function(same[0], default_opset, strategy))
     if count != len(specs):
         raise RuntimeError(f"{count} GroupedLowRankMoE nodes in the graph for {len(specs)} MoE blocks")
     if any(domain == DOMAIN for domain, _, _ in model.functions):

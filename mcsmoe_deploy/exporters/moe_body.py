@@ -16,9 +16,12 @@ group weights [T, G]) and differ in how the G merged experts meet the tokens:
 - "gather_weights": the picked groups' factors are gathered per (token, pick) and
   applied with one batched MatMul; copies k weight sets per token.
 
-All four are tested against the torch reference; benchmarks/op_decomposition.py
-times them on onnxruntime CPU, and gather_tokens is the fastest at every token
-count measured (numbers in docs/ops.md).
+- "gather_groups", "picked_groups" (moe_body_picked): only the groups some token
+  picked, batched; picked_groups ships for small float per-group blocks
+  (`moe_body_picked.body_strategy`).
+
+All are tested against the torch reference; benchmarks/op_decomposition.py times
+them on onnxruntime CPU (numbers in docs/ops.md).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .op_spec import MoEOpSpec
 
-STRATEGIES = ("dense_all", "gather_tokens", "loop_tokens", "gather_weights")
+STRATEGIES = ("dense_all", "gather_tokens", "loop_tokens", "gather_weights", "gather_groups", "picked_groups")
 DEFAULT_STRATEGY = "gather_tokens"
 
 
@@ -287,7 +290,11 @@ def group_expert(b: Body, spec: MoEOpSpec, group: int | str, x: str) -> str:
 
 
 def _gather_tokens(b: Body, spec: MoEOpSpec) -> str:
-    by_group = _group_weights(b, spec)  # [G, T]
+    return _run_routed_tokens(b, spec, _group_weights(b, spec))
+
+
+def _run_routed_tokens(b: Body, spec: MoEOpSpec, by_group: str) -> str:
+    """gather_tokens after the routing prelude: by_group [G, T] -> output [T, H]."""
     routed = b("Greater", by_group, b.float_like(0.0, by_group))  # a zero weight contributes nothing: skip it
     # (group, token) pairs in row-major order, i.e. sorted by group: N pairs, N <= T k
     pairs = b("Transpose", b("NonZero", routed), perm=[1, 0])  # [N, 2]
@@ -384,13 +391,19 @@ _BUILDERS = {
 
 def build_body(spec: MoEOpSpec, strategy: str = DEFAULT_STRATEGY) -> list[onnx.NodeProto]:
     """Nodes computing "output" [T, H] from the formal inputs `spec.input_names()`."""
-    if strategy not in _BUILDERS:
+    if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r} unknown; one of {STRATEGIES}")
-    if (spec.quantized or spec.per_group) and strategy != "gather_tokens":
-        raise ValueError(f"per-group and quantized inputs are built by gather_tokens only, not {strategy!r}")
+    if spec.quantized and strategy != "gather_tokens":
+        raise ValueError(f"quantized inputs are built by gather_tokens only, not {strategy!r}")
+    if spec.per_group and strategy not in ("gather_tokens", "gather_groups", "picked_groups"):
+        raise ValueError(f"per-group inputs are built by gather_tokens, gather_groups or picked_groups, not {strategy!r}")
     if spec.shared_basis and strategy not in ("gather_tokens", "loop_tokens"):
         raise ValueError(f"shared-basis projections are built by gather_tokens or loop_tokens, not {strategy!r}")
     b = Body()
-    b.output(_BUILDERS[strategy](b, spec))
-    return b.nodes
+    if strategy in _BUILDERS:
+        b.output(_BUILDERS[strategy](b, spec))
+    else:  # gather_groups, picked_groups: built on this module's parts
+        from . import moe_body_picked
 
+        b.output(moe_body_picked.BUILDERS[strategy](b, spec))
+    return b.nodes

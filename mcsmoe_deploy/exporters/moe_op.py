@@ -29,19 +29,21 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..contract import DOMAIN, OP_TYPE, OP_VERSION, PER_GROUP_OP_VERSION, QUANTIZED_OP_VERSION
-from .moe_body import DEFAULT_STRATEGY, build_body
+from .moe_body import build_body
+from .moe_body_picked import body_strategy
 from .op_spec import MoEOpSpec  # re-exported: the node's spec lives in op_spec
 
 NODE_ATTRIBUTES = ("top_k", "activation", "gated", "normalize_topk")
 
 
-def grouped_moe_function(spec: MoEOpSpec, opset: int = 18) -> onnx.FunctionProto:
+def grouped_moe_function(spec: MoEOpSpec, opset: int = 18, strategy: str | None = None) -> onnx.FunctionProto:
     """The semantics of a GroupedLowRankMoE node with structure `spec`, from standard ops.
 
     `opset` must equal the model's default-domain opset (18 or newer): the body
     imports it and runtimes reject a function whose imports disagree with the model.
-    Inputs as `spec.input_names()`, output "output" [T, H]. The body is
-    `moe_body.DEFAULT_STRATEGY` (see the module docstring).
+    Inputs as `spec.input_names()`, output "output" [T, H]. The body is `strategy`, by default
+    `moe_body_picked.body_strategy(spec)`: gather_tokens (see the module docstring), or picked_groups for small
+    float per-group blocks (an overload shared by blocks of several sizes: the exporter decides).
     """
     if opset < 18:
         raise ValueError("the function body needs opset >= 18 (ScatterElements/ScatterND reduction, ReduceSum axes)")
@@ -50,7 +52,7 @@ def grouped_moe_function(spec: MoEOpSpec, opset: int = 18) -> onnx.FunctionProto
         OP_TYPE,
         inputs=list(spec.input_names()),
         outputs=["output"],
-        nodes=build_body(spec, DEFAULT_STRATEGY),
+        nodes=build_body(spec, strategy or body_strategy(spec)),
         opset_imports=[helper.make_opsetid("", opset)],
         # declared so the node may carry them; the body is specialised, not driven by them
         attributes=list(NODE_ATTRIBUTES),
