@@ -20,61 +20,29 @@ head's MatMulNBits initializers themselves (passes/matmul_nbits reuses them): st
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from ..quantization import QuantSpec
 from .passes.matmul_nbits import _pack
+from .trace_placeholders import emit_placeholder, register_placeholder
 
 ORT_DOMAIN = "com.microsoft"
-TRACE_DOMAIN = "ai.mcsmoe.trace"
 TRACE_OP = "QuantizedGather"
-_TRACE_VERSION = 1
 # names of the initializers a finished lookup reads, so passes/matmul_nbits can find them to share
 GATHER_SUFFIXES = (".gather_codes", ".gather_scales", ".gather_zero_points")
 
 
 def register_gather_schema() -> bool:
-    """Register the placeholder's OpSchema with onnx (idempotent); False when onnx cannot register schemas."""
-    if not hasattr(onnx.defs, "register_schema"):
-        return False
-    if onnx.defs.has(TRACE_OP, _TRACE_VERSION, TRACE_DOMAIN):
-        return True
-    schema_cls = onnx.defs.OpSchema
-    param, attr = schema_cls.FormalParameter, schema_cls.Attribute
-    optional = schema_cls.FormalParameterOption.Optional
-    schema = schema_cls(
-        TRACE_OP, TRACE_DOMAIN, _TRACE_VERSION,
-        "Rows of an embedding table stored blockwise quantized (mcsmoe_deploy.quantized_embedding); replaced by "
-        "Gather and standard dequantization before the model is written.",
-        inputs=[param("ids", "tensor(int64)", "[...]"),
-                param("codes", "tensor(uint8)", "[vocab, hidden * bits / 8] packed"),
-                param("scales", "T", "[vocab, hidden / block]"),
-                param("zero_points", "tensor(uint8)", "[vocab, hidden / block]; absent: symmetric",
-                      param_option=optional)],
-        outputs=[param("rows", "T", "[..., hidden]")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "scales, rows")],
-        attributes=[attr("bits", schema_cls.AttrType.INT, "4 or 8"),
-                    attr("block", schema_cls.AttrType.INT, "values per block along hidden")],
-    )
-    onnx.defs.register_schema(schema)
-    return True
-
-
-_opset = None
+    """Register the QuantizedGather placeholder's OpSchema with onnx (idempotent); False when onnx cannot."""
+    return register_placeholder(
+        TRACE_OP, "Rows of an embedding table stored blockwise quantized (mcsmoe_deploy.quantized_embedding); "
+        "replaced by Gather and dequantization before the model is written.", ("ids", "tensor(int64)", "[...]"),
+        "vocab", ("rows", "[..., hidden]"), "hidden")
 
 
 def translate_quantized_embedding(ids, codes, scales, zero_points, bits: int, block: int):
     """torch.onnx translation of `mcsmoe::quantized_embedding`: the placeholder node (module docstring)."""
-    global _opset
-    if _opset is None:  # created after the schema is registered, so onnxscript knows the op
-        import onnxscript
-
-        _opset = onnxscript.values.Opset(TRACE_DOMAIN, _TRACE_VERSION)
-    inputs = dict(ids=ids, codes=codes, scales=scales)
-    if zero_points is not None:
-        inputs["zero_points"] = zero_points
-    return _opset.QuantizedGather(**inputs, bits=bits, block=block)
+    return emit_placeholder(TRACE_OP, "ids", ids, codes, scales, zero_points, bits, block)
 
 
 def gather_initializer_arrays(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,

@@ -16,58 +16,28 @@ only standard ops remain, so `--inline` copies and other runtimes need nothing c
 
 from __future__ import annotations
 
-import onnx
 import onnx_ir as ir
 
 from ..quantization import QuantSpec
 from .quantized_embedding_export import GATHER_SUFFIXES, gather_initializer_arrays, lookup_nodes
 from .quantized_embedding_export import TRACE_OP as GATHER_OP
 from .quantized_inputs import QUANTIZED_MIN_OPSET, transposed_quantized_initializers
+from .trace_placeholders import TRACE_DOMAIN, emit_placeholder, register_placeholder
 
-TRACE_DOMAIN = "ai.mcsmoe.trace"  # exists only between tracing and FinishQuantizedMatMulsPass
 TRACE_OP = "QuantizedMatMul"
-_TRACE_VERSION = 1
 
 
 def register_trace_schema() -> bool:
-    """Register the placeholder's OpSchema with onnx (idempotent); False when onnx cannot register schemas."""
-    if not hasattr(onnx.defs, "register_schema"):
-        return False
-    if onnx.defs.has(TRACE_OP, _TRACE_VERSION, TRACE_DOMAIN):
-        return True
-    schema_cls = onnx.defs.OpSchema
-    param, attr = schema_cls.FormalParameter, schema_cls.Attribute
-    optional = schema_cls.FormalParameterOption.Optional
-    schema = schema_cls(
-        TRACE_OP, TRACE_DOMAIN, _TRACE_VERSION,
-        "x @ W.T with W [out, in] stored blockwise quantized (mcsmoe_deploy.quantized_linear); replaced by "
-        "DequantizeLinear + MatMul before the model is written.",
-        inputs=[param("x", "T", "[..., in]"), param("codes", "tensor(uint8)", "[out, in * bits / 8] packed"),
-                param("scales", "T", "[out, in / block]"),
-                param("zero_points", "tensor(uint8)", "[out, in / block]; absent: symmetric", param_option=optional)],
-        outputs=[param("y", "T", "[..., out]")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations, scales")],
-        attributes=[attr("bits", schema_cls.AttrType.INT, "4 or 8"),
-                    attr("block", schema_cls.AttrType.INT, "values per block along in")],
-    )
-    onnx.defs.register_schema(schema)
-    return True
-
-
-_opset = None
+    """Register the QuantizedMatMul placeholder's OpSchema with onnx (idempotent); False when onnx cannot."""
+    return register_placeholder(
+        TRACE_OP, "x @ W.T with W [out, in] stored blockwise quantized (mcsmoe_deploy.quantized_linear); replaced by "
+        "DequantizeLinear + MatMul before the model is written.", ("x", "T", "[..., in]"), "out", ("y", "[..., out]"),
+        "in")
 
 
 def translate_quantized_matmul(x, codes, scales, zero_points, bits: int, block: int):
     """torch.onnx translation of `mcsmoe::quantized_matmul`: the placeholder node (see the module docstring)."""
-    global _opset
-    if _opset is None:  # created after the schema is registered, so onnxscript knows the op
-        import onnxscript
-
-        _opset = onnxscript.values.Opset(TRACE_DOMAIN, _TRACE_VERSION)
-    inputs = dict(x=x, codes=codes, scales=scales)
-    if zero_points is not None:
-        inputs["zero_points"] = zero_points
-    return _opset.QuantizedMatMul(**inputs, bits=bits, block=block)
+    return emit_placeholder(TRACE_OP, "x", x, codes, scales, zero_points, bits, block)
 
 
 def _stored(node: ir.Node) -> tuple[QuantSpec, list[ir.Value]]:

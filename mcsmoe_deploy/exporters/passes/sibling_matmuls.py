@@ -59,7 +59,7 @@ class FuseSiblingMatMulNBitsPass(ir.passes.InPlacePass):
         weights = []
         for index in range(1, len(first.inputs)):
             array = np.concatenate([node.inputs[index].const_value.numpy() for node in nodes], axis=0)
-            name = f"{first.inputs[index].name}.siblings"
+            name = "+".join(node.inputs[index].name for node in nodes)  # what it holds, in order
             tensor = ir.Tensor(array, name=name)
             value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
             graph.register_initializer(value)
