@@ -60,11 +60,17 @@ METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware", *SHARED_BAS
 
 def chosen(method: str, methods: list[str] | None) -> bool:
     """Whether `method` runs: one of `methods`, or by default every method but the "-gptq" ones (a
-    calibration pass per layer each) and the shared-basis ones (measured at their own rank ratios,
-    benchmarks/results/quality-shared-basis.md): asked for by name."""
+    calibration pass per layer each), the shared-basis ones (measured at their own rank ratios,
+    benchmarks/results/quality-shared-basis.md) and the "-emb" ones (decoder-only: asked for with
+    --settings lm): asked for by name."""
     if methods is not None:
         return method in methods
-    return not method.endswith("-gptq") and method not in SHARED_BASIS
+    return not method.endswith("-gptq") and "-int4-emb" not in method and method not in SHARED_BASIS
+
+
+def _applies(adapter: mc.FamilyAdapter, overrides: dict) -> bool:
+    """Whether a recipe's overrides apply to the family: embeddings are quantized in decoder-only models only."""
+    return not (adapter.encoder_decoder and overrides.get("quant_scope") == EMB["quant_scope"])
 
 
 def quant_block_for(layout: mc.ExpertLayout) -> int | None:
@@ -152,12 +158,13 @@ def sweep(
             runs += [(f"mcsmoe-int4{suffix}", {"rank_ratio": r, "sparse_keep": sparse_keep, **quantized, **method}, r)
                      for r in rank_ratios]
         runs += [(name, {**quantized, **ALL, **overrides}, 1.0) for name, overrides in MERGED_ALL_QUANTIZED.items()]
-    runs = [run for run in runs if chosen(run[0], methods)]
+    runs = [run for run in runs if chosen(run[0], methods) and _applies(adapter, run[1])]
     plans = [(experts, method, overrides, rank_ratio) for experts in experts_list
              for method, overrides, rank_ratio in runs]
     if block is not None:  # the uncompressed experts quantized: G = E groups of one expert each
         plans = [(num_experts, name, {**overrides, "quant_block": block}, 1.0)
-                 for name, overrides in DENSE_QUANTIZED.items() if chosen(name, methods)] + plans
+                 for name, overrides in DENSE_QUANTIZED.items() if chosen(name, methods) and _applies(adapter, overrides)
+                 ] + plans
     for experts, method, overrides, rank_ratio in plans:
         recipe = mc.CompressionRecipe(experts=experts, distill_lr=distill_lr, seed=seed, **overrides)
         plan = mc.plan_compression(stats, num_experts, recipe, adapter.family)
