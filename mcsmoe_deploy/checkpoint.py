@@ -207,7 +207,9 @@ def is_quantized_checkpoint(model_dir: str | Path) -> bool:
     """Whether a compressed checkpoint stores any weight quantized (`--quantize`): an expert projection,
     or a linear layer or embedding table listed under "quantized_linears" / "quantized_embeddings"."""
     section = read_config_dict(model_dir).get("mcsmoe") or {}
-    return bool(section.get(QUANTIZED_LINEARS) or section.get(QUANTIZED_EMBEDDINGS)) or any(spec.get("quant") for layer in section.get("layers", {}).values()
+    if section.get(QUANTIZED_LINEARS) or section.get(QUANTIZED_EMBEDDINGS):
+        return True
+    return any(spec.get("quant") for layer in section.get("layers", {}).values()
                for spec in layer.get("projections", {}).values())
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import UserError
 from .quantization import QuantSpec, dequantize_stored, quantize
-from .quantized_linear import QuantizedLinear, QuantizeWeight
+from .quantized_linear import QuantizedLinear, QuantizeWeight, replace_module
 
 QUANTIZED_EMBEDDING_OP = "mcsmoe::quantized_embedding"
 
@@ -132,11 +132,6 @@ def _input_embeddings_name(model: nn.Module) -> tuple[str, nn.Module]:
     raise ValueError("the model's input embeddings are not one of its modules")
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def check_quantizable_embeddings(model: nn.Module, spec: QuantSpec) -> None:
     """UserError (one line) unless `model`'s input embeddings are an nn.Embedding whose hidden size `spec.block`
     divides."""
@@ -165,7 +160,7 @@ def quantize_input_embeddings(model: nn.Module, spec: QuantSpec, tied_head: str 
         module = QuantizedEmbedding.sharing(head, tied_head, embedding.weight.dtype, embedding.padding_idx)
     else:
         module = QuantizedEmbedding.from_embedding(embedding, spec, quantize_weight)
-    _set_module(model, name, module)
+    replace_module(model, name, module)
     return name
 
 
@@ -189,7 +184,7 @@ def install_quantized_embeddings(model: nn.Module, described: dict[str, dict]) -
         module = QuantizedEmbedding(embedding.num_embeddings, embedding.embedding_dim, spec, embedding.weight.dtype,
                                     "meta", embedding.padding_idx)
         module.shares_codes_with = entry.get("shares_codes_with")
-        _set_module(model, name, module)
+        replace_module(model, name, module)
 
 
 def share_quantized_tables(model: nn.Module) -> None:

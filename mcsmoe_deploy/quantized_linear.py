@@ -109,9 +109,10 @@ class QuantizedLinear(nn.Module):
                 f"{self.spec.name}, block={self.spec.block}, symmetric={self.spec.symmetric}")
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where `model`'s submodule `name` is."""
     parent, _, child = name.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), child
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _untie_output_embeddings(model: nn.Module, name: str) -> None:
@@ -134,8 +135,7 @@ def quantize_linears(model: nn.Module, names: list[str], spec: QuantSpec,
     for name in names:
         linear = model.get_submodule(name)
         _untie_output_embeddings(model, name)
-        parent, child = _parent(model, name)
-        setattr(parent, child, QuantizedLinear.from_linear(linear, spec, quantize_weight))
+        replace_module(model, name, QuantizedLinear.from_linear(linear, spec, quantize_weight))
 
 
 def check_quantizable_linears(model: nn.Module, names: list[str], spec: QuantSpec) -> None:
@@ -162,9 +162,8 @@ def install_quantized_linears(model: nn.Module, specs: dict[str, QuantSpec], dev
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{name} is a {type(linear).__name__}, not a linear layer")
         _untie_output_embeddings(model, name)
-        parent, child = _parent(model, name)
-        setattr(parent, child, QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None,
-                                               spec, linear.weight.dtype, device))
+        replace_module(model, name, QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                                    spec, linear.weight.dtype, device))
 
 
 __all__ = [
@@ -176,4 +175,5 @@ __all__ = [
     "quantize_linears",
     "quantized_linear_specs",
     "quantized_matmul",
+    "replace_module",
 ]

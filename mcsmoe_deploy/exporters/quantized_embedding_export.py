@@ -23,10 +23,10 @@ import numpy as np
 import onnx_ir as ir
 
 from ..quantization import QuantSpec
-from .passes.matmul_nbits import _pack
+from .initializers import pack_unsigned
+from .ort_ops import ORT_DOMAIN
 from .trace_placeholders import emit_placeholder, register_placeholder
 
-ORT_DOMAIN = "com.microsoft"
 TRACE_OP = "QuantizedGather"
 # names of the initializers a finished lookup reads, so passes/matmul_nbits can find them to share
 GATHER_SUFFIXES = (".gather_codes", ".gather_scales", ".gather_zero_points")
@@ -53,7 +53,7 @@ def gather_initializer_arrays(codes: np.ndarray, scales: np.ndarray, zero_points
     vocab, blocks = scales.shape
     arrays = [np.ascontiguousarray(codes.reshape(vocab, blocks, quant.block * quant.bits // 8)), scales]
     if zero_points is not None:
-        arrays.append(np.ascontiguousarray(_pack(zero_points, quant.bits)))
+        arrays.append(np.ascontiguousarray(pack_unsigned(zero_points, quant.bits)))
     return arrays
 
 

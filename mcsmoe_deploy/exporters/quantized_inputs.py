@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from ..grouped_experts import ProjectionSpec
 from ..quantization import QuantSpec
+from .initializers import add_initializer
 from .op_spec import MoEOpSpec
 
 # DequantizeLinear with block_size and int4 types needs the default-domain opset 21
@@ -38,13 +39,6 @@ def _codes_type(bits: int, symmetric: bool):
             (8, True): np.int8, (8, False): np.uint8}[bits, symmetric]
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
-    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
 def transposed_quantized_initializers(
     graph: ir.Graph, names: list[str], quant: QuantSpec, packed: np.ndarray, scales: np.ndarray,
     zero_points: np.ndarray | None,
@@ -59,10 +53,10 @@ def transposed_quantized_initializers(
     q = _unpack(packed, quant.bits).T.astype(np.int16)  # [cols, rows]
     if quant.symmetric:
         q = q - quant.symmetric_zero_point
-    values = [_initializer(graph, names[0], q.astype(_codes_type(quant.bits, quant.symmetric))),
-              _initializer(graph, names[1], scales.T)]
+    values = [add_initializer(graph, names[0], q.astype(_codes_type(quant.bits, quant.symmetric))),
+              add_initializer(graph, names[1], scales.T)]
     if zero_points is not None:
-        values.append(_initializer(graph, names[2], zero_points.T.astype(_codes_type(quant.bits, False))))
+        values.append(add_initializer(graph, names[2], zero_points.T.astype(_codes_type(quant.bits, False))))
     return values
 
 
@@ -100,7 +94,7 @@ def split_quantized_inputs(graph: ir.Graph, node: ir.Node, spec: MoEOpSpec) -> N
                 if stored is None or stored.const_value is None:
                     raise ValueError(f"node {node.name}: float factor of {name} is not an initializer")
                 stacked = stored.const_value.numpy()  # [G, rows, cols]
-                new_inputs += [_initializer(graph, f"{stored.name}.g{g}", stacked[g].T) for g in range(len(stacked))]
+                new_inputs += [add_initializer(graph, f"{stored.name}.g{g}", stacked[g].T) for g in range(len(stacked))]
             new_inputs += values[len(proj.factors):]  # sparse rows and values stay stacked
             continue
         per_factor = len(proj.factor_tensor_names(proj.factors[0]))

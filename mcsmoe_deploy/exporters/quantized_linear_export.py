@@ -19,6 +19,8 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from ..quantization import QuantSpec
+from .initializers import add_initializer
+from .ort_ops import ORT_DOMAIN
 from .quantized_embedding_export import GATHER_SUFFIXES, gather_initializer_arrays, lookup_nodes
 from .quantized_embedding_export import TRACE_OP as GATHER_OP
 from .quantized_inputs import QUANTIZED_MIN_OPSET, transposed_quantized_initializers
@@ -56,15 +58,8 @@ def _lookup_initializers(graph: ir.Graph, node: ir.Node, cache: dict[str, list[i
         base = stored[0].name.removesuffix("_codes")
         arrays = gather_initializer_arrays(*[value.const_value.numpy() for value in stored], *[None] * (3 - len(stored)),
                                            quant)
-        cache[key] = [_initializer(graph, base + suffix, array) for suffix, array in zip(GATHER_SUFFIXES, arrays)]
+        cache[key] = [add_initializer(graph, base + suffix, array) for suffix, array in zip(GATHER_SUFFIXES, arrays)]
     return cache[key]
-
-
-def _initializer(graph: ir.Graph, name: str, array) -> ir.Value:
-    tensor = ir.Tensor(array, name=name)
-    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
 
 
 def _weight_initializers(graph: ir.Graph, node: ir.Node, cache: dict[str, list[ir.Value]]) -> list[ir.Value]:
@@ -107,7 +102,7 @@ class FinishQuantizedMatMulsPass(ir.passes.InPlacePass):
                 quant, _ = _stored(node)
                 lookup, rows = lookup_nodes(node, _lookup_initializers(graph, node, cache), quant, self.fused_lookups)
                 if self.fused_lookups:
-                    model.opset_imports.setdefault("com.microsoft", 1)
+                    model.opset_imports.setdefault(ORT_DOMAIN, 1)
                 replaced.update(value for value in node.inputs[1:] if value is not None)
                 ir.convenience.replace_nodes_and_values(graph, node, [node], lookup, node.outputs, [rows])
                 continue

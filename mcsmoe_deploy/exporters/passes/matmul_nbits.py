@@ -26,23 +26,14 @@ import numpy as np
 import onnx_ir as ir
 
 from ...contract import DOMAIN, OP_TYPE
+from ..initializers import add_initializer, pack_unsigned
+from ..ort_ops import ORT_DOMAIN
 from .inline import inline_passes
 
-ORT_DOMAIN = "com.microsoft"
 MATMUL_NBITS = "MatMulNBits"
 DEFAULT_ACCURACY_LEVEL = 4  # what onnxruntime's own DQ + MatMul fusion writes by default
 _BITS = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False), ir.DataType.INT8: (8, True),
          ir.DataType.UINT8: (8, False)}
-
-
-def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned codes [..., n] -> uint8 [..., ceil(n * bits / 8)], 4-bit: low nibble first."""
-    codes = codes.astype(np.uint8)
-    if bits == 8:
-        return codes
-    if codes.shape[-1] % 2:
-        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
 def matmul_nbits_initializers(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, bits: int,
@@ -50,18 +41,11 @@ def matmul_nbits_initializers(q: np.ndarray, scale: np.ndarray, zero_point: np.n
     """DequantizeLinear's (q [K, N], scale [K / block, N][, zero point]) -> MatMulNBits' B, scales[, zero points]."""
     k, n = q.shape
     codes = q.T.astype(np.int16) + ((1 << (bits - 1)) if signed else 0)  # [N, K], unsigned
-    packed = _pack(codes, bits).reshape(n, k // block, block * bits // 8)
+    packed = pack_unsigned(codes, bits).reshape(n, k // block, block * bits // 8)
     arrays = [np.ascontiguousarray(packed), np.ascontiguousarray(scale.T)]
     if zero_point is not None:
-        arrays.append(np.ascontiguousarray(_pack(zero_point.T.astype(np.int16), bits)))
+        arrays.append(np.ascontiguousarray(pack_unsigned(zero_point.T.astype(np.int16), bits)))
     return arrays
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.Tensor(array, name=name)
-    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
 
 
 def _plan(node: ir.Node) -> tuple[ir.Node, int, bool, int] | None:
@@ -111,7 +95,7 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
                 arrays = [v.const_value.numpy() if v is not None else None for v in dq.inputs]
                 arrays += [None] * (3 - len(arrays))
                 new = matmul_nbits_initializers(arrays[0], arrays[1], arrays[2], bits, signed, block)
-                packed[q.name] = [_initializer(graph, f"{q.name}.nbits{i}", a) for i, a in enumerate(new)]
+                packed[q.name] = [add_initializer(graph, f"{q.name}.nbits{i}", a) for i, a in enumerate(new)]
             k, n = q.shape
             fused = ir.node(MATMUL_NBITS, [node.inputs[0], *packed[q.name]], domain=ORT_DOMAIN,
                             attributes={"K": int(k), "N": int(n), "bits": bits, "block_size": block,

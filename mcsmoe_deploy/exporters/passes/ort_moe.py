@@ -13,9 +13,10 @@ import onnx_ir as ir
 
 from ...grouped_experts import ProjectionSpec
 from ..moe_op import MoEOpSpec
+from ..initializers import unique_name
+from ..ort_ops import ORT_DOMAIN
 from .requirements import mapping_refused, moe_nodes, require_weight_values
 
-ORT_DOMAIN = "com.microsoft"
 ORT_MOE = "MoE"
 _GATED_PROJECTIONS = ("gate", "up", "down")
 
@@ -122,15 +123,6 @@ def _interleaved_fc1(gate: ir.TensorProtocol, up: ir.TensorProtocol) -> np.ndarr
     return fc1.reshape(num_experts, 2 * inter, hidden)
 
 
-def _unique_name(base: str, graph: ir.Graph) -> str:
-    taken = set(graph.initializers) | {v.name for v in graph.inputs} | {
-        out.name for node in graph for out in node.outputs}
-    name, count = base, 1
-    while name in taken:
-        name, count = f"{base}_{count}", count + 1
-    return name
-
-
 class FuseMoEForOrtPass(ir.passes.InPlacePass):
     """Rewrite every GroupedLowRankMoE node into one com.microsoft.MoE node (in place).
 
@@ -162,7 +154,7 @@ class FuseMoEForOrtPass(ir.passes.InPlacePass):
             hidden, router, _, gate, up, down = node.inputs
             key = (fusion.gate, fusion.up)
             if key not in fc1_values:
-                name = _unique_name(f"{fusion.gate}.swiglu_fc1", graph)
+                name = unique_name(f"{fusion.gate}.swiglu_fc1", graph)
                 tensor = ir.Tensor(_interleaved_fc1(gate.const_value, up.const_value), name=name)
                 fc1_values[key] = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype),
                                            const_value=tensor)

@@ -38,6 +38,7 @@ Two routings, both exact:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -45,9 +46,12 @@ import numpy as np
 import onnx_ir as ir
 
 from ...quantization import QuantSpec
+from ..initializers import add_initializer, pack_unsigned, unique_name
+from ..ort_ops import ORT_DOMAIN
 from .requirements import mapping_refused, moe_nodes, require_weight_values
 
-ORT_DOMAIN = "com.microsoft"
+_initializer = functools.partial(add_initializer, unique=True)  # routing constants are named per block
+
 ORT_QMOE = "QMoE"
 ROUTINGS = ("logits", "group-weights")
 _GATED_PROJECTIONS = ("gate", "up", "down")
@@ -141,15 +145,6 @@ def _unsigned_codes(q: np.ndarray, quant: QuantSpec) -> np.ndarray:
     return (codes + quant.symmetric_zero_point if quant.symmetric else codes).astype(np.uint8)
 
 
-def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned codes [..., n] -> uint8 bytes; int4 two per byte, low nibble first, an odd row padded with 0."""
-    if bits == 8:
-        return codes
-    if codes.shape[-1] % 2:
-        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
 def _projection(node: ir.Node, index: int, fusion: QMoEFusion) -> list[np.ndarray]:
     """Projection `index` (0 gate, 1 up, 2 down) stacked over groups: [codes [G, out, in] unsigned,
     scales [G, out, in / block], zero points [G, out, in / block] or nothing]."""
@@ -168,35 +163,19 @@ def _interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return np.stack([gate, up], axis=2).reshape(gate.shape[0], 2 * gate.shape[1], *gate.shape[2:])
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.Tensor(np.ascontiguousarray(array), name=_unique_name(name, graph))
-    value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
-def _unique_name(base: str, graph: ir.Graph) -> str:
-    taken = set(graph.initializers) | {v.name for v in graph.inputs} | {
-        out.name for node in graph for out in node.outputs}
-    name, count = base, 1
-    while name in taken:
-        name, count = f"{base}_{count}", count + 1
-    return name
-
-
 def _qmoe_weights(graph: ir.Graph, node: ir.Node, fusion: QMoEFusion) -> list[ir.Value | None]:
     """fc1 weights, scales; fc2 weights, scales; fc1, fc2 zero points (None when symmetric) as new initializers."""
     bits = fusion.quant.bits
     gate, up, down = (_projection(node, i, fusion) for i in range(3))
     prefix = node.name or "moe"
-    fc1 = _initializer(graph, f"{prefix}.qmoe_fc1", _pack(_interleave(gate[0], up[0]), bits))
+    fc1 = _initializer(graph, f"{prefix}.qmoe_fc1", pack_unsigned(_interleave(gate[0], up[0]), bits))
     fc1_scales = _initializer(graph, f"{prefix}.qmoe_fc1_scales", _interleave(gate[1], up[1]))
-    fc2 = _initializer(graph, f"{prefix}.qmoe_fc2", _pack(down[0], bits))
+    fc2 = _initializer(graph, f"{prefix}.qmoe_fc2", pack_unsigned(down[0], bits))
     fc2_scales = _initializer(graph, f"{prefix}.qmoe_fc2_scales", down[1])
     if fusion.quant.symmetric:
         return [fc1, fc1_scales, fc2, fc2_scales, None, None]
-    fc1_zero = _initializer(graph, f"{prefix}.qmoe_fc1_zero_points", _pack(_interleave(gate[2], up[2]), bits))
-    fc2_zero = _initializer(graph, f"{prefix}.qmoe_fc2_zero_points", _pack(down[2], bits))
+    fc1_zero = _initializer(graph, f"{prefix}.qmoe_fc1_zero_points", pack_unsigned(_interleave(gate[2], up[2]), bits))
+    fc2_zero = _initializer(graph, f"{prefix}.qmoe_fc2_zero_points", pack_unsigned(down[2], bits))
     return [fc1, fc1_scales, fc2, fc2_scales, fc1_zero, fc2_zero]
 
 
@@ -211,7 +190,7 @@ def _group_weights(graph: ir.Graph, node: ir.Node, fusion: QMoEFusion) -> tuple[
 
     def add(op: str, inputs: list[ir.Value], *attributes: ir.Attr) -> ir.Value:
         new = ir.Node("", op, inputs, attributes, name=f"{prefix}/qmoe_routing/{op}_{len(nodes)}")
-        new.outputs[0].name = _unique_name(f"{prefix}.qmoe_routing.{len(nodes)}_{op.lower()}", graph)
+        new.outputs[0].name = unique_name(f"{prefix}.qmoe_routing.{len(nodes)}_{op.lower()}", graph)
         nodes.append(new)
         return new.outputs[0]
 
@@ -223,8 +202,8 @@ def _group_weights(graph: ir.Graph, node: ir.Node, fusion: QMoEFusion) -> tuple[
                   name=f"{prefix}/qmoe_routing/TopK")
     nodes.append(top)
     weights, index = top.outputs
-    weights.name = _unique_name(f"{prefix}.qmoe_routing.top_k_weights", graph)
-    index.name = _unique_name(f"{prefix}.qmoe_routing.top_k_experts", graph)
+    weights.name = unique_name(f"{prefix}.qmoe_routing.top_k_weights", graph)
+    index.name = unique_name(f"{prefix}.qmoe_routing.top_k_experts", graph)
     if fusion.normalize_topk:
         weights = add("Div", [weights, add("ReduceSum", [weights, _initializer(
             graph, f"{prefix}.qmoe_axes", np.array([-1], np.int64))], ir.AttrInt64("keepdims", 1))])

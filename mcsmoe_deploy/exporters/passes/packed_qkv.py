@@ -26,13 +26,17 @@ A layer is rewritten only when all of this holds, else left as it is:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx_ir as ir
 
+from ..initializers import add_initializer
 from ..ort_ops import ORT_DOMAIN
 
 _GQA_INPUTS = 17  # query .. query_seqlens (ort_ops._op("GroupQueryAttention"))
 _COS, _SIN, _POSITIONS = 7, 8, 9
+_initializer = functools.partial(add_initializer, unique=True)
 
 
 def _only_use(value: ir.Value, node: ir.Node) -> bool:
@@ -112,21 +116,6 @@ def _plan(gqa: ir.Node) -> tuple[ir.Node, ir.Node, list[ir.Node]] | None:
     if len({tuple(a.dtype for a in w[1]) for w in weights}) != 1:
         return None
     return q_rot, k_rot, matmuls
-
-
-def _unique_name(base: str, graph: ir.Graph) -> str:
-    taken = set(graph.initializers) | {v.name for v in graph.inputs} | {o.name for n in graph for o in n.outputs}
-    name, count = base, 1
-    while name in taken:
-        name, count = f"{base}_{count}", count + 1
-    return name
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.Tensor(array, name=_unique_name(name, graph))
-    value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
 
 
 def _packed_projection(graph: ir.Graph, matmuls: list[ir.Node], base: str) -> list[ir.Node]:

@@ -16,7 +16,9 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from .matmul_nbits import MATMUL_NBITS, ORT_DOMAIN
+from ..initializers import add_initializer
+from ..ort_ops import ORT_DOMAIN
+from .matmul_nbits import MATMUL_NBITS
 
 _ATTRIBUTES = ("K", "bits", "block_size", "accuracy_level")
 
@@ -60,10 +62,7 @@ class FuseSiblingMatMulNBitsPass(ir.passes.InPlacePass):
         for index in range(1, len(first.inputs)):
             array = np.concatenate([node.inputs[index].const_value.numpy() for node in nodes], axis=0)
             name = "+".join(node.inputs[index].name for node in nodes)  # what it holds, in order
-            tensor = ir.Tensor(array, name=name)
-            value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-            graph.register_initializer(value)
-            weights.append(value)
+            weights.append(add_initializer(graph, name, array))
         attributes = {name: first.attributes.get_int(name) for name in _ATTRIBUTES} | {"N": sum(rows)}
         matmul = ir.node(MATMUL_NBITS, [first.inputs[0], *weights], domain=ORT_DOMAIN, attributes=attributes,
                          name=f"{first.name}.siblings")
