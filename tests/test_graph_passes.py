@@ -171,7 +171,7 @@ def test_export_config_validates_in_its_own_terms():
     fused.check_checkpoint("ckpt", "mixtral", encoder_decoder=False, compressed=False)
     fused.check_experts("mixtral", ExpertLayout(True, "silu", 8, 16))
     names = [type(p).__name__ for p in ExportConfig(target="ort-fused", passes=[_Idle()]).graph_passes()]
-    assert names == ["FuseMoEForOrtPass", "RemoveUnusedNodesPass", "RemoveUnusedFunctionsPass",
+    assert names == ["StripTraceMetadataPass", "FuseMoEForOrtPass", "RemoveUnusedNodesPass", "RemoveUnusedFunctionsPass",
                      "RemoveUnusedOpsetsPass", "_Idle"]
     # target ort: dense int4 SwiGLU blocks to QMoE (the rest left as they are) before MatMulNBits
     assert [type(p).__name__ for p in ExportConfig().graph_passes()] == [

@@ -164,7 +164,7 @@ class ExportConfig:
         """The passes each finished graph goes through: the target's (fresh instances), then `passes`."""
         from .passes.metadata import StripTraceMetadataPass
 
-        target_passes: list[ir.passes.PassBase] = [StripTraceMetadataPass()]
+        target_passes: list[ir.passes.PassBase] = []
         if self.target == "ort-fused":
             from .passes.ort_moe import ort_fusion_passes
 
@@ -186,7 +186,7 @@ class ExportConfig:
 
             # packing q/k/v concatenates DequantizeLinear weights, which MatMulNBitsPass then rewrites
             target_passes += [PackedQKVPass(), SkipNormFusionPass(), MatMulNBitsPass(), FuseSiblingMatMulNBitsPass()]
-        return [*target_passes, *self.passes]
+        return [StripTraceMetadataPass(), *target_passes, *self.passes]
 
 
 def _check_qmoe_checkpoint(source: str, compressed: bool) -> None:
