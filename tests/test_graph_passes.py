@@ -173,11 +173,12 @@ def test_export_config_validates_in_its_own_terms():
     names = [type(p).__name__ for p in ExportConfig(target="ort-fused", passes=[_Idle()]).graph_passes()]
     assert names == ["StripTraceMetadataPass", "FuseMoEForOrtPass", "RemoveUnusedNodesPass", "RemoveUnusedFunctionsPass",
                      "RemoveUnusedOpsetsPass", "_Idle"]
-    # target ort: dense int4 SwiGLU blocks to QMoE (the rest left as they are) before MatMulNBits
+    # target ort: dense float32 SwiGLU blocks to MoE, dense int4 ones to QMoE (the rest left as they are),
+    # both fed 3-D activations, before MatMulNBits
     assert [type(p).__name__ for p in ExportConfig().graph_passes()] == [
-        "StripTraceMetadataPass", "FuseQMoEPass", "RemoveUnusedNodesPass", "RemoveUnusedFunctionsPass",
-        "RemoveUnusedOpsetsPass", "PackedQKVPass", "SkipNormFusionPass", "MatMulNBitsPass",
-        "FuseSiblingMatMulNBitsPass"]
+        "StripTraceMetadataPass", "FuseMoEForOrtPass", "FuseQMoEPass", "RemoveUnusedNodesPass",
+        "RemoveUnusedFunctionsPass", "RemoveUnusedOpsetsPass", "SkipMoEReshapesPass", "PackedQKVPass",
+        "SkipNormFusionPass", "MatMulNBitsPass", "FuseSiblingMatMulNBitsPass"]
     assert [type(p).__name__ for p in ExportConfig(target="portable").graph_passes()] == ["StripTraceMetadataPass"]
     # the former name of the portable target is accepted and recorded under the new one
     assert ExportConfig(target="mcsmoe").target == "portable" and not ExportConfig(target="mcsmoe").fuses_ort

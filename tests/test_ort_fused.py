@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
@@ -172,3 +175,95 @@ def test_float16_weights_are_refused():
             tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
     with pytest.raises(ValueError, match="'gate_weight' is float16; onnxruntime's CPU MoE kernel runs float32 only"):
         fuse_moe_for_ort(model)
+
+
+def _per_group_model(spec: MoEOpSpec, expert_to_group: list[int] | None = None, seed: int = 0) -> onnx.ModelProto:
+    """`_one_node_model` with the op's version-3 inputs: one [in, out] initializer per group and projection."""
+    return _one_node_model(dataclasses.replace(spec, per_group=True), expert_to_group, seed)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_per_group_weights_fuse_to_the_same_kernel_inputs(normalize):
+    """Target ort writes version-3 per-group [in, out] weights: the pass stacks them back into fc1/fc2."""
+    model = _per_group_model(_spec(2, normalize))
+    reference = _session(model)
+    gates = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith("gate_weight_")}
+
+    fuse_moe_for_ort(model)
+
+    (node,) = model.graph.node
+    assert (node.domain, node.op_type) == (ORT_DOMAIN, ORT_MOE)
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert {name: list(v.shape) for name, v in initializers.items()} == {
+        "gate_weight_0.swiglu_fc1": [E, 2 * I, H], "down_weight_0.moe_fc2": [E, H, I]}
+    np.testing.assert_array_equal(initializers["gate_weight_0.swiglu_fc1"][3, 0::2], gates["gate_weight_3"].T)
+    for seed, tokens in enumerate(TOKEN_COUNTS):
+        feeds = _inputs(tokens, seed)
+        _assert_close(_session(model).run(None, feeds)[0], reference.run(None, feeds)[0])
+
+
+def test_dense_float_only_leaves_other_blocks_as_they_are():
+    """Target ort's mode: a merged block and a dense one; only the dense one becomes MoE, nothing is refused."""
+    from mcsmoe_deploy.exporters.passes import GraphPassManager
+    from mcsmoe_deploy.exporters.passes.ort_moe import ort_fusion_passes
+
+    dense, merged = _spec(), _spec(num_groups=3)
+    nodes = [make_moe_node(spec, ["hidden" if i == 0 else "mid", "router_logits"]
+                           + [f"b{i}.{n}" for n in spec.input_names()[2:]], "mid" if i == 0 else "output", f"b{i}")
+             for i, spec in enumerate((dense, merged))]
+    graph = helper.make_graph(
+        nodes, "two_blocks",
+        [helper.make_tensor_value_info("hidden", onnx.TensorProto.FLOAT, ["T", H]),
+         helper.make_tensor_value_info("router_logits", onnx.TensorProto.FLOAT, ["T", E])],
+        [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, ["T", H])],
+        _weights(dense, list(range(E)), 1, "b0.") + _weights(merged, [0, 0, 1, 1, 2, 2], 2, "b1."),
+    )
+    model = standalone_model(dense)
+    model.functions.extend(standalone_model(merged).functions)
+    model.graph.CopyFrom(graph)
+    reference = _session(model)
+    feeds = _inputs(9, 0)
+
+    ir_model = ir.from_proto(model)
+    GraphPassManager(ort_fusion_passes(dense_float_only=True))(ir_model)
+    fused = ir.to_proto(ir_model)
+
+    assert [(n.domain, n.op_type) for n in fused.graph.node] == [(ORT_DOMAIN, ORT_MOE), (DOMAIN, OP_TYPE)]
+    assert [f.name for f in fused.functions] == [OP_TYPE]
+    _assert_close(_session(fused).run(None, feeds)[0], reference.run(None, feeds)[0])
+
+
+@pytest.mark.parametrize("back_to", [["batch", "seq", H], ["seq", "batch", H]], ids=["same-shape", "other-shape"])
+def test_moe_reads_unflattened_activations_only_when_the_output_is_reshaped_back(back_to):
+    from mcsmoe_deploy.exporters.passes.moe_reshapes import SkipMoEReshapesPass
+
+    model = _one_node_model(_spec())
+    fuse_moe_for_ort(model)
+    (moe,) = model.graph.node
+    moe.input[0], moe.output[0] = "rows", "moe_rows"
+    model.graph.node.insert(0, helper.make_node("Reshape", ["x", "flat"], ["rows"]))
+    model.graph.node.append(helper.make_node("Reshape", ["moe_rows", "unflat"], ["output"]))
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([-1, H], np.int64), "flat"),
+                                    numpy_helper.from_array(np.array([2, -1, H], np.int64), "unflat")])
+    del model.graph.input[:], model.graph.output[:], model.graph.value_info[:]
+    model.graph.input.extend([helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "seq", H]),
+                              helper.make_tensor_value_info("router_logits", onnx.TensorProto.FLOAT, ["T", E])])
+    model.graph.output.append(helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, back_to))
+    model.graph.value_info.extend([helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, ["T", H]),
+                                   helper.make_tensor_value_info("moe_rows", onnx.TensorProto.FLOAT, ["T", H])])
+    # the block's output is reshaped back into an intermediate value, as in an exported decoder
+    model.graph.node[-1].output[0] = "block"
+    model.graph.node.append(helper.make_node("Identity", ["block"], ["output"]))
+    model.graph.value_info.append(helper.make_tensor_value_info("block", onnx.TensorProto.FLOAT, back_to))
+    feeds = _inputs(6, 0)
+    feeds = {"x": feeds["hidden"].reshape(2, 3, H), "router_logits": feeds["router_logits"]}
+    expected = _session(model).run(None, feeds)[0]
+
+    ir_model = ir.from_proto(model)
+    result = SkipMoEReshapesPass()(ir_model)
+    rewritten = ir.to_proto(ir_model)
+
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert result.modified == (back_to[0] == "batch")
+    assert ops == (["MoE", "Identity"] if result.modified else ["Reshape", "MoE", "Reshape", "Identity"])
+    _assert_close(_session(rewritten).run(None, feeds)[0], expected)

@@ -35,6 +35,11 @@ def fused(request, tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"ort_{family}")
     report = m.export_model(tiny_dirs[family], root / "ort.onnx", validate=False)
     m.export_model(tiny_dirs[family], root / "portable.onnx", validate=False, target="portable")
+    # a merged checkpoint: its float blocks stay our op under target ort (dense ones become com.microsoft.MoE)
+    m.compress_model(tiny_dirs[family], root / "merged", m.CompressionRecipe(experts=2, max_calib_tokens=512,
+                                                                             calib_seq_len=32), progress=False)
+    m.export_model(root / "merged", root / "merged-ort.onnx", validate=False)
+    m.export_model(root / "merged", root / "merged-portable.onnx", validate=False, target="portable")
     return family, report, root
 
 
@@ -46,7 +51,13 @@ def test_every_attention_and_norm_is_fused(fused):
     assert report.fusion == f"{LAYERS}/{LAYERS} attention as GroupQueryAttention, {2 * LAYERS + 1 + qk_norms} " \
                             "RMSNorm as SimplifiedLayerNormalization"
     assert ops["GroupQueryAttention"] == LAYERS and ops["RotaryEmbedding"] == 2 * LAYERS
-    assert ops["GroupedLowRankMoE"] == LAYERS
+    # dense SwiGLU blocks: onnxruntime's MoE kernel, fed the [batch, seq, hidden] activations
+    assert ops["MoE"] == LAYERS and "GroupedLowRankMoE" not in ops
+    graph = ir.load(root / "ort.onnx")
+    for node in (n for n in graph.graph if n.op_type == "MoE"):
+        # Qwen2-MoE adds its shared expert's rows to the block's before reshaping: that graph keeps 2-D rows
+        assert len(node.inputs[0].shape) == (2 if family == "qwen2_moe" else 3) and len(node.inputs[1].shape) == 2
+        assert family == "qwen2_moe" or all(user.op_type != "Reshape" for user, _ in node.outputs[0].uses())
     # residual Adds folded: 2 per layer (the last one into the final norm); layer 0's input norm has none
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * LAYERS
     assert ops["SimplifiedLayerNormalization"] == 1 + qk_norms
@@ -62,8 +73,9 @@ def test_float_experts_are_per_group_initializers_the_body_does_not_slice(fused)
     from mcsmoe_deploy.contract import DOMAIN, OP_VERSION, PER_GROUP_OP_VERSION
 
     family, _, root = fused
-    model = onnx.load(str(root / "ort.onnx"))
+    model = onnx.load(str(root / "merged-ort.onnx"))
     assert {i.domain: i.version for i in model.opset_import}[DOMAIN] == PER_GROUP_OP_VERSION
+    assert sum(n.op_type == "GroupedLowRankMoE" for n in model.graph.node) == LAYERS
     shapes = {t.name: list(t.dims) for t in model.graph.initializer}
     for node in (n for n in model.graph.node if n.op_type == "GroupedLowRankMoE"):
         assert node.overload.endswith("_pergroup")
@@ -75,7 +87,7 @@ def test_float_experts_are_per_group_initializers_the_body_does_not_slice(fused)
     for function in model.functions:
         formals = set(function.input[3:])
         assert not [n for n in function.node if n.op_type in ("Gather", "Transpose") and set(n.input) & formals]
-    portable = onnx.load(str(root / "portable.onnx"), load_external_data=False)
+    portable = onnx.load(str(root / "merged-portable.onnx"), load_external_data=False)
     assert {i.domain: i.version for i in portable.opset_import}[DOMAIN] == OP_VERSION
     stacked = {t.name: list(t.dims) for t in portable.graph.initializer}
     for node in (n for n in portable.graph.node if n.op_type == "GroupedLowRankMoE"):
@@ -125,7 +137,7 @@ def test_onnxruntime_optimizer_keeps_the_fused_ops(fused, tmp_path):
     ops = _optimized_ops(root / "ort.onnx", tmp_path / "ort.onnx")
     assert ops["GroupQueryAttention"] == LAYERS and ops["SkipSimplifiedLayerNormalization"] == 2 * LAYERS
     assert ops["RotaryEmbedding"] == 2 * LAYERS
-    # onnxruntime inlines the MoE op's function in both graphs (no kernel claims the node)
+    assert ops["MoE"] == LAYERS  # the dense blocks' kernel; the portable graph's op is inlined (no kernel claims it)
     portable = _optimized_ops(root / "portable.onnx", tmp_path / "portable.onnx")
     assert "GroupQueryAttention" not in portable
     assert sum(ops.values()) < sum(portable.values())

@@ -174,18 +174,22 @@ class ExportConfig:
 
             target_passes = ort_qmoe_passes()
         if self.target == "ort":
+            from .passes.ort_moe import FuseMoEForOrtPass
             from .passes.ort_qmoe import ort_qmoe_passes
 
-            # dense int4 SwiGLU blocks as QMoE: onnxruntime holds no packed copy of their weights
-            target_passes += ort_qmoe_passes(dense_int4_only=True)
+            # dense float32 SwiGLU blocks as MoE, dense int4 ones as QMoE: onnxruntime's kernels run the
+            # picked experts in place (QMoE also holds no packed copy of its weights)
+            target_passes += [FuseMoEForOrtPass(dense_float_only=True), *ort_qmoe_passes(dense_int4_only=True)]
         if self.fuses_ort:
             from .passes.matmul_nbits import MatMulNBitsPass
+            from .passes.moe_reshapes import SkipMoEReshapesPass
             from .passes.packed_qkv import PackedQKVPass
             from .passes.sibling_matmuls import FuseSiblingMatMulNBitsPass
             from .passes.skip_norm import SkipNormFusionPass
 
             # packing q/k/v concatenates DequantizeLinear weights, which MatMulNBitsPass then rewrites
-            target_passes += [PackedQKVPass(), SkipNormFusionPass(), MatMulNBitsPass(), FuseSiblingMatMulNBitsPass()]
+            target_passes += [SkipMoEReshapesPass(), PackedQKVPass(), SkipNormFusionPass(), MatMulNBitsPass(),
+                              FuseSiblingMatMulNBitsPass()]
         return [StripTraceMetadataPass(), *target_passes, *self.passes]
 
 

@@ -1,7 +1,10 @@
-"""The pass behind `--target ort-fused`: dense SwiGLU GroupedLowRankMoE nodes -> `com.microsoft.MoE`.
+"""Dense float32 SwiGLU GroupedLowRankMoE nodes -> `com.microsoft.MoE`: target `ort-fused`, and target
+`ort` for the blocks that qualify (`dense_float_only`).
 
 The kernel's facts (routing, fc1 layout, SwiGLU constants, float32 only) are in
-exporters/ort_fused.py, which also offers the same rewrite on an `onnx.ModelProto`.
+exporters/ort_fused.py, which also offers the same rewrite on an `onnx.ModelProto`. Both of the
+op's float layouts are read: stacked [G, out, in] weights (op version 1) and per-group [in, out]
+ones (version 3, `_pergroup` overloads, what target `ort` writes).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ _GATED_PROJECTIONS = ("gate", "up", "down")
 class MoEFusion:
     """One GroupedLowRankMoE node found fusable: its sizes, routing and weight initializers.
 
-    gate, up: initializers [E, I, H]; down: [E, H, I]; expert_to_group: [E] int64.
+    gate, up, down: the weight initializers' names: stacked gate, up [E, I, H] and down [E, H, I],
+    or (per_group) group 0's of the per-group [in, out] ones; expert_to_group: [E] int64.
     """
 
     node_name: str
@@ -38,6 +42,7 @@ class MoEFusion:
     up: str
     down: str
     expert_to_group: str
+    per_group: bool = False
 
 
 def _refuse(node: ir.Node, reason: str) -> ValueError:
@@ -51,6 +56,27 @@ def _projection_kinds(node: ir.Node) -> dict[str, str]:
     return dict(token.split("-", 1) for token in node.overload.split("_") if "-" in token)
 
 
+def _group_count(node: ir.Node) -> int:
+    """G from the node's overload (`..._g8_...`)."""
+    counts = [int(token[1:]) for token in node.overload.split("_") if token[:1] == "g" and token[1:].isdigit()]
+    if len(counts) != 1:
+        raise _refuse(node, f"its overload {node.overload!r} names no group count")
+    return counts[0]
+
+
+def _weight_inputs(node: ir.Node, per_group: bool) -> list[tuple[ir.Value, ...]]:
+    """[gate, up, down] inputs: one stacked value each, or (per_group) the G per-group values each."""
+    if not per_group:
+        if len(node.inputs) != 6:
+            raise _refuse(node, f"{len(node.inputs)} inputs, not the 6 of stacked dense gate, up and down")
+        return [(value,) for value in node.inputs[3:]]
+    groups = _group_count(node)
+    if len(node.inputs) != 3 + 3 * groups:
+        raise _refuse(node, f"{len(node.inputs)} inputs, not the {3 + 3 * groups} of {groups} groups of dense "
+                            "gate, up and down")
+    return [tuple(node.inputs[3 + p * groups:3 + (p + 1) * groups]) for p in range(3)]
+
+
 def _plan_node(node: ir.Node) -> MoEFusion:
     attrs = node.attributes
     if not attrs.get_int("gated", 0):
@@ -59,22 +85,26 @@ def _plan_node(node: ir.Node) -> MoEFusion:
     if activation != "silu":
         raise _refuse(node, f"activation {activation!r} is not silu")
     compressed = {name: kind for name, kind in _projection_kinds(node).items() if kind != "dense"}
-    if compressed or len(node.inputs) != 6:
+    per_group = node.overload.endswith("_pergroup")
+    if compressed or (not per_group and len(node.inputs) != 6):
         detail = ", ".join(f"{name} is {kind}" for name, kind in compressed.items()) or f"{len(node.inputs)} inputs"
         raise _refuse(node, f"its projections are compressed ({detail}), not dense")
 
-    e2g, gate, up, down = node.inputs[2:]
-    for value in (e2g, gate, up, down):
+    weights = _weight_inputs(node, per_group)
+    e2g = node.inputs[2]
+    for value in (e2g, *(v for values in weights for v in values)):
         if value is None or not value.is_initializer() or value.const_value is None:
             raise _refuse(node, f"input {getattr(value, 'name', '')!r} is not an initializer")
-    for value in (gate, up, down):
+    for value in (v for values in weights for v in values):
         weight = value.const_value
         if weight.dtype != ir.DataType.FLOAT:
             dtype = weight.dtype.numpy()
             raise _refuse(node, f"weight {value.name!r} is {dtype}; onnxruntime's CPU MoE kernel runs float32 only")
-        if len(weight.shape) != 3:
-            raise _refuse(node, f"weight {value.name!r} has shape {list(weight.shape)}, not [G, out, in]")
-    num_groups, inter, hidden = gate.const_value.shape.numpy()
+        if len(weight.shape) != (2 if per_group else 3):
+            raise _refuse(node, f"weight {value.name!r} has shape {list(weight.shape)}, not "
+                                f"{'[in, out]' if per_group else '[G, out, in]'}")
+    gate = weights[0][0].const_value.shape.numpy()
+    num_groups, inter, hidden = (len(weights[0]), gate[1], gate[0]) if per_group else gate
     expert_to_group = e2g.const_value.numpy()
     num_experts = expert_to_group.size
     if not np.array_equal(expert_to_group, np.arange(num_experts)) or num_groups != num_experts:
@@ -92,16 +122,19 @@ def _plan_node(node: ir.Node) -> MoEFusion:
                 ("up", ProjectionSpec(inter, hidden)),
                 ("down", ProjectionSpec(hidden, inter)),
             ),
+            per_group=per_group,
         )
     except ValueError as error:
         raise _refuse(node, str(error)) from None
-    shapes = {v.name: list(v.const_value.shape.numpy()) for v in (gate, up, down)}
-    if list(shapes.values()) != [spec.input_shapes()[f"{p}_weight"] for p in _GATED_PROJECTIONS]:
-        raise _refuse(node, f"weight shapes {shapes} do not fit gate/up [E, I, H], down [E, H, I]")
+    expected = spec.input_shapes()
+    names = [name for p in _GATED_PROJECTIONS for name in spec.projection_inputs(p)]
+    got = {v.name: list(v.const_value.shape.numpy()) for values in weights for v in values}
+    if list(got.values()) != [expected[name] for name in names]:
+        raise _refuse(node, f"weight shapes {got} do not fit gate/up [E, I, H], down [E, H, I]")
     return MoEFusion(
         node_name=node.name or "", num_experts=num_experts, hidden_size=hidden, intermediate_size=inter,
-        top_k=spec.top_k, normalize_topk=spec.normalize_topk, gate=gate.name, up=up.name, down=down.name,
-        expert_to_group=e2g.name,
+        top_k=spec.top_k, normalize_topk=spec.normalize_topk, gate=weights[0][0].name, up=weights[1][0].name,
+        down=weights[2][0].name, expert_to_group=e2g.name, per_group=per_group,
     )
 
 
@@ -114,13 +147,33 @@ def plan_fusion(model: ir.Model) -> list[MoEFusion]:
     return [_plan_node(node) for node in moe_nodes(model.graph)]
 
 
-def _interleaved_fc1(gate: ir.TensorProtocol, up: ir.TensorProtocol) -> np.ndarray:
+def _stacked(values: tuple[ir.Value, ...], per_group: bool) -> np.ndarray:
+    """A projection's weights as [E, out, in] float32: the stacked input, or the per-group [in, out] ones
+    transposed (read through a memory map when external, one group at a time)."""
+    if not per_group:
+        return values[0].const_value.numpy()
+    return np.stack([value.const_value.numpy().T for value in values])
+
+
+def _interleaved_fc1(gate: tuple[ir.Value, ...], up: tuple[ir.Value, ...], per_group: bool) -> np.ndarray:
     """[E, 2I, H] float32 with fc1[:, 2i] = gate[:, i] and fc1[:, 2i + 1] = up[:, i] (swiglu_fusion=1)."""
-    num_experts, inter, hidden = gate.shape.numpy()
+    gate_weights = _stacked(gate, per_group)
+    num_experts, inter, hidden = gate_weights.shape
     fc1 = np.empty((num_experts, inter, 2, hidden), dtype="<f4")
-    fc1[:, :, 0] = gate.numpy()  # external weights are read through a memory map, one block at a time
-    fc1[:, :, 1] = up.numpy()
+    fc1[:, :, 0] = gate_weights
+    del gate_weights
+    fc1[:, :, 1] = _stacked(up, per_group)
     return fc1.reshape(num_experts, 2 * inter, hidden)
+
+
+def _lazy_initializer(graph: ir.Graph, name: str, shape: tuple[int, ...], make) -> ir.Value:
+    """A float32 initializer whose bytes `make()` computes when the graph is written: the export streams
+    weights one tensor at a time, so a model's expert weights are never all in memory."""
+    name = unique_name(name, graph)
+    tensor = ir.LazyTensor(lambda: ir.Tensor(make()), ir.DataType.FLOAT, ir.Shape(shape), name=name)
+    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(ir.DataType.FLOAT), const_value=tensor)
+    graph.register_initializer(value)
+    return value
 
 
 class FuseMoEForOrtPass(ir.passes.InPlacePass):
@@ -130,39 +183,68 @@ class FuseMoEForOrtPass(ir.passes.InPlacePass):
     memory or in an external data file that exists). The whole graph is planned first
     (`plan_fusion`), so a ValueError leaves the model unchanged. Per node: fc1 = gate and up
     interleaved ([E, 2I, H], a new float32 initializer; blocks sharing gate and up share
-    it), fc2 = `down` [E, H, I] as is, k = top_k, normalize_routing_weights =
+    it), fc2 = `down` [E, H, I] (as it is when stacked), k = top_k, normalize_routing_weights =
     normalize_topk, SwiGLU set to plain silu(gate) * up, the router logits fed to
     `router_probs` (the kernel applies the softmax). `com.microsoft` version 1 is imported.
     The replaced weights, functions and the ai.mcsmoe import are left for the unused-removal
     passes (see `ort_fusion_passes`).
 
-    Memory: fc1 is built one block at a time; the new tensors hold gate + up bytes.
+    Memory: the new tensors (gate + up bytes, and down's when per-group) are computed when the
+    graph is written, one at a time (`ir.LazyTensor`).
+
+    dense_float_only: rewrite only the nodes that qualify and leave every other node (compressed,
+    merged, quantized, float16) as it is instead of refusing it. Target "ort" does this
+    (`ExportConfig.graph_passes`): onnxruntime's kernel runs only the picked experts without
+    copying their weights, which the op's standard-ONNX body cannot avoid.
     """
 
+    def __init__(self, dense_float_only: bool = False):
+        super().__init__()
+        self.dense_float_only = dense_float_only
+
+    def _plan(self, model: ir.Model) -> list[tuple[ir.Node, MoEFusion]]:
+        """The nodes to rewrite and their plans; all of them, or (dense_float_only) the qualifying ones."""
+        if not self.dense_float_only:
+            return list(zip(moe_nodes(model.graph), plan_fusion(model)))
+        planned = []
+        for node in moe_nodes(model.graph):
+            try:
+                planned.append((node, _plan_node(node)))
+            except ValueError:  # compressed, merged, quantized or float16: stays the op
+                continue
+        return planned
+
     def requires(self, model: ir.Model) -> None:
-        inputs = [v for node in moe_nodes(model.graph) for v in node.inputs[2:5] if v is not None and v.is_initializer()]
+        if self.dense_float_only:  # a node whose weights cannot be read is left as it is (`_plan`)
+            return
+        inputs = [v for node in moe_nodes(model.graph) for v in node.inputs[2:] if v is not None and v.is_initializer()]
         require_weight_values(inputs, type(self).__name__)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        nodes = moe_nodes(graph)
-        fusions = plan_fusion(model)
-        if not fusions:
-            return ir.passes.PassResult(model, modified=False)
+        planned = self._plan(model)
         fc1_values: dict[tuple[str, str], ir.Value] = {}
-        for node, fusion in zip(nodes, fusions):
-            hidden, router, _, gate, up, down = node.inputs
+        fc2_values: dict[str, ir.Value] = {}
+        for node, fusion in planned:
+            gate, up, down = _weight_inputs(node, fusion.per_group)
             key = (fusion.gate, fusion.up)
             if key not in fc1_values:
-                name = unique_name(f"{fusion.gate}.swiglu_fc1", graph)
-                tensor = ir.Tensor(_interleaved_fc1(gate.const_value, up.const_value), name=name)
-                fc1_values[key] = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype),
-                                           const_value=tensor)
-                graph.register_initializer(fc1_values[key])
+                fc1_values[key] = _lazy_initializer(
+                    graph, f"{fusion.gate}.swiglu_fc1", (fusion.num_experts, 2 * fusion.intermediate_size,
+                                                         fusion.hidden_size),
+                    lambda gate=gate, up=up, per_group=fusion.per_group: _interleaved_fc1(gate, up, per_group))
+            if not fusion.per_group:
+                fc2 = down[0]
+            elif fusion.down not in fc2_values:
+                fc2 = fc2_values[fusion.down] = _lazy_initializer(
+                    graph, f"{fusion.down}.moe_fc2", (fusion.num_experts, fusion.hidden_size, fusion.intermediate_size),
+                    lambda down=down: _stacked(down, True))
+            else:
+                fc2 = fc2_values[fusion.down]
             fused = ir.Node(
                 ORT_DOMAIN, ORT_MOE,
                 # input, router_probs, fc1_experts_weights, fc1_experts_bias (none), fc2_experts_weights
-                [hidden, router, fc1_values[key], None, down],
+                [node.inputs[0], node.inputs[1], fc1_values[key], None, fc2],
                 [
                     ir.AttrInt64("k", fusion.top_k),
                     ir.AttrInt64("normalize_routing_weights", int(fusion.normalize_topk)),
@@ -175,15 +257,18 @@ class FuseMoEForOrtPass(ir.passes.InPlacePass):
                 name=node.name,
             )
             ir.convenience.replace_nodes_and_values(graph, node, [node], [fused], node.outputs, fused.outputs)
-        model.opset_imports.setdefault(ORT_DOMAIN, 1)
-        return ir.passes.PassResult(model, modified=True)
+        if planned:
+            model.opset_imports.setdefault(ORT_DOMAIN, 1)
+        return ir.passes.PassResult(model, modified=bool(planned))
 
 
-def ort_fusion_passes() -> list[ir.passes.PassBase]:
-    """The fusion and the clean-up after it: replaced weights, the op's functions and its opset import go."""
+def ort_fusion_passes(dense_float_only: bool = False) -> list[ir.passes.PassBase]:
+    """The fusion (see FuseMoEForOrtPass for `dense_float_only`) and the clean-up after it: replaced
+    weights, the op's functions and its opset import go."""
     from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
-    return [FuseMoEForOrtPass(), RemoveUnusedNodesPass(), RemoveUnusedFunctionsPass(), RemoveUnusedOpsetsPass()]
+    return [FuseMoEForOrtPass(dense_float_only), RemoveUnusedNodesPass(), RemoveUnusedFunctionsPass(),
+            RemoveUnusedOpsetsPass()]
 
 
 __all__ = ["ORT_DOMAIN", "ORT_MOE", "FuseMoEForOrtPass", "MoEFusion", "ort_fusion_passes", "plan_fusion"]
