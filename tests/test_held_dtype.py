@@ -28,6 +28,7 @@ def hub_dirs(tmp_path_factory):
 def test_bf16_model_computed_in_fp32_gives_the_fp32_logits(family, hub_dirs):
     fp32, adapter = m.load_model(hub_dirs[family], device="cpu")
     held, _ = m.load_model(hub_dirs[family], device="cpu", dtype=torch.bfloat16)
+    assert not fp32.use_kernels and not held.use_kernels  # no hub kernels swapped in (fetched at run time)
     ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(0))
     dtypes = {name: p.dtype for name, p in held.named_parameters()}  # bf16 (Switch keeps its `wo` in fp32)
     with torch.no_grad():

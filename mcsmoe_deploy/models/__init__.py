@@ -146,18 +146,20 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dt
     check_weights(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     return_large_frees_to_os()
+    # use_kernels=False: transformers (5.25) otherwise swaps layers for Hugging Face hub kernels on a GPU,
+    # fetched at run time; we compute, patch for export and compare the modules transformers defines
     try:
         if device == "auto":
             auto_class = AutoModelForSeq2SeqLM if adapter.encoder_decoder else AutoModelForCausalLM
             model, info = auto_class.from_pretrained(model_dir, config=config, dtype=dtype, device_map="auto",
                                                      use_safetensors=True,  # never a pickle beside them
-                                                     output_loading_info=True)
+                                                     use_kernels=False, output_loading_info=True)
         else:
             # our own pread-backed state dict: one copy of the weights in memory, not two (see memory.py)
             mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if adapter.encoder_decoder else MODEL_FOR_CAUSAL_LM_MAPPING
             weights = read_weights_without_mmap(model_dir)
             model, info = mapping[type(config)].from_pretrained(None, config=config, state_dict=weights, dtype=dtype,
-                                                                output_loading_info=True)
+                                                                use_kernels=False, output_loading_info=True)
             del weights
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot load {model_dir}: {str(exc).splitlines()[0]}") from None
