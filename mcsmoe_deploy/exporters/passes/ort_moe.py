@@ -18,7 +18,7 @@ from ...grouped_experts import ProjectionSpec
 from ..moe_op import MoEOpSpec
 from ..initializers import unique_name
 from ..ort_ops import ORT_DOMAIN
-from .requirements import mapping_refused, moe_nodes, require_weight_values
+from .requirements import mapping_refused, moe_nodes, overload_fields, require_weight_values
 
 ORT_MOE = "MoE"
 _GATED_PROJECTIONS = ("gate", "up", "down")
@@ -50,27 +50,15 @@ def _refuse(node: ir.Node, reason: str) -> ValueError:
                            "target 'ort-fused' is only for dense SwiGLU models (export compressed models with target 'ort' or 'portable')")
 
 
-def _projection_kinds(node: ir.Node) -> dict[str, str]:
-    """Projection name -> kind from the node's overload, e.g. {"gate": "lowrank-sparse", "up": "dense"}."""
-    # MoEOpSpec.overload: family_activation_kK_norm[_gG]_{name}-{kind}...; only the kinds contain "-"
-    return dict(token.split("-", 1) for token in node.overload.split("_") if "-" in token)
-
-
-def _group_count(node: ir.Node) -> int:
-    """G from the node's overload (`..._g8_...`)."""
-    counts = [int(token[1:]) for token in node.overload.split("_") if token[:1] == "g" and token[1:].isdigit()]
-    if len(counts) != 1:
-        raise _refuse(node, f"its overload {node.overload!r} names no group count")
-    return counts[0]
-
-
 def _weight_inputs(node: ir.Node, per_group: bool) -> list[tuple[ir.Value, ...]]:
     """[gate, up, down] inputs: one stacked value each, or (per_group) the G per-group values each."""
     if not per_group:
         if len(node.inputs) != 6:
             raise _refuse(node, f"{len(node.inputs)} inputs, not the 6 of stacked dense gate, up and down")
         return [(value,) for value in node.inputs[3:]]
-    groups = _group_count(node)
+    groups = overload_fields(node)[0]
+    if groups is None:
+        raise _refuse(node, f"its overload {node.overload!r} names no group count")
     if len(node.inputs) != 3 + 3 * groups:
         raise _refuse(node, f"{len(node.inputs)} inputs, not the {3 + 3 * groups} of {groups} groups of dense "
                             "gate, up and down")
@@ -84,7 +72,7 @@ def _plan_node(node: ir.Node) -> MoEFusion:
     activation = attrs.get_string("activation", "")
     if activation != "silu":
         raise _refuse(node, f"activation {activation!r} is not silu")
-    compressed = {name: kind for name, kind in _projection_kinds(node).items() if kind != "dense"}
+    compressed = {name: kind for name, kind in overload_fields(node)[1].items() if kind != "dense"}
     per_group = node.overload.endswith("_pergroup")
     if compressed or (not per_group and len(node.inputs) != 6):
         detail = ", ".join(f"{name} is {kind}" for name, kind in compressed.items()) or f"{len(node.inputs)} inputs"
@@ -179,7 +167,7 @@ def _lazy_initializer(graph: ir.Graph, name: str, shape: tuple[int, ...], make) 
 class FuseMoEForOrtPass(ir.passes.InPlacePass):
     """Rewrite every GroupedLowRankMoE node into one com.microsoft.MoE node (in place).
 
-    Requires: the gate, up and expert_to_group values of every MoE node can be read (in
+    Requires: the weight and expert_to_group values of every MoE node can be read (in
     memory or in an external data file that exists). The whole graph is planned first
     (`plan_fusion`), so a ValueError leaves the model unchanged. Per node: fc1 = gate and up
     interleaved ([E, 2I, H], a new float32 initializer; blocks sharing gate and up share

@@ -48,7 +48,7 @@ import onnx_ir as ir
 from ...quantization import QuantSpec
 from ..initializers import add_initializer, pack_unsigned, unique_name
 from ..ort_ops import ORT_DOMAIN
-from .requirements import mapping_refused, moe_nodes, require_weight_values
+from .requirements import mapping_refused, moe_nodes, overload_fields, require_weight_values
 
 _initializer = functools.partial(add_initializer, unique=True)  # routing constants are named per block
 
@@ -83,20 +83,13 @@ def _refuse(node: ir.Node, reason: str) -> ValueError:
                            "target 'ort-qmoe' is for quantized checkpoints with dense SwiGLU experts (export others with target 'ort' or 'portable')")
 
 
-def _overload_fields(node: ir.Node) -> tuple[int, dict[str, str]]:
-    """G and projection name -> kind from the node's overload (MoEOpSpec.overload)."""
-    tokens = node.overload.split("_")
-    groups = [int(t[1:]) for t in tokens if re.fullmatch(r"g\d+", t)]
-    if len(groups) != 1:
-        raise _refuse(node, f"its overload {node.overload!r} names no group count")
-    return groups[0], dict(t.split("-", 1) for t in tokens if "-" in t)
-
-
 def _plan_node(node: ir.Node) -> QMoEFusion:
     attrs = node.attributes
     if not attrs.get_int("gated", 0) or attrs.get_string("activation", "") != "silu":
         raise _refuse(node, "its experts are not gated silu (QMoE's fused FC1 holds SwiGLU's gate and up)")
-    num_groups, kinds = _overload_fields(node)
+    num_groups, kinds = overload_fields(node)
+    if num_groups is None:
+        raise _refuse(node, f"its overload {node.overload!r} names no group count")
     quants = set()
     for name in _GATED_PROJECTIONS:
         match = _QUANT_KIND.match(kinds.get(name, ""))

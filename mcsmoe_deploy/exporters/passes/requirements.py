@@ -15,6 +15,16 @@ def moe_nodes(graph: ir.Graph) -> list[ir.Node]:
     return [node for node in graph if (node.domain, node.op_type) == (DOMAIN, OP_TYPE)]
 
 
+def overload_fields(node: ir.Node) -> tuple[int | None, dict[str, str]]:
+    """(G, {projection: kind}) read from a MoE node's overload (`MoEOpSpec.overload`, e.g.
+    `gated_silu_k2_norm_g8_gate-dense_up-dense_down-dense_pergroup`): G is None when no `gN` token
+    names it; only the kinds contain "-"."""
+    tokens = node.overload.split("_")
+    groups = [int(token[1:]) for token in tokens if token[:1] == "g" and token[1:].isdigit()]
+    kinds = dict(token.split("-", 1) for token in tokens if "-" in token)
+    return (groups[0] if len(groups) == 1 else None), kinds
+
+
 def mapping_refused(node: ir.Node, target_op: str, reason: str, scope: str) -> ValueError:
     """The error of a pass that cannot map MoE node `node` to `target_op` ("com.microsoft::MoE"):
     why (`reason`), then what its target is for (`scope`)."""
@@ -49,4 +59,4 @@ def require_weight_values(values: Iterable[ir.Value], who: str) -> None:
             )
 
 
-__all__ = ["moe_nodes", "onnxruntime_only_ops", "require_weight_values"]
+__all__ = ["mapping_refused", "moe_nodes", "onnxruntime_only_ops", "overload_fields", "require_weight_values"]
