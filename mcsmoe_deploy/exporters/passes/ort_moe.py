@@ -18,7 +18,7 @@ from ...grouped_experts import ProjectionSpec
 from ..moe_op import MoEOpSpec
 from ..initializers import unique_name
 from ..ort_ops import ORT_DOMAIN
-from .requirements import mapping_refused, moe_nodes, overload_fields, require_weight_values
+from .requirements import mapping_refused, moe_nodes, overload_fields, planned_moe_nodes, require_weight_values
 
 ORT_MOE = "MoE"
 _GATED_PROJECTIONS = ("gate", "up", "down")
@@ -192,15 +192,7 @@ class FuseMoEForOrtPass(ir.passes.InPlacePass):
 
     def _plan(self, model: ir.Model) -> list[tuple[ir.Node, MoEFusion]]:
         """The nodes to rewrite and their plans; all of them, or (dense_float_only) the qualifying ones."""
-        if not self.dense_float_only:
-            return list(zip(moe_nodes(model.graph), plan_fusion(model)))
-        planned = []
-        for node in moe_nodes(model.graph):
-            try:
-                planned.append((node, _plan_node(node)))
-            except ValueError:  # compressed, merged, quantized or float16: stays the op
-                continue
-        return planned
+        return planned_moe_nodes(model.graph, _plan_node, (lambda _: True) if self.dense_float_only else None)
 
     def requires(self, model: ir.Model) -> None:
         if self.dense_float_only:  # a node whose weights cannot be read is left as it is (`_plan`)

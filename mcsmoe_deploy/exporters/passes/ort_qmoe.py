@@ -48,7 +48,7 @@ import onnx_ir as ir
 from ...quantization import QuantSpec
 from ..initializers import add_initializer, pack_unsigned, unique_name
 from ..ort_ops import ORT_DOMAIN
-from .requirements import mapping_refused, moe_nodes, overload_fields, require_weight_values
+from .requirements import mapping_refused, moe_nodes, overload_fields, planned_moe_nodes, require_weight_values
 
 _initializer = functools.partial(add_initializer, unique=True)  # routing constants are named per block
 
@@ -236,18 +236,10 @@ class FuseQMoEPass(ir.passes.InPlacePass):
         self.dense_int4_only = dense_int4_only
 
     def _plan(self, model: ir.Model) -> list[tuple[ir.Node, QMoEFusion]]:
-        """The nodes to rewrite and their plans; all of them, or (dense_int4_only) the qualifying ones."""
-        if not self.dense_int4_only:
-            return list(zip(moe_nodes(model.graph), plan_qmoe(model)))
-        planned = []
-        for node in moe_nodes(model.graph):
-            try:
-                fusion = _plan_node(node)
-            except ValueError:  # low rank, float, quantized differently: stays the op, then MatMulNBits
-                continue
-            if fusion.routing == "logits" and fusion.quant.bits == 4:
-                planned.append((node, fusion))
-        return planned
+        """The nodes to rewrite and their plans; all of them, or (dense_int4_only) the qualifying ones
+        (others, e.g. low rank or float, stay the op, then MatMulNBits)."""
+        dense_int4 = (lambda plan: plan.routing == "logits" and plan.quant.bits == 4) if self.dense_int4_only else None
+        return planned_moe_nodes(model.graph, _plan_node, dense_int4)
 
     def requires(self, model: ir.Model) -> None:
         if self.dense_int4_only:  # a node whose weights cannot be read is left as it is (`_plan`)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import onnx_ir as ir
 
@@ -13,6 +14,27 @@ from ...contract import DOMAIN, OP_TYPE
 def moe_nodes(graph: ir.Graph) -> list[ir.Node]:
     """The `ai.mcsmoe::GroupedLowRankMoE` nodes of the main graph, in graph order."""
     return [node for node in graph if (node.domain, node.op_type) == (DOMAIN, OP_TYPE)]
+
+
+_Plan = TypeVar("_Plan")
+
+
+def planned_moe_nodes(graph: ir.Graph, plan_node: Callable[[ir.Node], _Plan],
+                      qualifies: Callable[[_Plan], bool] | None = None) -> list[tuple[ir.Node, _Plan]]:
+    """(node, plan_node(node)) for the MoE nodes a pass rewrites. qualifies None: every node, and
+    plan_node's ValueError (naming the node) propagates, before anything changes; else only the nodes
+    that plan_node accepts and `qualifies`, the others left as they are."""
+    if qualifies is None:
+        return [(node, plan_node(node)) for node in moe_nodes(graph)]
+    planned = []
+    for node in moe_nodes(graph):
+        try:
+            plan = plan_node(node)
+        except ValueError:  # not this pass's kind of block: stays the op
+            continue
+        if qualifies(plan):
+            planned.append((node, plan))
+    return planned
 
 
 def overload_fields(node: ir.Node) -> tuple[int | None, dict[str, str]]:
@@ -59,4 +81,5 @@ def require_weight_values(values: Iterable[ir.Value], who: str) -> None:
             )
 
 
-__all__ = ["mapping_refused", "moe_nodes", "onnxruntime_only_ops", "overload_fields", "require_weight_values"]
+__all__ = ["mapping_refused", "moe_nodes", "onnxruntime_only_ops", "overload_fields", "planned_moe_nodes",
+           "require_weight_values"]
