@@ -52,8 +52,13 @@ MERGED_ALL_QUANTIZED = {"msmoe-int4-all": {**RTN}, "msmoe-int4-all-sym": {**RTN,
 # a method's row after router calibration is named "<method>+router" (merge-only methods)
 ROUTER_SUFFIX = "+router"
 # low rank with one basis per layer and projection shared by the merged experts (--low-rank-basis shared), at the
-# same bytes as the per-expert rows of the same rank ratio; plain joint SVD, and whitened (activation-aware)
-SHARED_BASIS = {"mcsmoe-shared": {}, "mcsmoe-shared-activation-aware": {"low_rank": "activation-aware"}}
+# same bytes as the per-expert rows of the same rank ratio; plain joint SVD, and whitened (activation-aware); and
+# with one full-rank base per layer and projection plus per-expert low-rank deltas (--low-rank-basis base-delta)
+AWARE = {"low_rank": "activation-aware"}
+SHARED_BASIS = {"mcsmoe-shared": {"low_rank_basis": "shared"},
+                "mcsmoe-shared-activation-aware": {"low_rank_basis": "shared", **AWARE},
+                "mcsmoe-base-delta": {"low_rank_basis": "base-delta"},
+                "mcsmoe-base-delta-activation-aware": {"low_rank_basis": "base-delta", **AWARE}}
 METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware", *SHARED_BASIS, *DENSE_QUANTIZED,
            *MERGED_QUANTIZED, *MERGED_ALL_QUANTIZED)
 
@@ -150,7 +155,7 @@ def sweep(
     runs += [("mcsmoe", {"rank_ratio": r, "sparse_keep": sparse_keep}, r) for r in rank_ratios]
     aware = {"sparse_keep": sparse_keep, "low_rank": "activation-aware"}
     runs += [("mcsmoe-activation-aware", {"rank_ratio": r, **aware}, r) for r in rank_ratios]
-    runs += [(name, {"rank_ratio": r, "sparse_keep": sparse_keep, "low_rank_basis": "shared", **fit}, r)
+    runs += [(name, {"rank_ratio": r, "sparse_keep": sparse_keep, **fit}, r)
              for name, fit in SHARED_BASIS.items() for r in rank_ratios]
     if block is not None:
         for suffix, method in (("", RTN), ("-gptq", GPTQ)):

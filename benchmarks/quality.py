@@ -25,6 +25,9 @@ One routing-statistics pass per setting; each method is applied to a fresh copy 
                              each one's coefficients (--low-rank-basis shared), at the same bytes
     mcsmoe-shared-activation-aware  the same, whitened: fitted to the calibration inputs (both shared
                              rows only when named in --methods)
+    mcsmoe-base-delta        the same bytes as one full-rank base per layer and projection (the merged experts'
+                             frequency-weighted mean) plus each one's low-rank delta (--low-rank-basis base-delta);
+                             "-activation-aware": deltas whitened (only when named in --methods)
     uniform                  same groups, alignment, plain average
     random                   random groups, alignment, frequency-weighted merge
     prune-frequency          keep the G most used experts, remove the rest (with their router rows)

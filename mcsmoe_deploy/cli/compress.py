@@ -91,7 +91,10 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                        help="per-expert: each merged expert's own factors (the paper); shared: per layer and "
                             "projection one basis on the hidden-size side for all merged experts plus each expert's "
                             "coefficients (D2-MoE / Sub-MoE style; whitened with --low-rank activation-aware), at "
-                            "the rank that stores as many numbers as per-expert factors at --rank-ratio. Float only: "
+                            "the rank that stores as many numbers as per-expert factors at --rank-ratio; base-delta: "
+                            "per layer and projection one full-rank base (the experts' frequency-weighted mean) plus "
+                            "each expert's low-rank delta, at equal bytes too (needs --rank-ratio above 1/G). "
+                            "Float only: "
                             "not with --quantize or --rank-energy (default: %(default)s)")
     group = parser.add_argument_group("quantization (after merging, low rank and recovery)")
     group.add_argument("--quantize", choices=tuple(QUANTIZATIONS), default=None,

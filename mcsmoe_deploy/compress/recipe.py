@@ -65,7 +65,10 @@ class CompressionRecipe:
         "shared": per layer and projection one basis on the hidden-size side for all merged experts
         plus each expert's coefficients (D2-MoE / Sub-MoE style; whitened with "activation-aware"),
         at the rank that stores as many numbers as per-expert factors at `rank_ratio` (equal bytes;
-        compress/shared_basis.py). Not with `rank_energy` or `quantize`.
+        compress/shared_basis.py); or "base-delta": per layer and projection one full-rank base (the
+        merged experts' frequency-weighted mean) plus each expert's low-rank delta from it (D2-MoE style;
+        whitened with "activation-aware"), at equal bytes too (needs rank_ratio > 1/G: the base costs
+        one dense projection; compress/base_delta.py). Neither with `rank_energy` or `quantize`.
     calib: calibration text file (.txt or .jsonl) or None for the built-in corpus.
     max_calib_tokens, calib_seq_len: calibration budget in tokens and block length.
     distill_steps: knowledge-distillation steps from the original model (0: none).
@@ -170,10 +173,12 @@ class CompressionRecipe:
         if self.low_rank_basis not in LOW_RANK_BASES:
             raise ParameterError("low_rank_basis", f"must be one of {', '.join(LOW_RANK_BASES)}, "
                                                    f"not {self.low_rank_basis!r}")
-        if self.low_rank_basis == "shared" and self.rank_energy is not None:
-            raise ParameterError("low_rank_basis", "shared takes its rank from rank_ratio, not rank_energy")
-        if self.low_rank_basis == "shared" and self.quantize is not None:
-            raise ParameterError("low_rank_basis", "shared bases are stored float; quantize per-expert factors instead")
+        if self.low_rank_basis != "per-expert" and self.rank_energy is not None:
+            raise ParameterError("low_rank_basis",
+                                 f"{self.low_rank_basis} takes its rank from rank_ratio, not rank_energy")
+        if self.low_rank_basis != "per-expert" and self.quantize is not None:
+            raise ParameterError("low_rank_basis", f"{self.low_rank_basis} bases are stored float; "
+                                                   "quantize per-expert factors instead")
 
     def check_output_format(self) -> None:
         """ParameterError if `output_format` cannot hold what the recipe builds."""
