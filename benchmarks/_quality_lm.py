@@ -241,6 +241,7 @@ def lm_rows(
     router_lr: float = mc.CompressionRecipe().router_lr,
     setting: str = "lm",
     calib_seed: int | None = None,
+    calib_tokens: int | None = None,
 ) -> list[dict]:
     """The "lm" setting: held-out perplexity of the embedded Mixtral-family model (or `model_dir`).
 
@@ -252,6 +253,8 @@ def lm_rows(
     shuffled: the "lm-shuffled" setting instead: the same model with each expert's neurons
     reordered (`shuffle_expert_neurons`), measured with SHUFFLED_METHODS only.
     router_steps, router_lr: router calibration of the merge-only methods (rows "<method>+router").
+    calib_tokens: without a seed, calibrate and recover on the first `calib_tokens` training tokens (the
+    recipe's `max_calib_tokens`, `mcsmoe compress --max-calib-tokens`) instead of the recipe's default.
     """
     model_dir = model_dir or embedded_model_dir()
     dense, adapter = mc.load_model(model_dir)
@@ -260,7 +263,8 @@ def lm_rows(
         methods = [m for m in SHUFFLED_METHODS if methods is None or m in methods]
     tokenizer = mc.load_tokenizer(model_dir)
     heldout = mc.token_blocks(tokenizer, mc.builtin_corpus("heldout"), EVAL_SEQ_LEN)
-    calib = (mc.calibration_blocks(tokenizer, mc.CompressionRecipe()) if calib_seed is None
+    budget = {} if calib_tokens is None else {"max_calib_tokens": calib_tokens}
+    calib = (mc.calibration_blocks(tokenizer, mc.CompressionRecipe(**budget)) if calib_seed is None
              else calibration_sample(tokenizer, calib_seed))
     score: Callable[[nn.Module], float | dict] = lambda model: mc.perplexity(model, heldout)  # noqa: E731
     if calib_seed is not None:
