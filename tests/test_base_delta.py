@@ -169,3 +169,11 @@ def test_base_delta_refusals_are_one_line_and_write_nothing(extra, message, tiny
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(message) and "Traceback" not in "\n".join(err)
     assert not out.exists()
+
+
+def test_recovery_rate_defaults_low_for_base_delta_and_follows_distill_lr():
+    base_delta_recipe = m.CompressionRecipe(rank_ratio=0.3, low_rank_basis="base-delta")
+    assert base_delta_recipe.distill_learning_rate == 1e-4
+    assert m.CompressionRecipe(rank_ratio=0.3, low_rank_basis="shared").distill_learning_rate == 1e-3
+    assert m.CompressionRecipe(rank_ratio=0.3, low_rank_basis="base-delta", distill_lr=3e-4).distill_learning_rate == 3e-4
+    assert m.CompressionRecipe(low_rank_basis="base-delta").distill_learning_rate == 3e-4  # merge only

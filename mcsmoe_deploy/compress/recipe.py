@@ -28,6 +28,10 @@ EMBEDDINGS_SCOPE = "all+embeddings"
 # fitted to the calibration inputs (compress/gptq.py)
 QUANT_METHODS = ("rtn", "gptq")
 COMPRESSED_DISTILL_LR = 1e-3
+# base-delta low rank starts close to the dense model, so recovery must only nudge it: on the embedded LM
+# (8 experts, rank ratio 0.3, whitened: 21.10 before recovery), 100 steps gave 22.25 at 1e-3, 21.19 at 3e-4,
+# 20.93 at 1e-4 and 20.96 at 3e-5 (benchmarks/results/quality-shared-basis.md)
+BASE_DELTA_DISTILL_LR = 1e-4
 # router calibration defaults. Measured on the embedded model (G = 4, 25 steps of 8 blocks): a standard-format
 # M-SMoE model (dominant experts' router rows) went from 21.61 to 21.34 held-out perplexity at 1e-3 (21.47 at
 # 3e-4); in our format, whose E-row router already reproduces the dense routing, it did not help (M-SMoE 20.64 ->
@@ -73,7 +77,8 @@ class CompressionRecipe:
     max_calib_tokens, calib_seq_len: calibration budget in tokens and block length.
     distill_steps: knowledge-distillation steps from the original model (0: none).
     distill_lr: their peak learning rate, decaying linearly to 0; None: MERGED_DISTILL_LR for a
-        merge-only recipe, COMPRESSED_DISTILL_LR with low rank (see `distill_learning_rate`).
+        merge-only recipe, BASE_DELTA_DISTILL_LR with base-delta low rank, COMPRESSED_DISTILL_LR with
+        other low rank (see `distill_learning_rate`).
     quantize: None, "int4" or "int8": after merging, low rank and distillation, every merged expert's
         factors (dense weights, or the low-rank left and right) are quantized blockwise, round to
         nearest (quantization.py); low-rank ranks are rounded to a multiple of `quant_block`.
@@ -242,7 +247,9 @@ class CompressionRecipe:
         """The peak learning rate distillation uses: `distill_lr`, or the default for this kind of recipe."""
         if self.distill_lr is not None:
             return self.distill_lr
-        return MERGED_DISTILL_LR if self.merge_only else COMPRESSED_DISTILL_LR
+        if self.merge_only:
+            return MERGED_DISTILL_LR
+        return BASE_DELTA_DISTILL_LR if self.low_rank_basis == "base-delta" else COMPRESSED_DISTILL_LR
 
     def to_dict(self) -> dict:
         return asdict(self)
