@@ -171,6 +171,10 @@ def sweep(
                  for name, overrides in DENSE_QUANTIZED.items() if chosen(name, methods) and _applies(adapter, overrides)
                  ] + plans
     for experts, method, overrides, rank_ratio in plans:
+        if overrides.get("low_rank_basis") == "base-delta" and rank_ratio * experts <= 1:
+            # the base alone takes the budget (base_delta_rank_for_ratio refuses it): no row
+            print(f"[{setting}] {method:24s} G={experts} r={rank_ratio:<5g} skipped: needs rank ratio > 1/G", flush=True)
+            continue
         recipe = mc.CompressionRecipe(experts=experts, distill_lr=distill_lr, seed=seed, **overrides)
         plan = mc.plan_compression(stats, num_experts, recipe, adapter.family)
         for steps in distill_steps_list:
