@@ -268,6 +268,7 @@ def lm_rows(
     tokenizer = mc.load_tokenizer(model_dir)
     heldout = mc.token_blocks(tokenizer, mc.builtin_corpus("heldout"), EVAL_SEQ_LEN)
     budget = {} if calib_tokens is None else {"max_calib_tokens": calib_tokens}
+    mc.CompressionRecipe(**budget).validate()  # a budget under one block: one error line naming --calib-tokens
     calib = (mc.calibration_blocks(tokenizer, mc.CompressionRecipe(**budget)) if calib_seed is None
              else calibration_sample(tokenizer, calib_seed))
     score: Callable[[nn.Module], float | dict] = lambda model: mc.perplexity(model, heldout)  # noqa: E731
