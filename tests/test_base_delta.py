@@ -177,3 +177,12 @@ def test_recovery_rate_defaults_low_for_base_delta_and_follows_distill_lr():
     assert m.CompressionRecipe(rank_ratio=0.3, low_rank_basis="shared").distill_learning_rate == 1e-3
     assert m.CompressionRecipe(rank_ratio=0.3, low_rank_basis="base-delta", distill_lr=3e-4).distill_learning_rate == 3e-4
     assert m.CompressionRecipe(low_rank_basis="base-delta").distill_learning_rate == 3e-4  # merge only
+
+
+def test_a_shared_base_or_basis_counts_whole_in_the_bytes_a_token_reads(tiny_dirs):
+    model, adapter = m.load_model(tiny_dirs["mixtral"])
+    stem = "model.layers.0.mlp.experts.projections"
+    assert adapter.token_read_share(f"{stem}.gate.base", [24, 16], model.config) == 1.0
+    assert adapter.token_read_share(f"{stem}.gate.right", [6, 16], model.config) == 1.0  # a shared basis
+    assert adapter.token_read_share(f"{stem}.gate.left", [4, 24, 6], model.config) == 0.5  # k = 2 of 4 groups
+    assert adapter.token_read_share(f"{stem}.gate.sparse_rows", [4, 3], model.config) == 0.5
