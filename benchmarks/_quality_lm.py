@@ -52,8 +52,13 @@ MERGED_ALL_QUANTIZED = {"msmoe-int4-all": {**RTN}, "msmoe-int4-all-sym": {**RTN,
 # a method's row after router calibration is named "<method>+router" (merge-only methods)
 ROUTER_SUFFIX = "+router"
 # low rank with one basis per layer and projection shared by the merged experts (--low-rank-basis shared), at the
-# same bytes as the per-expert rows of the same rank ratio; plain joint SVD, and whitened (activation-aware)
-SHARED_BASIS = {"mcsmoe-shared": {}, "mcsmoe-shared-activation-aware": {"low_rank": "activation-aware"}}
+# same bytes as the per-expert rows of the same rank ratio; plain joint SVD, and whitened (activation-aware); and
+# with one full-rank base per layer and projection plus per-expert low-rank deltas (--low-rank-basis base-delta)
+AWARE = {"low_rank": "activation-aware"}
+SHARED_BASIS = {"mcsmoe-shared": {"low_rank_basis": "shared"},
+                "mcsmoe-shared-activation-aware": {"low_rank_basis": "shared", **AWARE},
+                "mcsmoe-base-delta": {"low_rank_basis": "base-delta"},
+                "mcsmoe-base-delta-activation-aware": {"low_rank_basis": "base-delta", **AWARE}}
 METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware", *SHARED_BASIS, *DENSE_QUANTIZED,
            *MERGED_QUANTIZED, *MERGED_ALL_QUANTIZED)
 
@@ -150,7 +155,7 @@ def sweep(
     runs += [("mcsmoe", {"rank_ratio": r, "sparse_keep": sparse_keep}, r) for r in rank_ratios]
     aware = {"sparse_keep": sparse_keep, "low_rank": "activation-aware"}
     runs += [("mcsmoe-activation-aware", {"rank_ratio": r, **aware}, r) for r in rank_ratios]
-    runs += [(name, {"rank_ratio": r, "sparse_keep": sparse_keep, "low_rank_basis": "shared", **fit}, r)
+    runs += [(name, {"rank_ratio": r, "sparse_keep": sparse_keep, **fit}, r)
              for name, fit in SHARED_BASIS.items() for r in rank_ratios]
     if block is not None:
         for suffix, method in (("", RTN), ("-gptq", GPTQ)):
@@ -166,6 +171,10 @@ def sweep(
                  for name, overrides in DENSE_QUANTIZED.items() if chosen(name, methods) and _applies(adapter, overrides)
                  ] + plans
     for experts, method, overrides, rank_ratio in plans:
+        if overrides.get("low_rank_basis") == "base-delta" and rank_ratio * experts <= 1:
+            # the base alone takes the budget (base_delta_rank_for_ratio refuses it): no row
+            print(f"[{setting}] {method:24s} G={experts} r={rank_ratio:<5g} skipped: needs rank ratio > 1/G", flush=True)
+            continue
         recipe = mc.CompressionRecipe(experts=experts, distill_lr=distill_lr, seed=seed, **overrides)
         plan = mc.plan_compression(stats, num_experts, recipe, adapter.family)
         for steps in distill_steps_list:
@@ -236,6 +245,7 @@ def lm_rows(
     router_lr: float = mc.CompressionRecipe().router_lr,
     setting: str = "lm",
     calib_seed: int | None = None,
+    calib_tokens: int | None = None,
 ) -> list[dict]:
     """The "lm" setting: held-out perplexity of the embedded Mixtral-family model (or `model_dir`).
 
@@ -247,6 +257,8 @@ def lm_rows(
     shuffled: the "lm-shuffled" setting instead: the same model with each expert's neurons
     reordered (`shuffle_expert_neurons`), measured with SHUFFLED_METHODS only.
     router_steps, router_lr: router calibration of the merge-only methods (rows "<method>+router").
+    calib_tokens: without a seed, calibrate and recover on the first `calib_tokens` training tokens (the
+    recipe's `max_calib_tokens`, `mcsmoe compress --max-calib-tokens`) instead of the recipe's default.
     """
     model_dir = model_dir or embedded_model_dir()
     dense, adapter = mc.load_model(model_dir)
@@ -255,7 +267,9 @@ def lm_rows(
         methods = [m for m in SHUFFLED_METHODS if methods is None or m in methods]
     tokenizer = mc.load_tokenizer(model_dir)
     heldout = mc.token_blocks(tokenizer, mc.builtin_corpus("heldout"), EVAL_SEQ_LEN)
-    calib = (mc.calibration_blocks(tokenizer, mc.CompressionRecipe()) if calib_seed is None
+    budget = {} if calib_tokens is None else {"max_calib_tokens": calib_tokens}
+    mc.CompressionRecipe(**budget).validate()  # a budget under one block: one error line naming --calib-tokens
+    calib = (mc.calibration_blocks(tokenizer, mc.CompressionRecipe(**budget)) if calib_seed is None
              else calibration_sample(tokenizer, calib_seed))
     score: Callable[[nn.Module], float | dict] = lambda model: mc.perplexity(model, heldout)  # noqa: E731
     if calib_seed is not None:

@@ -25,6 +25,9 @@ One routing-statistics pass per setting; each method is applied to a fresh copy 
                              each one's coefficients (--low-rank-basis shared), at the same bytes
     mcsmoe-shared-activation-aware  the same, whitened: fitted to the calibration inputs (both shared
                              rows only when named in --methods)
+    mcsmoe-base-delta        the same bytes as one full-rank base per layer and projection (the merged experts'
+                             frequency-weighted mean) plus each one's low-rank delta (--low-rank-basis base-delta);
+                             "-activation-aware": deltas whitened (only when named in --methods)
     uniform                  same groups, alignment, plain average
     random                   random groups, alignment, frequency-weighted merge
     prune-frequency          keep the G most used experts, remove the rest (with their router rows)
@@ -96,7 +99,7 @@ QUICK_ARGS = {"experts": [4], "rank_ratios": [0.5], "distill_steps": [0, 4]}
 # full: rank ratios that take G = 4 and 2 to 61-86% less expert memory
 # recipe field -> this script's flag, for errors the library gives in the field's own name
 RECIPE_FLAGS = {"experts": "--experts", "rank_ratio": "--rank-ratios", "sparse_keep": "--sparse-keep",
-                "distill_steps": "--distill-steps", "distill_lr": "--distill-lr"}
+                "distill_steps": "--distill-steps", "distill_lr": "--distill-lr", "max_calib_tokens": "--calib-tokens"}
 FULL_ARGS = {"experts": [4, 2], "rank_ratios": [0.75, 0.5], "distill_steps": [0, 100]}
 
 
@@ -114,6 +117,7 @@ def run(
     router_steps: int = 0,
     router_lr: float | None = None,
     calib_seeds: list[int] | None = None,
+    calib_tokens: int | None = None,
 ) -> list[dict]:
     """Rows of every requested setting, in order (see the module docstring)."""
     torch.manual_seed(0)
@@ -125,7 +129,8 @@ def run(
             model = lm2_model_dir() if setting == "lm2" else lm_model
             for seed in calib_seeds or [None]:
                 rows += lm_rows(experts, rank_ratios, distill_steps, sparse_keep, model, distill_lr, methods,
-                                shuffled, router_steps, setting=setting, calib_seed=seed, **extra)
+                                shuffled, router_steps, setting=setting, calib_seed=seed, calib_tokens=calib_tokens,
+                                **extra)
     if "switch-news" in settings:
         size = QUICK if quick else FULL
         rows += switch_rows(size, experts, rank_ratios, distill_steps, sparse_keep, distill_lr, methods, retrain)
@@ -173,6 +178,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--calib-seeds", type=int, nargs="+", default=None, metavar="S",
                         help="lm settings: one sweep per seed, each on a random draw of calibration blocks, with "
                              "next-word accuracy and per-block scores (default: none, the first training tokens)")
+    parser.add_argument("--calib-tokens", type=int, default=None, metavar="N",
+                        help="lm settings without --calib-seeds: calibrate and recover on the first N training tokens "
+                             "(the recipe's max_calib_tokens; default: its 32768; the training split holds ~126k)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="only these (default: all)")
     parser.add_argument("--model", default=None, help="another causal-LM MoE directory for the lm setting")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.settings, args.quick,
             args.experts or defaults["experts"], args.rank_ratios or defaults["rank_ratios"],
             args.distill_steps or defaults["distill_steps"], args.sparse_keep, args.distill_lr, args.methods,
-            args.model, args.retrain, args.router_steps, args.router_lr, args.calib_seeds,
+            args.model, args.retrain, args.router_steps, args.router_lr, args.calib_seeds, args.calib_tokens,
         )
     except ParameterError as error:  # a bad --experts, --rank-ratios ...: one line naming the flag
         flag = RECIPE_FLAGS.get(error.parameter)

@@ -35,9 +35,11 @@ from .quantized_linear import install_quantized_linears, quantized_linear_specs
 from .models import FamilyAdapter, adapter_for_config, check_weights, read_config_dict
 
 # the newest format this reader knows. 2: some projection has a shared factor ("shared" in its entry,
-# stored without the group axis); checkpoints without one are still written as 1, unchanged
-FORMAT_VERSION = 2
+# stored without the group axis); 3: some projection has a shared full-rank base ("shared": "base", a
+# tensor a format-2 reader does not know); checkpoints without either are still written as 1, unchanged
+FORMAT_VERSION = 3
 SHARED_BASIS_FORMAT = 2
+BASE_DELTA_FORMAT = 3
 # the "mcsmoe" section's {module name: QuantSpec dict} of linear layers stored as QuantizedLinear
 QUANTIZED_LINEARS = "quantized_linears"
 # the "mcsmoe" section's {module name: QuantSpec dict[, "shares_codes_with": head]} of quantized input embeddings
@@ -80,9 +82,9 @@ def save_compressed(
 def written_format_version(mcsmoe_section: dict) -> int:
     """The format a checkpoint is written in: the oldest that holds it, so older readers refuse (in one
     line) only the checkpoints they would misread."""
-    shared = any(spec.get("shared") for layer in mcsmoe_section.get("layers", {}).values()
-                 for spec in layer.get("projections", {}).values())
-    return SHARED_BASIS_FORMAT if shared else 1
+    shared = {spec.get("shared") for layer in mcsmoe_section.get("layers", {}).values()
+              for spec in layer.get("projections", {}).values()} - {None}
+    return BASE_DELTA_FORMAT if "base" in shared else SHARED_BASIS_FORMAT if shared else 1
 
 
 def save_standard(model: nn.Module, out_dir: str | Path, source_dir: str | Path | None = None,

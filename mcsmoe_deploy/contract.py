@@ -32,12 +32,18 @@ QUANTIZED_OP_VERSION = 2
 # ort), and low-rank factors shared by all groups (one input without the group axis)
 PER_GROUP_OP_VERSION = 3
 SHARED_BASIS_OP_VERSION = PER_GROUP_OP_VERSION
+# version 4 (docs/ops.md, "Version 4"): a low-rank projection may take one more input, a full-rank base
+# [out, in] shared by all groups (base-delta), which a version-3 consumer would read as the sparse rows
+BASE_DELTA_OP_VERSION = 4
 
 
-def op_version(quantized: bool, unstacked_floats: bool) -> int:
+def op_version(quantized: bool, unstacked_floats: bool, shared_base: bool = False) -> int:
     """The op version a node needs: the oldest whose inputs it fits (docs/ops.md, "Versioning").
 
-    unstacked_floats: some float factor is not stacked [G, ...] (per-group inputs or a shared basis)."""
+    unstacked_floats: some float factor is not stacked [G, ...] (per-group inputs or a shared basis);
+    shared_base: some projection adds a base shared by all groups."""
+    if shared_base:
+        return BASE_DELTA_OP_VERSION
     return PER_GROUP_OP_VERSION if unstacked_floats else QUANTIZED_OP_VERSION if quantized else OP_VERSION
 
 INPUT_IDS = "input_ids"
@@ -208,6 +214,7 @@ __all__ = [
     "QUANTIZED_OP_VERSION",
     "PER_GROUP_OP_VERSION",
     "SHARED_BASIS_OP_VERSION",
+    "BASE_DELTA_OP_VERSION",
     "op_version",
     "PAST_PREFIX",
     "POSITION_IDS",

@@ -19,7 +19,9 @@ low-rank plus structured-sparse rows:
 A shared-basis projection (`shared` "right" or "left") stores one factor for all G groups, without
 the group axis: `right [r, in]` (a basis of the input space; `left [G, out, r]` the per-group
 coefficients) or `left [out, r]` (a basis of the output space; `right [G, r, in]`); W_g is then
-left_g @ right or left @ right_g (compress/shared_basis.py fits them).
+left_g @ right or left @ right_g (compress/shared_basis.py fits them). A base-delta projection
+(`shared` "base", D2-MoE style) keeps per-group factors and adds one full-rank `base [out, in]`
+shared by all groups: W_g = base + left_g @ right_g (compress/base_delta.py fits it).
 
 A quantized projection stores each factor (weight, or left and right) as blockwise codes
 (see quantization.py): `<factor>_codes [G, rows, cols * bits / 8]` uint8 (int4 packed two per
@@ -42,8 +44,10 @@ from .models.base import ExpertLayout, ExpertWeights, dispatch_to_index
 from .quantization import QuantizedWeight, QuantSpec, dequantize_stored, quantize
 
 
-# which factor of a low-rank projection may be shared across groups (None: none)
-SHARED_SIDES = (None, "right", "left")
+# which stored tensor of a low-rank projection is one for all groups (None: none): the right or left
+# factor (a shared basis), or "base", a full-rank [out, in] weight added to every group's factors
+SHARED_SIDES = (None, "right", "left", "base")
+SHARED_BASE = "base"
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class ProjectionSpec:
     rank: int | None = None  # None: dense
     sparse_rows: int = 0
     quant: QuantSpec | None = None
-    shared: str | None = None  # low rank only: "right" or "left", the factor one for all groups
+    shared: str | None = None  # low rank only: "right" or "left" (the factor one for all groups) or "base"
 
     def __post_init__(self) -> None:
         if self.shared not in SHARED_SIDES:
@@ -76,7 +80,7 @@ class ProjectionSpec:
     def factor_shape(self, factor: str) -> tuple[int, int]:
         """[rows, cols] of one factor, per group."""
         return {"weight": (self.out_features, self.in_features), "left": (self.out_features, self.rank),
-                "right": (self.rank, self.in_features)}[factor]
+                "right": (self.rank, self.in_features), SHARED_BASE: (self.out_features, self.in_features)}[factor]
 
     def stacked(self, tensor: str) -> bool:
         """Whether stored tensor `tensor` has the group axis [G, ...] (all but a shared factor)."""
@@ -90,9 +94,16 @@ class ProjectionSpec:
         return (f"{factor}_codes", f"{factor}_scales") + zero_points
 
     @property
+    def has_base(self) -> bool:
+        """Whether a full-rank base shared by all groups is added to the factors (W_g = base + left_g @ right_g)."""
+        return self.shared == SHARED_BASE
+
+    @property
     def tensor_names(self) -> tuple[str, ...]:
-        """The stored tensors, in the op's input order: the factors' tensors, then sparse_rows, sparse_values."""
+        """The stored tensors, in the op's input order: the factors' tensors, the base (when shared "base"),
+        then sparse_rows, sparse_values."""
         names = tuple(name for factor in self.factors for name in self.factor_tensor_names(factor))
+        names += (SHARED_BASE,) if self.has_base else ()
         return names + (("sparse_rows", "sparse_values") if self.sparse_rows else ())
 
     def parameters_per_group(self) -> int:
@@ -100,7 +111,8 @@ class ProjectionSpec:
         factor counted whole, once per group: see `stored_parameters` for a layer's total)."""
         if self.dense:
             return self.out_features * self.in_features
-        return self.rank * (self.out_features + self.in_features) + self.sparse_rows * (self.in_features + 1)
+        base = self.out_features * self.in_features if self.has_base else 0
+        return base + self.rank * (self.out_features + self.in_features) + self.sparse_rows * (self.in_features + 1)
 
     def stored_parameters(self, num_groups: int) -> int:
         """Stored numbers of all `num_groups` groups, a shared factor once."""
@@ -151,6 +163,8 @@ def _project_group(spec: ProjectionSpec, tensors: Sequence[torch.Tensor], group:
         return x @ _factor(spec, stored, "weight", x.dtype).T
     left, right = _factor(spec, stored, "left", x.dtype), _factor(spec, stored, "right", x.dtype)
     y = (x @ right.T) @ left.T
+    if spec.has_base:
+        y = y + x @ stored[SHARED_BASE].T
     if spec.sparse_rows:
         y = y.index_add(1, stored["sparse_rows"], x @ stored["sparse_values"].T)  # a repeated row accumulates
     return y
@@ -254,6 +268,8 @@ class GroupedProjection(nn.Module):
             self.register_buffer(f"{factor}_scales", torch.zeros(num_groups, rows, blocks, dtype=dtype))
             if not quant.symmetric:
                 self.register_buffer(f"{factor}_zero_points", torch.zeros(num_groups, rows, blocks, dtype=torch.uint8))
+        if spec.has_base:
+            self.base = nn.Parameter(torch.zeros(spec.factor_shape(SHARED_BASE), dtype=dtype))
         if spec.sparse_rows:
             self.register_buffer("sparse_rows", torch.zeros(num_groups, spec.sparse_rows, dtype=torch.long))
             self.sparse_values = nn.Parameter(torch.zeros(num_groups, spec.sparse_rows, spec.in_features, dtype=dtype))
@@ -280,6 +296,8 @@ class GroupedProjection(nn.Module):
         groups = []
         for g in range(self.num_groups):
             weight = self.factor("weight", g) if self.spec.dense else self.factor("left", g) @ self.factor("right", g)
+            if self.spec.has_base:
+                weight = weight + self.base.detach().float()
             if self.spec.sparse_rows:
                 weight = weight.index_add(0, self.sparse_rows[g], self.sparse_values[g].detach().float())
             groups.append(weight)

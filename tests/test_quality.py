@@ -165,6 +165,8 @@ def test_upcycling_starts_from_the_one_expert_model():
 @pytest.mark.parametrize("argv, message", [
     (["--settings", "lm", "--experts", "9"], "--experts must be between 1 and the model's 8 experts per layer, not 9"),
     (["--json", "/no/such/folder/rows.json"], "the folder of /no/such/folder/rows.json does not exist"),
+    (["--settings", "lm", "--calib-tokens", "10"],
+     "--calib-tokens must be at least one block of 128 tokens, not 10"),
 ])
 def test_bad_options_are_one_error_line_and_write_nothing(argv, message, tmp_path, capsys):
     table, plot = tmp_path / "q.md", tmp_path / "q.png"

@@ -46,8 +46,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     from ..compress import GROUPINGS, LOW_RANK_KINDS, SIMILARITIES, WEIGHTINGS
     from ..compress.shared_basis import LOW_RANK_BASES
     from ..compress.recipe import (
-        COMPRESSED_DISTILL_LR, FORMATS, MERGED_DISTILL_LR, QUANT_METHODS, QUANT_SCOPES, QUANTIZATIONS, ROUTER_LR,
-        ROUTER_STEPS, CompressionRecipe,
+        BASE_DELTA_DISTILL_LR, COMPRESSED_DISTILL_LR, FORMATS, MERGED_DISTILL_LR, QUANT_METHODS, QUANT_SCOPES,
+        QUANTIZATIONS, ROUTER_LR, ROUTER_STEPS, CompressionRecipe,
     )
 
     defaults = CompressionRecipe()
@@ -91,7 +91,10 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                        help="per-expert: each merged expert's own factors (the paper); shared: per layer and "
                             "projection one basis on the hidden-size side for all merged experts plus each expert's "
                             "coefficients (D2-MoE / Sub-MoE style; whitened with --low-rank activation-aware), at "
-                            "the rank that stores as many numbers as per-expert factors at --rank-ratio. Float only: "
+                            "the rank that stores as many numbers as per-expert factors at --rank-ratio; base-delta: "
+                            "per layer and projection one full-rank base (the experts' frequency-weighted mean) plus "
+                            "each expert's low-rank delta, at equal bytes too (needs --rank-ratio above 1/G). "
+                            "Float only: "
                             "not with --quantize or --rank-energy (default: %(default)s)")
     group = parser.add_argument_group("quantization (after merging, low rank and recovery)")
     group.add_argument("--quantize", choices=tuple(QUANTIZATIONS), default=None,
@@ -125,7 +128,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--distill-lr", type=float, default=None, metavar="LR",
                        help="peak learning rate of distillation, decaying linearly to 0 (default: "
                             f"{MERGED_DISTILL_LR:g} for a merge-only recipe, which a higher rate undoes; "
-                            f"{COMPRESSED_DISTILL_LR:g} with low rank, which recovers more with it)")
+                            f"{COMPRESSED_DISTILL_LR:g} with low rank, which recovers more with it; "
+                            f"{BASE_DELTA_DISTILL_LR:g} with --low-rank-basis base-delta, which starts close)")
     group.add_argument("--calibrate-router", action="store_true",
                        help="after compression (and distillation), train the routers alone on the calibration text "
                             "to match the dense model's next-token distribution (KL); expert weights stay bit for bit")

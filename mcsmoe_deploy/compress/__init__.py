@@ -48,6 +48,7 @@ from .gptq_linears import LinearInputMoments, gptq_weight_for
 from .quantize import (InputMoments, LinearMoments, check_quantizable, linears_to_quantize, quantize_experts, quantize_model,
                        tied_output_embeddings)
 from .recipe import FORMATS, QUANT_METHODS, QUANT_SCOPES, QUANTIZATIONS, CompressionRecipe
+from .base_delta import BaseDelta, base_delta, base_delta_rank_for_ratio, frequency_weighted_mean
 from .shared_basis import LOW_RANK_BASES, SharedBasis, shared_basis, shared_rank_for_ratio, shared_side
 from .router_calibration import calibrate_routers, kl_to_teacher, router_parameters
 from .standard import check_standard, to_standard_model
@@ -64,6 +65,10 @@ from .stats import (
 )
 
 __all__ = [
+    "BaseDelta",
+    "base_delta",
+    "base_delta_rank_for_ratio",
+    "frequency_weighted_mean",
     "LOW_RANK_BASES",
     "SharedBasis",
     "shared_basis",

@@ -15,12 +15,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import cast_saved_tensors
-from ..grouped_experts import GroupedLowRankExperts, GroupedProjection, ProjectionSpec
+from ..grouped_experts import SHARED_BASE, GroupedLowRankExperts, GroupedProjection, ProjectionSpec
 from ..models import ExpertLayout, ExpertWeights, FamilyAdapter
 from .grouping import GROUPINGS, GroupingContext, LayerGrouping, groups_per_layer
 from .lowrank import LOW_RANK_KINDS, low_rank_sparse, rank_for_energy, rank_for_ratio, sparse_row_count
 from .merge import merge_layer
 from .recipe import CompressionRecipe
+from .base_delta import base_delta, base_delta_rank_for_ratio
 from .shared_basis import shared_basis, shared_rank_for_ratio, shared_side
 from .stats import RoutingStats
 
@@ -113,9 +114,15 @@ def projection_spec(name: str, merged: list[ExpertWeights], layout: ExpertLayout
     """How projection `name` of a layer is stored: one rank for all of the layer's groups.
 
     With `recipe.low_rank_basis` "shared", the factor on the hidden-size side is one for all groups
-    (compress/shared_basis.py) at the rank that holds as many numbers as per-expert factors would.
+    (compress/shared_basis.py) at the rank that holds as many numbers as per-expert factors would;
+    with "base-delta", a full-rank base shared by the groups plus each group's delta, at equal bytes too
+    (compress/base_delta.py).
     """
     out_features, in_features = layout.projection_shape(name)
+    if recipe.low_rank_basis == "base-delta" and not recipe.merge_only:
+        rank = base_delta_rank_for_ratio(out_features, in_features, len(merged), recipe.rank_ratio)
+        return ProjectionSpec(out_features, in_features, rank, sparse_row_count(out_features, recipe.sparse_keep),
+                              shared=SHARED_BASE)
     if recipe.low_rank_basis == "shared" and not recipe.merge_only:
         side = shared_side(name, layout)
         rank = shared_rank_for_ratio(out_features, in_features, len(merged), side, recipe.rank_ratio)
@@ -151,11 +158,14 @@ def build_grouped_experts(
     layout: ExpertLayout,
     one_hot_dispatch: bool = False,
     input_moments: list[dict[str, torch.Tensor]] | None = None,
+    group_frequencies: list[float] | None = None,
 ) -> GroupedLowRankExperts:
     """A GroupedLowRankExperts holding `merged` experts, each projection stored as `specs` says.
 
     With `input_moments` (per merged expert, {projection: E[x x^T] of its input}),
     low-rank factors are fitted activation-aware (see low_rank_sparse).
+    group_frequencies: each merged expert's routing share, the weights of a base-delta projection's
+    base (None: the plain mean).
     """
     module = GroupedLowRankExperts(layout, expert_to_group, specs, one_hot_dispatch)
     if len(merged) != module.num_groups:
@@ -163,6 +173,10 @@ def build_grouped_experts(
     with torch.no_grad():
         for name, spec in specs.items():
             target = module.projections[name]
+            moments = None if input_moments is None else [m[name] for m in input_moments]
+            if spec.has_base:
+                _fill_base_delta(target, [expert[name] for expert in merged], spec, moments, group_frequencies)
+                continue
             if spec.shared is not None:
                 _fill_shared(target, [expert[name] for expert in merged], spec,
                              None if input_moments is None else [moments[name] for moments in input_moments])
@@ -191,6 +205,27 @@ def _fill_shared(target: GroupedProjection, weights: list[torch.Tensor], spec: P
     if spec.sparse_rows:
         target.sparse_rows.copy_(fitted.sparse_rows)
         target.sparse_values.copy_(fitted.sparse_values)
+
+
+def _fill_base_delta(target: GroupedProjection, weights: list[torch.Tensor], spec: ProjectionSpec,
+                     moments: list[torch.Tensor] | None, frequencies: list[float] | None) -> None:
+    """Fit a base and per-group deltas to one projection's merged weights and store them in `target`."""
+    fitted = base_delta(weights, spec.rank, spec.sparse_rows, moments, frequencies)
+    target.base.copy_(fitted.base)
+    target.left.copy_(fitted.left)
+    target.right.copy_(fitted.right)
+    if spec.sparse_rows:
+        target.sparse_rows.copy_(fitted.sparse_rows)
+        target.sparse_values.copy_(fitted.sparse_values)
+
+
+def group_frequencies(frequency: list[float], grouping: LayerGrouping) -> list[float]:
+    """Each group's routing share: the sum of its members' frequencies (removed experts count nowhere)."""
+    shares = [0.0] * grouping.num_groups
+    for expert, group in enumerate(grouping.expert_to_group):
+        if group >= 0:
+            shares[group] += frequency[expert]
+    return shares
 
 
 def apply_plan(
@@ -234,7 +269,8 @@ def apply_plan(
         if router_rows is not None:
             adapter.keep_router_rows(layer.block, router_rows)
         built = AppliedLayer(layer_plan.name, layer_plan.frequency, layer_plan.grouping, specs, router_rows)
-        module = build_grouped_experts(merged, built.expert_to_group, specs, layout, adapter.one_hot_dispatch, moments)
+        module = build_grouped_experts(merged, built.expert_to_group, specs, layout, adapter.one_hot_dispatch, moments,
+                                       group_frequencies(layer_plan.frequency, layer_plan.grouping))
         router = adapter.router_weight(layer.block)
         # merged and compressed in fp32 (read_experts upcasts); stored as the model holds its weights, so a
         # model held in bf16 never has more than one layer in fp32

@@ -28,6 +28,10 @@ EMBEDDINGS_SCOPE = "all+embeddings"
 # fitted to the calibration inputs (compress/gptq.py)
 QUANT_METHODS = ("rtn", "gptq")
 COMPRESSED_DISTILL_LR = 1e-3
+# base-delta low rank starts close to the dense model, so recovery must only nudge it: on the embedded LM
+# (8 experts, rank ratio 0.3, whitened: 21.10 before recovery), 100 steps gave 22.25 at 1e-3, 21.19 at 3e-4,
+# 20.93 at 1e-4 and 20.96 at 3e-5 (benchmarks/results/quality-shared-basis.md)
+BASE_DELTA_DISTILL_LR = 1e-4
 # router calibration defaults. Measured on the embedded model (G = 4, 25 steps of 8 blocks): a standard-format
 # M-SMoE model (dominant experts' router rows) went from 21.61 to 21.34 held-out perplexity at 1e-3 (21.47 at
 # 3e-4); in our format, whose E-row router already reproduces the dense routing, it did not help (M-SMoE 20.64 ->
@@ -65,12 +69,16 @@ class CompressionRecipe:
         "shared": per layer and projection one basis on the hidden-size side for all merged experts
         plus each expert's coefficients (D2-MoE / Sub-MoE style; whitened with "activation-aware"),
         at the rank that stores as many numbers as per-expert factors at `rank_ratio` (equal bytes;
-        compress/shared_basis.py). Not with `rank_energy` or `quantize`.
+        compress/shared_basis.py); or "base-delta": per layer and projection one full-rank base (the
+        merged experts' frequency-weighted mean) plus each expert's low-rank delta from it (D2-MoE style;
+        whitened with "activation-aware"), at equal bytes too (needs rank_ratio > 1/G: the base costs
+        one dense projection; compress/base_delta.py). Neither with `rank_energy` or `quantize`.
     calib: calibration text file (.txt or .jsonl) or None for the built-in corpus.
     max_calib_tokens, calib_seq_len: calibration budget in tokens and block length.
     distill_steps: knowledge-distillation steps from the original model (0: none).
     distill_lr: their peak learning rate, decaying linearly to 0; None: MERGED_DISTILL_LR for a
-        merge-only recipe, COMPRESSED_DISTILL_LR with low rank (see `distill_learning_rate`).
+        merge-only recipe, BASE_DELTA_DISTILL_LR with base-delta low rank, COMPRESSED_DISTILL_LR with
+        other low rank (see `distill_learning_rate`).
     quantize: None, "int4" or "int8": after merging, low rank and distillation, every merged expert's
         factors (dense weights, or the low-rank left and right) are quantized blockwise, round to
         nearest (quantization.py); low-rank ranks are rounded to a multiple of `quant_block`.
@@ -170,10 +178,12 @@ class CompressionRecipe:
         if self.low_rank_basis not in LOW_RANK_BASES:
             raise ParameterError("low_rank_basis", f"must be one of {', '.join(LOW_RANK_BASES)}, "
                                                    f"not {self.low_rank_basis!r}")
-        if self.low_rank_basis == "shared" and self.rank_energy is not None:
-            raise ParameterError("low_rank_basis", "shared takes its rank from rank_ratio, not rank_energy")
-        if self.low_rank_basis == "shared" and self.quantize is not None:
-            raise ParameterError("low_rank_basis", "shared bases are stored float; quantize per-expert factors instead")
+        if self.low_rank_basis != "per-expert" and self.rank_energy is not None:
+            raise ParameterError("low_rank_basis",
+                                 f"{self.low_rank_basis} takes its rank from rank_ratio, not rank_energy")
+        if self.low_rank_basis != "per-expert" and self.quantize is not None:
+            raise ParameterError("low_rank_basis", f"{self.low_rank_basis} bases are stored float; "
+                                                   "quantize per-expert factors instead")
 
     def check_output_format(self) -> None:
         """ParameterError if `output_format` cannot hold what the recipe builds."""
@@ -237,7 +247,9 @@ class CompressionRecipe:
         """The peak learning rate distillation uses: `distill_lr`, or the default for this kind of recipe."""
         if self.distill_lr is not None:
             return self.distill_lr
-        return MERGED_DISTILL_LR if self.merge_only else COMPRESSED_DISTILL_LR
+        if self.merge_only:
+            return MERGED_DISTILL_LR
+        return BASE_DELTA_DISTILL_LR if self.low_rank_basis == "base-delta" else COMPRESSED_DISTILL_LR
 
     def to_dict(self) -> dict:
         return asdict(self)

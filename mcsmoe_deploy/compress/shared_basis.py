@@ -35,8 +35,9 @@ import torch
 from ..models import ExpertLayout
 from .lowrank import check_rank_ratio
 
-# which low-rank structure a recipe asks for: per-expert factors (the paper) or a basis shared per layer
-LOW_RANK_BASES = ("per-expert", "shared")
+# which low-rank structure a recipe asks for: per-expert factors (the paper), a basis shared per layer,
+# or a full-rank base shared per layer plus per-expert low-rank deltas (compress/base_delta.py)
+LOW_RANK_BASES = ("per-expert", "shared", "base-delta")
 
 
 @dataclass

@@ -255,7 +255,8 @@ def _project_group_shared(b: Body, spec: MoEOpSpec, name: str, group: int | str,
     proj = dict(spec.projections)[name]
     inputs = spec.projection_inputs(name)
     index = b.scalar_int(group) if isinstance(group, int) else group
-    shared = {"left": inputs[0], "right": inputs[1]}[proj.shared]
+    # a base-delta projection (version 4): left, right, base [out, in] unstacked, then the sparse rows
+    shared = {"left": inputs[0], "right": inputs[1], "base": inputs[2] if proj.has_base else None}[proj.shared]
 
     def weight_t(tensor: str) -> str:
         sliced = tensor if tensor == shared else b("Gather", tensor, index, axis=0)
@@ -265,7 +266,10 @@ def _project_group_shared(b: Body, spec: MoEOpSpec, name: str, group: int | str,
         row_index = b("Expand", b("Unsqueeze", b("Gather", rows, index, axis=0), b.ints([0])), b("Shape", extra))
         return b.scatter_add("ScatterElements", y, row_index, extra, axis=1)
 
-    return _apply_projection(b, proj, inputs, h, weight_t, add_rows)
+    if not proj.has_base:
+        return _apply_projection(b, proj, inputs, h, weight_t, add_rows)
+    delta = _apply_projection(b, proj, inputs[:2] + inputs[3:], h, weight_t, add_rows)
+    return b("Add", b("MatMul", h, weight_t(shared)), delta)
 
 
 def _apply_projection(b: Body, proj, inputs: tuple[str, ...], h: str, weight_t, add_rows) -> str:

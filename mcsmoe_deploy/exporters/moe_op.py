@@ -28,7 +28,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from ..contract import DOMAIN, OP_TYPE, OP_VERSION, PER_GROUP_OP_VERSION, QUANTIZED_OP_VERSION
+from ..contract import BASE_DELTA_OP_VERSION, DOMAIN, OP_TYPE, OP_VERSION, PER_GROUP_OP_VERSION, QUANTIZED_OP_VERSION
 from .moe_body import build_body
 from .moe_body_picked import body_strategy
 from .op_spec import MoEOpSpec  # re-exported: the node's spec lives in op_spec
@@ -95,7 +95,7 @@ def register_op_schema() -> bool:
     """
     if not hasattr(onnx.defs, "register_schema"):
         return False
-    for version in (OP_VERSION, QUANTIZED_OP_VERSION, PER_GROUP_OP_VERSION):
+    for version in (OP_VERSION, QUANTIZED_OP_VERSION, PER_GROUP_OP_VERSION, BASE_DELTA_OP_VERSION):
         if not onnx.defs.has(OP_TYPE, version, DOMAIN) or onnx.defs.get_schema(OP_TYPE, version, DOMAIN).since_version != version:
             _register_version(version)
     return True
@@ -105,7 +105,8 @@ def _register_version(version: int) -> None:
     """Version 1: float projection tensors; version 2 adds quantized factors (docs/ops.md): per-group
     int4/uint4/int8/uint8 codes, and uint8 for the stacked codes of the traced node before its split;
     version 3 takes float factors per group too, transposed, and shared-basis factors (one float input
-    without the group axis): same types as version 2."""
+    without the group axis): same types as version 2; version 4 adds a base-delta projection's shared
+    base [out, in] after its factors: same types."""
     quantized = ["tensor(int4)", "tensor(uint4)", "tensor(int8)", "tensor(uint8)"] if version > 1 else []
     schema_cls = onnx.defs.OpSchema
     param, attr = schema_cls.FormalParameter, schema_cls.Attribute

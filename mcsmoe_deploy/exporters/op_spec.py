@@ -100,9 +100,14 @@ class MoEOpSpec:
         return any(p.shared is not None for _, p in self.projections)
 
     @property
+    def shared_base(self) -> bool:
+        """True when some projection adds a full-rank base shared by all groups (op version 4, docs/ops.md)."""
+        return any(p.has_base for _, p in self.projections)
+
+    @property
     def version(self) -> int:
         """The op version this node needs (contract.op_version)."""
-        return op_version(self.quantized, self.split_floats or self.shared_basis)
+        return op_version(self.quantized, self.split_floats or self.shared_basis, self.shared_base)
 
     @property
     def quantized(self) -> bool:
@@ -179,6 +184,8 @@ class MoEOpSpec:
                 continue
             shapes[f"{name}_left"] = [out_f, p.rank] if p.shared == "left" else [g, out_f, p.rank]
             shapes[f"{name}_right"] = [p.rank, in_f] if p.shared == "right" else [g, p.rank, in_f]
+            if p.has_base:
+                shapes[f"{name}_base"] = [out_f, in_f]
             if p.sparse_rows:
                 shapes[f"{name}_sparse_rows"] = [g, p.sparse_rows]
                 shapes[f"{name}_sparse_values"] = [g, p.sparse_rows, in_f]

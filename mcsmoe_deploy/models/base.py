@@ -190,7 +190,9 @@ class FamilyAdapter:
 
     def experts_in_tensor(self, tensor_name: str, shape: Sequence[int], config) -> int:
         """How many experts (or merged groups) one stored expert tensor of this family serves."""
-        if ".experts.projections." in tensor_name:  # GroupedLowRankExperts: every tensor stacked over G groups
+        if ".experts.projections." in tensor_name:  # GroupedLowRankExperts: tensors stacked over G groups
+            if tensor_name.endswith((".left", ".right", ".base")) and len(shape) == 2:
+                return 1  # a shared basis or base (no group axis): every token reads all of it
             return max(shape[0], 1)
         return self.num_experts(config)
 

@@ -103,8 +103,8 @@ def _moe_input_shares(node: onnx.NodeProto, top_k: int, graph: onnx.GraphProto,
     shares = {name: 1.0 for name in node.input[:3]}
     for name, formal_name in zip(node.input[3:], formal[3:]):
         shape = dims.get(name, [])
-        if formal_name.endswith(("_left", "_right")) and len(shape) == 2:
-            shares[name] = 1.0  # a shared basis: every token reads it
+        if formal_name.endswith(("_left", "_right", "_base")) and len(shape) == 2:
+            shares[name] = 1.0  # a shared basis or base: every token reads it
             continue
         groups = per_group_count or (max(shape[0], 1) if shape else 1)
         shares[name] = min(top_k, groups) / groups
