@@ -8,12 +8,14 @@ per-expert names, about 3.4 GB), then runs each stage as the real command line i
     mcsmoe compress SRC OUT --experts 4 --rank-ratio 0.5
     mcsmoe-export OUT OUT.onnx --external-data [--dtype fp16] (each compressed checkpoint)
 
-and reports each stage's wall time and peak RSS (the child's own ru_maxrss from wait4, plus a
-VmRSS trace sampled from /proc every 0.2 s, to see when the peak happens) against the source's bf16
-bytes on disk. Targets (issue 13): compress <= 1.3x, export <= 1.5x. Run one stage at a time:
-never two such jobs at once on a 24 GiB machine.
+and reports each stage's wall time and peak RSS (the larger of the child's ru_maxrss from wait4 and
+the largest VmRSS summed over the child and its own children, sampled from /proc every 0.2 s into a
+trace that shows when the peak happens) against the source's bf16 bytes on disk. Targets (issue 13):
+compress <= 1.3x, export <= 1.5x. Run one stage at a time: never two such jobs at once on a 24 GiB
+machine. --layers N writes a smaller model of the same layer shapes (6 layers: 1.07 GB) to find where
+a peak is before confirming on the full one.
 
-    python benchmarks/scale.py [--root /tmp/mcsmoe-scale] [--stages compress-merge,...] [--keep]
+    python benchmarks/scale.py [--root /tmp/mcsmoe-scale] [--stages compress-merge,...] [--layers N] [--keep]
 """
 
 from __future__ import annotations
@@ -179,7 +181,8 @@ def main() -> None:
 
     root = Path(args.root)
     full = args.layers == CONFIG["num_hidden_layers"]
-    paths = {"src": root / ("mixtral-1.7b-bf16" if full else f"mixtral-{args.layers}-layers-bf16"), "merged": root / "merged", "lowrank": root / "lowrank"}
+    paths = {"src": root / ("mixtral-1.7b-bf16" if full else f"mixtral-{args.layers}-layers-bf16"),
+             "merged": root / "merged", "lowrank": root / "lowrank"}
     if not paths["src"].exists():
         print(f"writing {paths['src']} ...", flush=True)
         write_model(paths["src"], layers=args.layers)

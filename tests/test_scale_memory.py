@@ -48,7 +48,8 @@ def test_expert_views_merge_as_the_fp32_copies(family, tmp_path):
     grouping = LayerGrouping([e % 3 for e in range(experts)], [0, 1, 2])
     frequency = torch.arange(1.0, experts + 1)
     layout = adapter.expert_layout(model.config)
-    from_views, from_copies = merge_layer(views, grouping, frequency, layout), merge_layer(copies, grouping, frequency, layout)
+    from_views = merge_layer(views, grouping, frequency, layout)
+    from_copies = merge_layer(copies, grouping, frequency, layout)
     for a, b in zip(from_views, from_copies, strict=True):
         assert {t.dtype for t in a.values()} == {torch.float32}
         assert all(torch.equal(a[name], b[name]) for name in b)
@@ -65,7 +66,8 @@ def test_export_validation_recorded_before_tracing(dtype, merged_bf16, tmp_path)
     plain = m.export_model(checkpoint, tmp_path / "p.onnx", dtype=dtype, external_data=True, validate=False)
     assert plain.parity == [] and len(validated.parity) == 1
     # the graph does not depend on the reference having run first (nor, for fp16, on the fp32 detour)
-    assert _graph_bytes(tmp_path / "v.onnx").replace(b"v.onnx.data", b"p.onnx.data") == _graph_bytes(tmp_path / "p.onnx")
+    validated_bytes = _graph_bytes(tmp_path / "v.onnx").replace(b"v.onnx.data", b"p.onnx.data")
+    assert validated_bytes == _graph_bytes(tmp_path / "p.onnx")
     reference = m.load_compressed(checkpoint).float()  # what validation loaded before: the checkpoint in fp32
     again = check_parity(tmp_path / "v.onnx", reference, with_past=True)
     assert (validated.parity[0].max_abs_error, validated.parity[0].max_rel_error) == (again.max_abs_error,
