@@ -8,12 +8,14 @@ per-expert names, about 3.4 GB), then runs each stage as the real command line i
     mcsmoe compress SRC OUT --experts 4 --rank-ratio 0.5
     mcsmoe-export OUT OUT.onnx --external-data [--dtype fp16] (each compressed checkpoint)
 
-and reports each stage's wall time and peak RSS (the child's own ru_maxrss from wait4, plus a
-VmRSS trace sampled from /proc every 0.2 s, to see when the peak happens) against the source's bf16
-bytes on disk. Targets (issue 13): compress <= 1.3x, export <= 1.5x. Run one stage at a time:
-never two such jobs at once on a 24 GiB machine.
+and reports each stage's wall time and peak RSS (the larger of the child's ru_maxrss from wait4 and
+the largest VmRSS summed over the child and its own children, sampled from /proc every 0.2 s into a
+trace that shows when the peak happens) against the source's bf16 bytes on disk. Targets (issue 13):
+compress <= 1.3x, export <= 1.5x. Run one stage at a time: never two such jobs at once on a 24 GiB
+machine. --layers N writes a smaller model of the same layer shapes (6 layers: 1.07 GB) to find where
+a peak is before confirming on the full one.
 
-    python benchmarks/scale.py [--root /tmp/mcsmoe-scale] [--stages compress-merge,...] [--keep]
+    python benchmarks/scale.py [--root /tmp/mcsmoe-scale] [--stages compress-merge,...] [--layers N] [--keep]
 """
 
 from __future__ import annotations
@@ -76,8 +78,9 @@ def random_bf16(shape: tuple, generator):
     return torch.empty(shape).normal_(0.0, 0.02, generator=generator).to(torch.bfloat16)
 
 
-def write_model(path: Path, seed: int = 0) -> None:
-    """The seeded random model in hub layout at `path` (written to `path`.tmp and renamed)."""
+def write_model(path: Path, seed: int = 0, layers: int = CONFIG["num_hidden_layers"]) -> None:
+    """The seeded random model of `layers` decoder layers (CONFIG's otherwise) in hub layout at `path`
+    (written to `path`.tmp and renamed)."""
     import torch
     from transformers import AutoTokenizer, MixtralConfig
 
@@ -85,7 +88,6 @@ def write_model(path: Path, seed: int = 0) -> None:
     from mcsmoe_deploy.demo import embedded_model_dir
 
     generator = torch.Generator().manual_seed(seed)
-    layers = CONFIG["num_hidden_layers"]
     per_shard = -(-layers // SHARDS)
 
     def shards():
@@ -104,7 +106,7 @@ def write_model(path: Path, seed: int = 0) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     write_shards(staging, shards(), SHARDS)
-    config = MixtralConfig(**CONFIG).to_dict()
+    config = MixtralConfig(**{**CONFIG, "num_hidden_layers": layers}).to_dict()
     config["architectures"] = ["MixtralForCausalLM"]
     write_side_files(staging, config, torch.bfloat16, AutoTokenizer.from_pretrained(embedded_model_dir()))
     staging.rename(path)
@@ -117,9 +119,27 @@ def weight_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
 
 
+def tree_rss(pid: int) -> int:
+    """VmRSS bytes of process `pid` and all its descendants, summed (0 once it is gone)."""
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:  # exited meanwhile
+            continue
+    return total
+
+
 def run_measured(command: list[str], log: Path) -> dict:
-    """Run `command`, its output to `log`; returns wall seconds, peak RSS (ru_maxrss of the child alone,
-    from wait4) and the VmRSS trace [(seconds, bytes)] sampled every 0.2 s."""
+    """Run `command`, its output to `log`; returns wall seconds, peak RSS and the RSS trace [(seconds, bytes)]
+    sampled every 0.2 s. The RSS is the child's and its own children's together (a stage may run part of
+    its work in a process of its own): peak_rss is the larger of ru_maxrss (from wait4: the largest single
+    process, exact) and the largest sampled sum over the process tree."""
     trace: list[tuple[float, int]] = []
     start = time.perf_counter()
     with log.open("w") as out:
@@ -128,14 +148,10 @@ def run_measured(command: list[str], log: Path) -> dict:
         done = threading.Event()
 
         def sample() -> None:
-            status = Path(f"/proc/{child.pid}/status")
             while not done.is_set():
-                try:
-                    for line in status.read_text().splitlines():
-                        if line.startswith("VmRSS:"):
-                            trace.append((round(time.perf_counter() - start, 1), int(line.split()[1]) * 1024))
-                except OSError:
-                    break
+                rss = tree_rss(child.pid)
+                if rss:
+                    trace.append((round(time.perf_counter() - start, 1), rss))
                 done.wait(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -145,8 +161,10 @@ def run_measured(command: list[str], log: Path) -> dict:
         done.set()
         sampler.join()
     seconds = time.perf_counter() - start
-    return {"returncode": child.returncode, "seconds": round(seconds, 1), "peak_rss": usage.ru_maxrss * 1024,
-            "trace": trace}
+    largest_process = usage.ru_maxrss * 1024
+    largest_tree = max((rss for _, rss in trace), default=0)
+    return {"returncode": child.returncode, "seconds": round(seconds, 1), "peak_rss": max(largest_process, largest_tree),
+            "peak_process_rss": largest_process, "peak_tree_rss": largest_tree, "trace": trace}
 
 
 def main() -> None:
@@ -155,15 +173,19 @@ def main() -> None:
     parser.add_argument("--stages", default="compress-merge,compress-lowrank,export-merge,export-lowrank",
                         help=f"comma-separated, in order, from: {', '.join(STAGES)}")
     parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS)
+    parser.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"],
+                        help="decoder layers (default %(default)s: ~1.7B parameters); fewer to iterate quickly")
     parser.add_argument("--json", default=None, help="append each stage's result to this JSON-lines file")
     parser.add_argument("--keep", action="store_true", help="keep the model and outputs (default: delete them)")
     args = parser.parse_args()
 
     root = Path(args.root)
-    paths = {"src": root / "mixtral-1.7b-bf16", "merged": root / "merged", "lowrank": root / "lowrank"}
+    full = args.layers == CONFIG["num_hidden_layers"]
+    paths = {"src": root / ("mixtral-1.7b-bf16" if full else f"mixtral-{args.layers}-layers-bf16"),
+             "merged": root / "merged", "lowrank": root / "lowrank"}
     if not paths["src"].exists():
         print(f"writing {paths['src']} ...", flush=True)
-        write_model(paths["src"])
+        write_model(paths["src"], layers=args.layers)
     source_bytes = weight_bytes(paths["src"])
     print(f"source: {source_bytes / 1e9:.3f} GB of bf16 safetensors", flush=True)
     for stage in filter(None, args.stages.split(",")):

@@ -169,7 +169,10 @@ def load_compressed(model_dir: str | Path, device: str = "cpu") -> nn.Module:
     # parameters on the meta device (no memory); buffers such as rotary tables built for real
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(config)
-    install_compressed_experts(model, adapter, section)
+    # the compressed experts on the meta device too: the checkpoint's tensors replace them (assign), and
+    # allocating them first (fp32 zeros) held the expert weights three times over while loading
+    with torch.device("meta"):
+        install_compressed_experts(model, adapter, section)
     linears = {name: QuantSpec.from_dict(spec) for name, spec in section.get(QUANTIZED_LINEARS, {}).items()}
     install_quantized_linears(model, linears)
     install_quantized_embeddings(model, section.get(QUANTIZED_EMBEDDINGS, {}))

@@ -53,7 +53,8 @@ def merge_layer(
     permute: bool = True,
     weighting: str = "frequency",
 ) -> list[ExpertWeights]:
-    """The G merged experts of one layer.
+    """The G merged experts of one layer, in fp32, from `experts` in any floating dtype (read in float64
+    by alignment and averaging, so fp32 copies and bf16 views of the same weights give the same result).
 
     Each member is first aligned to its group's dominant expert (unless
     `permute` is False), then the group is averaged with the weights that

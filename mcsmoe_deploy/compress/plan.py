@@ -250,7 +250,9 @@ def apply_plan(
     low_rank = LOW_RANK_KINDS.lookup(recipe.low_rank)
     applied = []
     for layer, layer_plan in tqdm(list(zip(layers, plan.layers)), desc="merge and compress", unit="layer", disable=not progress):
-        experts = adapter.read_experts(layer.block)
+        # views of the layer's weights as held (bf16 for a bf16 source): alignment and averaging read them in
+        # float64 whatever their dtype, so fp32 copies of all E experts would only cost memory
+        experts = adapter.read_experts(layer.block, copies=False)
         merged = merge_layer(
             experts,
             layer_plan.grouping,
@@ -276,4 +278,7 @@ def apply_plan(
         # model held in bf16 never has more than one layer in fp32
         adapter.install_experts(layer.block, cast_saved_tensors(module.to(router.device), router.dtype))
         applied.append(built)
+        # this layer's fp32 merged experts and input moments would otherwise live on through the next
+        # layer's merge (the loop rebinds the names only once the next ones exist)
+        del merged, moments, module
     return AppliedPlan(family=plan.family, layers=applied, calibration_tokens=plan.calibration_tokens)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from ..contract import DECODER_FILE, ENCODER_FILE, external_data_path, inlined_p
 from ..corpus import copy_tokenizer_files
 from ..files import check_output, staged_output
 from ..errors import UserError
-from ..memory import peak_rss_bytes
+from ..memory import peak_rss_bytes, release_freed_memory
 from ..models import FamilyAdapter, adapter_for_config, check_weights, load_model, read_config_dict
 from ..compress.quantize import quantize_model
 from .dense import group_dense_experts
@@ -102,7 +101,7 @@ def _write_decoder(model, adapter, target: Path, config: ExportConfig, stages: t
     make_spec = past_graph_spec if config.with_past else logits_graph_spec
     staged = stage_graph(model, adapter, make_spec(model), target, config.opset, fuse_ort=config.fuses_ort)
     model.to("meta")  # the staged file holds the weights now: free them before the graph is reloaded
-    gc.collect()
+    release_freed_memory()
     model_proto = finish_staged(staged, target, config)
     if config.inline:
         _next_stage(stages, "writing the inlined copy")
@@ -194,8 +193,18 @@ def export_model(
                   disable=not config.progress, bar_format="{desc:<28} {n_fmt}/{total_fmt} stages [{elapsed}]")
     # each graph goes through the target's passes, then records its source, then the caller's passes
     config = replace(config, passes=(source_metadata(model_dir, compressed, config.target), *config.passes))
-    model = _load_reference(model_dir, compressed, adapter, config, config.torch_dtype)
+    # decoder-only: the torch reference's logits are recorded first, from the very model about to be traced
+    # (in fp32 for any graph dtype: the function the checkpoint defines; torch's own fp16 CPU arithmetic
+    # rounds differently from onnxruntime's, and neither is the authority), so that validation needs no
+    # second load and holds nothing of torch's while onnxruntime opens the graph
+    reference = None
+    record_first = config.validate and not adapter.encoder_decoder
+    model = _load_reference(model_dir, compressed, adapter, config,
+                            torch.float32 if record_first else config.torch_dtype)
     config.check_experts(adapter.family, adapter.expert_layout(model.config))
+    if record_first:
+        reference = record_reference(model, config.with_past)
+        model.to(config.torch_dtype)  # an fp16 graph: the cast _load_reference makes, from exact fp32 values
     if not compressed:
         group_dense_experts(model, adapter)
     _next_stage(stages, "tracing and saving")
@@ -210,18 +219,10 @@ def export_model(
     report.fusion = fusion_note or report.fusion
     if config.validate:
         _next_stage(stages, "validating in onnxruntime")
-        # reloaded: for a dense checkpoint, transformers' own model rather than our regrouping of it
-        model = None
-        gc.collect()
-        # in fp32 for any graph dtype: the function the checkpoint defines (torch's own fp16 CPU
-        # arithmetic rounds differently from onnxruntime's, and neither is the authority)
-        model = _load_reference(model_dir, compressed, adapter, config, torch.float32)  # quantizing again: same codes
-        if not adapter.encoder_decoder:  # the reference's logits first, then the graph: never both in memory
-            reference = record_reference(model, config.with_past)
-            del model
-            gc.collect()
-            model = reference
-        report.parity = [check_parity(path, model, config.with_past) for path in files]
+        release_freed_memory()  # what tracing freed goes back before onnxruntime allocates the graph's weights
+        if reference is None:  # Switch: steps through the reloaded torch model (in fp32, as above) beside onnxruntime
+            reference = _load_reference(model_dir, compressed, adapter, config, torch.float32)
+        report.parity = [check_parity(path, reference, config.with_past) for path in files]
     _next_stage(stages, "done")
     stages.close()
     report.seconds = time.perf_counter() - start

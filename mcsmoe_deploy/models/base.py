@@ -154,8 +154,9 @@ class FamilyAdapter:
         """(router logits [T, E], assigned experts [T, k], -1 where a token got no expert)."""
         raise NotImplementedError
 
-    def read_experts(self, block: nn.Module) -> list[ExpertWeights]:
-        """The block's experts as per-expert weights, float32 copies."""
+    def read_experts(self, block: nn.Module, copies: bool = True) -> list[ExpertWeights]:
+        """The block's experts as per-expert weights: float32 copies, or with `copies=False` views of the
+        block's own tensors in their own dtype (no memory; read them, never write them)."""
         raise NotImplementedError
 
     def expert_output(self, block: nn.Module, expert: int, hidden: torch.Tensor) -> torch.Tensor:

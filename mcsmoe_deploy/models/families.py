@@ -62,16 +62,13 @@ class StackedExpertsAdapter(FamilyAdapter):
         logits, _, indices = output
         return logits.reshape(-1, logits.shape[-1]), indices.reshape(-1, indices.shape[-1])
 
-    def read_experts(self, block: nn.Module) -> list[ExpertWeights]:
+    def read_experts(self, block: nn.Module, copies: bool = True) -> list[ExpertWeights]:
         gate_up = block.experts.gate_up_proj.detach()
         down = block.experts.down_proj.detach()
         intermediate = gate_up.shape[1] // 2
+        own = (lambda tensor: tensor.float().clone()) if copies else (lambda tensor: tensor)
         return [
-            {
-                "gate": gate_up[e, :intermediate].float().clone(),
-                "up": gate_up[e, intermediate:].float().clone(),
-                "down": down[e].float().clone(),
-            }
+            {"gate": own(gate_up[e, :intermediate]), "up": own(gate_up[e, intermediate:]), "down": own(down[e])}
             for e in range(gate_up.shape[0])
         ]
 
@@ -188,13 +185,11 @@ class SwitchTransformersAdapter(FamilyAdapter):
         router.classifier = kept
         router.num_experts = len(rows)  # its one-hot dispatch and capacity count these
 
-    def read_experts(self, block: nn.Module) -> list[ExpertWeights]:
+    def read_experts(self, block: nn.Module, copies: bool = True) -> list[ExpertWeights]:
         experts = block.experts
+        own = (lambda tensor: tensor.float().clone()) if copies else (lambda tensor: tensor)
         return [
-            {
-                "wi": experts[f"expert_{e}"].wi.weight.detach().float().clone(),
-                "wo": experts[f"expert_{e}"].wo.weight.detach().float().clone(),
-            }
+            {"wi": own(experts[f"expert_{e}"].wi.weight.detach()), "wo": own(experts[f"expert_{e}"].wo.weight.detach())}
             for e in range(experts.num_experts)
         ]
 
