@@ -24,7 +24,7 @@ Routing is the one the compressed model uses: the dense router's picks where no 
 Transformers' capacity drops are taken from the dense pass and not re-simulated after pruning.
 
 Memory: the Gram matrix is (G*F)^2 float64 numbers per layer (G = 4, F = 144: 2.6 MB; Mixtral-8x7B
-at G = 4, F = 14336: 26 GB, too much; such models need a per-group solve, not written).
+at G = 4, F = 14336: 26 GB, refused by `check_refit_size`; such models need a per-group solve, not written).
 """
 
 from __future__ import annotations
@@ -33,12 +33,25 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import ParameterError
 from ..grouped_experts import _activation, _group_weights, route_top_k
 from ..models import ExpertLayout, ExpertWeights, Routing
 from .stats import routing_weights
 
+# the largest Gram matrix the refit builds per layer, in bytes (float64): beyond it the check refuses up front
+MAX_GRAM_BYTES = 4 << 30
 # tokens per chunk while accumulating the normal equations: bounds the [chunk, G*F] feature matrix
 CHUNK_TOKENS = 1024
+
+
+def check_refit_size(num_groups: int, intermediate_size: int) -> None:
+    """ParameterError (naming output_refit) when one layer's Gram matrix of (G*F)^2 float64 numbers
+    exceeds MAX_GRAM_BYTES; checked before the statistics pass."""
+    size = (num_groups * intermediate_size) ** 2 * 8
+    if size > MAX_GRAM_BYTES:
+        raise ParameterError("output_refit", f"would solve for {num_groups} x {intermediate_size} hidden neurons "
+                                             f"per layer at once ({size / 2**30:.0f} GiB); it is for models whose "
+                                             f"G x intermediate size is at most {int((MAX_GRAM_BYTES / 8) ** 0.5)}")
 
 
 def expert_hidden(expert: ExpertWeights, x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
@@ -98,7 +111,7 @@ def refit_output_projections(
     expert_to_group: Sequence[int],
     router_rows: Sequence[int] | None,
     layout: ExpertLayout,
-    ridge: float = 1e-3,
+    ridge: float = 1e-2,
 ) -> list[ExpertWeights]:
     """`merged` with each output projection refitted (see the module docstring); the input is left alone.
 
