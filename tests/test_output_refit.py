@@ -39,17 +39,19 @@ def compressed(model, recipe, blocks):
     return out, stats
 
 
-@pytest.mark.parametrize("ridge", [1e-2, 10.0])
-def test_one_expert_per_group_is_left_unchanged(ridge):
+@pytest.mark.parametrize("family, ridge", [("mixtral", 1e-2), ("mixtral", 10.0), ("qwen2_moe", 1e-2),
+                                           ("switch_transformers", 1e-2)])
+def test_one_expert_per_group_is_left_unchanged(family, ridge):
     # G = E: the merged block is the dense block, so the ridge (pulling towards the merged weights)
-    # cannot move the refit away from it, whatever its weight
-    model = tiny_model("mixtral")
+    # cannot move the refit away from it, whatever its weight (a shared expert, wi/wo experts and
+    # one-hot dispatch too)
+    model = tiny_model(family)
     blocks = calibration()
     plain, _ = compressed(model, CompressionRecipe(experts=EXPERTS), blocks)
     refit, _ = compressed(model, CompressionRecipe(experts=EXPERTS, output_refit=True, refit_ridge=ridge), blocks)
     for (name, a), (_, b) in zip(plain.state_dict().items(), refit.state_dict().items()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
-    inputs = model_inputs("mixtral")
+    inputs = model_inputs(family)
     with torch.no_grad():
         dense_logits, refit_logits = model(**inputs).logits, refit(**inputs).logits
     assert (dense_logits - refit_logits).abs().max() < 1e-4
