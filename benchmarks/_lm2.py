@@ -21,6 +21,8 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 CACHE_DIR = Path(__file__).parent / "cache"
 # train_model's arguments beyond `out` and `init_from`
 LM2_TRAINING = {"steps": 600, "seed": 0, "moe_lr": 2e-3, "reinit_ratio": 0.5, "aux_coef": 0.1}
+# the "lm2-mild" setting: the same with a quarter of each expert's neurons redrawn, experts between alike and apart
+LM2_MILD_TRAINING = {**LM2_TRAINING, "reinit_ratio": 0.25}
 FACTS = "lm2.json"
 
 

@@ -59,7 +59,11 @@ SHARED_BASIS = {"mcsmoe-shared": {"low_rank_basis": "shared"},
                 "mcsmoe-shared-activation-aware": {"low_rank_basis": "shared", **AWARE},
                 "mcsmoe-base-delta": {"low_rank_basis": "base-delta"},
                 "mcsmoe-base-delta-activation-aware": {"low_rank_basis": "base-delta", **AWARE}}
-METHODS = ("dense", *BASELINES, "mcsmoe", "mcsmoe-activation-aware", *SHARED_BASIS, *DENSE_QUANTIZED,
+# a merge-only method followed by the closed-form output refit (compress/output_refit.py), "<method>+refit"
+REFIT_SUFFIX = "+refit"
+REFITTED = {name + REFIT_SUFFIX: {**overrides, "output_refit": True} for name, overrides in BASELINES.items()
+            if name != "no-permute"}
+METHODS = ("dense", *BASELINES, *REFITTED, "mcsmoe", "mcsmoe-activation-aware", *SHARED_BASIS, *DENSE_QUANTIZED,
            *MERGED_QUANTIZED, *MERGED_ALL_QUANTIZED)
 
 
@@ -67,10 +71,11 @@ def chosen(method: str, methods: list[str] | None) -> bool:
     """Whether `method` runs: one of `methods`, or by default every method but the "-gptq" ones (a
     calibration pass per layer each), the shared-basis ones (measured at their own rank ratios,
     benchmarks/results/quality-shared-basis.md) and the "-emb" ones (decoder-only: asked for with
-    --settings lm): asked for by name."""
+    --settings lm) and the "+refit" ones: asked for by name."""
     if methods is not None:
         return method in methods
-    return not method.endswith("-gptq") and "-int4-emb" not in method and method not in SHARED_BASIS
+    return (not method.endswith("-gptq") and "-int4-emb" not in method and method not in SHARED_BASIS
+            and method not in REFITTED)
 
 
 def _applies(adapter: mc.FamilyAdapter, overrides: dict) -> bool:
@@ -113,16 +118,17 @@ def sweep(
     the same blocks, see compress/stats.py).
     recover(model, steps, lr): the setting's distillation of a compressed model from `dense`, at peak
     rate `distill_lr`, or by default the recipe's (`CompressionRecipe.distill_learning_rate`).
-    router_steps, calibrate(model, steps): with router_steps > 0, each merge-only baseline also gets a
-    row "<method>+router" after `calibrate` trained its routers alone (after any recovery).
+    router_steps, calibrate(model, steps): with router_steps > 0, each merge-only baseline (refitted or not)
+    also gets a row "<method>+router" after `calibrate` trained its routers alone (after any recovery).
     Rows: {"setting", "method", "experts", "rank_ratio", "distill_steps", "expert_memory_ratio", "bytes", "metric",
     "value"} (bytes: the whole model's, size_report's total: codes, scales, zero points, float tensors),
     and for quantized methods "quantize_seconds": wall time of the quantization step alone (GPTQ's
     calibration passes included).
     """
     recipe = mc.CompressionRecipe()
-    stats = mc.collect_routing_stats(dense, adapter, calib, progress=False, keep_inputs=recipe.activation_samples,
-                                     expert_outputs=True)
+    refit = any(chosen(name, methods) for name in REFITTED)
+    keep = max(recipe.activation_samples, recipe.refit_tokens if refit else 0)
+    stats = mc.collect_routing_stats(dense, adapter, calib, progress=False, keep_inputs=keep, expert_outputs=True)
     dense_bytes = mc.size_report(dense, adapter).expert_bytes
     num_experts = adapter.num_experts(dense.config)
 
@@ -151,7 +157,7 @@ def sweep(
         print(f"[{setting}] dense after {steps} steps of recovery {metric}={rows[-1]['value']:.4f}", flush=True)
     block = quant_block_for(adapter.expert_layout(dense.config))
     quantized = {"quantize": "int4", "quant_block": block, **EXPERTS_ONLY}
-    runs = [(name, overrides, 1.0) for name, overrides in BASELINES.items()]
+    runs = [(name, overrides, 1.0) for name, overrides in {**BASELINES, **REFITTED}.items()]
     runs += [("mcsmoe", {"rank_ratio": r, "sparse_keep": sparse_keep}, r) for r in rank_ratios]
     aware = {"sparse_keep": sparse_keep, "low_rank": "activation-aware"}
     runs += [("mcsmoe-activation-aware", {"rank_ratio": r, **aware}, r) for r in rank_ratios]
@@ -200,7 +206,7 @@ def sweep(
             print(f"[{setting}] {method:24s} G={experts} r={rank_ratio:<5g} distill={steps:<4d} "
                   f"{metric}={rows[-1]['value']:8.4f} mem={rows[-1]['expert_memory_ratio']:.3f}  "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
-            if router_steps and calibrate is not None and method in BASELINES:
+            if router_steps and calibrate is not None and (method in BASELINES or method in REFITTED):
                 start = time.perf_counter()
                 calibrate(model, router_steps)
                 rows.append(row(method + ROUTER_SUFFIX, model, experts, rank_ratio, steps))

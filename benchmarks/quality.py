@@ -5,6 +5,7 @@ Settings:
     lm           the embedded Mixtral-family LM, held-out perplexity (lower is better)
     lm2          a second LM whose experts differ: the embedded LM with half of each expert's neurons redrawn
                  (Drop-Upcycling) and 600 more MoE steps, trained on first use into benchmarks/cache/ (_lm2.py)
+    lm2-mild     the same with a quarter of each expert's neurons redrawn (LM2_MILD_TRAINING)
     lm-shuffled  the same LM with each expert's hidden neurons shuffled (the same function): upcycled
                  experts share their neuron order, experts trained apart do not; msmoe and no-permute only
     switch-news  a small Switch Transformers encoder-decoder fine-tuned here to classify BBC news
@@ -19,6 +20,8 @@ One routing-statistics pass per setting; each method is applied to a fresh copy 
     reap                     REAP: keep the G experts of highest routing weight x output norm, remove the rest
                              with their router rows
     <method>+router          a merge-only method after --router-steps of router calibration (lm settings)
+    <method>+refit           a merge-only method, then the closed-form refit of every merged or kept expert's
+                             down projection to the dense block's output (recipe output_refit); only when named
     mcsmoe                   M-SMoE then low-rank + sparse rows at each --rank-ratios value
     mcsmoe-activation-aware  the same, low-rank factors fitted to the experts' calibration inputs
     mcsmoe-shared            the same with one basis per layer and projection shared by the merged experts plus
@@ -81,7 +84,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the private helper modules next to this script
 
-from _lm2 import lm2_model_dir  # noqa: E402
+from _lm2 import LM2_MILD_TRAINING, lm2_model_dir  # noqa: E402
 from _quality_lm import METHODS, lm_rows  # noqa: E402
 from _quality_noise import noise_report  # noqa: E402
 from mcsmoe_deploy import UserError  # noqa: E402
@@ -90,9 +93,9 @@ from mcsmoe_deploy.files import write_file_atomically  # noqa: E402
 from _quality_report import bytes_table, markdown_table, plot  # noqa: E402
 from _quality_switch import FULL, QUICK, switch_rows  # noqa: E402
 
-SETTINGS = ("lm", "lm2", "lm-shuffled", "switch-news")
-# lm2 only when named: it trains its model on first use (benchmarks/_lm2.py)
-DEFAULT_SETTINGS = tuple(setting for setting in SETTINGS if setting != "lm2")
+SETTINGS = ("lm", "lm2", "lm2-mild", "lm-shuffled", "switch-news")
+# lm2 settings only when named: they train their model on first use (benchmarks/_lm2.py)
+DEFAULT_SETTINGS = tuple(setting for setting in SETTINGS if not setting.startswith("lm2"))
 RESULTS_DIR = Path(__file__).parent / "results"
 # --quick: one G, one rank ratio, a few distillation steps, the small classifier
 QUICK_ARGS = {"experts": [4], "rank_ratios": [0.5], "distill_steps": [0, 4]}
@@ -122,11 +125,12 @@ def run(
     """Rows of every requested setting, in order (see the module docstring)."""
     torch.manual_seed(0)
     rows: list[dict] = []
-    for setting in ("lm", "lm2", "lm-shuffled"):
+    for setting in ("lm", "lm2", "lm2-mild", "lm-shuffled"):
         if setting in settings:
             shuffled = setting == "lm-shuffled"
             extra = {} if router_lr is None else {"router_lr": router_lr}
-            model = lm2_model_dir() if setting == "lm2" else lm_model
+            trained = {"lm2": {}, "lm2-mild": {"training": LM2_MILD_TRAINING}}
+            model = lm2_model_dir(**trained[setting]) if setting in trained else lm_model
             for seed in calib_seeds or [None]:
                 rows += lm_rows(experts, rank_ratios, distill_steps, sparse_keep, model, distill_lr, methods,
                                 shuffled, router_steps, setting=setting, calib_seed=seed, calib_tokens=calib_tokens,
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="quality.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sweep and classifier (< 3 min on 2 cores)")
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(DEFAULT_SETTINGS),
-                        help="default: all but lm2, which trains a model on first use (about 600 MoE steps)")
+                        help="default: all but lm2 and lm2-mild, which train a model on first use (600 MoE steps each)")
     parser.add_argument("--experts", type=int, nargs="+", default=None, metavar="G",
                         help="merged experts per layer (default: 4 2; --quick: 4)")
     parser.add_argument("--rank-ratios", type=float, nargs="+", default=None, metavar="R",

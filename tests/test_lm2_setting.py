@@ -70,3 +70,27 @@ def test_bootstrap_interval_of_a_constant_shift_is_that_ratio():
     assert low == pytest.approx(math.exp(0.1)) and high == pytest.approx(math.exp(0.1))
     low, high = bootstrap_ratio(nll, nll[::-1])  # same blocks reordered: the interval straddles 1
     assert low < 1.0 < high
+
+
+def test_lm2_mild_differs_from_lm2_only_in_the_redrawn_share():
+    from _lm2 import LM2_MILD_TRAINING, LM2_TRAINING, lm2_folder
+
+    assert {k: v for k, v in LM2_MILD_TRAINING.items() if LM2_TRAINING[k] != v} == {"reinit_ratio": 0.25}
+    assert lm2_folder(LM2_MILD_TRAINING).name == "lm2-aux_coef0.1-moe_lr0.002-reinit_ratio0.25-seed0-steps600"
+
+
+def test_refit_gain_pairs_each_refitted_row_with_its_plain_method():
+    from refit_gain import refit_table
+
+    nll = [2.0 + 0.01 * i for i in range(20)]
+
+    def row(method, seed, shift, value):
+        return {"setting": "lm2", "method": method, "experts": 4, "distill_steps": 0, "calib_seed": seed,
+                "value": value, "block_nll": [v + shift for v in nll]}
+
+    rows = [row("dense", 0, 0.0, 10.0), row("reap", 0, 0.2, 30.0), row("reap+refit", 0, 0.1, 24.0),
+            row("reap", 1, 0.2, 32.0), row("reap+refit", 1, 0.1, 24.0), row("msmoe", 0, 0.3, 40.0)]
+    lines = refit_table(rows).splitlines()
+    assert len(lines) == 3  # header, rule, reap only (msmoe has no refitted row)
+    ratio = f"{math.exp(-0.1):.3f}"
+    assert lines[2] == f"| lm2 | 4 | reap | 3.100 | 2.400 | 0.775 ± 0.035 | 0.800 [{ratio}, {ratio}] |"

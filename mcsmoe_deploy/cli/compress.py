@@ -19,6 +19,9 @@ RECIPE_FLAGS = {
     "sparse_keep": "--sparse-keep",
     "low_rank": "--low-rank",
     "low_rank_basis": "--low-rank-basis",
+    "output_refit": "--output-refit",
+    "refit_ridge": "--refit-ridge",
+    "refit_tokens": "--refit-tokens",
     "calib": "--calib",
     "max_calib_tokens": "--max-calib-tokens",
     "distill_steps": "--distill-steps",
@@ -70,6 +73,18 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weighting", choices=WEIGHTINGS.names(), default=defaults.weighting,
                        help="how a group's members are averaged (default: %(default)s, by routing frequency)")
     group.add_argument("--no-permute", action="store_true", help="merge without neuron permutation alignment")
+    group.add_argument("--output-refit", action="store_true",
+                       help="after merging or pruning, refit each layer's G output projections (down) in closed "
+                            "form, by ridge least squares on the calibration tokens, so that the compressed block "
+                            "reproduces the dense block's output as the compressed model routes them; router and "
+                            "gate/up stay, the checkpoint format is the same. No training; on the trained test LMs "
+                            "it lowered held-out perplexity for every grouping (beyond the paper)")
+    group.add_argument("--refit-ridge", type=float, default=None, metavar="L",
+                       help="the refit's ridge, relative to the mean diagonal of its Gram matrix, pulling towards "
+                            f"the merged weights (default: {defaults.refit_ridge:g}; needs --output-refit)")
+    group.add_argument("--refit-tokens", type=int, default=None, metavar="N",
+                       help="calibration tokens per layer the refit fits to; their block inputs are held in memory "
+                            f"(default: {defaults.refit_tokens}; needs --output-refit)")
     group = parser.add_argument_group("compression (MC-SMoE)")
     group.add_argument("--rank-ratio", type=float, default=defaults.rank_ratio, metavar="R",
                        help="share of each merged projection's parameters kept in its low-rank factors, in (0, 1]; "
@@ -158,6 +173,10 @@ def _recipe_from(args: argparse.Namespace):
     for field, value in router.items():
         if value is not None and not args.calibrate_router:
             raise UserError(f"{RECIPE_FLAGS[field]} needs --calibrate-router")
+    refit = {"refit_ridge": args.refit_ridge, "refit_tokens": args.refit_tokens}
+    for field, value in refit.items():
+        if value is not None and not args.output_refit:
+            raise UserError(f"{RECIPE_FLAGS[field]} needs --output-refit")
     return CompressionRecipe(
         calibrate_router=args.calibrate_router,
         **{field: value for field, value in router.items() if value is not None},
@@ -168,6 +187,8 @@ def _recipe_from(args: argparse.Namespace):
         grouping=args.grouping,
         weighting=args.weighting,
         permute=not args.no_permute,
+        output_refit=args.output_refit,
+        **{field: value for field, value in refit.items() if value is not None},
         rank_ratio=args.rank_ratio,
         rank_energy=args.rank_energy,
         sparse_keep=args.sparse_keep,

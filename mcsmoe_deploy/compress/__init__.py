@@ -31,6 +31,8 @@ from .lowrank import (
     sparse_row_count,
 )
 from .merge import WEIGHTINGS, merge_experts, merge_layer, register_weighting
+from .output_refit import (check_refit_size, compressed_group_weights, dense_block_output, expert_hidden,
+                           refit_output_projections)
 from .permute import align_to, alignment_permutation, permute_expert
 from .pipeline import CompressionResult, compress_loaded, compress_model
 from .plan import (
@@ -69,6 +71,11 @@ __all__ = [
     "base_delta",
     "base_delta_rank_for_ratio",
     "frequency_weighted_mean",
+    "check_refit_size",
+    "compressed_group_weights",
+    "dense_block_output",
+    "expert_hidden",
+    "refit_output_projections",
     "LOW_RANK_BASES",
     "SharedBasis",
     "shared_basis",

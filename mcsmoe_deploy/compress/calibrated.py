@@ -26,6 +26,7 @@ from ..models import (
     stored_dtype,
 )
 from .distill import DistillReport, distill
+from .output_refit import check_refit_size
 from .plan import AppliedPlan, CompressionPlan, apply_plan, plan_compression
 from .gptq import ExpertInputMoments
 from .gptq_linears import LinearInputMoments
@@ -56,6 +57,8 @@ def check_experts(model_dir: str | Path, recipe: CompressionRecipe) -> None:
     if recipe.output_format == "standard" and (adapter.num_experts_key is None or adapter.encoder_decoder):
         raise UserError(f"--format standard is not available for the {adapter.family} family; use our format")
     recipe.check_layout(adapter.expert_layout(config))
+    if recipe.output_refit:
+        check_refit_size(recipe.groups(adapter.num_experts(config)), adapter.expert_layout(config).intermediate_size)
 
 
 def calibration_blocks(tokenizer, recipe: CompressionRecipe) -> torch.Tensor:

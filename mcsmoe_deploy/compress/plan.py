@@ -20,6 +20,7 @@ from ..models import ExpertLayout, ExpertWeights, FamilyAdapter
 from .grouping import GROUPINGS, GroupingContext, LayerGrouping, groups_per_layer
 from .lowrank import LOW_RANK_KINDS, low_rank_sparse, rank_for_energy, rank_for_ratio, sparse_row_count
 from .merge import merge_layer
+from .output_refit import refit_output_projections
 from .recipe import CompressionRecipe
 from .base_delta import base_delta, base_delta_rank_for_ratio
 from .shared_basis import shared_basis, shared_rank_for_ratio, shared_side
@@ -35,6 +36,8 @@ class LayerPlan:
     grouping: LayerGrouping
     # sampled block inputs and their routing, for activation-aware compression (not saved)
     calibration_samples: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # the same tokens' inputs, router logits and picks, for the output refit (not saved; only when the recipe asks)
+    refit_samples: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -105,7 +108,8 @@ def plan_compression(stats: RoutingStats, num_experts: int, recipe: CompressionR
         grouping = group(layer_stats, num_groups, context)
         layers.append(
             LayerPlan(layer_stats.name, layer_stats.frequency.tolist(), grouping,
-                      calibration_samples=layer_stats.samples())
+                      calibration_samples=layer_stats.samples(recipe.low_rank_inputs),
+                      refit_samples=layer_stats.samples_with_logits(recipe.refit_tokens) if recipe.output_refit else None)
         )
     return CompressionPlan(family=family, layers=layers, calibration_tokens=stats.tokens)
 
@@ -248,6 +252,9 @@ def apply_plan(
     if [layer.name for layer in layers] != [layer.name for layer in plan.layers]:
         raise ValueError("the plan was made for a different model")
     low_rank = LOW_RANK_KINDS.lookup(recipe.low_rank)
+    if recipe.output_refit and any(layer.refit_samples is None for layer in plan.layers):
+        raise ValueError("output_refit needs the plan's calibration inputs: collect_routing_stats(..., "
+                         "keep_inputs=recipe.calibration_inputs) and plan_compression with the same recipe")
     applied = []
     for layer, layer_plan in tqdm(list(zip(layers, plan.layers)), desc="merge and compress", unit="layer", disable=not progress):
         # views of the layer's weights as held (bf16 for a bf16 source): alignment and averaging read them in
@@ -261,16 +268,19 @@ def apply_plan(
             permute=recipe.permute,
             weighting=recipe.weighting,
         )
+        kept = [e for e, g in enumerate(layer_plan.grouping.expert_to_group) if g >= 0]
+        router_rows = kept if len(kept) < len(layer_plan.grouping.expert_to_group) else None
+        built = AppliedLayer(layer_plan.name, layer_plan.frequency, layer_plan.grouping, {}, router_rows)
+        if recipe.output_refit:  # before low rank, which then factors the refitted weights
+            merged = refit_output_projections(experts, merged, layer_plan.refit_samples, adapter.routing(model.config),
+                                              built.expert_to_group, router_rows, layout, recipe.refit_ridge)
         del experts
-        specs = {name: projection_spec(name, merged, layout, recipe) for name in layout.projections}
+        built.projections = specs = {name: projection_spec(name, merged, layout, recipe) for name in layout.projections}
         moments = None
         if not recipe.merge_only:
             moments = low_rank.input_moments(merged, layer_plan.calibration_samples, layer_plan.grouping, layout)
-        kept = [e for e, g in enumerate(layer_plan.grouping.expert_to_group) if g >= 0]
-        router_rows = kept if len(kept) < len(layer_plan.grouping.expert_to_group) else None
         if router_rows is not None:
             adapter.keep_router_rows(layer.block, router_rows)
-        built = AppliedLayer(layer_plan.name, layer_plan.frequency, layer_plan.grouping, specs, router_rows)
         module = build_grouped_experts(merged, built.expert_to_group, specs, layout, adapter.one_hot_dispatch, moments,
                                        group_frequencies(layer_plan.frequency, layer_plan.grouping))
         router = adapter.router_weight(layer.block)

@@ -32,6 +32,8 @@ class LayerRoutingStats:
     sample_inputs [n, H], sample_assigned [n, k]: the block's inputs and the experts
         they were routed to, for the first n calibration tokens (n = 0 unless asked for);
         activation-aware compression fits each merged expert to them.
+    sample_logits [n, E]: the router's logits of the same tokens (float64; the output refit
+        routes them as the compressed model will).
     output_sum [E, H]: sum over all calibration tokens of each expert's output (float64; None
         unless expert outputs were asked for).
     saliency_sum [E]: sum over the tokens routed to each expert of its routing weight x the L2 norm
@@ -44,6 +46,7 @@ class LayerRoutingStats:
     router_weight: torch.Tensor
     sample_inputs: list[torch.Tensor] = field(default_factory=list, repr=False)
     sample_assigned: list[torch.Tensor] = field(default_factory=list, repr=False)
+    sample_logits: list[torch.Tensor] = field(default_factory=list, repr=False)
     tokens: int = 0
     output_sum: torch.Tensor | None = field(default=None, repr=False)
     saliency_sum: torch.Tensor | None = field(default=None, repr=False)
@@ -64,11 +67,19 @@ class LayerRoutingStats:
         output L2 norm; 0 for an expert no token was routed to."""
         return self._expert_outputs("saliency") / self.assignment_counts.clamp(min=1)
 
-    def samples(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(inputs [n, H], assigned experts [n, k]) kept during the pass, or None."""
-        if not self.sample_inputs:
+    def samples(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(inputs [n, H], assigned experts [n, k]) kept during the pass (the first `limit` of them), or None."""
+        if not self.sample_inputs or limit == 0:
             return None
-        return torch.cat(self.sample_inputs), torch.cat(self.sample_assigned)
+        return torch.cat(self.sample_inputs)[:limit], torch.cat(self.sample_assigned)[:limit]
+
+    def samples_with_logits(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(inputs [n, H], router logits [n, E], assigned experts [n, k]) kept during the pass (the first
+        `limit` of them), or None."""
+        if not self.sample_inputs or limit == 0:
+            return None
+        return (torch.cat(self.sample_inputs)[:limit], torch.cat(self.sample_logits)[:limit],
+                torch.cat(self.sample_assigned)[:limit])
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -194,6 +205,8 @@ def collect_routing_stats(
                 layer_stats.sample_inputs.append(inputs[0].detach().reshape(-1, hidden)[:wanted].float().cpu())
                 layer_stats.sample_assigned.append(assigned[:wanted].cpu())
             logits = logits.detach().double()
+            if wanted > 0:
+                layer_stats.sample_logits.append(logits[:wanted].cpu())
             layer_stats.logit_gram += (logits.T @ logits).cpu()
             picked = assigned[assigned >= 0].reshape(-1).cpu()
             layer_stats.assignment_counts += torch.bincount(picked, minlength=num_experts).double()
