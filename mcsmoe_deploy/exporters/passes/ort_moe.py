@@ -18,7 +18,7 @@ from ...grouped_experts import ProjectionSpec
 from ..moe_op import MoEOpSpec
 from ..initializers import unique_name
 from ..ort_ops import ORT_DOMAIN
-from .requirements import mapping_refused, moe_nodes, overload_fields, planned_moe_nodes, require_weight_values
+from .requirements import mapping_refused, moe_nodes, overload_fields, planned_moe_nodes, require_moe_weights
 
 ORT_MOE = "MoE"
 _GATED_PROJECTIONS = ("gate", "up", "down")
@@ -195,10 +195,7 @@ class FuseMoEForOrtPass(ir.passes.InPlacePass):
         return planned_moe_nodes(model.graph, _plan_node, (lambda _: True) if self.dense_float_only else None)
 
     def requires(self, model: ir.Model) -> None:
-        if self.dense_float_only:  # a node whose weights cannot be read is left as it is (`_plan`)
-            return
-        inputs = [v for node in moe_nodes(model.graph) for v in node.inputs[2:] if v is not None and v.is_initializer()]
-        require_weight_values(inputs, type(self).__name__)
+        require_moe_weights(model, type(self).__name__, selective=self.dense_float_only)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -48,7 +48,7 @@ import onnx_ir as ir
 from ...quantization import QuantSpec
 from ..initializers import add_initializer, pack_unsigned, unique_name
 from ..ort_ops import ORT_DOMAIN
-from .requirements import mapping_refused, moe_nodes, overload_fields, planned_moe_nodes, require_weight_values
+from .requirements import mapping_refused, moe_nodes, overload_fields, planned_moe_nodes, require_moe_weights
 
 _initializer = functools.partial(add_initializer, unique=True)  # routing constants are named per block
 
@@ -242,10 +242,7 @@ class FuseQMoEPass(ir.passes.InPlacePass):
         return planned_moe_nodes(model.graph, _plan_node, dense_int4)
 
     def requires(self, model: ir.Model) -> None:
-        if self.dense_int4_only:  # a node whose weights cannot be read is left as it is (`_plan`)
-            return
-        inputs = [v for node in moe_nodes(model.graph) for v in node.inputs[2:] if v is not None and v.is_initializer()]
-        require_weight_values(inputs, type(self).__name__)
+        require_moe_weights(model, type(self).__name__, selective=self.dense_int4_only)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -37,6 +37,16 @@ def planned_moe_nodes(graph: ir.Graph, plan_node: Callable[[ir.Node], _Plan],
     return planned
 
 
+def require_moe_weights(model: ir.Model, who: str, selective: bool) -> None:
+    """Precondition of a pass mapping every MoE node: each node's grouping and weight initializers can
+    be read (`require_weight_values`). A selective pass (one that leaves a node it cannot read as it
+    is, see `planned_moe_nodes`) requires nothing."""
+    if selective:
+        return
+    inputs = [v for node in moe_nodes(model.graph) for v in node.inputs[2:] if v is not None and v.is_initializer()]
+    require_weight_values(inputs, who)
+
+
 def overload_fields(node: ir.Node) -> tuple[int | None, dict[str, str]]:
     """(G, {projection: kind}) read from a MoE node's overload (`MoEOpSpec.overload`, e.g.
     `gated_silu_k2_norm_g8_gate-dense_up-dense_down-dense_pergroup`): G is None when no `gN` token
@@ -82,4 +92,4 @@ def require_weight_values(values: Iterable[ir.Value], who: str) -> None:
 
 
 __all__ = ["mapping_refused", "moe_nodes", "onnxruntime_only_ops", "overload_fields", "planned_moe_nodes",
-           "require_weight_values"]
+           "require_moe_weights", "require_weight_values"]
