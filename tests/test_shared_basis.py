@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from safetensors import safe_open
@@ -18,12 +16,12 @@ from mcsmoe_deploy.compress import CalibratedModel
 from mcsmoe_deploy.compress.lowrank import low_rank_sparse, rank_for_ratio
 from mcsmoe_deploy.compress.shared_basis import shared_basis, shared_rank_for_ratio
 from mcsmoe_deploy.contract import DOMAIN, SHARED_BASIS_OP_VERSION
-from mcsmoe_deploy.exporters import MoEOpSpec, standalone_model
-from mcsmoe_deploy.exporters.moe_body import build_body
-from mcsmoe_deploy.grouped_experts import GroupedLowRankExperts, ProjectionSpec, route_top_k
+from mcsmoe_deploy.exporters import MoEOpSpec
+from mcsmoe_deploy.grouped_experts import GroupedLowRankExperts, ProjectionSpec
 from mcsmoe_deploy.models.base import ExpertLayout
 
 from conftest import model_inputs
+from moe_body_checks import assert_body_matches_module, randomize
 
 FAST = dict(max_calib_tokens=1024, calib_seq_len=32)
 SHARED = dict(experts=4, rank_ratio=0.5, low_rank_basis="shared", **FAST)
@@ -83,32 +81,13 @@ def test_function_body_matches_reference(strategy, gated, tokens):
                  "wo": ProjectionSpec(*shapes["wo"], 7, 3, shared="left")}
     module = GroupedLowRankExperts(layout, [0, 1, 2, 0, 1, 2], specs).eval()
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-        for proj in module.projections.values():
-            if proj.spec.sparse_rows:
-                proj.sparse_rows.copy_(torch.randint(0, proj.spec.out_features, proj.sparse_rows.shape, generator=gen))
+    randomize(module, gen)
     first = layout.projections[0]
     assert tuple(module.projections[first].right.shape) == (6, 16) and module.projections[first].num_groups == 3
     spec = MoEOpSpec.from_experts(module, 2, "softmax_topk_norm")
     assert spec.version == SHARED_BASIS_OP_VERSION
     assert ("gate-lowrank-sparse-sharedright" if gated else "wi-lowrank-sharedright") in spec.overload
-    model = standalone_model(spec)
-    del model.functions[0].node[:]
-    model.functions[0].node.extend(build_body(spec, strategy))
-    onnx.checker.check_model(model, full_check=True)
-    hidden, logits = torch.randn(tokens, 16, generator=gen), torch.randn(tokens, 6, generator=gen) * 2
-    feeds = {"hidden": hidden, "router_logits": logits, "expert_to_group": module.expert_to_group}
-    for name, proj in module.projections.items():
-        for input_name in spec.projection_inputs(name):
-            feeds[input_name] = getattr(proj, input_name[len(name) + 1:])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {k: v.detach().numpy() for k, v in feeds.items()})[0]
-    index, weights = route_top_k(logits, 2, True)
-    with torch.no_grad():
-        want = module(hidden, index, weights).numpy()
-    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert_body_matches_module(module, spec, strategy, tokens, gen)
 
 
 @pytest.mark.parametrize("low_rank", ["svd", "activation-aware"])
