@@ -41,3 +41,39 @@ def assert_body_matches_module(module: GroupedLowRankExperts, spec: MoEOpSpec, s
     with torch.no_grad():
         want = module(hidden, index, weights).numpy()
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def assert_reloads_and_stands_for_dense(compressed, out) -> None:
+    """Checkpoint `out` of `compressed` (a CalibratedModel result) reloads to bit-equal logits, and its stored
+    tensors stand for dense weights: G dense groups with each projection's dense_weight() give the same
+    logits within 1e-4."""
+    import mcsmoe_deploy as m
+    from conftest import model_inputs
+
+    reloaded = m.load_compressed(out)
+    inputs = model_inputs("mixtral")
+    with torch.no_grad():
+        want, got = compressed.model.eval()(**inputs).logits, reloaded(**inputs).logits
+    assert torch.equal(got, want)
+    for layer in m.checkpoint.compressed_layers(reloaded):
+        dense = {name: proj.dense_weight() for name, proj in layer.projections.items()}
+        layer.projections = torch.nn.ModuleDict({
+            name: m.GroupedLowRankExperts.from_dense(layer.layout, [
+                {n: dense[n][g] for n in dense} for g in range(layer.num_groups)]).projections[name]
+            for name in dense})
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def exported_moe_functions(source, recipe, work, op_version: int) -> list[onnx.FunctionProto]:
+    """Compress `source` by `recipe` into work/c, export it (validated: parity below 1e-4 relative), check the op
+    version imported; the graph's MoE functions."""
+    import mcsmoe_deploy as m
+    from mcsmoe_deploy.contract import DOMAIN
+
+    m.compress_model(source, work / "c", recipe, progress=False)
+    report = m.export_model(work / "c", work / "model.onnx")
+    assert report.parity and all(check.max_rel_error < 1e-4 for check in report.parity), report.parity
+    graph = onnx.load(str(work / "model.onnx"), load_external_data=False)
+    assert {i.domain: i.version for i in graph.opset_import}[DOMAIN] == op_version
+    return [f for f in graph.functions if f.domain == DOMAIN]

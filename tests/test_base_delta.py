@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import onnx
 import pytest
 import torch
 from safetensors import safe_open
@@ -13,14 +12,14 @@ import mcsmoe_deploy as m
 from mcsmoe_deploy.cli import main
 from mcsmoe_deploy.compress import CalibratedModel
 from mcsmoe_deploy.compress.base_delta import base_delta, base_delta_rank_for_ratio
-from mcsmoe_deploy.contract import BASE_DELTA_OP_VERSION, DOMAIN
+from mcsmoe_deploy.contract import BASE_DELTA_OP_VERSION
 from mcsmoe_deploy.errors import ParameterError
 from mcsmoe_deploy.exporters import MoEOpSpec
 from mcsmoe_deploy.grouped_experts import GroupedLowRankExperts, ProjectionSpec
 from mcsmoe_deploy.models.base import ExpertLayout
 
-from conftest import model_inputs
-from moe_body_checks import assert_body_matches_module, randomize
+from moe_body_checks import (assert_body_matches_module, assert_reloads_and_stands_for_dense, exported_moe_functions,
+                             randomize)
 
 FAST = dict(max_calib_tokens=1024, calib_seq_len=32)
 BASE_DELTA = dict(experts=4, rank_ratio=0.5, low_rank_basis="base-delta", **FAST)
@@ -105,20 +104,7 @@ def test_checkpoint_stores_one_base_and_reloads_to_the_same_logits(low_rank, tin
         gate_base = weights.get_tensor(next(n for n in names if n.endswith("projections.gate.base")))
         gate_left = weights.get_tensor(next(n for n in names if n.endswith("projections.gate.left")))
     assert gate_base.dim() == 2 and gate_left.dim() == 3  # one base, G deltas
-    reloaded = m.load_compressed(out)
-    inputs = model_inputs("mixtral")
-    with torch.no_grad():
-        want, got = compressed.model.eval()(**inputs).logits, reloaded(**inputs).logits
-    assert torch.equal(got, want)
-    # the stored tensors stand for dense weights: G dense groups with those weights give the same logits
-    for layer in m.checkpoint.compressed_layers(reloaded):
-        dense = {name: proj.dense_weight() for name, proj in layer.projections.items()}
-        layer.projections = torch.nn.ModuleDict({
-            name: m.GroupedLowRankExperts.from_dense(layer.layout, [
-                {n: dense[n][g] for n in dense} for g in range(layer.num_groups)]).projections[name]
-            for name in dense})
-    with torch.no_grad():
-        assert torch.allclose(reloaded(**inputs).logits, want, rtol=1e-4, atol=1e-5)
+    assert_reloads_and_stands_for_dense(compressed, out)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
@@ -126,12 +112,7 @@ def test_exported_graph_matches_load_compressed(family, tiny_dirs, tmp_path):
     sparse = 0.1 if family == "mixtral" else 0.0
     low_rank = "activation-aware" if family in ("mixtral", "olmoe") else "svd"
     recipe = m.CompressionRecipe(sparse_keep=sparse, low_rank=low_rank, **BASE_DELTA)
-    m.compress_model(tiny_dirs[family], tmp_path / "c", recipe, progress=False)
-    report = m.export_model(tmp_path / "c", tmp_path / "model.onnx")
-    assert report.parity and all(check.max_rel_error < 1e-4 for check in report.parity), report.parity
-    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
-    assert {i.domain: i.version for i in graph.opset_import}[DOMAIN] == BASE_DELTA_OP_VERSION
-    functions = [f for f in graph.functions if f.domain == DOMAIN]
+    functions = exported_moe_functions(tiny_dirs[family], recipe, tmp_path, BASE_DELTA_OP_VERSION)
     assert functions and all("sharedbase" in f.overload for f in functions)
 
 

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import json
 
-import onnx
 import pytest
 import torch
 from safetensors import safe_open
 
 import mcsmoe_deploy as m
-from mcsmoe_deploy.checkpoint import compressed_layers
 from mcsmoe_deploy.cli import main
 from mcsmoe_deploy.compress import CalibratedModel
 from mcsmoe_deploy.compress.lowrank import low_rank_sparse, rank_for_ratio
 from mcsmoe_deploy.compress.shared_basis import shared_basis, shared_rank_for_ratio
-from mcsmoe_deploy.contract import DOMAIN, SHARED_BASIS_OP_VERSION
+from mcsmoe_deploy.contract import SHARED_BASIS_OP_VERSION
 from mcsmoe_deploy.exporters import MoEOpSpec
 from mcsmoe_deploy.grouped_experts import GroupedLowRankExperts, ProjectionSpec
 from mcsmoe_deploy.models.base import ExpertLayout
 
-from conftest import model_inputs
-from moe_body_checks import assert_body_matches_module, randomize
+from moe_body_checks import (assert_body_matches_module, assert_reloads_and_stands_for_dense, exported_moe_functions,
+                             randomize)
 
 FAST = dict(max_calib_tokens=1024, calib_seq_len=32)
 SHARED = dict(experts=4, rank_ratio=0.5, low_rank_basis="shared", **FAST)
@@ -107,20 +105,7 @@ def test_checkpoint_stores_one_basis_and_reloads_to_the_same_logits(low_rank, ti
         down_left = weights.get_tensor(next(n for n in names if n.endswith("projections.down.left")))
         gate_left = weights.get_tensor(next(n for n in names if n.endswith("projections.gate.left")))
     assert gate_right.dim() == 2 and down_left.dim() == 2 and gate_left.dim() == 3  # one basis, G coefficients
-    reloaded = m.load_compressed(out)
-    inputs = model_inputs("mixtral")
-    with torch.no_grad():
-        want, got = compressed.model.eval()(**inputs).logits, reloaded(**inputs).logits
-    assert torch.equal(got, want)
-    # the factors stand for dense weights: G dense groups with those weights give the same logits
-    for layer in compressed_layers(reloaded):
-        dense = {name: proj.dense_weight() for name, proj in layer.projections.items()}
-        layer.projections = torch.nn.ModuleDict({
-            name: m.GroupedLowRankExperts.from_dense(layer.layout, [
-                {n: dense[n][g] for n in dense} for g in range(layer.num_groups)]).projections[name]
-            for name in dense})
-    with torch.no_grad():
-        assert torch.allclose(reloaded(**inputs).logits, want, rtol=1e-4, atol=1e-5)
+    assert_reloads_and_stands_for_dense(compressed, out)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
@@ -128,12 +113,7 @@ def test_exported_graph_matches_load_compressed(family, tiny_dirs, tmp_path):
     sparse = 0.1 if family == "mixtral" else 0.0
     low_rank = "activation-aware" if family in ("mixtral", "olmoe") else "svd"
     recipe = m.CompressionRecipe(sparse_keep=sparse, low_rank=low_rank, **SHARED)
-    m.compress_model(tiny_dirs[family], tmp_path / "c", recipe, progress=False)
-    report = m.export_model(tmp_path / "c", tmp_path / "model.onnx")
-    assert report.parity and all(check.max_rel_error < 1e-4 for check in report.parity), report.parity
-    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
-    assert {i.domain: i.version for i in graph.opset_import}[DOMAIN] == SHARED_BASIS_OP_VERSION
-    functions = [f for f in graph.functions if f.domain == DOMAIN]
+    functions = exported_moe_functions(tiny_dirs[family], recipe, tmp_path, SHARED_BASIS_OP_VERSION)
     assert functions and all("sharedright" in f.overload and "sharedleft" in f.overload for f in functions)
 
 
