@@ -146,8 +146,10 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dt
     check_weights(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     return_large_frees_to_os()
-    # use_kernels=False: transformers (5.25) otherwise swaps layers for Hugging Face hub kernels on a GPU,
-    # fetched at run time; we compute, patch for export and compare the modules transformers defines
+    # use_kernels=False: transformers 5.25's from_pretrained defaults it to True when the `kernels` package is
+    # installed (read in its source); on a GPU that swaps layers for hub kernels fetched at run time (its
+    # documented behaviour, not run here: no GPU session loads models). We compute, patch for export and
+    # compare the modules transformers defines
     try:
         if device == "auto":
             auto_class = AutoModelForSeq2SeqLM if adapter.encoder_decoder else AutoModelForCausalLM
