@@ -47,6 +47,8 @@ VARIANTS = {
     # the dense checkpoint quantized at export (mcsmoe-export --quantize int4): G = E groups of one expert,
     # which target ort writes as QMoE (dense int4 blocks) with the weights in external data, as by default
     "ours-int4-all": ("export", dict(quant_scope="all", **INT4)),
+    # symmetric codes (no zero points): the builder's own int4 format
+    "ours-int4-all-sym": ("export", dict(quant_scope="all", quant_symmetric=True, **INT4)),
     "ours-G4-int4-all": ("compress", dict(experts=4, quant_scope="all", **INT4)),
     "ours-G4-r0.25-int4-all": ("compress", dict(experts=4, rank_ratio=0.25, quant_scope="all", **INT4)),
     "ours-G4-int4-emb": ("compress", dict(experts=4, quant_scope="all+embeddings", **INT4)),

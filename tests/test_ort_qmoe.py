@@ -126,7 +126,8 @@ def test_removed_experts_and_shared_groups_route_exactly(tiny_dirs, tmp_path):
             e2g = node.inputs[2]
             e2g.const_value = ir.Tensor(np.array([0, 0, 0, 0, 1, -1, 2, 3], np.int64), name=e2g.name)
     ir.save(model, ours)
-    fused = GraphPassManager(ort_qmoe_passes())(ir.load(ours)).model
+    # float32 compute (the session entry below reaches only the MatMulNBits onnxruntime fuses itself)
+    fused = GraphPassManager(ort_qmoe_passes(accuracy_level=0))(ir.load(ours)).model
     assert [f.routing for f in plan_qmoe(ir.load(ours))] == ["group-weights"] * LAYERS
     qmoe = tmp_path / "qmoe.onnx"
     ir.save(fused, qmoe)

@@ -21,6 +21,8 @@ from mcsmoe_deploy.grouped_experts import ProjectionSpec
 from mcsmoe_deploy.models.base import SOFTMAX_TOPK_NORM
 from mcsmoe_deploy.onnx_header import load_without_weight_bytes
 
+from conftest import LAYERS
+
 H, I, E, G = 16, 24, 4, 2
 
 
@@ -142,23 +144,31 @@ def test_default_int4_export_is_qmoe_experts_with_external_data(tiny_dirs, tmp_p
     assert sorted(p.name for p in fp32.parent.iterdir()) == ["fp32.onnx"]
 
 
-def test_merged_int4_blocks_stay_matmul_nbits_with_external_data(tiny_dirs, tmp_path):
-    """Merged groups (G < E) keep MatMulNBits under target ort (QMoE decodes them slower); int8 experts
-    too (QMoE has no float32 int8 kernel); both are written with external data by default."""
+def test_merged_int4_blocks_are_qmoe_low_rank_and_int8_stay_matmul_nbits(tiny_dirs, tmp_path):
+    """Under target ort, merged int4 groups (G < E) become QMoE too (at accuracy level 4 it decodes them
+    faster than the op's body as MatMulNBits); low-rank int4 blocks and int8 experts (QMoE has no float32
+    int8 kernel) keep MatMulNBits. All are written with external data by default, their quantized kernels
+    at the export's accuracy level."""
     import mcsmoe_deploy as m
 
-    recipe = m.CompressionRecipe(experts=4, quantize="int4", quant_block=16, max_calib_tokens=512, calib_seq_len=32)
-    merged = m.compress_model(tiny_dirs["mixtral"], tmp_path / "g4", recipe, progress=False) or tmp_path / "g4"
-    for name, source, options in (("merged", tmp_path / "g4", {}),
-                                  ("int8", tiny_dirs["mixtral"], dict(quantize="int8", quant_block=16))):
+    calib = dict(quantize="int4", quant_block=16, max_calib_tokens=512, calib_seq_len=32)
+    for name, recipe in (("g4", dict(experts=4)), ("g4r", dict(experts=4, rank_ratio=0.5))):
+        m.compress_model(tiny_dirs["mixtral"], tmp_path / name, m.CompressionRecipe(**recipe, **calib), progress=False)
+    cases = (("merged", tmp_path / "g4", {}, "QMoE"), ("merged-acc0", tmp_path / "g4", dict(accuracy_level=0), "QMoE"),
+             ("low-rank", tmp_path / "g4r", {}, "MatMulNBits"),
+             ("int8", tiny_dirs["mixtral"], dict(quantize="int8", quant_block=16), "MatMulNBits"))
+    for name, source, options, experts_as in cases:
         out = tmp_path / name / "model.onnx"
         out.parent.mkdir()
         report = m.export_model(source, out, **options)
         assert all(check.max_rel_error < 1e-4 for check in report.parity)
         counts = _op_counts(out)
-        assert counts["QMoE"] == 0 and counts["GroupedLowRankMoE"] == 0 and counts["MatMulNBits"] > 0, counts
+        assert counts["GroupedLowRankMoE"] == 0 and counts["MatMulNBits"] > 0, counts
+        assert counts["QMoE"] == (LAYERS if experts_as == "QMoE" else 0), counts
+        levels = {a.i for node in onnx.load(str(out), load_external_data=False).graph.node
+                  if node.op_type in ("QMoE", "MatMulNBits") for a in node.attribute if a.name == "accuracy_level"}
+        assert levels == {options.get("accuracy_level", 4)}, (name, levels)
         assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
-    del merged
 
 
 def test_one_file_refused_in_one_line_when_the_weights_do_not_fit(tiny_dirs, tmp_path, capsys, monkeypatch):

@@ -11,19 +11,20 @@ from ..compress.recipe import QUANT_SCOPES, QUANTIZATIONS
 from ..errors import ParameterError, UserError
 from ..models.base import ExpertLayout
 from ..quantization import DEFAULT_BLOCK, QuantSpec
+from .passes.matmul_nbits import DEFAULT_ACCURACY_LEVEL
 
 # target name -> what it exports (the CLI's --target help); a new target adds one entry
 TARGET_HELP = {
     "ort": "onnxruntime (default): the GroupedLowRankMoE op, attention as com.microsoft.GroupQueryAttention "
            "(q/k/v packed, rotary inside, or RotaryEmbedding), RMSNorms as (Skip)SimplifiedLayerNormalization; "
-           "quantized weights as com.microsoft.MatMulNBits, dense int4 SwiGLU experts as com.microsoft.QMoE; "
-           "onnxruntime only",
+           "quantized weights as com.microsoft.MatMulNBits, int4 SwiGLU experts that are not low rank (dense or "
+           "merged) as com.microsoft.QMoE; onnxruntime only",
     "portable": "the GroupedLowRankMoE op and standard ONNX ops only: for TensorRT and runtimes other than onnxruntime",
     "mcsmoe": "the former name of 'portable' (accepted, recorded as 'portable')",
     "ort-fused": "dense SwiGLU checkpoints only: experts as onnxruntime's com.microsoft.MoE, a baseline",
     "ort-qmoe": "quantized checkpoints whose experts are dense SwiGLU (mcsmoe compress --quantize int4|int8, merged "
-                "or not, no low rank): experts as onnxruntime's com.microsoft.QMoE (int4 exact; int8 runs with int8 "
-                "activations, ~1%% error), attention and norms fused as in 'ort'",
+                "or not, no low rank): experts as onnxruntime's com.microsoft.QMoE (int4 at --accuracy-level; int8 always "
+                "runs with int8 activations, ~1%% error), attention and norms fused as in 'ort'",
 }
 TARGETS = tuple(TARGET_HELP)
 TARGET_ALIASES = {"mcsmoe": "portable"}
@@ -32,6 +33,9 @@ TARGET_ALIASES = {"mcsmoe": "portable"}
 # a bf16 graph could neither run nor be validated here
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MIN_OPSET = 18  # the op's function body needs opset 18
+# compute accuracy of the quantized kernels target ort writes (onnxruntime's `accuracy_level`): the default
+# first, 4 = int8-quantized activations, 0 = float32 compute
+ACCURACY_LEVELS = (DEFAULT_ACCURACY_LEVEL, 0)
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,10 @@ class ExportConfig:
         one group each), and validate against that quantized torch model (export_model).
     quant_block, quant_symmetric, quant_scope: as in CompressionRecipe (values per block, zero
         points or not, "all" linear layers but routers and embeddings, "all+embeddings", or "experts" only).
+    accuracy_level: the compute accuracy written on the quantized kernels of targets "ort" and "ort-qmoe"
+        (com.microsoft.MatMulNBits and QMoE): 4 (default, int8-quantized activations: onnxruntime's own
+        default and the fastest) or 0 (float32 compute: exact, slower, and QMoE then holds no packed copy
+        of its weights). A session can still override it (`open_session(..., matmul_accuracy_level=0)`).
     """
 
     target: str = "ort"
@@ -83,6 +91,7 @@ class ExportConfig:
     quant_block: int = DEFAULT_BLOCK
     quant_symmetric: bool = False
     quant_scope: str = "all"
+    accuracy_level: int = ACCURACY_LEVELS[0]
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -107,6 +116,9 @@ class ExportConfig:
             if self.target == "ort-fused":
                 raise UserError("target 'ort-fused' maps dense float experts to com.microsoft.MoE; quantize with "
                                 "target 'ort'")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise ParameterError("accuracy_level", "must be 4 (int8 activations) or 0 (float32 compute), "
+                                                   f"not {self.accuracy_level}")
         if self.quantize is not None and self.dtype != "fp32":
             raise UserError("quantized graphs are fp32 (their scales feed fp32 MatMuls); drop --dtype or --quantize")
         object.__setattr__(self, "passes", tuple(self.passes))
@@ -172,14 +184,15 @@ class ExportConfig:
         elif self.target == "ort-qmoe":
             from .passes.ort_qmoe import ort_qmoe_passes
 
-            target_passes = ort_qmoe_passes()
+            target_passes = ort_qmoe_passes(accuracy_level=self.accuracy_level)
         if self.target == "ort":
             from .passes.ort_moe import FuseMoEForOrtPass
             from .passes.ort_qmoe import ort_qmoe_passes
 
-            # dense float32 SwiGLU blocks as MoE, dense int4 ones as QMoE: onnxruntime's kernels run the
-            # picked experts in place (QMoE also holds no packed copy of its weights)
-            target_passes += [FuseMoEForOrtPass(dense_float_only=True), *ort_qmoe_passes(dense_int4_only=True)]
+            # dense float32 SwiGLU blocks as MoE, int4 dense-expert blocks (merged too) as QMoE: onnxruntime's
+            # kernels run the picked experts in place, faster than the op's body
+            target_passes += [FuseMoEForOrtPass(dense_float_only=True),
+                              *ort_qmoe_passes(int4_only=True, accuracy_level=self.accuracy_level)]
         if self.fuses_ort:
             from .passes.matmul_nbits import MatMulNBitsPass
             from .passes.moe_reshapes import SkipMoEReshapesPass
@@ -188,7 +201,8 @@ class ExportConfig:
             from .passes.skip_norm import SkipNormFusionPass
 
             # packing q/k/v concatenates DequantizeLinear weights, which MatMulNBitsPass then rewrites
-            target_passes += [SkipMoEReshapesPass(), PackedQKVPass(), SkipNormFusionPass(), MatMulNBitsPass(),
+            target_passes += [SkipMoEReshapesPass(), PackedQKVPass(), SkipNormFusionPass(),
+                              MatMulNBitsPass(self.accuracy_level),
                               FuseSiblingMatMulNBitsPass()]
         return [StripTraceMetadataPass(), *target_passes, *self.passes]
 

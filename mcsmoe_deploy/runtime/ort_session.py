@@ -76,27 +76,31 @@ def _config_entry(options, key: str) -> str | None:
 
 
 def _with_accuracy_level(path: Path, header, level: str | None) -> str | bytes:
-    """What InferenceSession should load: `path`, or, when the session asks for MatMulNBits accuracy `level`
-    and the graph holds MatMulNBits nodes written at another (target ort writes them, see
-    exporters/passes/matmul_nbits.py; the session entry only reaches nodes onnxruntime fuses itself),
-    the graph's bytes with their `accuracy_level` set to `level`. Parity checks use this (level 0); it
-    holds the weights in Python once more while the session loads."""
+    """What InferenceSession should load: `path`, or, when the session asks for accuracy `level` and the
+    graph holds quantized kernels (MatMulNBits, QMoE) written at another (target ort writes them, see
+    exporters/passes/matmul_nbits.py and ort_qmoe.py; the session entry only reaches MatMulNBits nodes
+    onnxruntime fuses itself), the graph's bytes with their `accuracy_level` set to `level`. Parity checks
+    use this (level 0); it holds the weights in Python once more while the session loads."""
     import onnx
 
-    def nbits(graph) -> list:
-        return [n for n in graph.node if n.op_type == "MatMulNBits" and n.domain == "com.microsoft"]
+    def quantized(graph) -> list:
+        return [n for n in graph.node if n.op_type in QUANTIZED_KERNELS and n.domain == "com.microsoft"]
 
-    if level is None or all(a.i == int(level) for n in nbits(header.graph) for a in n.attribute
-                            if a.name == "accuracy_level"):
+    def written(node) -> int:  # an unset attribute is onnxruntime's 0
+        return next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
+
+    if level is None or all(written(n) == int(level) for n in quantized(header.graph)):
         return str(path)
     model = onnx.load(str(path))
-    for node in nbits(model.graph):
-        for attribute in node.attribute:
-            if attribute.name == "accuracy_level":
-                attribute.i = int(level)
+    for node in quantized(model.graph):
+        kept = [a for a in node.attribute if a.name != "accuracy_level"]
+        del node.attribute[:]
+        node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", int(level))])
     return model.SerializeToString()
 
 
+# the com.microsoft kernels of quantized weights that take an `accuracy_level` attribute
+QUANTIZED_KERNELS = ("MatMulNBits", "QMoE")
 # onnxruntime's DequantizeLinear + MatMul -> MatMulNBits fusion picks this compute accuracy by default:
 # 4 (int8-quantized activations, ~0.5% relative error); 0 computes in float32 (exact up to rounding)
 MATMUL_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
@@ -106,8 +110,9 @@ INITIALIZERS_OUTSIDE_ARENA_KEY = "session.use_device_allocator_for_initializers"
 def session_options(threads: int | None = None, opt_level: str = "all", optimized_model_path: str | Path | None = None,
                     matmul_accuracy_level: int | None = None):
     """SessionOptions: intra-op threads (None: onnxruntime's default), graph optimisation level,
-    where to save the optimised graph (None: not saved), and the accuracy level of fused quantized
-    MatMuls (None: onnxruntime's default, fastest; 0: float32 compute, what parity checks use).
+    where to save the optimised graph (None: not saved), and the accuracy level of quantized kernels
+    (None: as the graph says, and onnxruntime's default 4 for the MatMulNBits it fuses itself; 0: float32
+    compute, what parity checks use; `load_session` rewrites MatMulNBits and QMoE nodes written at another).
     Initializers are allocated outside the CPU arena (benchmarks/results/session-memory.md)."""
     import onnxruntime as ort
 
@@ -134,8 +139,8 @@ class OrtDecoderSession(DecoderSession):
 
     provider: "cpu", "cuda" or None/"auto"; threads: intra-op threads; opt_level:
     disable | basic | extended | all; optimized_model_path: also save the optimised graph;
-    matmul_accuracy_level: compute accuracy of quantized MatMuls onnxruntime fuses to MatMulNBits
-    (None: its default 4, int8 activations, fastest; 0: float32, exact parity with load_compressed).
+    matmul_accuracy_level: compute accuracy of the quantized kernels (MatMulNBits, QMoE; None: as
+    written, 4 by default, int8 activations, fastest; 0: float32, exact parity with load_compressed).
     """
 
     backend = "ort"

@@ -17,9 +17,13 @@ in tests/test_ort_qmoe.py):
   then always divides the k probabilities by their sum, whatever `normalize_routing_weights`
   says; only with the optional `router_weights` input and `normalize_routing_weights=0` does it
   use the gathered `router_weights` values as they are.
-- Arithmetic: int4 with `accuracy_level=0` computes in float32 (parity ~3e-7 relative); blockwise
-  int8 has no float32 kernel and quantizes activations to int8 at every level (~1% relative error
-  on an MoE block's output).
+- Arithmetic: int4 with `accuracy_level=0` computes in float32 (parity ~3e-7 relative); at 4 (what
+  the pass writes by default, as for MatMulNBits) it quantizes activations to int8 per block and
+  runs MLAS's int8 kernels: about 1.5x faster decode on the benchmarks' 330 MB Mixtral, ~2% relative
+  error on its logits, and a packed copy with per-block sums (~0.4 byte more per weight in the session;
+  benchmarks/results/session-memory.md). Sessions opened with matmul_accuracy_level=0 (parity checks)
+  rewrite the attribute. Blockwise int8 has no float32 kernel and quantizes activations to int8 at
+  every level (~1% relative error on an MoE block's output).
 
 Two routings, both exact:
 
@@ -48,6 +52,7 @@ import onnx_ir as ir
 from ...quantization import QuantSpec
 from ..initializers import add_initializer, pack_unsigned, unique_name
 from ..ort_ops import ORT_DOMAIN
+from .matmul_nbits import DEFAULT_ACCURACY_LEVEL
 from .requirements import mapping_refused, moe_nodes, overload_fields, planned_moe_nodes, require_moe_weights
 
 _initializer = functools.partial(add_initializer, unique=True)  # routing constants are named per block
@@ -215,34 +220,35 @@ class FuseQMoEPass(ir.passes.InPlacePass):
     (`plan_qmoe`), so a ValueError leaves the model unchanged. Per node: fc1 = gate and up
     codes interleaved [G, 2I, H * bits / 8], fc2 = down [G, H, I * bits / 8], their scales
     [G, N, K / block] (and zero points when asymmetric) as new initializers; k, SwiGLU as
-    plain silu(gate) * up, expert_weight_bits, block_size, accuracy_level 0 (float32 compute
-    for int4), weights_prepacked 0 (the raw layout). Routing as the module docstring says.
+    plain silu(gate) * up, expert_weight_bits, block_size, `accuracy_level` (module docstring),
+    weights_prepacked 0 (the raw layout). Routing as the module docstring says.
     The replaced inputs, functions and the ai.mcsmoe import are left for the unused-removal
     passes (see `ort_qmoe_passes`).
 
     Memory: one block at a time, its codes unpacked to one byte each while repacked; the new
     tensors hold as many bytes as the per-group inputs they replace.
 
-    dense_int4_only: rewrite only the nodes that are dense blocks (routing "logits": G = E, identity
-    grouping, renormalised top-k) of int4 experts, and leave every other node as it is instead of
-    refusing it. Target "ort" does this (`ExportConfig.graph_passes`): onnxruntime opens such a
-    QMoE node with no copy of its weights, where MatMulNBits at accuracy level 4 holds a packed
-    copy with per-block sums (~1.7x the bytes on disk, benchmarks/results/session-memory.md), at
-    the same decode speed; merged blocks stay MatMulNBits, which decodes them faster than QMoE.
+    int4_only: rewrite only the int4 blocks of dense SwiGLU experts (dense or merged, either routing)
+    and leave every other node as it is instead of refusing it. Target "ort" does this
+    (`ExportConfig.graph_passes`): at accuracy level 4 QMoE decodes such blocks faster than the op's
+    body as MatMulNBits (merged G=4 of the 330 MB benchmark model: 0.77x against 0.93x the builder's
+    int4; benchmarks/results/quantized-decode.md); low-rank and float blocks stay the op, int8 ones too
+    (QMoE's int8 kernel always quantizes activations).
     """
 
-    def __init__(self, dense_int4_only: bool = False):
+    def __init__(self, int4_only: bool = False, accuracy_level: int = DEFAULT_ACCURACY_LEVEL):
         super().__init__()
-        self.dense_int4_only = dense_int4_only
+        self.int4_only = int4_only
+        self.accuracy_level = accuracy_level
 
     def _plan(self, model: ir.Model) -> list[tuple[ir.Node, QMoEFusion]]:
-        """The nodes to rewrite and their plans; all of them, or (dense_int4_only) the qualifying ones
+        """The nodes to rewrite and their plans; all of them, or (int4_only) the qualifying ones
         (others, e.g. low rank or float, stay the op, then MatMulNBits)."""
-        dense_int4 = (lambda plan: plan.routing == "logits" and plan.quant.bits == 4) if self.dense_int4_only else None
-        return planned_moe_nodes(model.graph, _plan_node, dense_int4)
+        int4 = (lambda plan: plan.quant.bits == 4) if self.int4_only else None
+        return planned_moe_nodes(model.graph, _plan_node, int4)
 
     def requires(self, model: ir.Model) -> None:
-        require_moe_weights(model, type(self).__name__, selective=self.dense_int4_only)
+        require_moe_weights(model, type(self).__name__, selective=self.int4_only)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -270,7 +276,7 @@ class FuseQMoEPass(ir.passes.InPlacePass):
                     ir.AttrFloat32("activation_beta", 0.0),
                     ir.AttrInt64("expert_weight_bits", fusion.quant.bits),
                     ir.AttrInt64("block_size", fusion.quant.block),
-                    ir.AttrInt64("accuracy_level", 0),
+                    ir.AttrInt64("accuracy_level", self.accuracy_level),
                     ir.AttrInt64("weights_prepacked", 0),
                 ],
                 num_outputs=len(node.outputs),
@@ -283,12 +289,13 @@ class FuseQMoEPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(planned))
 
 
-def ort_qmoe_passes(dense_int4_only: bool = False) -> list[ir.passes.PassBase]:
-    """The fusion (see FuseQMoEPass for `dense_int4_only`) and the clean-up after it: replaced weights,
-    the op's functions and its opset import go."""
+def ort_qmoe_passes(int4_only: bool = False, accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+                    ) -> list[ir.passes.PassBase]:
+    """The fusion (see FuseQMoEPass for `int4_only` and `accuracy_level`) and the clean-up after it:
+    replaced weights, the op's functions and its opset import go."""
     from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
-    return [FuseQMoEPass(dense_int4_only), RemoveUnusedNodesPass(), RemoveUnusedFunctionsPass(),
+    return [FuseQMoEPass(int4_only, accuracy_level), RemoveUnusedNodesPass(), RemoveUnusedFunctionsPass(),
             RemoveUnusedOpsetsPass()]
 
 
