@@ -136,11 +136,13 @@ def test_export_quantizes_a_dense_checkpoint_and_validates_against_it(tiny_dirs,
     (report,) = reports
     assert report.parity and all(check.max_rel_error < 1e-4 for check in report.parity)
     graph = onnx.load(str(out), load_external_data=False)
-    # MatMulNBits as written (target ort), with zero points: 8 experts x 2 layers x (gate and up as one, down),
-    # and the 17 other linear layers as 9: per layer q/k/v packed, o, the shared expert's gate, up and gate
-    # (one activation: one node), its down; the LM head
+    # as written (target ort), with zero points: the routed experts one QMoE per layer (group-weights routing:
+    # Qwen2-MoE does not renormalise its top-k), and the 17 other linear layers as 9 MatMulNBits: per layer
+    # q/k/v packed, o, the shared expert's gate, up and gate (one activation: one node), its down; the LM head
     nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 8 * 2 * 2 + 2 * 4 + 1 and all(len(n.input) == 4 for n in nbits)
+    assert len(nbits) == 2 * 4 + 1 and all(len(n.input) == 4 for n in nbits)
+    qmoe = [n for n in graph.graph.node if n.op_type == "QMoE"]
+    assert len(qmoe) == 2 and all(n.input[11] and n.input[12] for n in qmoe)  # fc1, fc2 zero points
     assert not Counter(t.data_type for t in graph.graph.initializer)[onnx.TensorProto.UINT4]
     assert Counter(n.op_type for n in _optimized_graph(out, tmp_path).graph.node)["MatMulNBits"] == len(nbits)
 
