@@ -144,6 +144,23 @@ def test_default_int4_export_is_qmoe_experts_with_external_data(tiny_dirs, tmp_p
     assert sorted(p.name for p in fp32.parent.iterdir()) == ["fp32.onnx"]
 
 
+def test_float_export_past_the_large_weights_size_goes_to_external_data(tiny_dirs, tmp_path, monkeypatch):
+    """Float weights past LARGE_WEIGHTS_BYTES (64 MiB; lowered here below the tiny model's size) go to
+    OUT.onnx.data by default (onnxruntime decodes large fp32 graphs faster from the mapped file);
+    --no-external-data still writes one file."""
+    import mcsmoe_deploy.exporters.torch_export as torch_export
+    from mcsmoe_deploy.cli import main_export
+
+    assert torch_export.LARGE_WEIGHTS_BYTES == 64 << 20
+    monkeypatch.setattr(torch_export, "LARGE_WEIGHTS_BYTES", 100_000)
+    for folder, flags, files in (("default", [], ["fp32.onnx", "fp32.onnx.data"]),
+                                 ("one", ["--no-external-data"], ["fp32.onnx"])):
+        out = tmp_path / folder / "fp32.onnx"
+        out.parent.mkdir()
+        assert main_export([str(tiny_dirs["mixtral"]), str(out), "--no-validate", "--quiet", *flags]) == 0
+        assert sorted(p.name for p in out.parent.iterdir()) == files
+
+
 def test_merged_int4_blocks_are_qmoe_low_rank_and_int8_stay_matmul_nbits(tiny_dirs, tmp_path):
     """Under target ort, merged int4 groups (G < E) become QMoE too (at accuracy level 4 it decodes them
     faster than the op's body as MatMulNBits); low-rank int4 blocks and int8 experts (QMoE has no float32
@@ -178,6 +195,7 @@ def test_one_file_refused_in_one_line_when_the_weights_do_not_fit(tiny_dirs, tmp
     from mcsmoe_deploy.cli import main
 
     monkeypatch.setattr(torch_export, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(torch_export, "LARGE_WEIGHTS_BYTES", 1000)  # below it, as in a real export
     out = tmp_path / "fp32.onnx"
     assert main(["export", str(tiny_dirs["mixtral"]), str(out), "--no-external-data", "--no-validate",
                  "--quiet"]) == 2

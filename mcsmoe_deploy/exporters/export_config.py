@@ -56,7 +56,7 @@ class ExportConfig:
     external_data: weights in `OUT.onnx.data`: True, False, or None (default) for "when the graph
         holds quantized weights onnxruntime repacks at load (MatMulNBits, QMoE: it memory-maps external
         data and drops the pages it repacked, where embedded bytes stay beside the packed copy), or
-        is over ~1.8 GB"; see `torch_export.default_external_data`.
+        its weights pass 64 MiB"; see `torch_export.default_external_data`.
     opset: the default-domain opset of the traced graph (>= 18).
     force: replace existing outputs (export_model).
     progress: a bar over the stages on stderr (export_model).

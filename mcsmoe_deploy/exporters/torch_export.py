@@ -180,20 +180,27 @@ def _holds_weights(model: ir.Model) -> bool:
 _REPACKED_AT_LOAD = {("com.microsoft", "MatMulNBits"), ("com.microsoft", "QMoE")}
 
 
+# float weights past this many bytes go to the data file by default: onnxruntime memory-maps it, and
+# decodes the 330 MB benchmark Mixtral's fp32 graph ~12% faster than from one file (its MoE kernel
+# reading the mapped weights; cause not traced) while holding less (1.05x against 1.1-1.4x its bytes;
+# benchmarks/results/session-memory.md). The 9 MB embedded graph decodes the same either way.
+LARGE_WEIGHTS_BYTES = 64 << 20
+
+
 def default_external_data(model: ir.Model, weight_bytes: int) -> bool:
     """Whether a graph goes out with its weights in `OUT.onnx.data` when the user did not say: when it
     holds nodes onnxruntime repacks at load (quantized graphs of targets ort and ort-qmoe), or when its
-    `weight_bytes` would not fit in one protobuf (about 1.8 GB)."""
+    `weight_bytes` pass LARGE_WEIGHTS_BYTES (64 MiB; one protobuf holds at most about 1.8 GB)."""
     repacked = any((node.domain, node.op_type) in _REPACKED_AT_LOAD for node in model.graph)
-    return repacked or weight_bytes > EXTERNAL_DATA_THRESHOLD
+    return repacked or weight_bytes > LARGE_WEIGHTS_BYTES
 
 
 def finish_staged(staged: StagedGraph, out_path: str | Path, config: ExportConfig = ExportConfig()) -> onnx.ModelProto:
     """Finish the MoE nodes, run `config.graph_passes()`, check (full_check) and move into `out_path`.
 
-    config.external_data: True keeps the weights in `OUT.onnx.data`; False writes one file;
-    None keeps external data for graphs onnxruntime repacks at load and past about 1.8 GB
-    (protobuf's 2 GB limit): `default_external_data`. The passes run
+    config.external_data: True keeps the weights in `OUT.onnx.data`; False writes one file (refused
+    past about 1.8 GB, protobuf's 2 GB limit); None keeps external data for graphs onnxruntime
+    repacks at load and for weights past 64 MiB: `default_external_data`. The passes run
     on an `ir.Model` whose weights stay in the staged data file: a pass that reads values
     (ort-fused) reads them through a memory map, and a single file is streamed from disk
     (`write_staged_as_one_file`); when a pass made new weights, every weight is streamed
