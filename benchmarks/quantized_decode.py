@@ -34,6 +34,9 @@ import numpy as np
 CONFIG = dict(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
               num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048,
               tie_word_embeddings=False)
+# the issue's "benchmark-size model of ~300M parameters": the same shape, twice as wide (~1.2 GB fp32)
+CONFIG_300M = dict(CONFIG, hidden_size=1024, intermediate_size=2048, num_attention_heads=16, num_key_value_heads=4)
+MODELS = {"330mb": CONFIG, "300m": CONFIG_300M}
 CALIB = dict(max_calib_tokens=2048, calib_seq_len=64)
 INT4 = dict(quantize="int4", quant_block=32)
 # name -> ("compress", CompressionRecipe fields[, ExportConfig fields]) | ("export", ExportConfig fields)
@@ -67,7 +70,7 @@ def _bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if ".inlined" not in p.name)
 
 
-def build_all(work: Path, names: list[str]) -> dict[str, Path]:
+def build_all(work: Path, names: list[str], config: dict = CONFIG) -> dict[str, Path]:
     """The graph of every contestant in `names` (ONNX file, or the builder's folder), built when missing."""
     import mcsmoe_deploy as m
     from benchmarks._genai_peer import build_genai_peer
@@ -75,7 +78,7 @@ def build_all(work: Path, names: list[str]) -> dict[str, Path]:
 
     source = work / "mixtral"
     if not source.exists():
-        save_random_mixtral(source, 0, **CONFIG)
+        save_random_mixtral(source, 0, **config)
     graphs = {}
     for name in [name for name in VARIANTS if name in names]:
         graph, how = work / f"{name}.onnx", VARIANTS[name]
@@ -127,7 +130,7 @@ def perplexities(block: int = 16) -> dict[str, float]:
     return results
 
 
-def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int, prefill: int = 0
+def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int, prefill: int = 0, config: dict = CONFIG
              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """ms per decode step of every contestant, and (prefill > 0) ms per prefill of a `prefill`-token prompt,
     alternating rounds (the same loops for all: _latency)."""
@@ -135,7 +138,7 @@ def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int, pre
     from benchmarks._latency import decode_seconds, open_ours, prefill_seconds, random_prompt, session_options
     from mcsmoe_deploy.runtime.ort_session import MATMUL_ACCURACY_KEY
 
-    c = CONFIG
+    c = config
     head_dim = c["hidden_size"] // c["num_attention_heads"]
     lms = {}
     for name, path in graphs.items():
@@ -176,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefill", type=int, default=0, metavar="N", help="also time prefill of N tokens")
     parser.add_argument("--only", nargs="+", choices=[*VARIANTS, *BUILDERS], default=None,
                         help="time these contestants only (ours-fp32 and builder-int4 are always timed: the ratios)")
+    parser.add_argument("--model", choices=MODELS, default="330mb",
+                        help="the random Mixtral: 330mb (hidden 512, ~80M parameters) or 300m (hidden 1024, ~300M)")
     parser.add_argument("--perplexity", action="store_true", help="print perplexities of the embedded model instead")
     args = parser.parse_args(argv)
     if args.perplexity:
@@ -184,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     args.work.mkdir(parents=True, exist_ok=True)
     names = [*VARIANTS, *BUILDERS] if args.only is None else sorted({"ours-fp32", "builder-int4", *args.only})
-    graphs = build_all(args.work, names)
-    times, prefills = time_all(graphs, args.threads, args.rounds, args.steps, args.prefill)
+    graphs = build_all(args.work, names, MODELS[args.model])
+    times, prefills = time_all(graphs, args.threads, args.rounds, args.steps, args.prefill, MODELS[args.model])
     base, peer = float(np.median(times["ours-fp32"])), float(np.median(times["builder-int4"]))
     print(f"{args.threads} threads, batch 1, {args.rounds} alternating rounds x {args.steps} decode steps, "
           f"load average {os.getloadavg()[0]:.1f}")
