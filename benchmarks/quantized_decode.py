@@ -130,6 +130,47 @@ def perplexities(block: int = 16) -> dict[str, float]:
     return results
 
 
+def graph_perplexities(work: Path, block: int = 16) -> dict[str, float]:
+    """Held-out perplexity of the embedded model's int4 graphs as onnxruntime runs them, at accuracy level 0
+    (float32 compute) and 4 (int8 activations, the export's default): dense int4 (`mcsmoe-export --quantize
+    int4`, experts as QMoE), merged G = E/2 int4 (QMoE) and merged + rank ratio 0.25 (MatMulNBits)."""
+    import mcsmoe_deploy as mc
+    from mcsmoe_deploy.demo import EVAL_SEQ_LEN, embedded_model_dir
+    from mcsmoe_deploy.runtime.ort_session import OrtDecoderSession
+
+    source = embedded_model_dir()
+    heldout = mc.token_blocks(mc.load_tokenizer(source), mc.builtin_corpus("heldout"), EVAL_SEQ_LEN).numpy()
+    dense, adapter = mc.load_model(source)
+    experts = adapter.num_experts(dense.config)
+    del dense
+    int4 = dict(quantize="int4", quant_block=block)
+    graphs = {"dense int4": (source, dict(**int4)),
+              "merged G=E/2 int4": (work / "emb-g", mc.CompressionRecipe(experts=experts // 2, **int4)),
+              "merged G=E/2 r0.25 int4": (work / "emb-gr", mc.CompressionRecipe(experts=experts // 2,
+                                                                               rank_ratio=0.25, **int4))}
+    results = {}
+    for name, (model_dir, how) in graphs.items():
+        graph = work / f"emb-{name.replace(' ', '-').replace('=', '')}.onnx"
+        if isinstance(how, mc.CompressionRecipe) and not model_dir.exists():
+            mc.compress_model(source, model_dir, how, progress=False)
+        if not graph.exists():
+            mc.export_model(model_dir, graph, validate=False, force=True, **({} if isinstance(how, mc.CompressionRecipe)
+                                                                            else how))
+        for level in (0, 4):
+            session = OrtDecoderSession(graph, provider="cpu", matmul_accuracy_level=level)
+            nll = count = 0.0
+            for row in heldout:
+                ids = row[None, :]
+                out = session.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None, :], session.empty_past(1))
+                logits = out.logits[0, :-1].astype(np.float64)
+                logits -= logits.max(-1, keepdims=True)
+                log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+                nll -= log_probs[np.arange(len(row) - 1), row[1:]].sum()
+                count += len(row) - 1
+            results[f"{name} (onnxruntime, level {level})"] = float(np.exp(nll / count))
+    return results
+
+
 def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int, prefill: int = 0, config: dict = CONFIG
              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """ms per decode step of every contestant, and (prefill > 0) ms per prefill of a `prefill`-token prompt,
@@ -182,12 +223,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=MODELS, default="330mb",
                         help="the random Mixtral: 330mb (hidden 512, ~80M parameters) or 300m (hidden 1024, ~300M)")
     parser.add_argument("--perplexity", action="store_true", help="print perplexities of the embedded model instead")
+    parser.add_argument("--graph-perplexity", action="store_true",
+                        help="print perplexities of the embedded model's int4 graphs in onnxruntime at accuracy "
+                             "levels 0 and 4 instead (graphs built in WORK)")
     args = parser.parse_args(argv)
     if args.perplexity:
         for name, value in perplexities().items():
             print(f"{name:30s} held-out perplexity {value:8.3f}")
         return
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.graph_perplexity:
+        for name, value in graph_perplexities(args.work).items():
+            print(f"{name:45s} held-out perplexity {value:8.3f}")
+        return
     names = [*VARIANTS, *BUILDERS] if args.only is None else sorted({"ours-fp32", "builder-int4", *args.only})
     graphs = build_all(args.work, names, MODELS[args.model])
     times, prefills = time_all(graphs, args.threads, args.rounds, args.steps, args.prefill, MODELS[args.model])
