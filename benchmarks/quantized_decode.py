@@ -150,7 +150,7 @@ def graph_perplexities(work: Path, block: int = 16) -> dict[str, float]:
                                                                                rank_ratio=0.25, **int4))}
     results = {}
     for name, (model_dir, how) in graphs.items():
-        graph = work / f"emb-{name.replace(' ', '-').replace('=', '')}.onnx"
+        graph = work / f"emb-{''.join(c if c.isalnum() else '-' for c in name)}.onnx"
         if isinstance(how, mc.CompressionRecipe) and not model_dir.exists():
             mc.compress_model(source, model_dir, how, progress=False)
         if not graph.exists():
