@@ -137,6 +137,7 @@ def graph_perplexities(work: Path, block: int = 16) -> dict[str, float]:
     import mcsmoe_deploy as mc
     from mcsmoe_deploy.demo import EVAL_SEQ_LEN, embedded_model_dir
     from mcsmoe_deploy.runtime.ort_session import OrtDecoderSession
+    from scipy.special import log_softmax
 
     source = embedded_model_dir()
     heldout = mc.token_blocks(mc.load_tokenizer(source), mc.builtin_corpus("heldout"), EVAL_SEQ_LEN).numpy()
@@ -144,27 +145,23 @@ def graph_perplexities(work: Path, block: int = 16) -> dict[str, float]:
     experts = adapter.num_experts(dense.config)
     del dense
     int4 = dict(quantize="int4", quant_block=block)
-    graphs = {"dense int4": (source, dict(**int4)),
-              "merged G=E/2 int4": (work / "emb-g", mc.CompressionRecipe(experts=experts // 2, **int4)),
-              "merged G=E/2 r0.25 int4": (work / "emb-gr", mc.CompressionRecipe(experts=experts // 2,
-                                                                               rank_ratio=0.25, **int4))}
+    # name -> (checkpoint folder to compress into, or None: the dense model quantized at export; recipe fields)
+    graphs = {"dense int4": (None, {}), "merged G=E/2 int4": (work / "emb-g", dict(experts=experts // 2)),
+              "merged G=E/2 r0.25 int4": (work / "emb-gr", dict(experts=experts // 2, rank_ratio=0.25))}
     results = {}
-    for name, (model_dir, how) in graphs.items():
+    for name, (model_dir, recipe) in graphs.items():
         graph = work / f"emb-{''.join(c if c.isalnum() else '-' for c in name)}.onnx"
-        if isinstance(how, mc.CompressionRecipe) and not model_dir.exists():
-            mc.compress_model(source, model_dir, how, progress=False)
+        if model_dir is not None and not model_dir.exists():
+            mc.compress_model(source, model_dir, mc.CompressionRecipe(**recipe, **int4), progress=False)
         if not graph.exists():
-            mc.export_model(model_dir, graph, validate=False, force=True, **({} if isinstance(how, mc.CompressionRecipe)
-                                                                            else how))
+            mc.export_model(model_dir or source, graph, validate=False, force=True, **({} if model_dir else int4))
         for level in (0, 4):
             session = OrtDecoderSession(graph, provider="cpu", matmul_accuracy_level=level)
             nll = count = 0.0
             for row in heldout:
                 ids = row[None, :]
                 out = session.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None, :], session.empty_past(1))
-                logits = out.logits[0, :-1].astype(np.float64)
-                logits -= logits.max(-1, keepdims=True)
-                log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+                log_probs = log_softmax(out.logits[0, :-1].astype(np.float64), axis=-1)
                 nll -= log_probs[np.arange(len(row) - 1), row[1:]].sum()
                 count += len(row) - 1
             results[f"{name} (onnxruntime, level {level})"] = float(np.exp(nll / count))

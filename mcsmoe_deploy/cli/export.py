@@ -9,7 +9,8 @@ from ..exporters.export_config import TARGET_HELP, TARGETS, ExportConfig
 
 
 # ExportConfig field -> its flag, so that an error in the field's own terms names the flag the user typed
-EXPORT_FLAGS = {"quantize": "--quantize", "quant_block": "--quant-block", "quant_scope": "--quantize-scope"}
+EXPORT_FLAGS = {"quantize": "--quantize", "quant_block": "--quant-block", "quant_scope": "--quantize-scope",
+                "accuracy_level": "--accuracy-level"}
 QUANTIZE_SCOPE_HELP = (
     "what --quantize covers: 'all' (default) quantizes every linear layer of a decoder-only model but its routers: "
     "experts, attention q/k/v/o (biases stay float), a shared expert and its gate, and the LM head (the input "

@@ -20,8 +20,8 @@ in tests/test_ort_qmoe.py):
 - Arithmetic: int4 with `accuracy_level=0` computes in float32 (parity ~3e-7 relative); at 4 (what
   the pass writes by default, as for MatMulNBits) it quantizes activations to int8 per block and
   runs MLAS's int8 kernels: about 1.5x faster decode on the benchmarks' 330 MB Mixtral, ~2% relative
-  error on its logits, and a packed copy with per-block sums (~0.4 byte more per weight in the session;
-  benchmarks/results/session-memory.md). Sessions opened with matmul_accuracy_level=0 (parity checks)
+  error on its logits, and a packed copy of the scales with per-block sums (~0.25 byte more per weight
+  in the session; benchmarks/results/session-memory.md). Sessions opened with matmul_accuracy_level=0 (parity checks)
   rewrite the attribute. Blockwise int8 has no float32 kernel and quantizes activations to int8 at
   every level (~1% relative error on an MoE block's output).
 
