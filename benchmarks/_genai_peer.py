@@ -311,7 +311,7 @@ def decode_ms(folders: dict[str, Path], threads: int = 2, steps: int = 32, round
     contestants to the same load on a shared machine, so their ratios are what to read.
     spin: onnxruntime's idle threads spin (its default); False makes them sleep, kinder to a busy machine.
     """
-    from benchmarks._latency import decode_seconds, random_prompt, session_options
+    from benchmarks._latency import decode_seconds, random_prompt, round_order, session_options
 
     lms = {name: open_peer_lm(name, folder, session_options(threads, spin)) for name, folder in folders.items()}
     vocab = min(peer_geometry(folder)[1] for folder in folders.values())
@@ -319,9 +319,9 @@ def decode_ms(folders: dict[str, Path], threads: int = 2, steps: int = 32, round
     samples: dict[str, list[float]] = {name: [] for name in lms}
     for lm in lms.values():
         decode_seconds(lm, prompt, 4)
-    for _ in range(rounds):
-        for name, lm in lms.items():
-            samples[name] += decode_seconds(lm, prompt, steps)
+    for index in range(rounds):
+        for name in round_order(lms, index):
+            samples[name] += decode_seconds(lms[name], prompt, steps)
     return {name: 1000 * np.asarray(values) for name, values in samples.items()}
 
 

@@ -56,7 +56,7 @@ def profile(graph: Path, threads: int, steps: int, prompt_length: int, work: Pat
     """Per-op-type kernel time and node runs of the decode steps of `graph`, plus node counts and wall time."""
     import onnx
 
-    from benchmarks._latency import decode_seconds, open_ours, random_prompt, session_options
+    from benchmarks._latency import decode_seconds, open_ours, random_prompt, round_order, session_options
 
     layers, kv_heads, head_dim, vocab = _geometry(graph)
     options = session_options(threads)
@@ -105,7 +105,7 @@ def report(name: str, result: dict, top: int) -> str:
 
 def wall_times(graphs: list[Path], threads: int, steps: int, prompt_length: int, rounds: int) -> list[float]:
     """p50 ms per decode step of each graph (profiler off), timed in `rounds` alternating rounds."""
-    from benchmarks._latency import decode_seconds, open_ours, random_prompt, session_options
+    from benchmarks._latency import decode_seconds, open_ours, random_prompt, round_order, session_options
 
     lms, prompts = [], []
     for graph in graphs:
@@ -115,9 +115,9 @@ def wall_times(graphs: list[Path], threads: int, steps: int, prompt_length: int,
     samples: list[list[float]] = [[] for _ in graphs]
     for lm, prompt in zip(lms, prompts):
         decode_seconds(lm, prompt, 4)  # warm-up
-    for _ in range(rounds):
-        for lm, prompt, values in zip(lms, prompts, samples):
-            values += decode_seconds(lm, prompt, steps)
+    for index in range(rounds):
+        for graph in round_order(range(len(graphs)), index):
+            samples[graph] += decode_seconds(lms[graph], prompts[graph], steps)
     return [1000 * float(np.median(values)) for values in samples]
 
 

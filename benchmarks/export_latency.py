@@ -39,7 +39,8 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).parent))  # the helpers beside this script
 from _latency import (  # noqa: E402
-    ExportedLM, decode_seconds, greedy, open_ours, open_transformers, prefill_seconds, random_prompt, session_options,
+    ExportedLM, decode_seconds, greedy, open_ours, open_transformers, prefill_seconds, random_prompt, round_order,
+    session_options,
 )
 from _latency_export import EXPORTERS, MODEL_SIZES, ModelSize, build_model  # noqa: E402
 from _latency_report import Samples, format_table, report  # noqa: E402
@@ -218,7 +219,7 @@ def measure(lms: dict[str, ExportedLM], vocab: int, rounds: int, steps: int, dec
     samples = {kind: Samples() for kind in lms}
     kinds = list(lms)
     for r in range(rounds):
-        order = kinds[r % len(kinds):] + kinds[: r % len(kinds)]
+        order = round_order(kinds, r)
         for kind in order:
             round_samples = decode_seconds(lms[kind], short, steps)
             samples[kind].decode += round_samples

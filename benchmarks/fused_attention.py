@@ -78,7 +78,7 @@ def open_lm(name: str, path: Path, options):
 
 
 def measure(graphs: dict[str, Path], vocab: int, threads: int, rounds: int, steps: int, prefill: int):
-    from benchmarks._latency import decode_seconds, greedy, prefill_seconds, random_prompt, session_options
+    from benchmarks._latency import decode_seconds, greedy, prefill_seconds, random_prompt, round_order, session_options
 
     lms = {name: open_lm(name, path, session_options(threads)) for name, path in graphs.items()}
     prompts = [random_prompt(n, vocab, seed) for seed, n in enumerate((5, 16, 40))]
@@ -89,8 +89,9 @@ def measure(graphs: dict[str, Path], vocab: int, threads: int, rounds: int, step
     for lm in lms.values():
         decode_seconds(lm, short, 4)
         prefill_seconds(lm, long)
-    for _ in range(rounds):
-        for name, lm in lms.items():
+    for index in range(rounds):
+        for name in round_order(lms, index):
+            lm = lms[name]
             decode[name] += decode_seconds(lm, short, steps)
             prefills[name].append(prefill_seconds(lm, long))
     return tokens, {n: 1000 * np.median(v) for n, v in decode.items()}, {n: 1000 * np.median(v) for n, v in prefills.items()}

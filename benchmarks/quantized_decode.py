@@ -173,7 +173,8 @@ def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int, pre
     """ms per decode step of every contestant, and (prefill > 0) ms per prefill of a `prefill`-token prompt,
     alternating rounds (the same loops for all: _latency)."""
     from benchmarks._genai_peer import open_peer_lm
-    from benchmarks._latency import decode_seconds, open_ours, prefill_seconds, random_prompt, session_options
+    from benchmarks._latency import (decode_seconds, open_ours, prefill_seconds, random_prompt, round_order,
+                                     session_options)
     from mcsmoe_deploy.runtime.ort_session import MATMUL_ACCURACY_KEY
 
     c = config
@@ -196,11 +197,11 @@ def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int, pre
     prefills: dict[str, list[float]] = {name: [] for name in lms}
     for lm in lms.values():
         decode_seconds(lm, prompt, 4)  # warm-up
-    for _ in range(rounds):
-        for name, lm in lms.items():
-            samples[name] += decode_seconds(lm, prompt, steps)
+    for index in range(rounds):
+        for name in round_order(lms, index):
+            samples[name] += decode_seconds(lms[name], prompt, steps)
             if long_prompt is not None:
-                prefills[name].append(prefill_seconds(lm, long_prompt))
+                prefills[name].append(prefill_seconds(lms[name], long_prompt))
     return _as_ms(samples), _as_ms(prefills)
 
 

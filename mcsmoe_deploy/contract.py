@@ -8,7 +8,7 @@ imports the other. It holds:
   `past_key_values.{i}.key` / `.value` [B, kv_heads, P, head_dim], and returns `logits`
   [B, S, V] and `present.{i}.key` / `.value` [B, kv_heads, P + S, head_dim]; Switch's
   encoder and decoder graphs follow optimum's names (see exporters/switch_export.py);
-- the KV cache's geometry;
+- the KV cache's geometry, and how a graph wants padded batches (`PADDING_SIDE`);
 - where external data lives (`OUT.onnx.data`) and the inlined copy's name;
 - reading a user's graph: one error line when it is missing, unreadable or not ours.
 """
@@ -52,6 +52,11 @@ POSITION_IDS = "position_ids"
 LOGITS = "logits"
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
+# metadata_props key: how a decoder graph wants batches of prompts of different lengths padded. "left"
+# (absent: the default; transformers' convention, the mask says which cache positions are real) or
+# "right" (target ort with GroupQueryAttention: each row's real tokens first, in the batch and in the
+# cache, and the mask is ones for a row's length then zeros; runtime.generation pads accordingly)
+PADDING_SIDE = "mcsmoe.padding_side"
 
 # Switch Transformers: two graphs in one folder
 ENCODER_FILE = "encoder.onnx"

@@ -110,21 +110,26 @@ def test_export_refuses_with_one_line(case, extra, message, compressed_dir, tiny
         assert not out.exists()
 
 
-def test_exported_graph_handles_left_padding_and_single_tokens(compressed_dir, tmp_path):
+@pytest.mark.parametrize(("target", "side"), [("ort", "right"), ("portable", "left")])
+def test_exported_graph_handles_padding_as_its_metadata_says_and_single_tokens(compressed_dir, tmp_path, target,
+                                                                                 side):
     import numpy as np
     import onnxruntime as ort
     import torch
 
     from mcsmoe_deploy import export_model, load_compressed
+    from mcsmoe_deploy.contract import PADDING_SIDE
 
     out = tmp_path / "model.onnx"
-    export_model(compressed_dir, out, with_past=False, validate=False)
+    export_model(compressed_dir, out, with_past=False, validate=False, target=target)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map.get(PADDING_SIDE, "left") == side
     model = load_compressed(compressed_dir)
     generator = torch.Generator().manual_seed(3)
     padded = torch.randint(1, 256, (2, 7), generator=generator)
     mask = torch.ones_like(padded)
-    mask[0, :3] = 0
+    mask[0, -3:] = 0 if side == "right" else 1
+    mask[0, :3] = 0 if side == "left" else 1
     single = torch.randint(1, 256, (3, 1), generator=generator)
     for ids, attention in [(padded, mask), (single, torch.ones_like(single))]:
         with torch.no_grad():

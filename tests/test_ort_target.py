@@ -1,6 +1,7 @@
 """Export target 'ort': attention as GroupQueryAttention + RotaryEmbedding, RMSNorms as (Skip)SimplifiedLayerNormalization.
 
-Every decoder family against the torch reference (prefill, decode, a left-padded batch) and
+Every decoder family against the torch reference (prefill, decode, a padded batch: right-padded for
+the fused graph, left for the portable one) and
 against its own portable graph; what onnxruntime's optimizer leaves; per-module fallback; the
 residual-Add fold; what refuses the fused graph (TensorRT preparation).
 """
@@ -16,11 +17,11 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import LAYERS, save_tiny, tiny_model
+from padded_batches import padded_batch_errors
 
 import mcsmoe_deploy as m
 from mcsmoe_deploy.exporters.passes.skip_norm import SkipNormFusionPass
 from mcsmoe_deploy.runtime import GenerationConfig, generate, open_session
-from mcsmoe_deploy.runtime.generation import left_pad
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
@@ -94,26 +95,14 @@ def test_float_experts_are_per_group_initializers_the_body_does_not_slice(fused)
         assert len(node.input) == 6 and all(len(stacked[name]) == 3 for name in node.input[3:])  # [G, out, in]
 
 
-def test_left_padded_batch_matches_torch_and_the_portable_graph(fused, tiny_dirs):
+def test_padded_batches_match_torch_each_padded_as_its_graph_says(fused, tiny_dirs):
     family, _, root = fused
     model, _ = m.load_model(tiny_dirs[family], device="cpu")
-    ids, mask, positions = left_pad([[5, 17, 99, 3, 250, 41, 9], [7, 8, 9]], 0)
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(positions), use_cache=True)
-        step = model(input_ids=torch.tensor([[11], [12]]), attention_mask=torch.tensor(np.pad(mask, ((0, 0), (0, 1)),
-                     constant_values=1)), position_ids=torch.tensor(positions[:, -1:] + 1),
-                     past_key_values=out.past_key_values, use_cache=True)
-    real = mask.astype(bool)
-    for name in ("ort.onnx", "portable.onnx"):
+    for name, side in (("ort.onnx", "right"), ("portable.onnx", "left")):
         session = open_session(root / name, "ort", threads=1)
-        first = session.step(ids, mask, positions, session.empty_past(2))
-        expected = out.logits.numpy()
-        assert np.abs(first.logits - expected)[real].max() <= 1e-4 * np.abs(expected).max()
-        second = session.step(np.array([[11], [12]]), np.pad(mask, ((0, 0), (0, 1)), constant_values=1),
-                              positions[:, -1:] + 1, first.past)
-        expected = step.logits.numpy()
-        assert np.abs(second.logits - expected).max() <= 1e-4 * np.abs(expected).max()
+        assert session.padding_side == side
+        prefill, decode = padded_batch_errors(session, model)
+        assert prefill <= 1e-4 and decode <= 1e-4, (name, prefill, decode)
 
 
 def test_greedy_tokens_equal_the_portable_graphs(fused):
@@ -123,6 +112,10 @@ def test_greedy_tokens_equal_the_portable_graphs(fused):
     tokens = [generate(open_session(root / name, "ort", threads=1), [p], config).tokens
               for p in prompts for name in ("ort.onnx", "portable.onnx")]
     assert tokens[0::2] == tokens[1::2]
+    # one padded batch (right-padded for the fused graph, left for the portable one): each row as alone
+    batched = [generate(open_session(root / name, "ort", threads=1), prompts, config).tokens
+               for name in ("ort.onnx", "portable.onnx")]
+    assert batched[0] == batched[1] == [t[0] for t in tokens[0::2]]
 
 
 def _optimized_ops(path, out) -> Counter:
@@ -179,7 +172,7 @@ def test_patched_modules_compute_what_transformers_does_in_torch(family):
     model = tiny_model(family).eval()
     ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    mask[0, :2] = 0
+    mask[0, -2:] = 0  # a right-padded row, as the fused graph reads batches
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits

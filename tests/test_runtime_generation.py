@@ -8,7 +8,8 @@ import torch
 
 import mcsmoe_deploy as m
 from mcsmoe_deploy.runtime import GenerationConfig, generate, open_session, pick_tokens
-from mcsmoe_deploy.runtime.generation import left_pad
+from mcsmoe_deploy.runtime.generation import left_pad, right_pad
+from mcsmoe_deploy.runtime.parity import decoder_logits
 
 RECIPE = dict(experts=3, rank_ratio=0.5, sparse_keep=0.1, max_calib_tokens=1024, calib_seq_len=32)
 PROMPTS = [[5, 17, 99, 3, 250, 41], [7, 8, 9]]
@@ -88,6 +89,27 @@ def test_left_pad_positions_count_real_tokens():
     np.testing.assert_array_equal(ids, [[4, 5, 6], [0, 0, 9]])
     np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1]])
     np.testing.assert_array_equal(positions, [[0, 1, 2], [0, 0, 0]])
+
+
+def test_right_pad_puts_each_rows_tokens_first():
+    ids, mask, positions = right_pad([[4, 5, 6], [9]], pad_token_id=0)
+    np.testing.assert_array_equal(ids, [[4, 5, 6], [9, 0, 0]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1], [1, 0, 0]])
+    np.testing.assert_array_equal(positions, [[0, 1, 2], [0, 0, 0]])
+
+
+def test_kept_logits_are_left_padded_whatever_side_the_session_pads(model_pair):
+    """The fused graph pads right, torch left: every step's kept logits agree at the real positions."""
+    model_dir, graph = model_pair
+    ort_session, torch_session = open_session(graph, "ort", threads=1), open_session(model_dir, "torch")
+    assert (ort_session.padding_side, torch_session.padding_side) == ("right", "left")
+    continuation = np.array([[11, 12], [13, 14]])
+    got, want = (decoder_logits(s, PROMPTS, continuation) for s in (ort_session, torch_session))
+    real = left_pad(PROMPTS, 0)[1].astype(bool)
+    assert len(got) == len(want) == 3 and got[0].shape == want[0].shape
+    assert np.abs(got[0] - want[0])[real].max() <= 1e-4 * np.abs(want[0]).max()
+    for step, expected in zip(got[1:], want[1:]):
+        assert np.abs(step - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize(

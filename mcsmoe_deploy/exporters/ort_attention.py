@@ -10,18 +10,17 @@ While `ort_modules_fused(model)` is active:
   then its o_proj. (After tracing, `passes.packed_qkv` packs the three projections into one and moves
   the rotary into GroupQueryAttention where the layer allows.)
 
-GroupQueryAttention reads padding from `seqlens_k` (right padding only); our runtime left-pads
-batches. So every row is given the full length (seqlens_k = P+S-1, query_seqlens = S) and the
-2-D attention_mask becomes an additive bias [B, 1, S, P+S] (0 or the dtype's minimum) on top of
-the kernel's causal mask: left and right padding both mask as transformers does, and present
-keeps the [B, kv_heads, P+S, head_dim] layout of the portable graph. Rows of padding tokens
-(attending to nothing) differ from transformers; no real token reads them.
-These per-graph tensors are computed once, in a forward pre-hook of the model, from its
-`attention_mask` and `input_ids`.
+GroupQueryAttention reads padding from `seqlens_k`: rows are right-padded, each holding its real
+tokens first, in the batch and in the cache (onnxruntime's layout, and onnxruntime-genai's). So the
+graph reads only each row's length from the 2-D attention_mask (seqlens_k = ReduceSum(mask) - 1,
+total_sequence_length = the mask's width, P + S) and the kernel masks the rest: no additive bias.
+The runtime pads such a graph's batches on the right (`mcsmoe.padding_side` = "right" in its
+metadata, see runtime.generation); the portable graph keeps transformers' left padding.
 
 Sliding-window layers (Mixtral/Qwen3-MoE `sliding_window`, Qwen2-MoE's sliding layer types) get
 GroupQueryAttention's `local_window_size` (see `local_window`).
-A module that does not fit keeps its transformers forward (`FusionPlan.kept` says why): rotary
+When one attention module does not fit, every attention module keeps its transformers forward
+(`FusionPlan.kept` says why; one graph cannot mix the two padding conventions): rotary
 that depends on the sequence length (rope "dynamic"/"longrope"), cos/sin that are not two equal
 halves, or a module without q/k/v/o projections.
 """
@@ -62,18 +61,12 @@ class _GraphInputs:
     """Per-forward tensors every fused attention reads (set by the model's pre-hook)."""
 
     def __init__(self) -> None:
-        self.seqlens_k = self.total_length = self.bias = self.query_lengths = None
+        self.seqlens_k = self.total_length = None
 
-    def prepare(self, attention_mask: torch.Tensor, seq_len_like: torch.Tensor, dtype: torch.dtype) -> None:
-        """attention_mask [B, P+S] (1 = token, 0 = padding); seq_len_like: any [B, S, ...] tensor of the step."""
-        lengths = torch.ones_like(attention_mask, dtype=torch.int32).sum(1, dtype=torch.int32)  # [B] P+S
-        self.seqlens_k = lengths - 1
-        self.total_length = lengths[0]
-        self.query_lengths = torch.ones_like(seq_len_like[:, :, 0] if seq_len_like.dim() > 2 else seq_len_like,
-                                             dtype=torch.int32).sum(1, dtype=torch.int32)
-        blocked = (1 - attention_mask.to(dtype)) * torch.finfo(dtype).min  # [B, P+S]
-        seq = seq_len_like.shape[1]
-        self.bias = blocked[:, None, None, :].expand(-1, 1, seq, -1)
+    def prepare(self, attention_mask: torch.Tensor) -> None:
+        """attention_mask [B, P+S] of right-padded rows (1 = token, 0 = padding)."""
+        self.seqlens_k = (attention_mask.sum(1) - 1).to(torch.int32)  # [B] real positions - 1
+        self.total_length = torch.scalar_tensor(attention_mask.shape[1], dtype=torch.int32)
 
 
 def _rotary_caches(model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | str:
@@ -149,8 +142,7 @@ def _fused_attention_forward(inputs: _GraphInputs, cos: torch.Tensor, sin: torch
         else:
             past_k = past_v = hidden_states.new_zeros(batch, kv_heads, 0, head_dim)
         out, present_k, present_v = torch.ops.mcsmoe_ort.gqa(
-            q, k, v, past_k, past_v, inputs.seqlens_k, inputs.total_length, inputs.bias, inputs.query_lengths,
-            heads, kv_heads, float(self.scaling), local_window(config, self.layer_idx),
+            q, k, v, past_k, past_v, inputs.seqlens_k, inputs.total_length, heads, kv_heads, float(self.scaling), local_window(config, self.layer_idx),
         )
         if layer is not None:  # the caller reads presents from the cache, as after cache.update
             layer.keys, layer.values = present_k, present_v
@@ -176,8 +168,8 @@ def _is_attention(name: str, module: torch.nn.Module) -> bool:
 def ort_modules_fused(model: torch.nn.Module):
     """Within the block, fitting attention and RMSNorm modules trace to onnxruntime's fused ops; yields the FusionPlan.
 
-    The model must be a transformers decoder called with keyword `attention_mask` (2-D) and
-    `input_ids` or `inputs_embeds` (the export wrappers do); see the module docstring.
+    The model must be a transformers decoder called with keyword `attention_mask` (2-D, right-padded
+    rows; the export wrappers do); see the module docstring.
     """
     plan = FusionPlan()
     dtype = next(model.parameters()).dtype
@@ -192,24 +184,24 @@ def ort_modules_fused(model: torch.nn.Module):
 
     def prepare(_module, args, kwargs):
         mask = kwargs.get("attention_mask")
-        step = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if mask is None or step is None or mask.dim() != 2:
-            raise RuntimeError("the fused export calls the model with keyword input_ids and a 2-D attention_mask")
-        inputs.prepare(mask, step, dtype)
+        if mask is None or mask.dim() != 2:
+            raise RuntimeError("the fused export calls the model with a keyword 2-D attention_mask")
+        inputs.prepare(mask)
 
+    attention = {name: caches if isinstance(caches, str) else _why_not_attention(module)
+                 for name, module in model.named_modules() if _is_attention(name, module)}
+    unfit = next((why for why in attention.values() if why is not None), None)
     hook = model.register_forward_pre_hook(prepare, with_kwargs=True)
     try:
         for name, module in model.named_modules():
             if _is_rms_norm(module):
                 patch(module, _norm_forward)
                 plan.norms.append(name)
-            elif _is_attention(name, module):
-                why = caches if isinstance(caches, str) else _why_not_attention(module)
-                if why is None:
-                    patch(module, _fused_attention_forward(inputs, *caches))
-                    plan.attention.append(name)
-                else:
-                    plan.kept[name] = why
+            elif name in attention and unfit is None:
+                patch(module, _fused_attention_forward(inputs, *caches))
+                plan.attention.append(name)
+            elif name in attention:  # all or none: a kept layer reads left-padded masks, a fused one right-padded
+                plan.kept[name] = attention[name] or f"another attention layer is kept ({unfit})"
         yield plan
     finally:
         hook.remove()

@@ -8,8 +8,8 @@ fake (shapes only) and an ONNX translation that emits one bare onnxruntime node:
   `com.microsoft.SkipSimplifiedLayerNormalization`)
 - `mcsmoe_ort::rotary`     -> `com.microsoft.RotaryEmbedding` (rotate-half, explicit position ids)
 - `mcsmoe_ort::gqa`        -> `com.microsoft.GroupQueryAttention` (BNSH past/present, causal,
-  optional local window, additive attention bias; rotary not inside: the caller rotates with
-  explicit positions)
+  optional local window, right-padded rows; rotary not inside: the caller rotates with explicit
+  positions)
 
 onnxscript needs an OpSchema to emit a node; the contrib schemas are built here and handed to
 `onnxscript.values.Op` without registering them with onnx, except SimplifiedLayerNormalization:
@@ -68,40 +68,46 @@ def _(x, position_ids, cos, sin, num_heads):
 
 @torch.library.custom_op(f"{TORCH_NAMESPACE}::gqa", mutates_args=())
 def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-        seqlens_k: torch.Tensor, total_length: torch.Tensor, bias: torch.Tensor, query_lengths: torch.Tensor,
-        num_heads: int, kv_heads: int, scale: float, window: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Causal grouped-query attention over past + new keys; (output [B, S, N*D], present k, v [B, kv, P+S, D]).
+        seqlens_k: torch.Tensor, total_length: torch.Tensor, num_heads: int, kv_heads: int, scale: float,
+        window: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal grouped-query attention over right-padded rows; (output [B, S, N*D], present k, v [B, kv, P+S, D]).
 
-    q [B, S, N*D], k/v [B, S, kv*D], past k/v [B, kv, P, D], bias [B, 1, S, P+S] added to the
-    scores (the attention mask: 0 or a large negative). seqlens_k ([B] int32, P+S-1) and
-    total_length (int32 scalar, P+S) and query_lengths ([B] int32, S) are what onnxruntime's kernel
-    reads (every row holds P+S positions, padding is in `bias`); here they are implied.
-    window > 0: a query at position t sees the `window` keys t - window + 1 .. t only (onnxruntime's
-    local_window_size, checked against its kernel); -1: all keys up to t.
+    q [B, S, N*D], k/v [B, S, kv*D], past k/v [B, kv, P, D]. Rows are right-padded, as onnxruntime's
+    kernel reads them: row b holds seqlens_k[b] + 1 real positions after this step ([B] int32), its
+    past's first seqlens_k[b] + 1 - S positions and then the S new ones (after an empty past: the S new
+    ones at 0..S-1, of which the first seqlens_k[b] + 1 are real). total_length (int32 scalar) is the
+    attention mask's width, P + S. A query at position t sees keys 0..t; with window > 0 only
+    t - window + 1 .. t (onnxruntime's local_window_size, checked against its kernel). Positions past a
+    row's length in present, and the outputs of padding queries, are not defined (zeros here).
     """
     batch, seq, _ = q.shape
     head_dim = q.shape[-1] // num_heads
+    past = past_k.shape[2]
     new_k = k.reshape(batch, seq, kv_heads, head_dim).transpose(1, 2)
     new_v = v.reshape(batch, seq, kv_heads, head_dim).transpose(1, 2)
-    present_k, present_v = torch.cat((past_k, new_k), dim=2), torch.cat((past_v, new_v), dim=2)
-    total = present_k.shape[2]
+    present_k = past_k.new_zeros(batch, kv_heads, past + seq, head_dim)
+    present_v = torch.zeros_like(present_k)
     groups = num_heads // kv_heads
     queries = q.reshape(batch, seq, num_heads, head_dim).transpose(1, 2)
-    keys = present_k.repeat_interleave(groups, dim=1)
-    values = present_v.repeat_interleave(groups, dim=1)
-    scores = queries @ keys.transpose(2, 3) * scale + bias
-    query_pos = torch.arange(total - seq, total)[:, None]
-    key_pos = torch.arange(total)[None, :]
-    blocked = key_pos > query_pos
-    if window > 0:
-        blocked = blocked | (key_pos <= query_pos - window)
-    scores = scores.masked_fill(blocked, float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ values
+    out = torch.zeros_like(queries)
+    for row in range(batch):
+        start = 0 if past == 0 else int(seqlens_k[row]) + 1 - seq  # where this row's new tokens go
+        present_k[row, :, :start], present_v[row, :, :start] = past_k[row, :, :start], past_v[row, :, :start]
+        present_k[row, :, start:start + seq], present_v[row, :, start:start + seq] = new_k[row], new_v[row]
+        keys = present_k[row, :, :start + seq].repeat_interleave(groups, dim=0)
+        values = present_v[row, :, :start + seq].repeat_interleave(groups, dim=0)
+        scores = queries[row] @ keys.transpose(1, 2) * scale  # [N, S, start + S]
+        query_pos = torch.arange(start, start + seq)[:, None]
+        key_pos = torch.arange(start + seq)[None, :]
+        blocked = key_pos > query_pos
+        if window > 0:
+            blocked = blocked | (key_pos <= query_pos - window)
+        out[row] = torch.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1) @ values
     return out.transpose(1, 2).reshape(batch, seq, num_heads * head_dim), present_k, present_v
 
 
 @gqa.register_fake
-def _(q, k, v, past_k, past_v, seqlens_k, total_length, bias, query_lengths, num_heads, kv_heads, scale, window=-1):
+def _(q, k, v, past_k, past_v, seqlens_k, total_length, num_heads, kv_heads, scale, window=-1):
     batch, kv, past, head_dim = past_k.shape
     present = past_k.new_empty(batch, kv, past + k.shape[1], head_dim)
     return torch.empty_like(q), present, torch.empty_like(present)
@@ -192,13 +198,10 @@ def _translate_rotary(x, position_ids, cos, sin, num_heads):
     return _op("RotaryEmbedding")(x, position_ids, cos, sin, interleaved=0, num_heads=int(num_heads))
 
 
-def _translate_gqa(q, k, v, past_k, past_v, seqlens_k, total_length, bias, query_lengths, num_heads, kv_heads,
-                   scale, window=-1):
-    # the optional cos/sin caches and position ids stay empty: rotary ran before, with our positions;
-    # query_seqlens (all S) lets a batch of several rows run a multi-token step after a past
+def _translate_gqa(q, k, v, past_k, past_v, seqlens_k, total_length, num_heads, kv_heads, scale, window=-1):
+    # the optional cos/sin caches and position ids stay empty: rotary ran before, with our positions
     return _op("GroupQueryAttention")(
-        q, k, v, past_k, past_v, seqlens_k, total_length, None, None, None, bias, None, None, None, None, None,
-        query_lengths,
+        q, k, v, past_k, past_v, seqlens_k, total_length,
         num_heads=int(num_heads), kv_num_heads=int(kv_heads), scale=float(scale), local_window_size=int(window),
         _num_outputs=3,
     )

@@ -31,7 +31,7 @@ import torch
 from ..models.base import FamilyAdapter
 from .custom_op import TORCH_OP, ForwardFactory, moe_blocks_as_custom_op, patched_forward, translate
 from .moe_op import MoEOpSpec, register_op_schema
-from ..contract import external_data_path
+from ..contract import PADDING_SIDE, external_data_path
 from ..errors import UserError
 from ..files import new_staging_dir, staged_output
 from .export_config import ExportConfig
@@ -149,6 +149,8 @@ def stage_graph(
             )
     finally:
         model.train(was_training)
+    if plan is not None and plan.attention:  # GroupQueryAttention reads right-padded rows (ort_attention)
+        program.model.metadata_props[PADDING_SIDE] = "right"
     staging = new_staging_dir(out_path)
     try:
         staged = staging / out_path.name

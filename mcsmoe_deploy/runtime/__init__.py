@@ -15,7 +15,7 @@ compare: `mcsmoe compare`, absolute and in-run-ratio regressions between two rep
 from .bench import BackendResult, BenchConfig, Contestant
 from .bench_report import BenchReport, run_bench
 from .compare import Comparison, compare_reports
-from .generation import GenerationConfig, GenerationResult, generate, left_pad, pick_tokens
+from .generation import GenerationConfig, GenerationResult, generate, left_pad, pick_tokens, right_pad
 from .parity import Discrepancy, compare_arrays, compare_decoders
 from .session import (
     BACKENDS,
@@ -54,6 +54,7 @@ __all__ = [
     "open_session",
     "percentile",
     "pick_tokens",
+    "right_pad",
     "run_bench",
     "summarize",
 ]

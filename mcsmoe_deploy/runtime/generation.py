@@ -1,8 +1,11 @@
 """Text generation over any DecoderSession: greedy or sampled, KV cache, stop tokens, padded batches.
 
-Prompts of different lengths are left-padded into one batch: padding has attention mask 0
-and position ids count only real tokens (the convention of transformers' `generate`), so a
-padded row produces the same tokens as that prompt alone.
+Prompts of different lengths are padded into one batch on the side the session asks for
+(`DecoderSession.padding_side`): left by default (transformers' `generate`: padding has attention
+mask 0 and position ids count only real tokens, and every row's new token goes at the end), right
+for graphs with GroupQueryAttention (each row's real tokens first, its new token at its own length,
+the mask ones for the row's length). Either way a padded row produces the same tokens as that
+prompt alone, and kept logits are returned in the left-padded layout.
 
 `generate` is the one loop that steps a session from prefill to decode: text generation,
 benchmarks (its per-step times) and export validation (given tokens instead of picked ones,
@@ -61,16 +64,29 @@ class GenerationResult:
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(input_ids, attention_mask, position_ids), each [B, L], for prompts left-padded to the longest, L."""
+    ids, mask, _ = right_pad(prompts, pad_token_id)
+    shifts = mask.shape[1] - mask.sum(axis=1)
+    ids, mask = _shift_rows(ids, shifts), _shift_rows(mask, shifts)
+    return ids, mask, np.maximum(mask.cumsum(axis=1) - 1, 0)
+
+
+def right_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, position_ids), each [B, L], for prompts right-padded to the longest, L."""
     if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     length = max(len(p) for p in prompts)
     ids = np.full((len(prompts), length), pad_token_id, dtype=np.int64)
     mask = np.zeros((len(prompts), length), dtype=np.int64)
     for row, prompt in enumerate(prompts):
-        ids[row, length - len(prompt):] = prompt
-        mask[row, length - len(prompt):] = 1
+        ids[row, :len(prompt)] = prompt
+        mask[row, :len(prompt)] = 1
     positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
     return ids, mask, positions
+
+
+def _shift_rows(array: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Each row of `array` [B, L, ...] rolled right by its shift along axis 1."""
+    return np.stack([np.roll(row, int(shift), axis=0) for row, shift in zip(array, shifts, strict=True)])
 
 
 def pick_tokens(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
@@ -104,7 +120,9 @@ def generate(
     every step's logits in the result (the prefill's [B, L, V], then [B, 1, V] per decode step).
     """
     rng = np.random.default_rng(config.seed)
-    ids, mask, positions = left_pad(prompts, config.pad_token_id)
+    right = session.padding_side == "right"
+    ids, mask, positions = (right_pad if right else left_pad)(prompts, config.pad_token_id)
+    lengths = mask.sum(axis=1)  # real tokens per row
     batch = len(prompts)
     forced = np.zeros((batch, 0), dtype=np.int64) if forced_tokens is None else np.asarray(forced_tokens, np.int64)
     if forced.ndim != 2 or forced.shape[0] != batch:
@@ -116,23 +134,29 @@ def generate(
     start = time.perf_counter()
     out = session.step(ids, mask, positions, session.empty_past(batch))
     result = GenerationResult(tokens, prefill_seconds=time.perf_counter() - start)
-    next_position = positions[:, -1:] + 1
+    last = out.logits[np.arange(batch), lengths - 1] if right else out.logits[:, -1]  # [B, V]
     for step in range(config.max_new_tokens):
         if keep_logits:
-            result.logits.append(out.logits)
-        picked = forced[:, step] if step < forced.shape[1] else pick_tokens(out.logits[:, -1], config, rng)
+            result.logits.append(_shift_rows(out.logits, mask.shape[1] - lengths) if right and step == 0
+                                 else out.logits)
+        picked = forced[:, step] if step < forced.shape[1] else pick_tokens(last, config, rng)
         picked = np.where(done, config.pad_token_id, picked)
         for row in np.flatnonzero(~done):
             tokens[row].append(int(picked[row]))
         done |= np.isin(picked, stop)
         if done.all() or step + 1 == config.max_new_tokens:
             break
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        # the new token sits at each row's length (right) or at the end (left); its position is the length
+        new_column = np.zeros if right else np.ones
+        mask = np.concatenate([mask, new_column((batch, 1), dtype=np.int64)], axis=1)
+        if right:
+            mask[np.arange(batch), lengths] = 1
         start = time.perf_counter()
-        out = session.step(picked[:, None], mask, next_position, out.past)
+        out = session.step(picked[:, None], mask, lengths[:, None], out.past)
         result.decode_seconds.append(time.perf_counter() - start)
-        next_position = next_position + 1
+        lengths = lengths + 1
+        last = out.logits[:, -1]
     return result
 
 
-__all__ = ["GenerationConfig", "GenerationResult", "generate", "left_pad", "pick_tokens"]
+__all__ = ["GenerationConfig", "GenerationResult", "generate", "left_pad", "pick_tokens", "right_pad"]

@@ -21,6 +21,7 @@ from ..contract import (
     ENCODER_HIDDEN_STATES,
     INPUT_IDS,
     LOGITS,
+    PADDING_SIDE,
     PAST_PREFIX,
     POSITION_IDS,
     PRESENT_PREFIX,
@@ -170,6 +171,10 @@ class OrtDecoderSession(DecoderSession):
         self.past_names = [i.name for i in session.get_inputs() if i.name.startswith(PAST_PREFIX)]
         self.present_names = [o.name for o in session.get_outputs() if o.name.startswith(PRESENT_PREFIX)]
         self.has_positions = POSITION_IDS in {i.name for i in session.get_inputs()}
+        self.padding_side = session.get_modelmeta().custom_metadata_map.get(PADDING_SIDE, "left")
+        if self.padding_side not in ("left", "right"):
+            raise UserError(f"{self.path or 'the graph'}: metadata {PADDING_SIDE} must be 'left' or 'right', "
+                            f"not {self.padding_side!r}")
         self.dtype = np.float16 if session.get_inputs()[-1].type == "tensor(float16)" else np.float32
 
     def empty_past(self, batch: int) -> list[np.ndarray]:

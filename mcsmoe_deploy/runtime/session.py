@@ -2,9 +2,13 @@
 
 DecoderSession, for decoder-only graphs and checkpoints: a step takes new tokens
 `input_ids` [B, S], `attention_mask` [B, P + S] (1 = real token, 0 = padding; covers the
-past too) and `position_ids` [B, S], plus the cache of the P tokens before, and returns the logits [B, S, V] (float32, on the host) and the cache of P + S
-tokens. What a cache is belongs to the backend (numpy arrays or device buffers for
-onnxruntime, a transformers DynamicCache for torch); callers pass it back unopened.
+past too) and `position_ids` [B, S], plus the cache of the P tokens before, and returns the
+logits [B, S, V] (float32, on the host) and the cache of P + S tokens. What a cache is belongs
+to the backend (numpy arrays or device buffers for onnxruntime, a transformers DynamicCache for
+torch); callers pass it back unopened. `padding_side` says where a batch's padding goes: "left"
+(transformers': the mask marks the real cache positions, each step's tokens go at the end) or
+"right" (graphs with GroupQueryAttention: a row's real tokens come first, in the batch and in the
+cache; its mask is ones for its length, then zeros, and its new tokens go at its own length).
 
 Seq2SeqSession, for encoder-decoders (Switch Transformers): `encode` runs the encoder on
 `input_ids` / `attention_mask` [B, S] once and returns what every decoder step needs (the
@@ -55,6 +59,9 @@ class DecoderSession(ABC):
     vocab_size: int = 0
     geometry: KVGeometry
     opens_directory: bool = False  # what `open_session` hands it: a checkpoint directory, else an ONNX file
+    # how `generate` pads a batch of prompts of different lengths for this session: "left" (transformers')
+    # or "right" (a graph with GroupQueryAttention, contract.PADDING_SIDE)
+    padding_side: str = "left"
 
     @abstractmethod
     def empty_past(self, batch: int) -> Any:
