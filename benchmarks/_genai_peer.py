@@ -307,21 +307,15 @@ def decode_ms(folders: dict[str, Path], threads: int = 2, steps: int = 32, round
     """Milliseconds of each decode step (batch 1) of each folder's graph, timed in alternating rounds.
 
     Each graph gets an untimed warm-up (a prefill and 4 steps); then `rounds` rounds in which every
-    graph decodes `steps` greedy tokens after an untimed prefill. Alternating rounds expose all
-    contestants to the same load on a shared machine, so their ratios are what to read.
+    graph decodes `steps` greedy tokens after an untimed prefill (`_latency.timed_rounds`). Alternating
+    rounds expose all contestants to the same load on a shared machine, so their ratios are what to read.
     spin: onnxruntime's idle threads spin (its default); False makes them sleep, kinder to a busy machine.
     """
-    from benchmarks._latency import decode_seconds, random_prompt, round_order, session_options
+    from benchmarks._latency import random_prompt, session_options, timed_rounds
 
     lms = {name: open_peer_lm(name, folder, session_options(threads, spin)) for name, folder in folders.items()}
     vocab = min(peer_geometry(folder)[1] for folder in folders.values())
-    prompt = random_prompt(prompt_length, vocab, seed)
-    samples: dict[str, list[float]] = {name: [] for name in lms}
-    for lm in lms.values():
-        decode_seconds(lm, prompt, 4)
-    for index in range(rounds):
-        for name in round_order(lms, index):
-            samples[name] += decode_seconds(lms[name], prompt, steps)
+    samples, _ = timed_rounds(lms, rounds, random_prompt(prompt_length, vocab, seed), steps)
     return {name: 1000 * np.asarray(values) for name, values in samples.items()}
 
 

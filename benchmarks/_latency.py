@@ -146,6 +146,28 @@ def round_order(names: Sequence[str], round_index: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
+def timed_rounds(lms: dict[str, ExportedLM], rounds: int, prompt: np.ndarray, steps: int,
+                 long_prompt: np.ndarray | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds of each decode step and of each long prefill per contestant, over `rounds` alternating rounds.
+
+    Each contestant first gets an untimed warm-up (4 decode steps). In round r the contestants, in
+    `round_order(r)`, each decode `steps` greedy tokens after an untimed prefill of `prompt`; then, in the
+    same order, each prefills `long_prompt` once (when given). Decodes and prefills are not interleaved per
+    contestant, so no decode step runs right after another session's long prefill.
+    """
+    decode = {name: [] for name in lms}
+    prefill = {name: [] for name in lms}
+    for lm in lms.values():
+        decode_seconds(lm, prompt, 4)
+    for index in range(rounds):
+        order = round_order(lms, index)
+        for name in order:
+            decode[name] += decode_seconds(lms[name], prompt, steps)
+        for name in order if long_prompt is not None else ():
+            prefill[name].append(prefill_seconds(lms[name], long_prompt))
+    return decode, prefill
+
+
 def random_prompt(length: int, vocab: int, seed: int) -> np.ndarray:
     """A reproducible prompt [1, length] of token ids in [3, vocab) (clear of the usual special ids)."""
     return np.random.default_rng(seed).integers(3, vocab, size=(1, length), dtype=np.int64)

@@ -78,22 +78,13 @@ def open_lm(name: str, path: Path, options):
 
 
 def measure(graphs: dict[str, Path], vocab: int, threads: int, rounds: int, steps: int, prefill: int):
-    from benchmarks._latency import decode_seconds, greedy, prefill_seconds, random_prompt, round_order, session_options
+    from benchmarks._latency import greedy, random_prompt, session_options, timed_rounds
 
     lms = {name: open_lm(name, path, session_options(threads)) for name, path in graphs.items()}
     prompts = [random_prompt(n, vocab, seed) for seed, n in enumerate((5, 16, 40))]
     tokens = {name: [greedy(lms[name], p, 16) for p in prompts] for name in ("ours-portable", "ours-ort")}
     short, long = random_prompt(16, vocab, 7), random_prompt(prefill, vocab, 8)
-    decode = {name: [] for name in lms}
-    prefills = {name: [] for name in lms}
-    for lm in lms.values():
-        decode_seconds(lm, short, 4)
-        prefill_seconds(lm, long)
-    for index in range(rounds):
-        for name in round_order(lms, index):
-            lm = lms[name]
-            decode[name] += decode_seconds(lm, short, steps)
-            prefills[name].append(prefill_seconds(lm, long))
+    decode, prefills = timed_rounds(lms, rounds, short, steps, long)
     return tokens, {n: 1000 * np.median(v) for n, v in decode.items()}, {n: 1000 * np.median(v) for n, v in prefills.items()}
 
 

@@ -173,8 +173,7 @@ def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int, pre
     """ms per decode step of every contestant, and (prefill > 0) ms per prefill of a `prefill`-token prompt,
     alternating rounds (the same loops for all: _latency)."""
     from benchmarks._genai_peer import open_peer_lm
-    from benchmarks._latency import (decode_seconds, open_ours, prefill_seconds, random_prompt, round_order,
-                                     session_options)
+    from benchmarks._latency import open_ours, random_prompt, session_options, timed_rounds
     from mcsmoe_deploy.runtime.ort_session import MATMUL_ACCURACY_KEY
 
     c = config
@@ -193,15 +192,7 @@ def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int, pre
                                             head_dim, options)
     prompt = random_prompt(16, c["vocab_size"], 0)
     long_prompt = random_prompt(prefill, c["vocab_size"], 1) if prefill else None
-    samples: dict[str, list[float]] = {name: [] for name in lms}
-    prefills: dict[str, list[float]] = {name: [] for name in lms}
-    for lm in lms.values():
-        decode_seconds(lm, prompt, 4)  # warm-up
-    for index in range(rounds):
-        for name in round_order(lms, index):
-            samples[name] += decode_seconds(lms[name], prompt, steps)
-            if long_prompt is not None:
-                prefills[name].append(prefill_seconds(lms[name], long_prompt))
+    samples, prefills = timed_rounds(lms, rounds, prompt, steps, long_prompt)
     return _as_ms(samples), _as_ms(prefills)
 
 

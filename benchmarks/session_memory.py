@@ -5,12 +5,15 @@
 
 Each (graph, optimisation level) is measured in a fresh Python subprocess, so nothing another
 session allocated (or glibc kept) counts: after importing onnxruntime and the package, the child
-reads VmHWM / VmRSS (/proc/self/status), opens the graph (`mcsmoe_deploy.open_session`, or the
-onnxruntime-genai builder's folder through benchmarks/_genai_peer.py), runs a 16-token prefill and
-`--steps` greedy decode steps, and reads them again. Peak = VmHWM after - VmHWM before (the session's
-high-water mark over the baseline); steady = VmRSS after - VmRSS before. The table gives each as MB
-and as a ratio to the bytes on disk (graph file + external data), the quantity issue 12 bounds
-(peak <= 1.5x). Memory does not depend on machine load, so one run is enough.
+reads VmHWM / VmRSS (/proc/self/status), opens a one-node session and reads them again (what the
+first onnxruntime session of a process costs whatever its graph: 10-16 MiB, most of it file-backed
+code pages of onnxruntime's library, which processes share; reported on its own), opens the graph
+(`mcsmoe_deploy.open_session`, or the onnxruntime-genai builder's folder through
+benchmarks/_genai_peer.py), runs a 16-token prefill and `--steps` greedy decode steps, and reads them
+again. Peak = VmHWM after - VmHWM before (the session's high-water mark over the baseline); steady =
+VmRSS after - VmRSS before; the graph's peak = VmHWM after - VmHWM after the one-node session. The
+table gives each as MiB and as a ratio to the bytes on disk (graph file + external data), the quantity
+issue 12 bounds (peak <= 1.5x). Memory does not depend on machine load, so one run is enough.
 
 --external-data also measures a copy of each graph file with its weights in external data (a
 `.onnx.data` file beside it, written to a temporary folder): onnxruntime memory-maps external data,
@@ -50,6 +53,8 @@ def _child(graph: Path, level: str, steps: int, threads: int) -> dict[str, float
     from mcsmoe_deploy.runtime.ort_session import OPT_LEVELS
 
     hwm0, rss0 = _status_kb("VmHWM"), _status_kb("VmRSS")
+    first = _first_session()  # onnxruntime's own cost, the same for every graph: its code pages
+    hwm1, rss1 = _status_kb("VmHWM"), _status_kb("VmRSS")
     if graph.is_dir():  # the onnxruntime-genai builder's folder
         from benchmarks._genai_peer import open_peer_lm
         from benchmarks._latency import session_options
@@ -63,8 +68,25 @@ def _child(graph: Path, level: str, steps: int, threads: int) -> dict[str, float
     vocab = 2048 if graph.is_dir() else lm.vocab_size
     decode_seconds(lm, random_prompt(PROMPT_TOKENS, vocab, 0), steps)
     mb = lambda kb: kb / 1024  # noqa: E731
-    return {"peak_open_mb": mb(hwm_open - hwm0), "peak_mb": mb(_status_kb("VmHWM") - hwm0),
-            "steady_mb": mb(_status_kb("VmRSS") - rss0)}
+    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
+    del first
+    return {"peak_open_mb": mb(hwm_open - hwm0), "peak_mb": mb(hwm - hwm0), "steady_mb": mb(rss - rss0),
+            "runtime_mb": mb(hwm1 - hwm0), "graph_peak_mb": mb(hwm - hwm1), "graph_steady_mb": mb(rss - rss1)}
+
+
+def _first_session():
+    """A session of a one-node graph (Add): what any first onnxruntime session costs a process, whatever
+    its graph (mostly file-backed pages of onnxruntime's shared library, which processes share)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "add", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    onnx.checker.check_model(model)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def bytes_on_disk(path: Path) -> int:
@@ -129,14 +151,16 @@ def external_copy(path: Path, folder: Path) -> Path:
 
 
 def _table(graphs: dict[str, Path], args: argparse.Namespace) -> None:
-    print("| graph | level | on disk MiB | peak MiB (after open) | peak / disk | steady MiB | steady / disk |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| graph | level | on disk MiB | peak MiB (after open) | peak / disk | steady / disk "
+          "| onnxruntime's first session MiB | graph's peak MiB | graph's peak / disk |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, path in graphs.items():
         disk = bytes_on_disk(path) / 2**20
         for level in args.levels:
             r = measure(path, level, args.steps, args.threads)
             print(f"| {name} | {level} | {disk:.1f} | {r['peak_mb']:.0f} ({r['peak_open_mb']:.0f}) | "
-                  f"{r['peak_mb'] / disk:.2f}x | {r['steady_mb']:.0f} | {r['steady_mb'] / disk:.2f}x |", flush=True)
+                  f"{r['peak_mb'] / disk:.2f}x | {r['steady_mb'] / disk:.2f}x | {r['runtime_mb']:.0f} | "
+                  f"{r['graph_peak_mb']:.0f} | {r['graph_peak_mb'] / disk:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ The exporters write it and the runtime reads it; both import it from here, so ne
 imports the other. It holds:
 - the custom op's identity (`ai.mcsmoe::GroupedLowRankMoE`, version 1; docs/ops.md);
 - the graph's input and output names: a decoder graph takes `input_ids` [B, S],
-  `attention_mask` [B, P + S], `position_ids` [B, S] and per layer
+  `attention_mask` [B, P + S], `position_ids` [B, S] (absent where every attention rotates inside
+  GroupQueryAttention, at the row's own positions) and per layer
   `past_key_values.{i}.key` / `.value` [B, kv_heads, P, head_dim], and returns `logits`
   [B, S, V] and `present.{i}.key` / `.value` [B, kv_heads, P + S, head_dim]; Switch's
   encoder and decoder graphs follow optimum's names (see exporters/switch_export.py);

@@ -65,15 +65,18 @@ def assert_reloads_and_stands_for_dense(compressed, out) -> None:
         assert torch.allclose(reloaded(**inputs).logits, want, rtol=1e-4, atol=1e-5)
 
 
-def exported_moe_functions(source, recipe, work, op_version: int) -> list[onnx.FunctionProto]:
-    """Compress `source` by `recipe` into work/c, export it (validated: parity below 1e-4 relative), check the op
-    version imported; the graph's MoE functions."""
+def exported_moe_functions(source, recipe, work, op_version: int, targets=("ort",)) -> list[onnx.FunctionProto]:
+    """Compress `source` by `recipe` into work/c, export it to each of `targets` (validated: parity below 1e-4
+    relative), check the op version imported; the first target's graph's MoE functions."""
     import mcsmoe_deploy as m
     from mcsmoe_deploy.contract import DOMAIN
 
     m.compress_model(source, work / "c", recipe, progress=False)
-    report = m.export_model(work / "c", work / "model.onnx")
-    assert report.parity and all(check.max_rel_error < 1e-4 for check in report.parity), report.parity
-    graph = onnx.load(str(work / "model.onnx"), load_external_data=False)
-    assert {i.domain: i.version for i in graph.opset_import}[DOMAIN] == op_version
-    return [f for f in graph.functions if f.domain == DOMAIN]
+    functions = []
+    for target in targets:
+        report = m.export_model(work / "c", work / f"{target}.onnx", target=target)
+        assert report.parity and all(check.max_rel_error < 1e-4 for check in report.parity), (target, report.parity)
+        graph = onnx.load(str(work / f"{target}.onnx"), load_external_data=False)
+        assert {i.domain: i.version for i in graph.opset_import}[DOMAIN] == op_version, target
+        functions = functions or [f for f in graph.functions if f.domain == DOMAIN]
+    return functions

@@ -52,44 +52,41 @@ def _layer(kind: str, seed: int = 0) -> onnx.ModelProto:
                                           [f"{name}_lin"], domain="com.microsoft", K=HIDDEN, N=out, bits=4,
                                           block_size=16))
     for name, heads in (("q", HEADS), ("k", KV)):
-        nodes.append(helper.make_node("RotaryEmbedding", [f"{name}_lin", "pos", "cos", "sin"], [f"{name}_rot"],
+        nodes.append(helper.make_node("RotaryEmbedding", [f"{name}_lin", "position_ids", "cos", "sin"], [f"{name}_rot"],
                                       domain="com.microsoft", num_heads=heads, interleaved=0))
     nodes.append(helper.make_node(
-        "GroupQueryAttention",
-        ["q_rot", "k_rot", "v_lin", "past_k", "past_v", "seqlens", "total", "", "", "", "bias", "", "", "", "", "",
-         "qlens"], ["out", "present_k", "present_v"], domain="com.microsoft", num_heads=HEADS, kv_num_heads=KV,
-        scale=0.25, local_window_size=-1))
-    floats = {"x": ["B", "S", HIDDEN], "past_k": ["B", KV, "P", HEAD], "past_v": ["B", KV, "P", HEAD],
-              "bias": ["B", 1, "S", "T"]}
+        "GroupQueryAttention", ["q_rot", "k_rot", "v_lin", "past_k", "past_v", "seqlens", "total"],
+        ["out", "present_k", "present_v"], domain="com.microsoft", num_heads=HEADS, kv_num_heads=KV, scale=0.25,
+        local_window_size=-1))
+    floats = {"x": ["B", "S", HIDDEN], "past_k": ["B", KV, "P", HEAD], "past_v": ["B", KV, "P", HEAD]}
     inputs = [helper.make_tensor_value_info(n, TP.FLOAT, s) for n, s in floats.items()]
-    inputs += [helper.make_tensor_value_info("pos", TP.INT64, ["B", "S"]),
+    inputs += [helper.make_tensor_value_info("position_ids", TP.INT64, ["B", "S"]),
                helper.make_tensor_value_info("seqlens", TP.INT32, ["B"]),
-               helper.make_tensor_value_info("total", TP.INT32, []),
-               helper.make_tensor_value_info("qlens", TP.INT32, ["B"])]
+               helper.make_tensor_value_info("total", TP.INT32, [])]
     outputs = [helper.make_tensor_value_info(n, TP.FLOAT, None) for n in ("out", "present_k", "present_v")]
     graph = helper.make_graph(nodes, "layer", inputs, outputs, inits)
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=10)
 
 
-def _feeds(mask: np.ndarray, new: int, seed: int) -> dict[str, np.ndarray]:
-    """A step of `new` tokens after a past of mask.shape[1] - new, rows left-padded as `mask` says."""
+def _feeds(lengths: list[int], total: int, new: int, seed: int) -> dict[str, np.ndarray]:
+    """A step of `new` tokens after a past buffer of total - new positions, rows right-padded: row b holds
+    lengths[b] real positions after the step (its past's first lengths[b] - new, then the new ones; after an
+    empty past, the first lengths[b] of the new ones)."""
     rng = np.random.default_rng(seed)
-    batch, total = mask.shape
-    past = total - new
+    batch, past = len(lengths), total - new
+    starts = np.array(lengths)[:, None] - new if past else np.zeros((batch, 1), np.int64)
     return {"x": rng.standard_normal((batch, new, HIDDEN)).astype(np.float32),
             "past_k": rng.standard_normal((batch, KV, past, HEAD)).astype(np.float32),
             "past_v": rng.standard_normal((batch, KV, past, HEAD)).astype(np.float32),
-            "bias": np.broadcast_to(((1 - mask) * np.finfo(np.float32).min)[:, None, None, :],
-                                    (batch, 1, new, total)).astype(np.float32),
-            "pos": np.clip(np.cumsum(mask, 1) - 1, 0, None)[:, past:].astype(np.int64),
-            "seqlens": np.full(batch, total - 1, np.int32), "total": np.array(total, np.int32),
-            "qlens": np.full(batch, new, np.int32)}
+            "position_ids": (starts + np.arange(new)[None, :]).astype(np.int64),
+            "seqlens": np.array(lengths, np.int32) - 1, "total": np.array(total, np.int32)}
 
 
 def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+    names = {i.name for i in session.get_inputs()}
+    return session.run(None, {name: value for name, value in feeds.items() if name in names})
 
 
 @pytest.mark.parametrize("kind", ["float", "dq", "nbits"])
@@ -103,16 +100,19 @@ def test_packed_layer_computes_what_the_three_projections_do(kind):
     gqa = next(n for n in after.graph.node if n.op_type == "GroupQueryAttention")
     assert {a.name: a.i for a in gqa.attribute}["do_rotary"] == 1 and list(gqa.input[1:3]) == ["", ""]
     assert len(after.graph.initializer) == 2 + (1 if kind == "float" else 2 if kind == "dq" else 3)  # old ones gone
-    mask = np.ones((2, 9), np.int64)
-    mask[1, :3] = 0  # a left-padded row: its positions restart at 0
-    for new in (6, 1):  # a prefill after a past, a decode step
-        feeds = _feeds(mask, new, seed=new)
+    # the kernel rotates at the rows' own positions: the graph input of positions is read no more, and goes
+    inputs = [i.name for i in after.graph.input]
+    assert "position_ids" not in inputs and len(inputs) == len(before.graph.input) - 1
+    # a prompt of two right-padded rows (2 of the second's 9 positions are padding), a decode step after a past,
+    # and a step of several tokens after a past (onnxruntime's kernel takes those one row at a time)
+    for lengths, total, new in (([9, 7], 9, 9), ([9, 7], 9, 1), ([9], 9, 6)):
+        feeds = _feeds(lengths, total, new, seed=new)
         expected, got = _run(before, feeds), _run(after, feeds)
-        real = mask[:, -new:].astype(bool)
-        scale = np.abs(expected[0]).max()
-        assert np.abs(got[0] - expected[0])[real].max() <= 1e-5 * scale
-        for e, g in zip(expected[1:], got[1:]):
-            assert np.abs(g - e).max() <= 1e-5 * np.abs(e).max()
+        for row, length in enumerate(lengths):  # the real queries, and each row's real positions in presents
+            queries = slice(0, length if total == new else new)
+            assert np.abs(got[0][row, queries] - expected[0][row, queries]).max() <= 1e-5 * np.abs(expected[0]).max()
+            for e, g in zip(expected[1:], got[1:]):
+                assert np.abs(g[row, :, :length] - e[row, :, :length]).max() <= 1e-5 * np.abs(e).max()
 
 
 def test_head_size_not_a_multiple_of_16_is_left_alone():
@@ -145,8 +145,10 @@ def head16(tmp_path_factory):
 def test_export_packs_every_layer_and_matches_torch(head16):
     root, model, report = head16
     assert report.max_rel_error <= 1e-4
-    ops = Counter(n.op_type for n in onnx.load(str(root / "ort.onnx")).graph.node)
+    graph = onnx.load(str(root / "ort.onnx")).graph
+    ops = Counter(n.op_type for n in graph.node)
     assert ops["GroupQueryAttention"] == 2 and ops["RotaryEmbedding"] == 0
+    assert "position_ids" not in {i.name for i in graph.input}  # the builder's inputs: ids, mask, past
     session = open_session(root / "ort.onnx", "ort", threads=1)
     assert session.padding_side == "right"
     prefill, decode = padded_batch_errors(session, model)

@@ -4,7 +4,7 @@ onnxruntime-genai (the generation library of the onnxruntime ecosystem) loads a 
 the graph, a `genai_config.json` that maps its decoder inputs and outputs to the graph's names
 and gives the KV geometry, special tokens and search defaults, and the tokenizer files. Our
 decoder graph is already what genai's decoder-only path feeds (input_ids, attention_mask,
-position_ids, past_key_values.N.key/value -> logits, present.N.key/value; see contract.py), so
+[position_ids,] past_key_values.N.key/value -> logits, present.N.key/value; see contract.py), so
 the folder is the graph plus two kinds of files written here.
 
 `past_present_share_buffer` is false: our presents are the pasts with the new keys appended
@@ -19,7 +19,7 @@ from typing import Any
 
 from ..contract import (
     ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_PREFIX, POSITION_IDS, PRESENT_PREFIX,
-    geometry_from_graph,
+    geometry_from_graph, read_graph,
 )
 from ..corpus import copy_tokenizer_files
 from ..errors import UserError
@@ -94,6 +94,9 @@ def genai_config(model_dir: str | Path, graph_path: str | Path) -> dict[str, Any
     generation = _read_json(model_dir / "generation_config.json")
     (num_layers, kv_heads, head_dim), vocab_size = geometry_from_graph(graph_path)
     context = int(config.get("max_position_embeddings", 4096))
+    # a target-ort graph whose attention rotates inside GroupQueryAttention reads no position_ids
+    positions = {"position_ids": POSITION_IDS} if POSITION_IDS in {
+        i.name for i in read_graph(graph_path, weight_bytes=False).graph.input} else {}
 
     search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "min_length": 0,
               "max_length": context, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
@@ -116,7 +119,7 @@ def genai_config(model_dir: str | Path, graph_path: str | Path) -> dict[str, Any
                 "num_attention_heads": int(config["num_attention_heads"]),
                 "num_key_value_heads": kv_heads,
                 "num_hidden_layers": num_layers,
-                "inputs": {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK, "position_ids": POSITION_IDS,
+                "inputs": {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK, **positions,
                            "past_key_names": f"{PAST_PREFIX}%d.key", "past_value_names": f"{PAST_PREFIX}%d.value"},
                 "outputs": {"logits": LOGITS, "present_key_names": f"{PRESENT_PREFIX}%d.key",
                             "present_value_names": f"{PRESENT_PREFIX}%d.value"},

@@ -15,7 +15,9 @@ tokens first, in the batch and in the cache (onnxruntime's layout, and onnxrunti
 graph reads only each row's length from the 2-D attention_mask (seqlens_k = ReduceSum(mask) - 1,
 total_sequence_length = the mask's width, P + S) and the kernel masks the rest: no additive bias.
 The runtime pads such a graph's batches on the right (`mcsmoe.padding_side` = "right" in its
-metadata, see runtime.generation); the portable graph keeps transformers' left padding.
+metadata, see runtime.generation); the portable graph keeps transformers' left padding. The kernel
+refuses a step of several tokens after a past for more than one row (onnxruntime 1.32: "batch_size
+must be 1 when sequence_length > 1 and past context is given"); generation never takes one.
 
 Sliding-window layers (Mixtral/Qwen3-MoE `sliding_window`, Qwen2-MoE's sliding layer types) get
 GroupQueryAttention's `local_window_size` (see `local_window`).
@@ -142,7 +144,8 @@ def _fused_attention_forward(inputs: _GraphInputs, cos: torch.Tensor, sin: torch
         else:
             past_k = past_v = hidden_states.new_zeros(batch, kv_heads, 0, head_dim)
         out, present_k, present_v = torch.ops.mcsmoe_ort.gqa(
-            q, k, v, past_k, past_v, inputs.seqlens_k, inputs.total_length, heads, kv_heads, float(self.scaling), local_window(config, self.layer_idx),
+            q, k, v, past_k, past_v, inputs.seqlens_k, inputs.total_length, heads, kv_heads, float(self.scaling),
+            local_window(config, self.layer_idx),
         )
         if layer is not None:  # the caller reads presents from the cache, as after cache.update
             layer.keys, layer.values = present_k, present_v

@@ -5,12 +5,14 @@ The target "ort" traces each attention as three projections of the normed hidden
 `com.microsoft.GroupQueryAttention` (exporters/ort_ops). This pass rewrites a layer to what
 onnxruntime-genai's builder emits: ONE projection with the q, k and v weights concatenated along
 the output axis, fed to GroupQueryAttention as packed QKV ([B, S, (N + 2 KV) D], key and value
-empty), with `do_rotary=1`, the same cos/sin caches and the same `position_ids`. Five nodes per
-layer become two.
+empty), with `do_rotary=1` and the same cos/sin caches. Five nodes per layer become two. The kernel
+rotates each row's tokens at their own positions (past length + index: right-padded rows, what
+target ort's graphs hold), which are the graph's `position_ids`; so it is not given them, and when
+no node reads `position_ids` any more the graph input goes (the builder's graphs have none either).
 
 Exactness: each output column of a MatMul is the same dot product whether the weight is packed
-or not, and onnxruntime's kernel applies the rotary given `position_ids` per row (left-padded
-batches included), bit for bit as RotaryEmbedding does (checked in tests/test_packed_qkv.py).
+or not, and onnxruntime's kernel applies the rotary at those positions bit for bit as
+RotaryEmbedding does (checked in tests/test_packed_qkv.py).
 
 A layer is rewritten only when all of this holds, else left as it is:
 - the head size is a multiple of 16 (onnxruntime's rotary inside GroupQueryAttention refuses others);
@@ -31,6 +33,7 @@ import functools
 import numpy as np
 import onnx_ir as ir
 
+from ...contract import POSITION_IDS
 from ..initializers import add_initializer
 from ..ort_ops import ORT_DOMAIN
 
@@ -175,7 +178,7 @@ class PackedQKVPass(ir.passes.InPlacePass):
             packed.type = matmuls[0].outputs[0].type
             inputs = list(gqa.inputs) + [None] * (_GQA_INPUTS - len(gqa.inputs))
             inputs[0:3] = [packed, None, None]
-            inputs[_COS], inputs[_SIN], inputs[_POSITIONS] = q_rot.inputs[2], q_rot.inputs[3], q_rot.inputs[1]
+            inputs[_COS], inputs[_SIN] = q_rot.inputs[2], q_rot.inputs[3]  # positions: the kernel's own
             while inputs and inputs[-1] is None:
                 inputs.pop()
             attributes = [a for name, a in gqa.attributes.items() if name not in ("do_rotary", "rotary_interleaved")]
@@ -189,6 +192,9 @@ class PackedQKVPass(ir.passes.InPlacePass):
                                                     list(gqa.outputs), list(fused.outputs))
             _drop_unused_initializers(graph, old_weights)
             count += 1
+        positions = next((v for v in graph.inputs if v.name == POSITION_IDS), None)
+        if count and positions is not None and not list(positions.uses()):
+            graph.inputs.remove(positions)
         return ir.passes.PassResult(model, modified=bool(count))
 
 
