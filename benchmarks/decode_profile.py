@@ -56,7 +56,7 @@ def profile(graph: Path, threads: int, steps: int, prompt_length: int, work: Pat
     """Per-op-type kernel time and node runs of the decode steps of `graph`, plus node counts and wall time."""
     import onnx
 
-    from benchmarks._latency import decode_seconds, open_ours, random_prompt, round_order, session_options
+    from benchmarks._latency import decode_seconds, open_ours, random_prompt, session_options
 
     layers, kv_heads, head_dim, vocab = _geometry(graph)
     options = session_options(threads)
