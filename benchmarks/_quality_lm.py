@@ -268,6 +268,8 @@ def lm_rows(
     """
     model_dir = model_dir or embedded_model_dir()
     dense, adapter = mc.load_model(model_dir)
+    for groups in experts_list:  # a G the model cannot take: one error line now, not after the dense scores
+        mc.CompressionRecipe(experts=groups).check_model(adapter.num_experts(dense.config))
     if shuffled:
         shuffle_expert_neurons(dense, adapter)
         methods = [m for m in SHUFFLED_METHODS if methods is None or m in methods]

@@ -25,8 +25,14 @@ from fault_helpers import DEBRIS, FAST, REPO, debris, one_error_line, tree_diges
 # swapped in writes its path to the marker file and waits, so the test signals a writer caught mid-write.
 PAUSE_HOOK = '''
 import os
+import signal
 import time
 from pathlib import Path
+
+# the signals the test sends reach the writer however pytest was started (a parent that blocks or ignores
+# SIGINT passes that on through exec)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 marker = os.environ.get("MCSMOE_TEST_PAUSE_MARKER")
 if marker:
