@@ -54,7 +54,7 @@ def _child(graph: Path, level: str, steps: int, threads: int) -> dict[str, float
 
     hwm0, rss0 = _status_kb("VmHWM"), _status_kb("VmRSS")
     first = _first_session()  # onnxruntime's own cost, the same for every graph: its code pages
-    hwm1, rss1 = _status_kb("VmHWM"), _status_kb("VmRSS")
+    hwm1 = _status_kb("VmHWM")
     if graph.is_dir():  # the onnxruntime-genai builder's folder
         from benchmarks._genai_peer import open_peer_lm
         from benchmarks._latency import session_options
@@ -71,7 +71,7 @@ def _child(graph: Path, level: str, steps: int, threads: int) -> dict[str, float
     hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
     del first
     return {"peak_open_mb": mb(hwm_open - hwm0), "peak_mb": mb(hwm - hwm0), "steady_mb": mb(rss - rss0),
-            "runtime_mb": mb(hwm1 - hwm0), "graph_peak_mb": mb(hwm - hwm1), "graph_steady_mb": mb(rss - rss1)}
+            "runtime_mb": mb(hwm1 - hwm0), "graph_peak_mb": mb(hwm - hwm1)}
 
 
 def _first_session():
