@@ -59,7 +59,11 @@ VARIANTS = {
     # every MoE block one com.microsoft.QMoE (dense experts only), as exported: accuracy level 0
     "ours-int4-all-qmoe": ("compress", dict(experts=8, quant_scope="all", **INT4), dict(target="ort-qmoe")),
     "ours-G4-int4-all-qmoe": ("compress", dict(experts=4, quant_scope="all", **INT4), dict(target="ort-qmoe")),
+    # the experts' kernels at accuracy level 0 (float32 compute), the rest at 4: less session memory
+    "ours-G4-r0.25-int4-emb-x0": ("compress", dict(experts=4, rank_ratio=0.25, quant_scope="all+embeddings", **INT4),
+                                  dict(expert_accuracy_level=0)),
 }
+EXPORT_SUFFIXES = ("-qmoe", "-x0")  # variants that export another variant's checkpoint differently
 BUILDERS = ("builder-fp32", "builder-int4")
 
 
@@ -87,7 +91,8 @@ def build_all(work: Path, names: list[str], config: dict = CONFIG) -> dict[str, 
             if how is not None and how[0] == "export":
                 options = how[1]
             elif how is not None:
-                model_dir = work / name.removesuffix("-qmoe")
+                model_dir = work / next((name.removesuffix(suffix) for suffix in EXPORT_SUFFIXES
+                                         if name.endswith(suffix)), name)
                 options = how[2] if len(how) > 2 else {}
                 if not model_dir.exists():
                     m.compress_model(source, model_dir, m.CompressionRecipe(**how[1], **CALIB), progress=False)

@@ -172,6 +172,8 @@ def test_export_scope_experts_keeps_attention_float(tiny_dirs, tmp_path):
     ("mixtral", ["--quantize", "int4", "--target", "ort-fused"], "target 'ort-fused' maps dense float experts"),
     ("mixtral", ["--quantize", "int4", "--accuracy-level", "3"],
      "--accuracy-level must be 4 (int8 activations) or 0 (float32 compute), not 3"),
+    ("mixtral", ["--quantize", "int4", "--expert-accuracy-level", "1"],
+     "--expert-accuracy-level must be 4 (int8 activations) or 0 (float32 compute), not 1"),
     ("switch_transformers", ["--quantize", "int4"], "quantized export is built for decoder-only families"),
     ("quantized", ["--quantize", "int4", "--quant-block", "16"], "is already quantized; export it without --quantize"),
 ])

@@ -172,7 +172,9 @@ def test_merged_int4_blocks_are_qmoe_low_rank_and_int8_stay_matmul_nbits(tiny_di
     for name, recipe in (("g4", dict(experts=4)), ("g4r", dict(experts=4, rank_ratio=0.5))):
         m.compress_model(tiny_dirs["mixtral"], tmp_path / name, m.CompressionRecipe(**recipe, **calib), progress=False)
     cases = (("merged", tmp_path / "g4", {}, "QMoE"), ("merged-acc0", tmp_path / "g4", dict(accuracy_level=0), "QMoE"),
+             ("merged-experts0", tmp_path / "g4", dict(expert_accuracy_level=0), "QMoE"),
              ("low-rank", tmp_path / "g4r", {}, "MatMulNBits"),
+             ("low-rank-experts0", tmp_path / "g4r", dict(expert_accuracy_level=0), "MatMulNBits"),
              ("int8", tiny_dirs["mixtral"], dict(quantize="int8", quant_block=16), "MatMulNBits"))
     for name, source, options, experts_as in cases:
         out = tmp_path / name / "model.onnx"
@@ -182,9 +184,12 @@ def test_merged_int4_blocks_are_qmoe_low_rank_and_int8_stay_matmul_nbits(tiny_di
         counts = _op_counts(out)
         assert counts["GroupedLowRankMoE"] == 0 and counts["MatMulNBits"] > 0, counts
         assert counts["QMoE"] == (LAYERS if experts_as == "QMoE" else 0), counts
-        levels = {a.i for node in onnx.load(str(out), load_external_data=False).graph.node
+        # (is an expert's kernel, level): the experts' at expert_accuracy_level, attention's and the head's not
+        levels = {(node.op_type == "QMoE" or ".experts." in node.input[1], a.i)
+                  for node in onnx.load(str(out), load_external_data=False).graph.node
                   if node.op_type in ("QMoE", "MatMulNBits") for a in node.attribute if a.name == "accuracy_level"}
-        assert levels == {options.get("accuracy_level", 4)}, (name, levels)
+        level = options.get("accuracy_level", 4)
+        assert levels == {(True, options.get("expert_accuracy_level", level)), (False, level)}, (name, levels)
         assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
 
 

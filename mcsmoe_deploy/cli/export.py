@@ -10,7 +10,7 @@ from ..exporters.export_config import TARGET_HELP, TARGETS, ExportConfig
 
 # ExportConfig field -> its flag, so that an error in the field's own terms names the flag the user typed
 EXPORT_FLAGS = {"quantize": "--quantize", "quant_block": "--quant-block", "quant_scope": "--quantize-scope",
-                "accuracy_level": "--accuracy-level"}
+                "accuracy_level": "--accuracy-level", "expert_accuracy_level": "--expert-accuracy-level"}
 QUANTIZE_SCOPE_HELP = (
     "what --quantize covers: 'all' (default) quantizes every linear layer of a decoder-only model but its routers: "
     "experts, attention q/k/v/o (biases stay float), a shared expert and its gate, and the LM head (the input "
@@ -59,6 +59,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         genai=args.genai is not None, dtype=args.dtype,
         quantize=args.quantize, quant_block=args.quant_block, quant_symmetric=args.quant_symmetric,
         quant_scope=args.quantize_scope, accuracy_level=args.accuracy_level,
+        expert_accuracy_level=args.expert_accuracy_level,
     )
     report = export_model(args.model_dir, args.out or args.genai, config)
     print(format_export(report))
@@ -128,6 +129,10 @@ def add_parsers(sub) -> None:
                             "the fastest (dense int4 experts decode ~1.5x faster than at 0); 0 computes in float32, "
                             "exact, and QMoE then keeps no packed copy of its weights (less session memory). The "
                             "export's parity check runs at 0 either way")
+    export.add_argument("--expert-accuracy-level", type=int, default=None, metavar="4|0",
+                       help="the same for the experts' kernels only (default: --accuracy-level): 0 with the rest at 4 "
+                            "trades some decode speed for less session memory (level 4 holds a float block sum "
+                            "beside each block's scale), e.g. for small low-rank graphs")
     export.add_argument("--force", action="store_true", help="replace the output if it exists")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(run=_cmd_export, parameter_flags=EXPORT_FLAGS)

@@ -74,6 +74,11 @@ class ExportConfig:
         (com.microsoft.MatMulNBits and QMoE): 4 (default, int8-quantized activations: onnxruntime's own
         default and the fastest) or 0 (float32 compute: exact, slower, and QMoE then holds no packed copy
         of its weights). A session can still override it (`open_session(..., matmul_accuracy_level=0)`).
+    expert_accuracy_level: the same for the experts' kernels only (their MatMulNBits, QMoE); None (default):
+        `accuracy_level`. Experts at 0 and the rest at 4 trade some decode speed for session memory, since
+        level 4 also holds a float block sum beside each block's scale (~0.125 byte a weight): merged + low-rank
+        int4 on the ~300M benchmark model, peak RSS 1.40x its bytes on disk against 1.66x, decode 0.42x the
+        builder's int4 against 0.36x (benchmarks/results/session-memory.md).
     """
 
     target: str = "ort"
@@ -92,6 +97,7 @@ class ExportConfig:
     quant_symmetric: bool = False
     quant_scope: str = "all"
     accuracy_level: int = ACCURACY_LEVELS[0]
+    expert_accuracy_level: int | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -116,9 +122,10 @@ class ExportConfig:
             if self.target == "ort-fused":
                 raise UserError("target 'ort-fused' maps dense float experts to com.microsoft.MoE; quantize with "
                                 "target 'ort'")
-        if self.accuracy_level not in ACCURACY_LEVELS:
-            raise ParameterError("accuracy_level", "must be 4 (int8 activations) or 0 (float32 compute), "
-                                                   f"not {self.accuracy_level}")
+        for field in ("accuracy_level", "expert_accuracy_level"):
+            level = getattr(self, field)
+            if level not in ACCURACY_LEVELS and not (field == "expert_accuracy_level" and level is None):
+                raise ParameterError(field, f"must be 4 (int8 activations) or 0 (float32 compute), not {level}")
         if self.quantize is not None and self.dtype != "fp32":
             raise UserError("quantized graphs are fp32 (their scales feed fp32 MatMuls); drop --dtype or --quantize")
         object.__setattr__(self, "passes", tuple(self.passes))
@@ -168,6 +175,11 @@ class ExportConfig:
         return self.target == "ort"
 
     @property
+    def experts_level(self) -> int:
+        """The accuracy level written on the experts' quantized kernels."""
+        return self.accuracy_level if self.expert_accuracy_level is None else self.expert_accuracy_level
+
+    @property
     def fuses_ort(self) -> bool:
         """Whether attention and RMSNorms trace to onnxruntime's fused ops (targets "ort" and "ort-qmoe")."""
         return self.target in ("ort", "ort-qmoe")
@@ -184,7 +196,7 @@ class ExportConfig:
         elif self.target == "ort-qmoe":
             from .passes.ort_qmoe import ort_qmoe_passes
 
-            target_passes = ort_qmoe_passes(accuracy_level=self.accuracy_level)
+            target_passes = ort_qmoe_passes(accuracy_level=self.experts_level)
         if self.target == "ort":
             from .passes.ort_moe import FuseMoEForOrtPass
             from .passes.ort_qmoe import ort_qmoe_passes
@@ -192,7 +204,7 @@ class ExportConfig:
             # dense float32 SwiGLU blocks as MoE, int4 dense-expert blocks (merged too) as QMoE: onnxruntime's
             # kernels run the picked experts in place, faster than the op's body
             target_passes += [FuseMoEForOrtPass(dense_float_only=True),
-                              *ort_qmoe_passes(int4_only=True, accuracy_level=self.accuracy_level)]
+                              *ort_qmoe_passes(int4_only=True, accuracy_level=self.experts_level)]
         if self.fuses_ort:
             from .passes.matmul_nbits import MatMulNBitsPass
             from .passes.moe_reshapes import SkipMoEReshapesPass
@@ -202,7 +214,7 @@ class ExportConfig:
 
             # packing q/k/v concatenates DequantizeLinear weights, which MatMulNBitsPass then rewrites
             target_passes += [SkipMoEReshapesPass(), PackedQKVPass(), SkipNormFusionPass(),
-                              MatMulNBitsPass(self.accuracy_level),
+                              MatMulNBitsPass(self.accuracy_level, self.experts_level),
                               FuseSiblingMatMulNBitsPass()]
         return [StripTraceMetadataPass(), *target_passes, *self.passes]
 

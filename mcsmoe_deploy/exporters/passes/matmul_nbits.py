@@ -17,7 +17,8 @@ axis=0, block_size=B))` whose q is an INT4/UINT4/INT8/UINT8 initializer [K, N]:
 - a quantized embedding lookup whose table is a tied head's weight reads the head's B, scales and zero
   points (the same layouts: quantized_embedding_export), so the table is stored once;
 - attribute `accuracy_level` (onnxruntime's fusion picks 4 by default, int8 activations;
-  `OrtDecoderSession(matmul_accuracy_level=0)` rewrites it to 0 in memory for parity checks).
+  `OrtDecoderSession(matmul_accuracy_level=0)` rewrites it to 0 in memory for parity checks), or
+  `expert_accuracy_level` on the weights of GroupedLowRankMoE nodes (the experts).
 """
 
 from __future__ import annotations
@@ -72,14 +73,19 @@ def _has_quantized_moe(graph: ir.Graph) -> bool:
 class MatMulNBitsPass(ir.passes.InPlacePass):
     """Inline quantized GroupedLowRankMoE nodes, then DQ + MatMul -> com.microsoft.MatMulNBits (module docstring).
 
-    A no-op on a graph without quantized weights.
+    A no-op on a graph without quantized weights. `expert_accuracy_level` (None: `accuracy_level`) goes on
+    the MatMulNBits nodes of the experts' weights.
     """
 
-    def __init__(self, accuracy_level: int = DEFAULT_ACCURACY_LEVEL):
+    def __init__(self, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, expert_accuracy_level: int | None = None):
         super().__init__()
         self.accuracy_level = accuracy_level
+        self.expert_accuracy_level = accuracy_level if expert_accuracy_level is None else expert_accuracy_level
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # inlining rewires the function's DequantizeLinear nodes to these very initializers
+        expert_weights = {value.name for node in model.graph if node.domain == DOMAIN and node.op_type == OP_TYPE
+                          for value in node.inputs if value is not None}
         inlined = _has_quantized_moe(model.graph)
         if inlined:
             for inline in inline_passes():
@@ -97,9 +103,10 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
                 new = matmul_nbits_initializers(arrays[0], arrays[1], arrays[2], bits, signed, block)
                 packed[q.name] = [add_initializer(graph, f"{q.name}.nbits{i}", a) for i, a in enumerate(new)]
             k, n = q.shape
+            level = self.expert_accuracy_level if q.name in expert_weights else self.accuracy_level
             fused = ir.node(MATMUL_NBITS, [node.inputs[0], *packed[q.name]], domain=ORT_DOMAIN,
                             attributes={"K": int(k), "N": int(n), "bits": bits, "block_size": block,
-                                        "accuracy_level": self.accuracy_level}, name=f"{node.name}.nbits")
+                                        "accuracy_level": level}, name=f"{node.name}.nbits")
             ir.convenience.replace_nodes_and_values(graph, node, [node], [fused], node.outputs, fused.outputs)
             replaced.add(dq)
         if packed:  # a quantized embedding table tied to the LM head: one copy of its codes
