@@ -168,6 +168,18 @@ def timed_rounds(lms: dict[str, ExportedLM], rounds: int, prompt: np.ndarray, st
     return decode, prefill
 
 
+def round_ratios(samples: dict[str, Sequence[float]], reference: str, rounds: int) -> dict[str, np.ndarray]:
+    """Per round, each contestant's median over that round's samples divided by `reference`'s: [rounds] each.
+
+    `samples` as `timed_rounds` returns them (each contestant's samples round after round, as many per round).
+    Paired by round, the ratios cancel what drifts between rounds (a shared machine's neighbours), so their
+    spread says how far one run's ratio of medians can be trusted.
+    """
+    per_round = {name: np.median(np.asarray(values, dtype=float).reshape(rounds, -1), axis=1)
+                 for name, values in samples.items()}
+    return {name: medians / per_round[reference] for name, medians in per_round.items()}
+
+
 def random_prompt(length: int, vocab: int, seed: int) -> np.ndarray:
     """A reproducible prompt [1, length] of token ids in [3, vocab) (clear of the usual special ids)."""
     return np.random.default_rng(seed).integers(3, vocab, size=(1, length), dtype=np.int64)

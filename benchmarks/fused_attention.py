@@ -78,14 +78,16 @@ def open_lm(name: str, path: Path, options):
 
 
 def measure(graphs: dict[str, Path], vocab: int, threads: int, rounds: int, steps: int, prefill: int):
-    from benchmarks._latency import greedy, random_prompt, session_options, timed_rounds
+    from benchmarks._latency import greedy, random_prompt, round_ratios, session_options, timed_rounds
 
     lms = {name: open_lm(name, path, session_options(threads)) for name, path in graphs.items()}
     prompts = [random_prompt(n, vocab, seed) for seed, n in enumerate((5, 16, 40))]
     tokens = {name: [greedy(lms[name], p, 16) for p in prompts] for name in ("ours-portable", "ours-ort")}
     short, long = random_prompt(16, vocab, 7), random_prompt(prefill, vocab, 8)
     decode, prefills = timed_rounds(lms, rounds, short, steps, long)
-    return tokens, {n: 1000 * np.median(v) for n, v in decode.items()}, {n: 1000 * np.median(v) for n, v in prefills.items()}
+    paired = round_ratios(decode, "builder-fp32", rounds)
+    return (tokens, {n: 1000 * np.median(v) for n, v in decode.items()},
+            {n: 1000 * np.median(v) for n, v in prefills.items()}, paired)
 
 
 def run(label: str, work: Path, source: Path, vocab: int, args) -> None:
@@ -97,12 +99,14 @@ def run(label: str, work: Path, source: Path, vocab: int, args) -> None:
         before, after, ops = node_counts(graph, work)
         fused = ", ".join(f"{op} {ops[op]}" for op in FUSED_OPS if ops[op])
         print(f"{name:14s} nodes {before:4d} as written, {after:4d} after onnxruntime's optimizer ({fused})")
-    tokens, decode, prefill = measure(graphs, vocab, args.threads, args.rounds, args.steps, args.prefill)
+    tokens, decode, prefill, paired = measure(graphs, vocab, args.threads, args.rounds, args.steps, args.prefill)
     same = tokens["ours-ort"] == tokens["ours-portable"]
     print(f"greedy tokens, 3 prompts x 16: ours-ort {'==' if same else '!='} ours-portable")
     base_d, base_p = decode["builder-fp32"], prefill["builder-fp32"]
     for name in graphs:
-        print(f"{name:14s} decode p50 {decode[name]:7.3f} ms/token ({decode[name] / base_d:5.2f}x builder)   "
+        ratios = paired[name]  # paired by round (_latency.round_ratios): median and range
+        print(f"{name:14s} decode p50 {decode[name]:7.3f} ms/token ({decode[name] / base_d:5.2f}x builder; rounds "
+              f"{np.median(ratios):.2f}x, {ratios.min():.2f}-{ratios.max():.2f}x)   "
               f"prefill-{args.prefill} p50 {prefill[name]:8.2f} ms ({prefill[name] / base_p:5.2f}x builder)")
 
 

@@ -7,8 +7,9 @@
 Builds (unless present) the ~330 MB random Mixtral (hidden 512, experts of 1024, 6 layers, 8 experts
 top-2, vocabulary 2048), compresses and exports it as the VARIANTS below; builds the builder's fp32
 and int4 graphs; then times every contestant (or those named by --only) in alternating rounds
-(batch 1) and prints decode p50 ms/token, its ratio to ours fp32 and to the builder's int4, and
-bytes on disk. Ours int4 is also timed at MatMulNBits accuracy level 0 (float32 compute; the
+(batch 1) and prints decode p50 ms/token, its ratio to ours fp32 and to the builder's int4 (and the
+median and range over rounds of the ratio to the builder's int4 paired by round: `_latency.round_ratios`),
+and bytes on disk. Ours int4 is also timed at MatMulNBits accuracy level 0 (float32 compute; the
 default is onnxruntime's level 4, int8 activations). Rows "-experts" quantize the expert projections
 only (attention and LM head stay fp32); rows "-all" quantize every linear layer but the routers, as
 the builder's int4 quantizes every MatMul (the embeddings stay fp32 in both); rows "-emb" also quantize
@@ -230,17 +231,22 @@ def main(argv: list[str] | None = None) -> None:
         for name, value in graph_perplexities(args.work).items():
             print(f"{name:45s} held-out perplexity {value:8.3f}")
         return
+    from benchmarks._latency import round_ratios
+
     names = [*VARIANTS, *BUILDERS] if args.only is None else sorted({"ours-fp32", "builder-int4", *args.only})
     graphs = build_all(args.work, names, MODELS[args.model])
     times, prefills = time_all(graphs, args.threads, args.rounds, args.steps, args.prefill, MODELS[args.model])
     base, peer = float(np.median(times["ours-fp32"])), float(np.median(times["builder-int4"]))
     print(f"{args.threads} threads, batch 1, {args.rounds} alternating rounds x {args.steps} decode steps, "
           f"load average {os.getloadavg()[0]:.1f}")
+    paired = round_ratios(times, "builder-int4", args.rounds)
     for name, values in times.items():
         p50 = float(np.median(values))
         on_disk = _bytes(graphs[name.split("@")[0]])
+        ratios = paired[name]
         print(f"{name:32s} decode p50 {p50:7.3f} ms/token ({p50 / base:5.2f}x ours-fp32, {p50 / peer:5.2f}x "
-              f"builder-int4)  on disk {on_disk / 1e6:7.1f} MB")
+              f"builder-int4; rounds {np.median(ratios):.2f}x, {ratios.min():.2f}-{ratios.max():.2f}x)  "
+              f"on disk {on_disk / 1e6:7.1f} MB")
     if prefills:
         base, peer = float(np.median(prefills["ours-fp32"])), float(np.median(prefills["builder-int4"]))
         for name, values in prefills.items():

@@ -41,3 +41,17 @@ def test_single_sample_and_errors():
         percentile([1.0], 101)
     with pytest.raises(ValueError):
         summarize([])
+
+
+def test_round_ratios_pair_each_round_with_the_reference():
+    """benchmarks/_latency.round_ratios: the ratio of medians within each round, so a round where the
+    machine ran everything 3x slower gives the same ratio as the others."""
+    from benchmarks._latency import round_ratios
+
+    reference = [1.0, 1.0, 3.0, 3.0, 2.0, 2.0]  # 3 rounds x 2 samples, the second round slowed 3x
+    ours = [0.5, 0.7, 1.8, 1.8, 1.2, 1.4]
+    ratios = round_ratios({"ours": ours, "builder": reference}, "builder", rounds=3)
+    np.testing.assert_allclose(ratios["ours"], [0.6, 0.6, 0.65])
+    np.testing.assert_allclose(ratios["builder"], [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError):  # samples that do not split into whole rounds
+        round_ratios({"ours": ours[:5], "builder": reference[:5]}, "builder", rounds=3)
