@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mcsmoe_deploy.models.kv_cache import forward_with_cache
 from mcsmoe_deploy.runtime.generation import left_pad, right_pad
 
 PROMPTS = ([5, 17, 99, 3, 250, 41, 9], [7, 8, 9])
@@ -19,11 +20,11 @@ def padded_batch_errors(session, model, prompts=PROMPTS, next_tokens=NEXT_TOKENS
     """Relative errors (max |got - torch| / max |torch|) of the prefill's real positions and of one decode step."""
     ids, mask, positions = left_pad(prompts, 0)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(positions), use_cache=True)
-        step = model(input_ids=torch.tensor(next_tokens), attention_mask=torch.tensor(np.pad(mask, ((0, 0), (0, 1)),
-                     constant_values=1)), position_ids=torch.tensor(positions[:, -1:] + 1),
-                     past_key_values=out.past_key_values, use_cache=True)
+        out, cache = forward_with_cache(model, None, input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                        position_ids=torch.tensor(positions))
+        step, _ = forward_with_cache(model, cache, input_ids=torch.tensor(next_tokens),
+                                     attention_mask=torch.tensor(np.pad(mask, ((0, 0), (0, 1)), constant_values=1)),
+                                     position_ids=torch.tensor(positions[:, -1:] + 1))
     lengths = mask.sum(axis=1)
     right = session.padding_side == "right"
     if right:

@@ -147,3 +147,23 @@ def test_unsupported_and_non_moe_configs_name_the_supported_families():
         adapter_for_config({"model_type": "llama"})
     with pytest.raises(UserError, match="unsupported mixture-of-experts model type 'deepseek_v3'"):
         adapter_for_config({"model_type": "deepseek_v3", "n_routed_experts": 64})
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_forward_with_cache_takes_the_keyword_this_transformers_has(family):
+    """forward_with_cache passes the KV cache under the name this transformers version takes (no deprecation
+    warning) and returns the grown cache: a prefill then a step equal one forward over the whole sequence."""
+    import warnings
+
+    from mcsmoe_deploy.models.kv_cache import cache_keyword, forward_with_cache
+
+    model = tiny_model(family).eval()
+    ids = model_inputs(family, batch=1, seq=6)["input_ids"]
+    assert cache_keyword(model) in ("cache", "past_key_values")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        _, cache = forward_with_cache(model, None, input_ids=ids[:, :5])
+        step, cache = forward_with_cache(model, cache, input_ids=ids[:, 5:])
+        whole = model(input_ids=ids, use_cache=False)
+    assert cache.get_seq_length() == 6
+    torch.testing.assert_close(step.logits[:, -1], whole.logits[:, -1], rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ from mcsmoe_deploy.exporters.dense import group_dense_experts
 from mcsmoe_deploy.contract import decoder_past_names, decoder_present_names, encoder_present_names
 from mcsmoe_deploy.exporters.switch_export import export_switch, greedy_generate_switch_onnx
 from mcsmoe_deploy.models import adapter_for_config
+from mcsmoe_deploy.models.kv_cache import forward_with_cache
 
 CAPACITY = 3  # small enough that the tiny model drops tokens at the lengths below
 RECIPE = dict(experts=3, rank_ratio=0.5, sparse_keep=0.1, max_calib_tokens=1024, calib_seq_len=32)
@@ -155,11 +156,8 @@ def test_decoder_steps_match_torch(exported, batch, length, first, second):
         encoder_outputs = reference.encoder(input_ids=ids, attention_mask=mask)
         cache = None
         for step, (start, stop) in enumerate(((0, first), (first, first + second))):
-            out = reference(
-                encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=dec_ids[:, start:stop],
-                past_key_values=cache, use_cache=True,
-            )
-            cache = out.past_key_values
+            out, cache = forward_with_cache(reference, cache, encoder_outputs=encoder_outputs, attention_mask=mask,
+                                            decoder_input_ids=dec_ids[:, start:stop])
             pasts = [t for i in range(layers) for t in (*self_past[2 * i : 2 * i + 2], *cross[2 * i : 2 * i + 2])]
             logits, *presents = decoder.run(["logits", *decoder_present_names(layers)], {
                 "input_ids": dec_ids[:, start:stop].numpy(), "encoder_attention_mask": mask.numpy(),

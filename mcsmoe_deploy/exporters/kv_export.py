@@ -24,6 +24,7 @@ import torch
 from ..contract import KVGeometry, past_names, present_names
 from ..models import adapter_for_config
 from ..models.base import FamilyAdapter
+from ..models.kv_cache import forward_with_cache
 from ..runtime.generation import GenerationConfig, generate
 from ..runtime.ort_session import OrtDecoderSession
 from .export_config import ExportConfig
@@ -46,15 +47,10 @@ class _PastWrapper(torch.nn.Module):
         cache = DynamicCache()
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        out, cache = forward_with_cache(self.model, cache, input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids)
         presents = []
-        for layer in out.past_key_values.layers:
+        for layer in cache.layers:
             presents += [layer.keys, layer.values]
         return (out.logits, *presents)
 

@@ -52,6 +52,7 @@ from ..contract import (
     encoder_present_names,
 )
 from ..models.base import FamilyAdapter
+from ..models.kv_cache import forward_with_cache
 from ..runtime.generation import GenerationConfig, generate
 from ..runtime.ort_session import OrtSeq2SeqSession
 from .moe_op import register_op_schema
@@ -183,15 +184,10 @@ class _DecoderWrapper(torch.nn.Module):
         # the cross-attention cache is filled: a zero-width stand-in carries that shape.
         cross_key = past[2]
         stand_in = cross_key.new_zeros(cross_key.shape[0], cross_key.shape[2], 0)
-        out = self.model(
-            encoder_outputs=MoEModelOutput(last_hidden_state=stand_in),
-            attention_mask=encoder_attention_mask,
-            decoder_input_ids=input_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        out, cache = forward_with_cache(self.model, cache, encoder_outputs=MoEModelOutput(last_hidden_state=stand_in),
+                                        attention_mask=encoder_attention_mask, decoder_input_ids=input_ids)
         presents = []
-        for layer in out.past_key_values.self_attention_cache.layers:
+        for layer in cache.self_attention_cache.layers:
             presents += [layer.keys, layer.values]
         return (out.logits, *presents)
 

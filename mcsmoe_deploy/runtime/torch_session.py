@@ -15,6 +15,7 @@ import torch
 from ..checkpoint import is_compressed_checkpoint, load_compressed
 from ..errors import UserError
 from ..models import adapter_for_config, load_model
+from ..models.kv_cache import forward_with_cache
 from .session import DecoderSession, EncoderOutput, Seq2SeqSession, StepOutput
 
 
@@ -65,14 +66,10 @@ class TorchDecoderSession(DecoderSession):
 
     @torch.inference_mode()
     def step(self, input_ids, attention_mask, position_ids, past: Any) -> StepOutput:
-        out = self.model(
-            input_ids=_tensor(input_ids, self.device),
-            attention_mask=_tensor(attention_mask, self.device),
-            position_ids=_tensor(position_ids, self.device),
-            past_key_values=past,
-            use_cache=True,
-        )
-        return StepOutput(out.logits.float().cpu().numpy(), out.past_key_values)
+        out, past = forward_with_cache(self.model, past, input_ids=_tensor(input_ids, self.device),
+                                       attention_mask=_tensor(attention_mask, self.device),
+                                       position_ids=_tensor(position_ids, self.device))
+        return StepOutput(out.logits.float().cpu().numpy(), past)
 
     def describe(self) -> dict:
         return {"backend": self.backend, "device": str(self.device), "threads": self.threads,
@@ -111,14 +108,10 @@ class TorchSeq2SeqSession(Seq2SeqSession):
 
     @torch.inference_mode()
     def decode_step(self, input_ids, encoded: EncoderOutput, past: Any) -> StepOutput:
-        out = self.model(
-            encoder_outputs=encoded.cross_past,
-            attention_mask=_tensor(encoded.attention_mask, self.device),
-            decoder_input_ids=_tensor(input_ids, self.device),
-            past_key_values=past,
-            use_cache=True,
-        )
-        return StepOutput(out.logits.float().cpu().numpy(), out.past_key_values)
+        out, past = forward_with_cache(self.model, past, encoder_outputs=encoded.cross_past,
+                                       attention_mask=_tensor(encoded.attention_mask, self.device),
+                                       decoder_input_ids=_tensor(input_ids, self.device))
+        return StepOutput(out.logits.float().cpu().numpy(), past)
 
     def describe(self) -> dict:
         return {"backend": self.backend, "device": str(self.device)}
