@@ -77,8 +77,8 @@ class ExportConfig:
     expert_accuracy_level: the same for the experts' kernels only (their MatMulNBits, QMoE); None (default):
         `accuracy_level`. Experts at 0 and the rest at 4 trade some decode speed for session memory, since
         level 4 also holds a float block sum beside each block's scale (~0.125 byte a weight): merged + low-rank
-        int4 on the ~300M benchmark model, peak RSS 1.40x its bytes on disk against 1.66x, decode 0.42x the
-        builder's int4 against 0.36x (benchmarks/results/session-memory.md).
+        int4 on the ~300M benchmark model, peak RSS 1.41x its bytes on disk against 1.66x, decode 0.42-0.48x the
+        builder's int4 against 0.34-0.39x (benchmarks/results/session-memory.md).
     """
 
     target: str = "ort"

@@ -1,7 +1,8 @@
 """Calling a transformers model with a KV cache, whichever keyword its version takes.
 
-transformers 5.25 renamed the forward argument and output field `past_key_values` to `cache` (the old
-name warns, and goes in 5.40); the versions this package supports (>= 5.23) include both spellings.
+The installed transformers (5.25) takes the cache as the forward argument and output field `cache` and
+warns on `past_key_values`, which 5.40 removes; this passes it under whichever name the model's forward
+declares, so older releases within the package's pin keep working too.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 
 
 def cache_keyword(model: nn.Module) -> str:
-    """The keyword `model.forward` takes its KV cache by: "cache" or, before transformers 5.25, "past_key_values"."""
+    """The keyword `model.forward` takes its KV cache by: "cache", or "past_key_values" before the rename."""
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
