@@ -139,6 +139,11 @@ def format_export(report: ExportReport) -> str:
     ]
     if report.fusion:
         lines.append(f"fused for onnxruntime: {report.fusion}")
+    if report.accuracy_levels:
+        kernels = ", ".join(f"{op} x{count} at {level}" for op, by_level in report.accuracy_levels.items()
+                            for level, count in by_level.items())
+        checked = "; the parity check below runs them at 0" if report.parity else ""
+        lines.append(f"quantized kernels by accuracy level (4: int8 activations, 0: float32): {kernels}{checked}")
     if report.inlined_path:
         ops = "onnxruntime contrib ops kept" if report.target == "ort" else "standard ops"
         lines.append(f"wrote {report.inlined_path}: the same graph with functions inlined ({ops})")

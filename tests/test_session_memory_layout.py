@@ -20,6 +20,7 @@ from mcsmoe_deploy.exporters.passes.matmul_nbits import MatMulNBitsPass
 from mcsmoe_deploy.grouped_experts import ProjectionSpec
 from mcsmoe_deploy.models.base import SOFTMAX_TOPK_NORM
 from mcsmoe_deploy.onnx_header import load_without_weight_bytes
+from mcsmoe_deploy.summary import format_export
 
 from conftest import LAYERS
 
@@ -189,7 +190,13 @@ def test_merged_int4_blocks_are_qmoe_low_rank_and_int8_stay_matmul_nbits(tiny_di
                   for node in onnx.load(str(out), load_external_data=False).graph.node
                   if node.op_type in ("QMoE", "MatMulNBits") for a in node.attribute if a.name == "accuracy_level"}
         level = options.get("accuracy_level", 4)
-        assert levels == {(True, options.get("expert_accuracy_level", level)), (False, level)}, (name, levels)
+        expert_level = options.get("expert_accuracy_level", level)
+        assert levels == {(True, expert_level), (False, level)}, (name, levels)
+        # the export's summary says it too
+        assert report.accuracy_levels.get("QMoE") == ({expert_level: LAYERS} if experts_as == "QMoE" else None)
+        assert level in report.accuracy_levels["MatMulNBits"], report.accuracy_levels
+        if experts_as == "QMoE":
+            assert f"QMoE x{LAYERS} at {expert_level}" in format_export(report)
         assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
 
 

@@ -47,6 +47,8 @@ class ExportReport:
     custom_nodes: dict[str, int]  # "domain::op_type" -> count, custom domains only
     functions: int
     op_types: dict[str, int] = field(default_factory=dict)
+    # onnxruntime's quantized kernels by accuracy level: "MatMulNBits" -> {4: 9}, "QMoE" -> {0: 4}
+    accuracy_levels: dict[str, dict[int, int]] = field(default_factory=dict)
     target: str = "ort"
     fusion: str | None = None  # target "ort": what became onnxruntime's fused ops, and what was kept and why
     with_past: bool = True
@@ -80,6 +82,11 @@ def describe(model_proto: onnx.ModelProto, path: str | Path) -> ExportReport:
     size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
     counts = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model_proto.graph.node)
     custom = {op: count for op, count in counts.items() if "::" in op and not op.startswith("ai.onnx::")}
+    levels: dict[str, Counter] = {}
+    for node in model_proto.graph.node:
+        if node.domain == "com.microsoft" and node.op_type in ("MatMulNBits", "QMoE"):
+            level = next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
+            levels.setdefault(node.op_type, Counter())[level] += 1
     return ExportReport(
         path=str(path),
         file_bytes=size,
@@ -87,6 +94,7 @@ def describe(model_proto: onnx.ModelProto, path: str | Path) -> ExportReport:
         custom_nodes=custom,
         functions=len(model_proto.functions),
         op_types=dict(counts.most_common()),
+        accuracy_levels={op: dict(sorted(by_level.items(), reverse=True)) for op, by_level in levels.items()},
     )
 
 
@@ -95,9 +103,12 @@ def describe_files(model_protos: list[onnx.ModelProto], paths: list[Path], root:
     parts = [describe(proto, path) for proto, path in zip(model_protos, paths)]
     custom: Counter = Counter()
     ops: Counter = Counter()
+    levels: dict[str, Counter] = {}
     for part in parts:
         custom.update(part.custom_nodes)
         ops.update(part.op_types)
+        for op, by_level in part.accuracy_levels.items():
+            levels.setdefault(op, Counter()).update(by_level)
     return ExportReport(
         path=str(root),
         file_bytes=sum(p.file_bytes for p in parts),
@@ -105,6 +116,7 @@ def describe_files(model_protos: list[onnx.ModelProto], paths: list[Path], root:
         custom_nodes=dict(custom),
         functions=sum(p.functions for p in parts),
         op_types=dict(ops.most_common()),
+        accuracy_levels={op: dict(sorted(by_level.items(), reverse=True)) for op, by_level in levels.items()},
     )
 
 
