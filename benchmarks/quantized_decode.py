@@ -1,7 +1,7 @@
 """Decode latency and bytes of quantized graphs against onnxruntime-genai's builder, in one run (issue 12).
 
     python benchmarks/quantized_decode.py WORK_DIR [--threads 2] [--rounds 5] [--steps 32] [--prefill 512]
-                                          [--only NAME ...]
+                                          [--only NAME ...] [--also-threads 1]
     python benchmarks/quantized_decode.py WORK_DIR --perplexity
 
 Builds (unless present) the ~330 MB random Mixtral (hidden 512, experts of 1024, 6 layers, 8 experts
@@ -14,7 +14,9 @@ default is onnxruntime's level 4, int8 activations). Rows "-experts" quantize th
 only (attention and LM head stay fp32); rows "-all" quantize every linear layer but the routers, as
 the builder's int4 quantizes every MatMul (the embeddings stay fp32 in both); rows "-emb" also quantize
 the input embeddings (`--quantize-scope all+embeddings`). --prefill N also times one prefill of an
-N-token prompt per round (p50 over rounds, ratios the same way).
+N-token prompt per round (p50 over rounds, ratios the same way). --also-threads 1 also times every graph
+with one intra-op thread (rows NAME@1t) in the same rounds: a graph of many small kernels can decode faster
+on one thread than on two, the builder's few large ones cannot, and each is best compared at its best.
 
 --perplexity instead prints held-out perplexity of the embedded model (demo.embedded_model_dir, the
 evaluation of benchmarks/_quality_lm.py): dense fp32, dense int4 (scope all and experts), merged
@@ -174,10 +176,11 @@ def graph_perplexities(work: Path, block: int = 16) -> dict[str, float]:
     return results
 
 
-def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int, prefill: int = 0, config: dict = CONFIG
-             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int, prefill: int = 0, config: dict = CONFIG,
+             also_threads: tuple[int, ...] = ()) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """ms per decode step of every contestant, and (prefill > 0) ms per prefill of a `prefill`-token prompt,
-    alternating rounds (the same loops for all: _latency)."""
+    alternating rounds (the same loops for all: _latency). Each of `also_threads` adds every graph once more,
+    as "NAME@Nt", opened with N intra-op threads, timed in the same rounds."""
     from benchmarks._genai_peer import open_peer_lm
     from benchmarks._latency import open_ours, random_prompt, session_options, timed_rounds
     from mcsmoe_deploy.runtime.ort_session import MATMUL_ACCURACY_KEY
@@ -186,6 +189,10 @@ def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int, pre
     head_dim = c["hidden_size"] // c["num_attention_heads"]
     lms = {}
     for name, path in graphs.items():
+        for count in also_threads:  # the same graph served with another thread count
+            lms[f"{name}@{count}t"] = (open_peer_lm(name, path, session_options(count)) if path.is_dir() else
+                                       open_ours(name, path, c["num_hidden_layers"], c["num_key_value_heads"],
+                                                 head_dim, session_options(count)))
         if path.is_dir():
             lms[name] = open_peer_lm(name, path, session_options(threads))
             continue
@@ -213,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--prefill", type=int, default=0, metavar="N", help="also time prefill of N tokens")
+    parser.add_argument("--also-threads", type=int, nargs="+", default=[], metavar="N",
+                        help="also time every graph with N intra-op threads (rows NAME@Nt), in the same rounds")
     parser.add_argument("--only", nargs="+", choices=[*VARIANTS, *BUILDERS], default=None,
                         help="time these contestants only (ours-fp32 and builder-int4 are always timed: the ratios)")
     parser.add_argument("--model", choices=MODELS, default="330mb",
@@ -235,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
 
     names = [*VARIANTS, *BUILDERS] if args.only is None else sorted({"ours-fp32", "builder-int4", *args.only})
     graphs = build_all(args.work, names, MODELS[args.model])
-    times, prefills = time_all(graphs, args.threads, args.rounds, args.steps, args.prefill, MODELS[args.model])
+    times, prefills = time_all(graphs, args.threads, args.rounds, args.steps, args.prefill, MODELS[args.model],
+                               tuple(args.also_threads))
     base, peer = float(np.median(times["ours-fp32"])), float(np.median(times["builder-int4"]))
     print(f"{args.threads} threads, batch 1, {args.rounds} alternating rounds x {args.steps} decode steps, "
           f"load average {os.getloadavg()[0]:.1f}")
