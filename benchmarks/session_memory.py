@@ -13,7 +13,10 @@ benchmarks/_genai_peer.py), runs a 16-token prefill and `--steps` greedy decode 
 again. Peak = VmHWM after - VmHWM before (the session's high-water mark over the baseline); steady =
 VmRSS after - VmRSS before; the graph's peak = VmHWM after - VmHWM after the one-node session. The
 table gives each as MiB and as a ratio to the bytes on disk (graph file + external data), the quantity
-issue 12 bounds (peak <= 1.5x). Memory does not depend on machine load, so one run is enough.
+issue 12 bounds (peak <= 1.5x). A second table says where the graph's resident memory is after the run, over what was
+resident after the one-node session, by mapping (`/proc/self/smaps`): heap and anonymous memory (packed weights,
+session state, activations), onnxruntime's shared library (code of the kernels the graph runs), the graph's own
+files (weights read in place), other files. Memory does not depend on machine load, so one run is enough.
 
 --external-data also measures a copy of each graph file with its weights in external data (a
 `.onnx.data` file beside it, written to a temporary folder): onnxruntime memory-maps external data,
@@ -44,6 +47,33 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
+RESIDENT_KINDS = ("heap and anonymous", "onnxruntime library", "graph files", "other files")
+
+
+def _resident_kb(graph: Path) -> dict[str, int]:
+    """Resident kB of this process per kind of mapping (`/proc/self/smaps`): the heap and anonymous memory,
+    onnxruntime's shared library, files of `graph` (its .onnx and data files, or a builder folder's), others."""
+    import re
+
+    kb = dict.fromkeys(RESIDENT_KINDS, 0)
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
+        fields = block.split("\n", 1)[0].split()
+        mapped = fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+        rss = re.search(r"\nRss:\s+(\d+)", block)
+        if rss is None:
+            continue
+        if mapped is None:
+            kind = "heap and anonymous"
+        elif "onnxruntime" in Path(mapped).name:
+            kind = "onnxruntime library"
+        elif mapped.startswith(str(graph)) or Path(mapped).parent == graph:
+            kind = "graph files"
+        else:
+            kind = "other files"
+        kb[kind] += int(rss.group(1))
+    return kb
+
+
 def _child(graph: Path, level: str, steps: int, threads: int) -> dict[str, float]:
     """Open `graph` at optimisation `level`, prefill and decode `steps` tokens; memory deltas in MB."""
     import onnxruntime as ort
@@ -54,7 +84,7 @@ def _child(graph: Path, level: str, steps: int, threads: int) -> dict[str, float
 
     hwm0, rss0 = _status_kb("VmHWM"), _status_kb("VmRSS")
     first = _first_session()  # onnxruntime's own cost, the same for every graph: its code pages
-    hwm1 = _status_kb("VmHWM")
+    hwm1, resident1 = _status_kb("VmHWM"), _resident_kb(graph)
     if graph.is_dir():  # the onnxruntime-genai builder's folder
         from benchmarks._genai_peer import open_peer_lm
         from benchmarks._latency import session_options
@@ -68,10 +98,11 @@ def _child(graph: Path, level: str, steps: int, threads: int) -> dict[str, float
     vocab = 2048 if graph.is_dir() else lm.vocab_size
     decode_seconds(lm, random_prompt(PROMPT_TOKENS, vocab, 0), steps)
     mb = lambda kb: kb / 1024  # noqa: E731
-    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
+    hwm, rss, resident = _status_kb("VmHWM"), _status_kb("VmRSS"), _resident_kb(graph)
     del first
     return {"peak_open_mb": mb(hwm_open - hwm0), "peak_mb": mb(hwm - hwm0), "steady_mb": mb(rss - rss0),
-            "runtime_mb": mb(hwm1 - hwm0), "graph_peak_mb": mb(hwm - hwm1)}
+            "runtime_mb": mb(hwm1 - hwm0), "graph_peak_mb": mb(hwm - hwm1),
+            "resident_mb": {kind: mb(resident[kind] - resident1[kind]) for kind in RESIDENT_KINDS}}
 
 
 def _first_session():
@@ -154,13 +185,20 @@ def _table(graphs: dict[str, Path], args: argparse.Namespace) -> None:
     print("| graph | level | on disk MiB | peak MiB (after open) | peak / disk | steady / disk "
           "| onnxruntime's first session MiB | graph's peak MiB | graph's peak / disk |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    resident = {}
     for name, path in graphs.items():
         disk = bytes_on_disk(path) / 2**20
         for level in args.levels:
             r = measure(path, level, args.steps, args.threads)
+            resident[(name, level)] = r["resident_mb"]
             print(f"| {name} | {level} | {disk:.1f} | {r['peak_mb']:.0f} ({r['peak_open_mb']:.0f}) | "
                   f"{r['peak_mb'] / disk:.2f}x | {r['steady_mb'] / disk:.2f}x | {r['runtime_mb']:.0f} | "
                   f"{r['graph_peak_mb']:.0f} | {r['graph_peak_mb'] / disk:.2f}x |", flush=True)
+    print("\nResident after the run over resident after the one-node session, MiB, by mapping (/proc/self/smaps):")
+    print("| graph | level | " + " | ".join(RESIDENT_KINDS) + " |")
+    print("|---|---|" + "---:|" * len(RESIDENT_KINDS))
+    for (name, level), by_kind in resident.items():
+        print(f"| {name} | {level} | " + " | ".join(f"{by_kind[kind]:.1f}" for kind in RESIDENT_KINDS) + " |")
 
 
 if __name__ == "__main__":
