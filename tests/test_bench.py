@@ -129,3 +129,21 @@ def test_contestants_with_the_same_file_name_get_distinct_names(tmp_path):
     paths = [tmp_path / "a" / "m.onnx", tmp_path / "b" / "m.onnx", tmp_path / "c.onnx"]
     named = _distinct_names([Contestant(str(path), "ort") for path in paths])
     assert [c.name for c in named] == ["a/m.onnx@ort", "b/m.onnx@ort", "c.onnx@ort"]
+
+
+def test_resident_memory_by_mapping_counts_a_graphs_mapped_files(tmp_path):
+    """benchmarks/session_memory._resident_kb: the kinds add up to the process's RSS, and pages of a file in the
+    graph's folder count as the graph's (here a 2 MiB file mapped and read through numpy)."""
+    import numpy as np
+
+    from benchmarks.session_memory import RESIDENT_KINDS, _resident_kb, _status_kb
+
+    weights = tmp_path / "model.onnx.data"
+    weights.write_bytes(np.arange(512 * 1024, dtype=np.float32).tobytes())
+    mapped = np.memmap(weights, dtype=np.float32, mode="r")
+    assert float(mapped.sum()) > 0  # reads every page
+    resident = _resident_kb(tmp_path)
+    assert set(resident) == set(RESIDENT_KINDS) and min(resident.values()) >= 0
+    assert resident["graph files"] >= 2048 - 8
+    assert abs(sum(resident.values()) - _status_kb("VmRSS")) < 0.05 * _status_kb("VmRSS")
+    del mapped
