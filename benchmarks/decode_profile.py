@@ -18,7 +18,8 @@ may be loaded: compare the graphs of one run.
 
 With --rounds R the profiler stays off: the graphs decode `steps` tokens each in R alternating
 rounds (the loops of benchmarks/_latency) and the p50 ms per decode step is printed, with its
-ratio to the LAST graph's (put the reference, e.g. the builder's, last).
+ratio to the LAST graph's (put the reference, e.g. the builder's, last) and the median and range of
+that ratio paired by round.
 """
 
 from __future__ import annotations
@@ -103,9 +104,11 @@ def report(name: str, result: dict, top: int) -> str:
     return "\n".join(lines)
 
 
-def wall_times(graphs: list[Path], threads: int, steps: int, prompt_length: int, rounds: int) -> list[float]:
-    """p50 ms per decode step of each graph (profiler off), timed in `rounds` alternating rounds."""
-    from benchmarks._latency import decode_seconds, open_ours, random_prompt, round_order, session_options
+def wall_times(graphs: list[Path], threads: int, steps: int, prompt_length: int, rounds: int
+               ) -> tuple[list[float], list[np.ndarray]]:
+    """p50 ms per decode step of each graph (profiler off), timed in `rounds` alternating rounds, and each
+    graph's per-round ratios to the last graph's (`_latency.round_ratios`)."""
+    from benchmarks._latency import decode_seconds, open_ours, random_prompt, round_order, round_ratios, session_options
 
     lms, prompts = [], []
     for graph in graphs:
@@ -118,7 +121,8 @@ def wall_times(graphs: list[Path], threads: int, steps: int, prompt_length: int,
     for index in range(rounds):
         for graph in round_order(range(len(graphs)), index):
             samples[graph] += decode_seconds(lms[graph], prompts[graph], steps)
-    return [1000 * float(np.median(values)) for values in samples]
+    paired = round_ratios(dict(enumerate(samples)), len(graphs) - 1, rounds)
+    return [1000 * float(np.median(values)) for values in samples], [paired[i] for i in range(len(graphs))]
 
 
 def _name(graph: Path) -> str:
@@ -135,11 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=0, help="time wall clock in this many alternating rounds instead")
     args = parser.parse_args(argv)
     if args.rounds:
-        times = wall_times(args.graphs, args.threads, args.steps, args.prompt, args.rounds)
+        times, paired = wall_times(args.graphs, args.threads, args.steps, args.prompt, args.rounds)
         print(f"{args.threads} threads, batch 1, {args.rounds} alternating rounds x {args.steps} decode steps, "
               f"load average {os.getloadavg()[0]:.1f}")
-        for graph, ms in zip(args.graphs, times):
-            ratio = f"{ms / times[-1]:5.2f}x {_name(args.graphs[-1])}"
+        for graph, ms, ratios in zip(args.graphs, times, paired):
+            ratio = (f"{ms / times[-1]:5.2f}x {_name(args.graphs[-1])}; rounds {np.median(ratios):.2f}x, "
+                     f"{ratios.min():.2f}-{ratios.max():.2f}x")
             print(f"{_name(graph):32s} decode p50 {ms:7.3f} ms/token ({ratio})")
         return
     with tempfile.TemporaryDirectory() as tmp:
