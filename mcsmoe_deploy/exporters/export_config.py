@@ -122,9 +122,11 @@ class ExportConfig:
             if self.target == "ort-fused":
                 raise UserError("target 'ort-fused' maps dense float experts to com.microsoft.MoE; quantize with "
                                 "target 'ort'")
-        for field in ("accuracy_level", "expert_accuracy_level"):
-            level = getattr(self, field)
-            if level not in ACCURACY_LEVELS and not (field == "expert_accuracy_level" and level is None):
+        levels = {"accuracy_level": self.accuracy_level}
+        if self.expert_accuracy_level is not None:  # None: the experts take accuracy_level
+            levels["expert_accuracy_level"] = self.expert_accuracy_level
+        for field, level in levels.items():
+            if level not in ACCURACY_LEVELS:
                 raise ParameterError(field, f"must be 4 (int8 activations) or 0 (float32 compute), not {level}")
         if self.quantize is not None and self.dtype != "fp32":
             raise UserError("quantized graphs are fp32 (their scales feed fp32 MatMuls); drop --dtype or --quantize")

@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from ..contract import ATTENTION_MASK, DOMAIN, INPUT_IDS, LOGITS, OP_TYPE, external_data_path
-from ..runtime.ort_session import OrtDecoderSession, OrtSeq2SeqSession
+from ..runtime.ort_session import OrtDecoderSession, OrtSeq2SeqSession, quantized_kernels, written_accuracy_level
 from ..runtime.parity import Discrepancy, compare_arrays, compare_decoders, compare_runs, decoder_logits
 from ..runtime.torch_session import TorchDecoderSession, TorchSeq2SeqSession
 
@@ -83,10 +83,8 @@ def describe(model_proto: onnx.ModelProto, path: str | Path) -> ExportReport:
     counts = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model_proto.graph.node)
     custom = {op: count for op, count in counts.items() if "::" in op and not op.startswith("ai.onnx::")}
     levels: dict[str, Counter] = {}
-    for node in model_proto.graph.node:
-        if node.domain == "com.microsoft" and node.op_type in ("MatMulNBits", "QMoE"):
-            level = next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
-            levels.setdefault(node.op_type, Counter())[level] += 1
+    for node in quantized_kernels(model_proto.graph):
+        levels.setdefault(node.op_type, Counter())[written_accuracy_level(node)] += 1
     return ExportReport(
         path=str(path),
         file_bytes=size,

@@ -7,6 +7,7 @@ declares, so older releases within the package's pin keep working too.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -15,7 +16,13 @@ from torch import nn
 
 def cache_keyword(model: nn.Module) -> str:
     """The keyword `model.forward` takes its KV cache by: "cache", or "past_key_values" before the rename."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return _keyword_of(type(model))
+
+
+@functools.cache
+def _keyword_of(model_class: type) -> str:
+    # once per class: a torch session asks at every decode step
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def forward_with_cache(model: nn.Module, cache: Any, **inputs) -> tuple[Any, Any]:

@@ -84,16 +84,10 @@ def _with_accuracy_level(path: Path, header, level: str | None) -> str | bytes:
     use this (level 0); it holds the weights in Python once more while the session loads."""
     import onnx
 
-    def quantized(graph) -> list:
-        return [n for n in graph.node if n.op_type in QUANTIZED_KERNELS and n.domain == "com.microsoft"]
-
-    def written(node) -> int:  # an unset attribute is onnxruntime's 0
-        return next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
-
-    if level is None or all(written(n) == int(level) for n in quantized(header.graph)):
+    if level is None or all(written_accuracy_level(n) == int(level) for n in quantized_kernels(header.graph)):
         return str(path)
     model = onnx.load(str(path))
-    for node in quantized(model.graph):
+    for node in quantized_kernels(model.graph):
         kept = [a for a in node.attribute if a.name != "accuracy_level"]
         del node.attribute[:]
         node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", int(level))])
@@ -102,6 +96,16 @@ def _with_accuracy_level(path: Path, header, level: str | None) -> str | bytes:
 
 # the com.microsoft kernels of quantized weights that take an `accuracy_level` attribute
 QUANTIZED_KERNELS = ("MatMulNBits", "QMoE")
+
+
+def quantized_kernels(graph) -> list:
+    """The nodes of an onnx GraphProto (top level) that are onnxruntime's quantized kernels (QUANTIZED_KERNELS)."""
+    return [n for n in graph.node if n.op_type in QUANTIZED_KERNELS and n.domain == "com.microsoft"]
+
+
+def written_accuracy_level(node) -> int:
+    """The `accuracy_level` a quantized kernel node holds; an unset attribute is onnxruntime's 0."""
+    return next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
 # onnxruntime's DequantizeLinear + MatMul -> MatMulNBits fusion picks this compute accuracy by default:
 # 4 (int8-quantized activations, ~0.5% relative error); 0 computes in float32 (exact up to rounding)
 MATMUL_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
