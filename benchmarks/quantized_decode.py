@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="print perplexities of the embedded model's int4 graphs in onnxruntime at accuracy "
                              "levels 0 and 4 instead (graphs built in WORK)")
     args = parser.parse_args(argv)
+    if any(count < 1 for count in [args.threads, *args.also_threads]):
+        parser.error("--threads and --also-threads take thread counts >= 1")
     if args.perplexity:
         for name, value in perplexities().items():
             print(f"{name:30s} held-out perplexity {value:8.3f}")
