@@ -1,5 +1,5 @@
 """What runs measured, as plain dataclasses: a model's parameters and bytes (total, experts, per MoE
-layer), and the demo's comparison of dense, merged and compressed models.
+layer), and the demo's comparison of dense, merged, quantized and compressed models.
 
 Printing them is summary.py's job; producing them is the stages' and the demo's.
 """
@@ -97,7 +97,7 @@ class DemoRow:
 
 @dataclass
 class ServingResult:
-    """Both models exported, served with onnxruntime (CPU) and measured in one run, and a sample of each."""
+    """The demo's models exported, served with onnxruntime (CPU) and measured in one run, and a sample of each."""
 
     exports: list[Any]  # ExportReport per model, dense first
     bench: Any  # BenchReport, dense first

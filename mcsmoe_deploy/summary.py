@@ -84,14 +84,14 @@ def format_demo(result: DemoResult) -> str:
     """The demo's rows with ratios to dense, its timings, and the serving half if it ran."""
     dense = result.rows[0]
     rows = [
-        [r.name, f"{r.parameters:,}", human_bytes(r.bytes), f"{r.expert_parameters:,}",
+        [r.name, f"{r.parameters:,}", human_bytes(r.bytes), _ratio(r.bytes, dense.bytes), f"{r.expert_parameters:,}",
          _ratio(r.expert_parameters, dense.expert_parameters), f"{r.perplexity:.2f}", _ratio(r.perplexity, dense.perplexity)]
         for r in result.rows
     ]
     parts = [
         f"model: {result.model_dir}",
         "",
-        table(["model", "params", "bytes", "expert params", "vs dense", "held-out ppl", "vs dense"], rows),
+        table(["model", "params", "bytes", "vs dense", "expert params", "vs dense", "held-out ppl", "vs dense"], rows),
         "",
         f"compression: {result.compress_seconds:.1f} s   total: {result.total_seconds:.1f} s",
     ]

@@ -24,12 +24,17 @@ def test_embedded_model_is_small_trained_and_mixtral():
 
 def test_demo_reports_sizes_and_quality():
     result = run_demo(experts=4, rank_ratio=0.5, sparse_keep=0.05, distill_steps=0, progress=False, serve=False)
-    dense, merged, compressed = result.rows
+    dense, merged, quantized, compressed = result.rows
     assert merged.expert_parameters * 2 == dense.expert_parameters
     assert compressed.expert_parameters < 0.3 * dense.expert_parameters
     assert compressed.bytes < merged.bytes < dense.bytes
     # merging half of the experts of the (upcycled) embedded model costs little; see the issue notes
     assert dense.perplexity < merged.perplexity < 1.15 * dense.perplexity
+    # int4 of every layer and the embeddings (blocks of 16): an eighth of the bytes for a few % more (21.29, 1.126x)
+    assert (quantized.parameters, quantized.expert_parameters) == (merged.parameters, merged.expert_parameters)
+    assert quantized.bytes < 0.13 * dense.bytes
+    assert merged.perplexity < quantized.perplexity < 1.15 * dense.perplexity
+    assert quantized.name == "merged + int4 (all layers, embeddings)"
     # rank 0.5 without recovery is lossy on a model this small (about 6x); distillation recovers most of it
     assert merged.perplexity < compressed.perplexity < 10 * dense.perplexity
 
@@ -42,14 +47,26 @@ def test_demo_command_prints_the_table(capsys, tmp_path, returned_by):
     out = capsys.readouterr().out
     assert "held-out ppl" in out and "merged (M-SMoE, 2 experts)" in out and "distillation (5 steps)" in out
     assert (tmp_path / "small" / "config.json").is_file()
-    # the serving half: both models exported, validated, timed in onnxruntime, and sampled
+    # the serving half: dense, merged + int4 and compressed exported, validated, timed in onnxruntime, and sampled
     assert "served with onnxruntime" in out and "decode ms/token" in out
     (result,) = results
     assert format_demo(result) in out
     parity = [export.max_rel_error for export in result.serving.exports]
-    assert len(parity) == 2 and max(parity) < 1e-4, out
-    samples = [line for line in out.splitlines() if line.startswith(("dense:", "compressed:"))]
-    assert len(samples) == 2 and all("The def statement" in line and len(line) > 40 for line in samples)
+    assert len(parity) == 3 and max(parity) < 1e-4, out
+    assert [r.name for r in result.serving.bench.results] == [
+        "dense (onnxruntime)", "merged+int4 (onnxruntime)", "compressed (onnxruntime)"]
+    # the int4 graph holds QMoE and MatMulNBits kernels, an eighth of the dense graph's bytes
+    dense_export, int4_export, _ = result.serving.exports
+    assert set(int4_export.accuracy_levels) == {"QMoE", "MatMulNBits"}
+    assert int4_export.file_bytes < 0.2 * dense_export.file_bytes
+    samples = [line for line in out.splitlines() if line.startswith(("dense:", "merged+int4:", "compressed:"))]
+    assert len(samples) == 3 and all("The def statement" in line and len(line) > 40 for line in samples)
+
+
+def test_demo_without_quantized_row(capsys):
+    assert main(["demo", "--quiet", "--quantize", "none", "--distill-steps", "0", "--no-serve"]) == 0
+    out = capsys.readouterr().out
+    assert "merged (M-SMoE, 4 experts)" in out and "compressed (MC-SMoE" in out and "int4" not in out
 
 
 def test_summary_reads_report_dataclasses_only():

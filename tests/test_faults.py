@@ -194,6 +194,11 @@ CASES = [
       pickle_decoy),
     F("compress-empty-safetensors", ("compress", "{model}", "{out}"), "model.safetensors", empty_safetensors),
     F("compress-config-without-model-type", ("compress", "{model}", "{out}"), "model_type", no_model_type),
+    # demo: the quantized row's block size, checked before the long work
+    F("demo-quant-block-not-power-of-two", ("demo", "--quant-block", "48", "--no-serve"),
+      "--quant-block must be a power of two >= 16, not 48"),
+    F("demo-quant-block-not-dividing", ("demo", "--quant-block", "32", "--no-serve"),
+      "--quant-block 32 does not divide the input size 144 of the down projection; 16 divides"),
     # export: outputs and inputs
     F("export-out-is-input-folder", ("export", "{model}", "{model}", "--force"), "is a directory"),
     F("export-out-inside-input", ("export", "{model}", "{model}/model.onnx"), "is inside the input"),

@@ -40,7 +40,8 @@ RECIPE_FLAGS = {
 
 # the demo sets these recipe fields from its own flags (the rest are the recipe's defaults)
 DEMO_FLAGS = {
-    **{field: RECIPE_FLAGS[field] for field in ("experts", "rank_ratio", "sparse_keep", "distill_steps")},
+    **{field: RECIPE_FLAGS[field] for field in ("experts", "rank_ratio", "sparse_keep", "distill_steps", "quantize",
+                                                "quant_block")},
     "low_rank": "--activation-aware",
 }
 
@@ -226,7 +227,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     quiet_torch_onnx()
     result = run_demo(
         model_dir=args.model, experts=args.experts, rank_ratio=args.rank_ratio, sparse_keep=args.sparse_keep,
-        distill_steps=args.distill_steps, activation_aware=args.activation_aware, out_dir=args.out,
+        distill_steps=args.distill_steps, activation_aware=args.activation_aware,
+        quantize=None if args.quantize == "none" else args.quantize, quant_block=args.quant_block, out_dir=args.out,
         force=args.force, progress=not args.quiet, serve=not args.no_serve,
     )
     print(format_demo(result))
@@ -258,21 +260,27 @@ def add_parsers(sub) -> None:
         "demo",
         help="compress the embedded model and compare quality and size",
         description="Compress the small trained Mixtral-family model that ships in the package (8 experts, top-2) "
-                    "and print parameters, bytes and held-out perplexity of the dense, merged and compressed models; "
-                    "then export the dense and the compressed model to ONNX, serve both with onnxruntime, and "
-                    "print their latency, memory and a short generated text.",
+                    "and print parameters, bytes and held-out perplexity of the dense, merged, merged and quantized, "
+                    "and compressed models; then export the dense, the quantized and the compressed model to ONNX, "
+                    "serve them with onnxruntime, and print their latency, memory and a short generated text.",
     )
     demo.add_argument("--model", default=None, help="a different causal-LM MoE checkpoint directory to demonstrate on")
     demo.add_argument("--experts", type=int, default=4, metavar="G", help="merged experts per layer (default: 4)")
     demo.add_argument("--rank-ratio", type=float, default=0.5, metavar="R", help="low-rank share (default: 0.5)")
     demo.add_argument("--sparse-keep", type=float, default=0.05, metavar="S", help="sparse rows share (default: 0.05)")
     demo.add_argument("--distill-steps", type=int, default=100, metavar="N",
-                      help="distillation steps after compression, shown as a fourth row; 0 to skip (default: 100)")
+                      help="distillation steps after compression, shown as a row of its own; 0 to skip (default: 100)")
     demo.add_argument("--activation-aware", action="store_true",
                       help="fit the low-rank factors to calibration activations (beyond the paper)")
+    demo.add_argument("--quantize", choices=("int4", "int8", "none"), default="int4",
+                      help="also the merged model with every linear layer and the input embeddings quantized, "
+                           "a row of its own; none to skip (default: int4)")
+    demo.add_argument("--quant-block", type=int, default=16, metavar="N",
+                      help="values per quantization block, a power of two >= 16 dividing every layer's input size "
+                           "(default: 16, which divides the embedded model's expert size 144)")
     demo.add_argument("--out", default=None, metavar="DIR", help="also write the compressed checkpoint here")
     demo.add_argument("--no-serve", action="store_true",
-                      help="skip exporting both models to ONNX and serving them with onnxruntime")
+                      help="skip exporting the models to ONNX and serving them with onnxruntime")
     demo.add_argument("--force", action="store_true", help="replace --out if it exists")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_cmd_demo, parameter_flags=DEMO_FLAGS)

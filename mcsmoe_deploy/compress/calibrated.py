@@ -2,7 +2,7 @@
 every recipe compressed from it shares.
 
 `compress_model` is one recipe made from a CalibratedModel (compressed in place, distilled, saved);
-the demo makes two (merged, then merged and compressed) from the same pass.
+the demo makes three (merged; merged and quantized; merged and compressed) from the same pass.
 """
 
 from __future__ import annotations
