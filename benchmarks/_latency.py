@@ -180,6 +180,11 @@ def round_ratios(samples: dict[str, Sequence[float]], reference: str, rounds: in
     return {name: medians / per_round[reference] for name, medians in per_round.items()}
 
 
+def describe_round_ratios(ratios: np.ndarray) -> str:
+    """One contestant's `round_ratios` as the benchmarks print them: "rounds MEDIANx, MIN-MAXx"."""
+    return f"rounds {np.median(ratios):.2f}x, {ratios.min():.2f}-{ratios.max():.2f}x"
+
+
 def random_prompt(length: int, vocab: int, seed: int) -> np.ndarray:
     """A reproducible prompt [1, length] of token ids in [3, vocab) (clear of the usual special ids)."""
     return np.random.default_rng(seed).integers(3, vocab, size=(1, length), dtype=np.int64)

@@ -139,12 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=0, help="time wall clock in this many alternating rounds instead")
     args = parser.parse_args(argv)
     if args.rounds:
+        from benchmarks._latency import describe_round_ratios
+
         times, paired = wall_times(args.graphs, args.threads, args.steps, args.prompt, args.rounds)
         print(f"{args.threads} threads, batch 1, {args.rounds} alternating rounds x {args.steps} decode steps, "
               f"load average {os.getloadavg()[0]:.1f}")
         for graph, ms, ratios in zip(args.graphs, times, paired):
-            ratio = (f"{ms / times[-1]:5.2f}x {_name(args.graphs[-1])}; rounds {np.median(ratios):.2f}x, "
-                     f"{ratios.min():.2f}-{ratios.max():.2f}x")
+            ratio = f"{ms / times[-1]:5.2f}x {_name(args.graphs[-1])}; {describe_round_ratios(ratios)}"
             print(f"{_name(graph):32s} decode p50 {ms:7.3f} ms/token ({ratio})")
         return
     with tempfile.TemporaryDirectory() as tmp:

@@ -91,6 +91,8 @@ def measure(graphs: dict[str, Path], vocab: int, threads: int, rounds: int, step
 
 
 def run(label: str, work: Path, source: Path, vocab: int, args) -> None:
+    from benchmarks._latency import describe_round_ratios
+
     work.mkdir(parents=True, exist_ok=True)
     graphs = build(work, source)
     print(f"== {label}: {args.threads} threads, batch 1, {args.rounds} alternating rounds, "
@@ -104,9 +106,8 @@ def run(label: str, work: Path, source: Path, vocab: int, args) -> None:
     print(f"greedy tokens, 3 prompts x 16: ours-ort {'==' if same else '!='} ours-portable")
     base_d, base_p = decode["builder-fp32"], prefill["builder-fp32"]
     for name in graphs:
-        ratios = paired[name]  # paired by round (_latency.round_ratios): median and range
-        print(f"{name:14s} decode p50 {decode[name]:7.3f} ms/token ({decode[name] / base_d:5.2f}x builder; rounds "
-              f"{np.median(ratios):.2f}x, {ratios.min():.2f}-{ratios.max():.2f}x)   "
+        print(f"{name:14s} decode p50 {decode[name]:7.3f} ms/token ({decode[name] / base_d:5.2f}x builder; "
+              f"{describe_round_ratios(paired[name])})   "
               f"prefill-{args.prefill} p50 {prefill[name]:8.2f} ms ({prefill[name] / base_p:5.2f}x builder)")
 
 

@@ -188,21 +188,20 @@ def time_all(graphs: dict[str, Path], threads: int, rounds: int, steps: int, pre
     c = config
     head_dim = c["hidden_size"] // c["num_attention_heads"]
     lms = {}
+
+    def open_graph(name: str, path: Path, options):  # a builder folder, or one of our graphs
+        if path.is_dir():
+            return open_peer_lm(name, path, options)
+        return open_ours(name, path, c["num_hidden_layers"], c["num_key_value_heads"], head_dim, options)
+
     for name, path in graphs.items():
         for count in also_threads:  # the same graph served with another thread count
-            lms[f"{name}@{count}t"] = (open_peer_lm(name, path, session_options(count)) if path.is_dir() else
-                                       open_ours(name, path, c["num_hidden_layers"], c["num_key_value_heads"],
-                                                 head_dim, session_options(count)))
-        if path.is_dir():
-            lms[name] = open_peer_lm(name, path, session_options(threads))
-            continue
-        lms[name] = open_ours(name, path, c["num_hidden_layers"], c["num_key_value_heads"], head_dim,
-                              session_options(threads))
-        if "int4" in name:  # the same graph with float32 MatMulNBits compute
+            lms[f"{name}@{count}t"] = open_graph(name, path, session_options(count))
+        lms[name] = open_graph(name, path, session_options(threads))
+        if "int4" in name and not path.is_dir():  # ours again with float32 MatMulNBits compute
             options = session_options(threads)
             options.add_session_config_entry(MATMUL_ACCURACY_KEY, "0")
-            lms[name + "@acc0"] = open_ours(name, path, c["num_hidden_layers"], c["num_key_value_heads"],
-                                            head_dim, options)
+            lms[name + "@acc0"] = open_graph(name, path, options)
     prompt = random_prompt(16, c["vocab_size"], 0)
     long_prompt = random_prompt(prefill, c["vocab_size"], 1) if prefill else None
     samples, prefills = timed_rounds(lms, rounds, prompt, steps, long_prompt)
@@ -242,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, value in graph_perplexities(args.work).items():
             print(f"{name:45s} held-out perplexity {value:8.3f}")
         return
-    from benchmarks._latency import round_ratios
+    from benchmarks._latency import describe_round_ratios, round_ratios
 
     names = [*VARIANTS, *BUILDERS] if args.only is None else sorted({"ours-fp32", "builder-int4", *args.only})
     graphs = build_all(args.work, names, MODELS[args.model])
@@ -255,9 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, values in times.items():
         p50 = float(np.median(values))
         on_disk = _bytes(graphs[name.split("@")[0]])
-        ratios = paired[name]
         print(f"{name:32s} decode p50 {p50:7.3f} ms/token ({p50 / base:5.2f}x ours-fp32, {p50 / peer:5.2f}x "
-              f"builder-int4; rounds {np.median(ratios):.2f}x, {ratios.min():.2f}-{ratios.max():.2f}x)  "
+              f"builder-int4; {describe_round_ratios(paired[name])})  "
               f"on disk {on_disk / 1e6:7.1f} MB")
     if prefills:
         base, peer = float(np.median(prefills["ours-fp32"])), float(np.median(prefills["builder-int4"]))

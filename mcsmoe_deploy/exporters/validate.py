@@ -75,6 +75,11 @@ class ExportReport:
         return {**asdict(self), "moe_nodes": self.moe_nodes}
 
 
+def _highest_level_first(levels: dict[str, Counter]) -> dict[str, dict[int, int]]:
+    """ExportReport.accuracy_levels from per-op counters of kernels by accuracy level."""
+    return {op: dict(sorted(by_level.items(), reverse=True)) for op, by_level in levels.items()}
+
+
 def describe(model_proto: onnx.ModelProto, path: str | Path) -> ExportReport:
     """Node counts of a saved model (top-level graph) and its size on disk (with external data)."""
     path = Path(path)
@@ -92,7 +97,7 @@ def describe(model_proto: onnx.ModelProto, path: str | Path) -> ExportReport:
         custom_nodes=custom,
         functions=len(model_proto.functions),
         op_types=dict(counts.most_common()),
-        accuracy_levels={op: dict(sorted(by_level.items(), reverse=True)) for op, by_level in levels.items()},
+        accuracy_levels=_highest_level_first(levels),
     )
 
 
@@ -114,7 +119,7 @@ def describe_files(model_protos: list[onnx.ModelProto], paths: list[Path], root:
         custom_nodes=dict(custom),
         functions=sum(p.functions for p in parts),
         op_types=dict(ops.most_common()),
-        accuracy_levels={op: dict(sorted(by_level.items(), reverse=True)) for op, by_level in levels.items()},
+        accuracy_levels=_highest_level_first(levels),
     )
 
 
